@@ -1,0 +1,1 @@
+"""ResLens core: data, models, checkpoints, the run store and Grad-CAM. No Streamlit here."""
