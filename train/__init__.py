@@ -1,0 +1,1 @@
+"""ResLens training engine and its command line (`python -m train ...`)."""

@@ -1,0 +1,55 @@
+"""`python -m train COMMAND ...`: every command-line entry point of ResLens.
+
+Each command lives in its own module, which exports ``COMMANDS = {name: (add_arguments, run)}``:
+``add_arguments(parser)`` declares the flags and ``run(args) -> int`` does the work and returns the
+exit status. Errors meant for users (``core.errors.UserError``) are printed as one sentence.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+# module -> the commands it provides (kept here so `--help` lists them without importing torch)
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "train.commands": ("run", "resume", "list", "export", "eval"),
+    "train.data_report": ("data",),
+    "train.explain_cmd": ("explain",),
+}
+
+
+def _load(module: str) -> dict[str, tuple[Callable, Callable]]:
+    return importlib.import_module(module).COMMANDS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description="ResLens training and explanation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module, names in COMMAND_MODULES.items():
+        try:
+            commands = _load(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        for name in names:
+            add_arguments, run = commands[name]
+            p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
+            add_arguments(p)
+            p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
