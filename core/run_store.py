@@ -1,0 +1,498 @@
+"""The run store: one SQLite database (WAL mode), the single source of truth for training runs.
+
+Writers (the trainer, ``train eval``, the app launching a job) and readers (the app pages,
+``train list``/``export``) each open their own ``RunStore``. Every write is one short
+``BEGIN IMMEDIATE`` transaction, and WAL mode lets readers see the last committed state
+without ever blocking a writer. Connections are per thread, as ``sqlite3`` requires.
+
+Tables (all keyed by the run name):
+
+* ``runs`` — config (YAML text and parsed dict), state, pid, heartbeat, error, progress.
+* ``stages`` — one row per pipeline stage: data set, epochs, classes, checkpoint paths, best accuracy.
+* ``metrics`` — ``kind='step'`` rows (``train_loss``, ``lr``) and ``kind='epoch'`` rows
+  (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``val_balanced_acc``, ``lr``,
+  ``images_per_s``, ``epoch_time_s``). Unique per (run, kind, stage, epoch, step): writing the same
+  row twice replaces it, so a resumed run never duplicates rows.
+* ``class_results`` — per-class counts, correct counts and confusion matrix per (run, stage, epoch).
+* ``misclassified`` — misclassified val samples of the last evaluated epoch of each stage.
+* ``evaluations`` — results of ``python -m train eval`` (per-class data plus misclassified samples).
+
+Job states: ``queued, running, finished, failed, stopped, interrupted``. Readers get the
+*resolved* state: a ``queued``/``running`` run whose process is gone, or a ``running`` run whose
+heartbeat is older than ``STALE_AFTER_S`` seconds, reads as ``interrupted``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from core import paths
+from core.errors import UserError
+
+STATES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
+ACTIVE_STATES = ("queued", "running")
+STALE_AFTER_S = 15.0
+BUSY_TIMEOUT_MS = 30_000
+SCHEMA_VERSION = 1
+
+STEP_METRICS = ("train_loss", "lr")
+EPOCH_METRICS = (
+    "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "images_per_s", "epoch_time_s",
+)
+METRIC_COLUMNS = tuple(dict.fromkeys(STEP_METRICS + EPOCH_METRICS))
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    name TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    config_yaml TEXT NOT NULL DEFAULT '',
+    config_path TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    state TEXT NOT NULL,
+    pid INTEGER,
+    heartbeat REAL,
+    error TEXT,
+    stage INTEGER,
+    epoch INTEGER,
+    step INTEGER,
+    total_steps INTEGER,
+    done_steps INTEGER,
+    eta_s REAL,
+    images_per_s REAL,
+    device TEXT
+);
+CREATE TABLE IF NOT EXISTS stages (
+    run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    epochs INTEGER NOT NULL,
+    class_names TEXT NOT NULL DEFAULT '[]',
+    last_path TEXT,
+    best_path TEXT,
+    best_val_acc REAL,
+    best_epoch INTEGER,
+    completed_epochs INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run, idx)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('step', 'epoch')),
+    stage INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    {", ".join(f"{c} REAL" for c in METRIC_COLUMNS)},
+    PRIMARY KEY (run, kind, stage, epoch, step)
+);
+CREATE TABLE IF NOT EXISTS class_results (
+    run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE,
+    stage INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    time REAL NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (run, stage, epoch)
+);
+CREATE TABLE IF NOT EXISTS misclassified (
+    run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE,
+    stage INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    true_label TEXT NOT NULL,
+    predicted TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    PRIMARY KEY (run, stage, rank)
+);
+CREATE TABLE IF NOT EXISTS evaluations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    checkpoint TEXT NOT NULL,
+    run TEXT,
+    dataset TEXT NOT NULL,
+    split TEXT NOT NULL,
+    accuracy REAL,
+    balanced_acc REAL,
+    data TEXT NOT NULL,
+    misclassified TEXT NOT NULL DEFAULT '[]'
+);
+"""
+
+
+class RunStoreError(UserError):
+    """A run-store problem explained in one sentence (unknown run, bad state, ...)."""
+
+
+class RunNotFound(RunStoreError, KeyError):
+    """No run of that name in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def pid_alive(pid: int | None) -> bool:
+    """True when process ``pid`` exists on this machine and is not a zombie."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def resolve_state(row: dict[str, Any], now: float | None = None) -> str:
+    """The state a reader should show: dead or silent active runs read as ``interrupted``."""
+    state = row["state"]
+    if state not in ACTIVE_STATES:
+        return state
+    now = time.time() if now is None else now
+    if row.get("pid") and not pid_alive(row["pid"]):
+        return "interrupted"
+    heartbeat = row.get("heartbeat")
+    if state == "running" and heartbeat is not None and now - heartbeat > STALE_AFTER_S:
+        return "interrupted"
+    return state
+
+
+class RunStore:
+    """Read and write the run store at ``path`` (default ``core.paths.store_path()``)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else paths.store_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._init_schema()
+
+    # ----------------------------------------------------------------- plumbing
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def _write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
+        return self._write_many([(sql, params)])[-1]
+
+    def _write_many(self, statements: Iterable[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[sqlite3.Cursor]:
+        """Run statements in one short write transaction (BEGIN IMMEDIATE waits for other writers)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            cursors = [conn.execute(sql, params) for sql, params in statements]
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return cursors
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._conn().execute(sql, params).fetchall()]
+
+    def _init_schema(self) -> None:
+        conn = self._conn()
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread ends)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ------------------------------------------------------------------- runs
+    def create_run(
+        self,
+        name: str,
+        config: dict[str, Any],
+        config_yaml: str = "",
+        config_path: str | None = None,
+        state: str = "queued",
+    ) -> None:
+        """Add run ``name`` (a safe name) in ``state``; raise ``RunStoreError`` if it exists."""
+        paths.safe_name(name)
+        _check_state(state)
+        now = time.time()
+        try:
+            self._write(
+                "INSERT INTO runs (name, config_json, config_yaml, config_path, created, updated, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, json.dumps(config), config_yaml, config_path, now, now, state),
+            )
+        except sqlite3.IntegrityError:
+            raise RunStoreError(f"A run named {name!r} already exists; choose another name or resume it.") from None
+
+    def has_run(self, name: str) -> bool:
+        return bool(self._read("SELECT 1 FROM runs WHERE name = ?", (name,)))
+
+    def set_state(self, name: str, state: str, error: str | None = None, pid: int | None = None) -> None:
+        """Set the job state (``error`` is cleared unless given; ``pid`` kept unless given)."""
+        _check_state(state)
+        now = time.time()
+        self._update_run(name, state=state, error=error, updated=now, heartbeat=now,
+                         **({"pid": pid} if pid is not None else {}))
+
+    def set_pid(self, name: str, pid: int | None) -> None:
+        self._update_run(name, pid=pid, updated=time.time())
+
+    def heartbeat(self, name: str, **progress: Any) -> None:
+        """Record that the trainer is alive, with optional progress fields.
+
+        Progress fields: ``stage``, ``epoch``, ``step``, ``done_steps``, ``total_steps``,
+        ``eta_s``, ``images_per_s``, ``device``.
+        """
+        allowed = {"stage", "epoch", "step", "done_steps", "total_steps", "eta_s", "images_per_s", "device"}
+        unknown = set(progress) - allowed
+        if unknown:
+            raise ValueError(f"unknown progress fields {sorted(unknown)}")
+        now = time.time()
+        self._update_run(name, heartbeat=now, updated=now, **progress)
+
+    def _update_run(self, name: str, **fields: Any) -> None:
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        cur = self._write(f"UPDATE runs SET {cols} WHERE name = ?", (*fields.values(), name))
+        if cur.rowcount == 0:
+            raise RunNotFound(f"There is no run named {name!r} in {self.path}.")
+
+    def delete_run(self, name: str) -> None:
+        """Forget run ``name`` and everything recorded for it (files on disk are left alone)."""
+        self._write_many([(f"DELETE FROM {t} WHERE run = ?", (name,))
+                          for t in ("metrics", "class_results", "misclassified", "stages")]
+                         + [("DELETE FROM runs WHERE name = ?", (name,))])
+
+    def get_run(self, name: str) -> dict[str, Any]:
+        """The run's row as a dict (``config`` parsed, ``state`` resolved, ``stored_state`` raw).
+
+        Raises ``RunNotFound`` when there is no such run.
+        """
+        rows = self._read("SELECT * FROM runs WHERE name = ?", (name,))
+        if not rows:
+            raise RunNotFound(f"There is no run named {name!r}.")
+        return _run_view(rows[0], self._best_by_run().get(name))
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        """Every run, newest first, as ``get_run`` dicts plus ``best_val_acc`` over all stages."""
+        best = self._best_by_run()
+        return [_run_view(r, best.get(r["name"])) for r in self._read("SELECT * FROM runs ORDER BY created DESC")]
+
+    def _best_by_run(self) -> dict[str, float]:
+        rows = self._read("SELECT run, MAX(best_val_acc) AS best FROM stages GROUP BY run")
+        return {r["run"]: r["best"] for r in rows}
+
+    # ----------------------------------------------------------------- stages
+    def upsert_stage(
+        self, name: str, index: int, stage_name: str, dataset: str, epochs: int, class_names: Sequence[str] = ()
+    ) -> None:
+        """Create or update stage ``index`` of run ``name`` (keeps checkpoint paths and best accuracy)."""
+        self._write(
+            "INSERT INTO stages (run, idx, name, dataset, epochs, class_names) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (run, idx) DO UPDATE SET name = excluded.name, dataset = excluded.dataset,"
+            " epochs = excluded.epochs, class_names = excluded.class_names",
+            (name, index, stage_name, dataset, int(epochs), json.dumps(list(class_names))),
+        )
+
+    def update_stage(self, name: str, index: int, **fields: Any) -> None:
+        """Set ``last_path``, ``best_path``, ``best_val_acc``, ``best_epoch`` or ``completed_epochs``."""
+        allowed = {"last_path", "best_path", "best_val_acc", "best_epoch", "completed_epochs"}
+        if set(fields) - allowed:
+            raise ValueError(f"unknown stage fields {sorted(set(fields) - allowed)}")
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._write(f"UPDATE stages SET {cols} WHERE run = ? AND idx = ?", (*fields.values(), name, index))
+
+    def stages(self, name: str) -> list[dict[str, Any]]:
+        """The stages of run ``name`` in order; ``class_names`` is a list."""
+        rows = self._read("SELECT * FROM stages WHERE run = ? ORDER BY idx", (name,))
+        for r in rows:
+            r["class_names"] = json.loads(r["class_names"])
+        return rows
+
+    # ---------------------------------------------------------------- metrics
+    def log_steps(self, name: str, stage: int, epoch: int, rows: Iterable[dict[str, Any]]) -> None:
+        """Write per-step rows, each ``{"step": int, "train_loss": float, "lr": float}``, in one transaction."""
+        self._write_many(self._metric_upsert(name, "step", stage, epoch, r["step"], r) for r in rows)
+
+    def log_epoch(self, name: str, stage: int, epoch: int, step: int = 0, **metrics: float | None) -> None:
+        """Write (or replace) the epoch row of (stage, epoch); keys are names from ``EPOCH_METRICS``."""
+        self._write_many([self._metric_upsert(name, "epoch", stage, epoch, step, metrics)])
+
+    def _metric_upsert(
+        self, name: str, kind: str, stage: int, epoch: int, step: int, values: dict[str, Any]
+    ) -> tuple[str, list[Any]]:
+        allowed = STEP_METRICS if kind == "step" else EPOCH_METRICS
+        metrics = {k: v for k, v in values.items() if k != "step"}
+        if set(metrics) - set(allowed):
+            raise ValueError(f"unknown {kind} metrics {sorted(set(metrics) - set(allowed))}")
+        cols = ["run", "kind", "stage", "epoch", "step", "time", *metrics]
+        params = [name, kind, int(stage), int(epoch), int(step), time.time(),
+                  *(None if v is None else float(v) for v in metrics.values())]
+        sql = f"INSERT OR REPLACE INTO metrics ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        return sql, params
+
+    def truncate_after(self, name: str, stage: int, epoch: int) -> None:
+        """Delete every row recorded after (stage, epoch) completed: used by resume.
+
+        ``epoch`` is the last *completed* epoch of ``stage`` (-1 when none completed), so metric
+        rows, per-class results and misclassified samples of later epochs and stages disappear.
+        """
+        later = "run = ? AND (stage > ? OR (stage = ? AND epoch > ?))"
+        params = (name, stage, stage, epoch)
+        self._write_many([(f"DELETE FROM {t} WHERE {later}", params)
+                          for t in ("metrics", "class_results", "misclassified")])
+
+    def metrics(self, name: str, kind: str = "epoch", stage: int | None = None) -> list[dict[str, Any]]:
+        """Metric rows of ``kind`` ('step' or 'epoch') in order, as flat dicts (unused metrics dropped)."""
+        if kind not in ("step", "epoch"):
+            raise ValueError("kind must be 'step' or 'epoch'")
+        sql = "SELECT * FROM metrics WHERE run = ? AND kind = ?"
+        params: list[Any] = [name, kind]
+        if stage is not None:
+            sql += " AND stage = ?"
+            params.append(stage)
+        keep = ("stage", "epoch", "step", "time") + (STEP_METRICS if kind == "step" else EPOCH_METRICS)
+        rows = self._read(sql + " ORDER BY stage, epoch, step", params)
+        return [{k: r[k] for k in keep} for r in rows]
+
+    def metrics_frame(self, name: str, kind: str = "epoch", stage: int | None = None):  # -> pandas.DataFrame
+        """``metrics`` as a pandas DataFrame (columns always present, even when empty)."""
+        import pandas as pd
+
+        keep = ("stage", "epoch", "step", "time") + (STEP_METRICS if kind == "step" else EPOCH_METRICS)
+        return pd.DataFrame(self.metrics(name, kind, stage), columns=list(keep))
+
+    def all_metrics(self, name: str) -> list[dict[str, Any]]:
+        """Every metric row (steps and epochs) with a ``kind`` key, for export."""
+        rows = self._read("SELECT * FROM metrics WHERE run = ? ORDER BY stage, epoch, kind DESC, step", (name,))
+        for r in rows:
+            del r["run"]
+        return rows
+
+    # ------------------------------------------------------- per-class results
+    def save_class_results(self, name: str, stage: int, epoch: int, result: dict[str, Any]) -> None:
+        """Store one epoch's per-class result (a dict from ``core.evaluation``: classes, counts, confusion...)."""
+        self._write(
+            "INSERT OR REPLACE INTO class_results (run, stage, epoch, time, data) VALUES (?, ?, ?, ?, ?)",
+            (name, stage, epoch, time.time(), json.dumps(result)),
+        )
+
+    def class_results(self, name: str, stage: int, epoch: int | None = None) -> dict[str, Any] | None:
+        """The per-class result of (stage, epoch), or of the latest epoch when ``epoch`` is None.
+
+        The dict has ``classes``, ``train_counts``, ``val_counts``, ``correct``, ``confusion``
+        (rows = true class, columns = predicted), ``accuracy``, ``balanced_acc`` plus ``stage``
+        and ``epoch``. None when nothing was stored.
+        """
+        sql = "SELECT epoch, data FROM class_results WHERE run = ? AND stage = ?"
+        params: list[Any] = [name, stage]
+        if epoch is not None:
+            sql += " AND epoch = ?"
+            params.append(epoch)
+        rows = self._read(sql + " ORDER BY epoch DESC LIMIT 1", params)
+        if not rows:
+            return None
+        return {**json.loads(rows[0]["data"]), "stage": stage, "epoch": rows[0]["epoch"]}
+
+    def class_result_epochs(self, name: str, stage: int) -> list[int]:
+        """Epochs of ``stage`` that have per-class results, ascending."""
+        rows = self._read("SELECT epoch FROM class_results WHERE run = ? AND stage = ? ORDER BY epoch", (name, stage))
+        return [r["epoch"] for r in rows]
+
+    def save_misclassified(self, name: str, stage: int, epoch: int, samples: Sequence[dict[str, Any]]) -> None:
+        """Replace the stage's misclassified samples with ``samples`` of ``epoch``.
+
+        Each sample: ``{"source": str, "true": class name, "predicted": class name, "confidence": float}``.
+        """
+        statements: list[tuple[str, Sequence[Any]]] = [
+            ("DELETE FROM misclassified WHERE run = ? AND stage = ?", (name, stage))
+        ]
+        statements += [
+            ("INSERT INTO misclassified VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             (name, stage, epoch, i, s["source"], s["true"], s["predicted"], float(s["confidence"])))
+            for i, s in enumerate(samples)
+        ]
+        self._write_many(statements)
+
+    def misclassified(self, name: str, stage: int, true_label: str | None = None) -> list[dict[str, Any]]:
+        """Misclassified val samples of the stage's last evaluated epoch, most confident first."""
+        sql = "SELECT epoch, source, true_label AS true, predicted, confidence FROM misclassified" \
+              " WHERE run = ? AND stage = ?"
+        params: list[Any] = [name, stage]
+        if true_label is not None:
+            sql += " AND true_label = ?"
+            params.append(true_label)
+        return self._read(sql + " ORDER BY confidence DESC, rank", params)
+
+    # ------------------------------------------------------------ evaluations
+    def add_evaluation(
+        self,
+        checkpoint: str,
+        dataset: str,
+        split: str,
+        result: dict[str, Any],
+        misclassified: Sequence[dict[str, Any]] = (),
+        run: str | None = None,
+    ) -> int:
+        """Store a ``train eval`` result (a ``core.evaluation`` dict); returns its id."""
+        cur = self._write(
+            "INSERT INTO evaluations (time, checkpoint, run, dataset, split, accuracy, balanced_acc, data,"
+            " misclassified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (time.time(), checkpoint, run, dataset, split, result.get("accuracy"), result.get("balanced_acc"),
+             json.dumps(result), json.dumps(list(misclassified))),
+        )
+        return int(cur.lastrowid)
+
+    def evaluations(self, checkpoint: str | None = None, run: str | None = None) -> list[dict[str, Any]]:
+        """Stored evaluations, newest first; ``data`` and ``misclassified`` are parsed."""
+        sql, params = "SELECT * FROM evaluations WHERE 1 = 1", []
+        for column, value in (("checkpoint", checkpoint), ("run", run)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        rows = self._read(sql + " ORDER BY id DESC", params)
+        for r in rows:
+            r["data"] = json.loads(r["data"])
+            r["misclassified"] = json.loads(r["misclassified"])
+        return rows
+
+
+def _check_state(state: str) -> None:
+    if state not in STATES:
+        raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
+
+
+def _run_view(row: dict[str, Any], best: float | None) -> dict[str, Any]:
+    view = dict(row)
+    view["config"] = json.loads(view.pop("config_json"))
+    view["stored_state"] = row["state"]
+    view["state"] = resolve_state(row)
+    view["best_val_acc"] = best
+    return view
