@@ -1,0 +1,143 @@
+"""ResLens checkpoints: written atomically, read with ``weights_only=True``, refused with one clear sentence.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (see DEVELOPERS.md for the keys).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.models import Preprocessing, build_model
+
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format_version", "arch", "num_classes", "class_names", "preprocessing", "model")
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint cannot be written or read; the message says which file and why."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about its model, without the weights."""
+
+    path: Path
+    arch: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    epoch: int | None = None
+    stage_name: str | None = None
+    run_name: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
+
+    A crash or a full disk during the write leaves the previous file at ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "format_version": FORMAT_VERSION}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+            raise CheckpointError(f"Could not save checkpoint {path}: {why}; the previous checkpoint is intact.") from exc
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a ResLens checkpoint with ``weights_only=True``; any problem is a ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"Checkpoint {path} is an empty file.")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" in str(exc):  # the weights-only unpickler met a class or function reference
+            raise CheckpointError(
+                f"Checkpoint {path} was refused: it holds Python objects that would run code when loaded, "
+                "and ResLens loads only plain weight files."
+            ) from exc
+        raise CheckpointError(f"Checkpoint {path} is not a readable PyTorch file (truncated or corrupt).") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"Checkpoint {path} is not a readable PyTorch file (truncated or corrupt).") from exc
+    return _validated(path, data)
+
+
+def _validated(path: Path, data: Any) -> dict[str, Any]:
+    if not isinstance(data, dict) or not all(k in data for k in REQUIRED_KEYS):
+        missing = [k for k in REQUIRED_KEYS if not isinstance(data, dict) or k not in data]
+        raise CheckpointError(f"{path} is not a ResLens checkpoint (missing: {', '.join(missing)}).")
+    version = data["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint {path} has format version {version}, newer than this ResLens reads ({FORMAT_VERSION}); "
+            "update ResLens to open it."
+        )
+    if len(data["class_names"]) != data["num_classes"]:
+        raise CheckpointError(f"Checkpoint {path} is inconsistent: {data['num_classes']} classes but "
+                              f"{len(data['class_names'])} class names.")
+    return data
+
+
+def checkpoint_info(path: str | os.PathLike[str], data: dict[str, Any] | None = None) -> CheckpointInfo:
+    data = data if data is not None else load_checkpoint(path)
+    return CheckpointInfo(
+        path=Path(path), arch=data["arch"], class_names=list(data["class_names"]),
+        preprocessing=Preprocessing.from_dict(data["preprocessing"]), epoch=data.get("epoch"),
+        stage_name=data.get("stage_name"), run_name=data.get("run_name"), metrics=dict(data.get("metrics") or {}),
+    )
+
+
+def check_compatible(info: CheckpointInfo, arch: str | None = None, class_names: list[str] | None = None) -> None:
+    """Raise ``CheckpointError`` when the checkpoint's architecture or classes differ from what is expected."""
+    if arch is not None and info.arch != arch:
+        raise CheckpointError(f"Checkpoint {info.path} holds a {info.arch}, but a {arch} is expected.")
+    if class_names is not None and list(class_names) != info.class_names:
+        raise CheckpointError(
+            f"Checkpoint {info.path} was trained on {info.num_classes} classes that differ from the "
+            f"{len(class_names)} classes expected here."
+        )
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
+               arch: str | None = None, class_names: list[str] | None = None) -> tuple[nn.Module, CheckpointInfo]:
+    """Build the checkpoint's model, load its weights and return it in eval mode with its info."""
+    data = load_checkpoint(path)
+    info = checkpoint_info(path, data)
+    check_compatible(info, arch, class_names)
+    model = build_model(info.arch, info.num_classes, "scratch")
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"The weights in {path} do not fit a {info.arch} with {info.num_classes} classes "
+            "(the checkpoint is damaged or was written for another architecture)."
+        ) from exc
+    return model.to(device).eval(), info

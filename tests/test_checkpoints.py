@@ -1,0 +1,117 @@
+import errno
+import os
+import pickle
+
+import pytest
+import torch
+
+from core import checkpoints
+from core.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from core.models import Preprocessing, build_model
+
+
+def _payload(arch="resnet18", classes=("a", "b", "c")):
+    model = build_model(arch, len(classes))
+    return {"arch": arch, "num_classes": len(classes), "class_names": list(classes),
+            "preprocessing": Preprocessing.for_size(32).to_dict(), "model": model.state_dict(), "epoch": 3}
+
+
+def test_round_trip_loads_model_in_eval_mode(tmp_path):
+    path = save_checkpoint(tmp_path / "best.pt", _payload())
+    model, info = load_model(path)
+    assert not model.training
+    assert info.class_names == ["a", "b", "c"] and info.arch == "resnet18" and info.epoch == 3
+    assert info.preprocessing == Preprocessing.for_size(32)
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused_and_does_not_run(tmp_path):
+    _Evil.marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="would run code"):
+        load_checkpoint(path)
+    assert not _Evil.marker.exists()
+
+
+@pytest.mark.parametrize("content, match", ids=["empty", "bytes", "zip-header"], argvalues=[
+    (b"", "empty file"),
+    (bytes(range(256)) * 16, "not a readable PyTorch file"),
+    (b"PK\x03\x04" + bytes(100), "not a readable PyTorch file"),
+])
+def test_garbage_files_are_refused(tmp_path, content, match):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(path)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "x.pt", _payload())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_plain_state_dict_is_not_a_reslens_checkpoint(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(build_model("resnet18", 2).state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a ResLens checkpoint"):
+        load_checkpoint(path)
+
+
+def test_newer_format_version_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "FORMAT_VERSION", 99)
+    path = save_checkpoint(tmp_path / "new.pt", _payload())
+    monkeypatch.setattr(checkpoints, "FORMAT_VERSION", 1)
+    with pytest.raises(CheckpointError, match="format version 99, newer"):
+        load_checkpoint(path)
+
+
+def test_other_architecture_or_classes_say_so(tmp_path):
+    path = save_checkpoint(tmp_path / "x.pt", _payload())
+    with pytest.raises(CheckpointError, match="holds a resnet18, but a resnet50 is expected"):
+        load_model(path, arch="resnet50")
+    with pytest.raises(CheckpointError, match="3 classes that differ from the 4 classes"):
+        load_model(path, class_names=["a", "b", "c", "d"])
+
+
+def test_weights_that_do_not_fit_the_architecture(tmp_path):
+    payload = _payload()
+    payload["model"] = build_model("resnet34", 3).state_dict()
+    path = save_checkpoint(tmp_path / "x.pt", payload)
+    with pytest.raises(CheckpointError, match="do not fit a resnet18"):
+        load_model(path)
+
+
+def _fail_midway(error):
+    real_save = torch.save
+
+    def broken_save(obj, handle, *args, **kwargs):
+        handle.write(b"PK\x03\x04 half a checkpoint")
+        raise error
+
+    return broken_save, real_save
+
+
+@pytest.mark.parametrize("error, match", [
+    (OSError(errno.ENOSPC, "No space left on device"), "the disk is full"),
+    (KeyboardInterrupt(), None),
+])
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, error, match):
+    path = save_checkpoint(tmp_path / "last.pt", _payload())
+    before = path.read_bytes()
+    broken, _ = _fail_midway(error)
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(CheckpointError if match else KeyboardInterrupt, match=match):
+        save_checkpoint(path, _payload(classes=("x", "y")))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    monkeypatch.undo()
+    assert load_checkpoint(path)["class_names"] == ["a", "b", "c"]

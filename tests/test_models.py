@@ -1,0 +1,73 @@
+import pytest
+import torch
+from PIL import Image
+
+from core.checkpoints import save_checkpoint
+from core.models import ModelError, Preprocessing, build_model, imagenet_weights_file
+
+
+def _payload(model, arch, classes):
+    return {"arch": arch, "num_classes": len(classes), "class_names": classes,
+            "preprocessing": Preprocessing.for_size(32).to_dict(), "model": model.state_dict()}
+
+
+def test_scratch_resnet50_has_requested_head():
+    model = build_model("resnet50", 7)
+    assert model.fc.out_features == 7 and model.fc.in_features == 2048
+
+
+def test_unknown_arch_is_a_clear_error():
+    with pytest.raises(ModelError, match="Unknown architecture 'vgg'"):
+        build_model("vgg", 3)
+
+
+def test_checkpoint_init_keeps_backbone_and_replaces_head(tmp_path):
+    src = build_model("resnet18", 4)
+    path = save_checkpoint(tmp_path / "a.pt", _payload(src, "resnet18", list("abcd")))
+    same = build_model("resnet18", 4, path)
+    assert torch.equal(same.fc.weight, src.fc.weight)
+    new = build_model("resnet18", 9, path)
+    assert new.fc.out_features == 9
+    assert torch.equal(new.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    assert torch.equal(new.conv1.weight, src.conv1.weight)
+
+
+def test_checkpoint_init_of_other_arch_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "a.pt", _payload(build_model("resnet18", 2), "resnet18", ["x", "y"]))
+    with pytest.raises(ModelError, match="holds a resnet18, but a resnet34 was asked for"):
+        build_model("resnet34", 2, path)
+
+
+def test_imagenet_weights_read_from_torchvision_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    reference = build_model("resnet18", 1000)
+    cached = imagenet_weights_file("resnet18")
+    assert cached.is_relative_to(tmp_path)
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    model = build_model("resnet18", 5, "imagenet")
+    assert model.fc.out_features == 5
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+
+
+def test_imagenet_weights_missing_offline_names_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ModelError) as err:
+        build_model("resnet50", 5, "imagenet")
+    message = str(err.value)
+    assert "resnet50-11ad3fa6.pth" in message and str(tmp_path) in message
+
+
+def test_preprocessing_round_trip_and_transform():
+    pre = Preprocessing.for_size(64)
+    assert pre.resize == 73
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    x = pre.eval_transform()(Image.new("RGB", (200, 100), (255, 0, 0)))
+    assert x.shape == (3, 64, 64)
+    assert x[0].mean().item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-4)
+
+
+def test_crop_box_matches_resize_and_center_crop():
+    pre = Preprocessing(image_size=224, resize=256)
+    x0, y0, x1, y1 = pre.crop_box(512, 256)  # short side 256 -> scale 1, crop 224 centred
+    assert (x0, y0, x1, y1) == pytest.approx((144, 16, 368, 240))
