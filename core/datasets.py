@@ -1,0 +1,515 @@
+"""Registry of the data sets ResLens trains on, each read in its real on-disk format.
+
+``open_dataset(name, root, split)`` gives a ``LabeledImages``; ``class_counts`` gives images per class
+without decoding any image; ``download`` fetches a set, only when the user asks. Every image file goes
+through ``core.images.load_image`` (so grayscale Caltech photos reach the model as RGB).
+
+Caltech-101 and Caltech-256 have no official split. ResLens splits them per class (stratified),
+deterministically and identically on every machine: the files of a class are ordered by the SHA-256
+of ``"{seed}/{class}/{file name}"``; the first ``round(val_fraction * n)`` of them (at least 1 and at
+most ``n - 1`` when a class has ``n >= 2`` images; none when ``n == 1``) are ``val``, the rest ``train``.
+With ``train_per_class=N`` (the Fei-Fei et al. protocol, e.g. N=30) the last ``min(N, n - 1)`` files in
+that order are ``train`` and all others ``val``. Defaults: ``val_fraction=0.2``, ``seed=0``.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import threading
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from core.errors import UserError
+from core.images import load_image
+from core.paths import data_root
+
+SPLITS = ("train", "val")
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
+Progress = Callable[[int, "int | None"], None]
+
+
+class DatasetMissing(UserError, FileNotFoundError):
+    """A data set is not on disk; the message says where ResLens looked and how to get it."""
+
+
+class DatasetError(UserError, ValueError):
+    """A data set name, split or option is wrong, or its files are malformed."""
+
+
+class LabeledImages(Dataset):
+    """Images with integer targets; ``__getitem__(i)`` is ``(transform(load_raw(i)), targets[i])``."""
+
+    def __init__(self, classes: Sequence[str], targets: Sequence[int], transform: Callable | None = None,
+                 class_labels: Sequence[str] | None = None, excluded: dict[str, int] | None = None) -> None:
+        self.classes: list[str] = list(classes)
+        self.targets: list[int] = list(targets)
+        self.transform = transform
+        self.class_labels: list[str] = list(class_labels or classes)  # human-readable names, same order
+        self.excluded: dict[str, int] = dict(excluded or {})  # folders on disk that are not classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load_raw(self, index: int) -> Image.Image:
+        """The RGB image at ``index`` at its original resolution."""
+        raise NotImplementedError
+
+    def source(self, index: int) -> str:
+        """Where image ``index`` comes from (a file path, or ``name:split:index``)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.load_raw(index)
+        return (self.transform(image) if self.transform is not None else image), self.targets[index]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for target in self.targets:
+            counts[self.classes[target]] += 1
+        return counts
+
+
+class ImageFiles(LabeledImages):
+    """A ``LabeledImages`` whose images are files decoded by ``core.images.load_image``."""
+
+    def __init__(self, files: Sequence[Path], targets: Sequence[int], classes: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(classes, targets, **kwargs)
+        self.files: list[Path] = list(files)
+
+    def load_raw(self, index: int) -> Image.Image:
+        return load_image(self.files[index])
+
+    def source(self, index: int) -> str:
+        return str(self.files[index])
+
+
+class ImageArrays(LabeledImages):
+    """A ``LabeledImages`` held as one uint8 array of shape (N, H, W, 3) (CIFAR)."""
+
+    def __init__(self, pixels: np.ndarray, targets: Sequence[int], classes: Sequence[str], tag: str,
+                 **kwargs: Any) -> None:
+        super().__init__(classes, targets, **kwargs)
+        self.pixels = pixels
+        self.tag = tag
+
+    def load_raw(self, index: int) -> Image.Image:
+        return Image.fromarray(self.pixels[index], mode="RGB")
+
+    def source(self, index: int) -> str:
+        return f"{self.tag}:{index}"
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a split holds on disk: classes in target order and the image files of each, nothing decoded."""
+
+    classes: list[str]
+    files: dict[str, list[Path]]
+    class_labels: list[str] = field(default_factory=list)
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(self.files[c]) for c in self.classes}
+
+    def to_dataset(self, transform: Callable | None) -> ImageFiles:
+        pairs = [(path, t) for t, c in enumerate(self.classes) for path in self.files[c]]
+        return ImageFiles([p for p, _ in pairs], [t for _, t in pairs], self.classes, transform=transform,
+                          class_labels=self.class_labels or None, excluded=self.excluded)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One registered data set: where it lives under the root, how to read, count and fetch it."""
+
+    name: str
+    title: str
+    description: str
+    folder: str | None  # path under the root that must exist; None for generated sets
+    url: str | None
+    options: dict[str, Any]  # accepted options and their defaults
+    opener: Callable[..., LabeledImages]  # (root, split, transform, **options)
+    counter: Callable[..., dict[str, int]]  # (root, split, **options)
+    fetcher: Callable[[Path, str], None] | None = None  # (root, url)
+    archive: str | None = None  # file the fetcher downloads, relative to the root (for progress)
+
+
+# ---------------------------------------------------------------- public API
+
+
+def open_dataset(name: str, root: str | Path | None = None, split: str = "train",
+                 transform: Callable | None = None, **options: Any) -> LabeledImages:
+    """The ``split`` (``"train"`` or ``"val"``) of data set ``name`` found under ``root``."""
+    info, base, opts = _prepare(name, root, split, options)
+    return info.opener(base, split, transform, **opts)
+
+
+def class_counts(name: str, root: str | Path | None = None, split: str = "train", **options: Any) -> dict[str, int]:
+    """Images per class of a split, counted from file lists or label arrays (no image is decoded)."""
+    info, base, opts = _prepare(name, root, split, options)
+    return info.counter(base, split, **opts)
+
+
+def dataset_path(name: str, root: str | Path | None = None) -> Path | None:
+    """The folder data set ``name`` must occupy under ``root`` (None for generated sets)."""
+    info = get_info(name)
+    return _root(root) / info.folder if info.folder else None
+
+
+def download(name: str, root: str | Path | None = None, progress: Progress | None = None) -> Path:
+    """Fetch data set ``name`` into ``root`` unless it is already there; returns its folder.
+
+    ``progress(done_bytes, total_bytes)`` is called about twice a second while the archive downloads
+    (torchvision's downloader has no hook, so a background thread polls the growing file and calls
+    ``progress`` from that thread; ``total_bytes`` is None when the server does not say).
+    """
+    info = get_info(name)
+    base = _root(root)
+    if info.fetcher is None or info.url is None:
+        raise DatasetError(f"The {info.title} data set is generated by ResLens; there is nothing to download.")
+    target = base / str(info.folder)
+    if target.exists():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    with _watch_download(base / str(info.archive), info.url, progress):
+        info.fetcher(base, info.url)
+    if not target.exists():
+        raise DatasetError(f"Downloading {info.title} finished but {target} is still missing.")
+    return target
+
+
+@contextmanager
+def _watch_download(archive: Path, url: str, progress: Progress | None) -> Iterator[None]:
+    """Call ``progress(done, total)`` every half second while ``archive`` grows, and once at the end."""
+    if progress is None:
+        yield
+        return
+    stop, seen = threading.Event(), {"done": 0, "total": None}
+
+    def poll() -> None:
+        seen["total"] = _content_length(url)
+        while not stop.wait(0.5):
+            seen["done"] = max(seen["done"], archive.stat().st_size if archive.exists() else 0)
+            progress(seen["done"], seen["total"])
+
+    thread = threading.Thread(target=poll, name="reslens-download-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    progress(seen["total"] or seen["done"], seen["total"])
+
+
+def _content_length(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10) as response:
+            return int(response.headers["Content-Length"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def get_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise DatasetError(f"Unknown data set {name!r}; choose one of: {', '.join(DATASETS)}.")
+    return DATASETS[name]
+
+
+def _root(root: str | Path | None) -> Path:
+    return Path(root).expanduser().resolve() if root is not None else data_root()
+
+
+def _prepare(name: str, root: str | Path | None, split: str,
+             options: dict[str, Any]) -> tuple[DatasetInfo, Path, dict[str, Any]]:
+    info = get_info(name)
+    if split not in SPLITS:
+        raise DatasetError(f"Unknown split {split!r} for {name}; choose 'train' or 'val'.")
+    unknown = sorted(set(options) - set(info.options))
+    if unknown:
+        accepted = ", ".join(info.options) or "none"
+        raise DatasetError(f"Data set {name} has no option {unknown[0]!r} (its options: {accepted}).")
+    base = _root(root)
+    if info.folder and not (base / info.folder).exists():
+        raise DatasetMissing(_missing_message(info, base))
+    return info, base, {**info.options, **options}
+
+
+def _missing_message(info: DatasetInfo, root: Path) -> str:
+    where = root / str(info.folder)
+    return (f"The {info.title} data set was not found at {where}; get it with "
+            f"`python -m train data {info.name} --root {root} --download` "
+            f"(or download {info.url} yourself and unpack it in {root}).")
+
+
+# ---------------------------------------------------------------- Caltech split
+
+
+def split_files(files: Sequence[Path], class_name: str, split: str, *, val_fraction: float = 0.2,
+                seed: int = 0, train_per_class: int | None = None) -> list[Path]:
+    """The files of one class that fall in ``split`` (see the module docstring for the rule)."""
+    _check_split_options(val_fraction, train_per_class)
+    order = sorted(files, key=lambda p: hashlib.sha256(f"{seed}/{class_name}/{p.name}".encode()).hexdigest())
+    n_val = _val_size(len(order), val_fraction, train_per_class)
+    chosen = order[:n_val] if split == "val" else order[n_val:]
+    return sorted(chosen)
+
+
+def _val_size(n: int, val_fraction: float, train_per_class: int | None) -> int:
+    if n < 2:
+        return 0
+    if train_per_class is not None:
+        return n - min(train_per_class, n - 1)
+    return min(n - 1, max(1, math.floor(val_fraction * n + 0.5)))
+
+
+def _check_split_options(val_fraction: float, train_per_class: int | None) -> None:
+    if not 0.0 < float(val_fraction) < 1.0:
+        raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), not {val_fraction}.")
+    if train_per_class is not None and int(train_per_class) < 1:
+        raise DatasetError(f"train_per_class must be at least 1, not {train_per_class}.")
+
+
+# ---------------------------------------------------------------- Caltech-101 / Caltech-256
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _caltech_listing(categories: Path, skip: set[str], split: str, label: Callable[[str], str],
+                     **split_options: Any) -> Listing:
+    folders = sorted(p.name for p in categories.iterdir() if p.is_dir())
+    classes = [f for f in folders if f not in skip]
+    if not classes:
+        raise DatasetError(f"{categories} holds no class folders.")
+    excluded = {f: len(_image_files(categories / f)) for f in folders if f in skip}
+    files = {c: split_files(_image_files(categories / c), c, split, **split_options) for c in classes}
+    return Listing(classes, files, [label(c) for c in classes], excluded)
+
+
+def _caltech101_listing(root: Path, split: str, **split_options: Any) -> Listing:
+    categories = root / "caltech101" / "101_ObjectCategories"
+    return _caltech_listing(categories, {"BACKGROUND_Google"}, split, str, **split_options)
+
+
+def _caltech256_label(folder: str) -> str:
+    """``"145.motorbikes-101"`` -> ``"motorbikes"``."""
+    name = folder.split(".", 1)[-1]
+    return name[: -len("-101")] if name.endswith("-101") else name
+
+
+def _caltech256_listing(root: Path, split: str, include_clutter: bool = False, **split_options: Any) -> Listing:
+    """Caltech-256: 256 object classes; ``257.clutter`` (background clutter) is a class only if asked."""
+    categories = root / "caltech256" / "256_ObjectCategories"
+    skip = set() if include_clutter else {"257.clutter"}
+    return _caltech_listing(categories, skip, split, _caltech256_label, **split_options)
+
+
+# ---------------------------------------------------------------- Tiny ImageNet
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: the Tiny ImageNet folder is incomplete.")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _tiny_labels(base: Path, wnids: list[str]) -> list[str]:
+    """The first English name of each WordNet id (``words.txt``), or the id itself if it has none."""
+    wanted, names = set(wnids), {}
+    words = base / "words.txt"
+    for line in (_read_lines(words) if words.exists() else []):
+        wnid, _, text = line.partition("\t")
+        if wnid in wanted:
+            names[wnid] = text.split(",")[0].strip() or wnid
+    return [names.get(w, w) for w in wnids]
+
+
+def _tiny_val_files(base: Path, wnids: list[str]) -> dict[str, list[Path]]:
+    images = base / "val" / "images"
+    present = {p.name for p in images.iterdir()} if images.is_dir() else set()
+    files: dict[str, list[Path]] = {w: [] for w in wnids}
+    for line in _read_lines(base / "val" / "val_annotations.txt"):
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in files:
+            raise DatasetError(f"val_annotations.txt line {line!r} does not name a class of wnids.txt.")
+        if parts[0] not in present:
+            raise DatasetError(f"val_annotations.txt names {parts[0]}, which is not in {images}.")
+        files[parts[1]].append(images / parts[0])
+    return {w: sorted(f) for w, f in files.items()}
+
+
+def _tiny_train_files(base: Path, wnids: list[str]) -> dict[str, list[Path]]:
+    folders = {w: base / "train" / w / "images" for w in wnids}
+    for wnid, folder in folders.items():
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} is missing: every class of wnids.txt needs a train folder ({wnid}).")
+    return {w: _image_files(folder) for w, folder in folders.items()}
+
+
+def _tiny_listing(root: Path, split: str) -> Listing:
+    base = root / "tiny-imagenet-200"
+    wnids = sorted(_read_lines(base / "wnids.txt"))
+    files = _tiny_train_files(base, wnids) if split == "train" else _tiny_val_files(base, wnids)
+    return Listing(wnids, files, _tiny_labels(base, wnids))
+
+
+# ---------------------------------------------------------------- CIFAR-100
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python pickles but refuses any global other than numpy's array rebuilding."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _text(value: Any) -> Any:
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def _read_cifar_pickle(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            raw = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise DatasetError(f"{path} is not a readable CIFAR-100 pickle ({exc}).") from exc
+    entry = {_text(k): v for k, v in raw.items()} if isinstance(raw, dict) else {}
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise DatasetError(f"{path} lacks the CIFAR-100 key {missing[0]!r}.")
+    return entry
+
+
+def _cifar_classes(base: Path) -> list[str]:
+    return [_text(n) for n in _read_cifar_pickle(base / "meta", ("fine_label_names",))["fine_label_names"]]
+
+
+def _cifar_labels(base: Path, split: str, n_classes: int) -> tuple[dict[str, Any], list[int]]:
+    path = base / ("train" if split == "train" else "test")
+    entry = _read_cifar_pickle(path, ("data", "fine_labels"))
+    labels = [int(x) for x in entry["fine_labels"]]
+    if labels and not 0 <= min(labels) <= max(labels) < n_classes:
+        raise DatasetError(f"{path} has fine_labels outside 0..{n_classes - 1}.")
+    return entry, labels
+
+
+def _cifar_open(root: Path, split: str, transform: Callable | None) -> ImageArrays:
+    """CIFAR-100 (python version): ``val`` is the official test set."""
+    base = root / "cifar-100-python"
+    classes = _cifar_classes(base)
+    entry, labels = _cifar_labels(base, split, len(classes))
+    data = np.asarray(entry["data"], dtype=np.uint8)
+    if data.ndim != 2 or data.shape != (len(labels), 3 * 32 * 32):
+        raise DatasetError(f"{base / split} holds data of shape {data.shape}, not ({len(labels)}, 3072).")
+    pixels = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return ImageArrays(pixels, labels, classes, f"cifar100:{split}", transform=transform)
+
+
+def _cifar_counts(root: Path, split: str) -> dict[str, int]:
+    base = root / "cifar-100-python"
+    classes = _cifar_classes(base)
+    counts = dict.fromkeys(classes, 0)
+    for label in _cifar_labels(base, split, len(classes))[1]:
+        counts[classes[label]] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- registry plumbing
+
+
+def _files_set(listing: Callable[..., Listing]) -> tuple[Callable[..., LabeledImages], Callable[..., dict[str, int]]]:
+    """The opener and counter of a set that is a folder of image files, both from the same listing."""
+
+    def opener(root: Path, split: str, transform: Callable | None, **options: Any) -> LabeledImages:
+        return listing(root, split, **options).to_dataset(transform)
+
+    def counter(root: Path, split: str, **options: Any) -> dict[str, int]:
+        return listing(root, split, **options).counts()
+
+    return opener, counter
+
+
+def _synthetic_set(variant: str) -> tuple[Callable[..., LabeledImages], Callable[..., dict[str, int]]]:
+    def opener(root: Path, split: str, transform: Callable | None, **options: Any) -> LabeledImages:
+        from core.synthetic import ShapesDataset
+
+        given = {k: v for k, v in options.items() if v is not None}  # None: the generator's default
+        return ShapesDataset(variant, split, transform=transform, **given)
+
+    def counter(root: Path, split: str, seed: int = 0, **options: Any) -> dict[str, int]:
+        from core.synthetic import shapes_class_counts
+
+        return shapes_class_counts(variant, split, seed=seed)
+
+    return opener, counter
+
+
+def _fetch_archive(filename: str) -> Callable[[Path, str], None]:
+    def fetch(root: Path, url: str) -> None:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(url, download_root=str(root), filename=filename, remove_finished=True)
+
+    return fetch
+
+
+def _fetch_torchvision(class_name: str) -> Callable[[Path, str], None]:
+    def fetch(root: Path, url: str) -> None:
+        import torchvision.datasets
+
+        getattr(torchvision.datasets, class_name)(str(root), download=True)
+
+    return fetch
+
+
+_CALTECH_SPLIT = {"val_fraction": 0.2, "seed": 0, "train_per_class": None}
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def _registry() -> dict[str, DatasetInfo]:
+    sets = [
+        DatasetInfo("tinyimagenet", "Tiny ImageNet",
+                    "200 ImageNet classes at 64x64 px, 500 train and 50 val images per class (official val split).",
+                    "tiny-imagenet-200", TINY_IMAGENET_URL, {}, *_files_set(_tiny_listing),
+                    _fetch_archive("tiny-imagenet-200.zip"), "tiny-imagenet-200.zip"),
+        DatasetInfo("cifar100", "CIFAR-100",
+                    "100 classes of 32x32 photos, 500 train and 100 val (the official test set) images per class.",
+                    "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", {},
+                    _cifar_open, _cifar_counts, _fetch_torchvision("CIFAR100"), "cifar-100-python.tar.gz"),
+        DatasetInfo("caltech101", "Caltech-101",
+                    "101 object classes (BACKGROUND_Google is not a class), 31 to 800 photos each, some grayscale; "
+                    "seeded stratified split (val_fraction, or train_per_class as in Fei-Fei et al.).",
+                    "caltech101/101_ObjectCategories", "https://data.caltech.edu/records/mzrjq-6wc02",
+                    dict(_CALTECH_SPLIT), *_files_set(_caltech101_listing),
+                    _fetch_torchvision("Caltech101"), "caltech101/caltech-101.zip"),
+        DatasetInfo("caltech256", "Caltech-256",
+                    "256 object classes in 257 folders: 257.clutter is not a class unless include_clutter=True; "
+                    "seeded stratified split (val_fraction, or train_per_class as in Griffin et al.).",
+                    "caltech256/256_ObjectCategories", "https://data.caltech.edu/records/nyy15-4j048",
+                    {**_CALTECH_SPLIT, "include_clutter": False}, *_files_set(_caltech256_listing),
+                    _fetch_torchvision("Caltech256"), "caltech256/256_ObjectCategories.tar"),
+        DatasetInfo("shapes", "Shapes (demo)", "10 balanced classes of generated shapes with known boxes, no files.",
+                    None, None, {"seed": 0, "image_size": None}, *_synthetic_set("shapes")),
+        DatasetInfo("shapes-lt", "Shapes long-tail (demo)",
+                    "10 classes of generated shapes whose sizes follow a long tail (largest/smallest 25), no files.",
+                    None, None, {"seed": 0, "image_size": None}, *_synthetic_set("shapes-lt")),
+    ]
+    return {info.name: info for info in sets}
+
+
+DATASETS: dict[str, DatasetInfo] = _registry()
