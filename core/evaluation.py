@@ -1,0 +1,129 @@
+"""Per-class evaluation: confusion matrix, per-class and balanced accuracy, most-confused pairs.
+
+The trainer, ``python -m train eval`` and the app's Classes page share these functions. A
+*class result* (``class_result``) is the plain dict the run store keeps for every epoch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def confusion_matrix(targets: Sequence[int] | np.ndarray, predictions: Sequence[int] | np.ndarray,
+                     num_classes: int) -> np.ndarray:
+    """Counts as an int64 ``num_classes x num_classes`` matrix: rows = true class, columns = predicted."""
+    t = np.asarray(targets, dtype=np.int64)
+    p = np.asarray(predictions, dtype=np.int64)
+    if t.shape != p.shape:
+        raise ValueError("targets and predictions must have the same length")
+    flat = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> list[float | None]:
+    """Recall of every class (correct / samples); None for a class without samples."""
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1)
+    return [float(confusion[i, i] / n) if n else None for i, n in enumerate(totals)]
+
+
+def balanced_accuracy(confusion: np.ndarray) -> float:
+    """Mean per-class accuracy over the classes that have samples (0.0 when none do)."""
+    accs = [a for a in per_class_accuracy(confusion) if a is not None]
+    return float(np.mean(accs)) if accs else 0.0
+
+
+def accuracy(confusion: np.ndarray) -> float:
+    confusion = np.asarray(confusion)
+    total = confusion.sum()
+    return float(np.trace(confusion) / total) if total else 0.0
+
+
+def confused_pairs(confusion: np.ndarray, classes: Sequence[str], top: int = 10) -> list[dict[str, Any]]:
+    """The ``top`` off-diagonal cells, largest first: true, predicted, count and rate (of the true class)."""
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1)
+    off = confusion.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    pairs = []
+    for flat in order:
+        i, j = divmod(int(flat), confusion.shape[1])
+        if off[i, j] == 0:
+            break
+        pairs.append({"true": classes[i], "predicted": classes[j], "count": int(off[i, j]),
+                      "rate": float(off[i, j] / totals[i])})
+    return pairs
+
+
+def class_result(classes: Sequence[str], confusion: np.ndarray,
+                 train_counts: Sequence[int] | None = None) -> dict[str, Any]:
+    """The per-class record the run store keeps (JSON-ready)."""
+    confusion = np.asarray(confusion)
+    return {
+        "classes": list(classes),
+        "train_counts": [int(c) for c in train_counts] if train_counts is not None else None,
+        "val_counts": [int(c) for c in confusion.sum(axis=1)],
+        "correct": [int(c) for c in np.diag(confusion)],
+        "per_class_acc": per_class_accuracy(confusion),
+        "confusion": confusion.astype(int).tolist(),
+        "accuracy": accuracy(confusion),
+        "balanced_acc": balanced_accuracy(confusion),
+    }
+
+
+@dataclass
+class Predictions:
+    """Everything one pass over a data set produced, in data set order."""
+
+    targets: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+    loss: float
+
+    def confusion(self, num_classes: int) -> np.ndarray:
+        return confusion_matrix(self.targets, self.predicted, num_classes)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
+            criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+            prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            autocast_dtype: torch.dtype | None = None) -> Predictions:
+    """Run ``model`` (eval mode) over ``loader`` (not shuffled); ``prepare`` maps a batch to model input."""
+    model.eval()
+    device = torch.device(device)
+    criterion = criterion or nn.CrossEntropyLoss()
+    targets, predicted, confidence, loss_sum = [], [], [], 0.0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if prepare is not None:
+            images = prepare(images)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(criterion(logits, labels)) * len(labels)
+        probs = logits.softmax(dim=1)
+        conf, pred = probs.max(dim=1)
+        targets.append(labels.cpu())
+        predicted.append(pred.cpu())
+        confidence.append(conf.cpu())
+    n = sum(len(t) for t in targets)
+    cat = (lambda xs: torch.cat(xs).numpy()) if n else (lambda xs: np.zeros(0))
+    return Predictions(cat(targets).astype(np.int64), cat(predicted).astype(np.int64),
+                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"))
+
+
+def misclassified(predictions: Predictions, classes: Sequence[str], source: Callable[[int], str],
+                  limit: int = 200) -> list[dict[str, Any]]:
+    """The wrong predictions, most confident first (at most ``limit``), with each image's source string."""
+    wrong = np.flatnonzero(predictions.predicted != predictions.targets)
+    wrong = wrong[np.argsort(-predictions.confidence[wrong], kind="stable")][:limit]
+    return [{"source": source(int(i)), "true": classes[predictions.targets[i]],
+             "predicted": classes[predictions.predicted[i]], "confidence": float(predictions.confidence[i])}
+            for i in wrong]

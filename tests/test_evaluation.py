@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core import evaluation as ev
+
+CLASSES = ["cat", "dog", "fox"]
+TARGETS = [0, 0, 0, 0, 1, 1, 2]
+PREDS = [0, 0, 1, 1, 1, 0, 2]
+
+
+def test_confusion_rows_are_true_classes():
+    cm = ev.confusion_matrix(TARGETS, PREDS, 3)
+    assert cm.tolist() == [[2, 2, 0], [1, 1, 0], [0, 0, 1]]
+    with pytest.raises(ValueError):
+        ev.confusion_matrix([0, 1], [0], 3)
+
+
+def test_accuracies():
+    cm = ev.confusion_matrix(TARGETS, PREDS, 3)
+    assert ev.per_class_accuracy(cm) == [0.5, 0.5, 1.0]
+    assert ev.accuracy(cm) == pytest.approx(4 / 7)
+    assert ev.balanced_accuracy(cm) == pytest.approx(2 / 3)
+
+
+def test_class_without_samples_is_left_out_of_balanced_accuracy():
+    cm = ev.confusion_matrix([0, 0, 1], [0, 1, 1], 3)
+    assert ev.per_class_accuracy(cm)[2] is None
+    assert ev.balanced_accuracy(cm) == pytest.approx(0.75)
+    assert ev.balanced_accuracy(np.zeros((2, 2))) == 0.0
+
+
+def test_confused_pairs_largest_first():
+    cm = ev.confusion_matrix(TARGETS, PREDS, 3)
+    pairs = ev.confused_pairs(cm, CLASSES)
+    assert pairs == [{"true": "cat", "predicted": "dog", "count": 2, "rate": 0.5},
+                     {"true": "dog", "predicted": "cat", "count": 1, "rate": 0.5}]
+    assert ev.confused_pairs(cm, CLASSES, top=1)[0]["count"] == 2
+
+
+def test_class_result_is_json_ready():
+    import json
+
+    result = ev.class_result(CLASSES, ev.confusion_matrix(TARGETS, PREDS, 3), train_counts=[10, 5, 1])
+    again = json.loads(json.dumps(result))
+    assert again["val_counts"] == [4, 2, 1] and again["correct"] == [2, 1, 1]
+    assert again["train_counts"] == [10, 5, 1] and again["balanced_acc"] == pytest.approx(2 / 3)
+
+
+class Fixed(nn.Module):
+    """Returns the logits stored for each sample (the input is the sample's index)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[x.long().view(-1)]
+
+
+def test_predict_and_misclassified():
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 1.0], [9.0, 0, 0]])
+    targets = torch.tensor([0, 0, 2, 1])
+    loader = [(torch.arange(0, 2), targets[:2]), (torch.arange(2, 4), targets[2:])]
+    preds = ev.predict(Fixed(logits), loader)
+    assert preds.predicted.tolist() == [0, 1, 2, 0]
+    assert preds.loss == pytest.approx(nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    wrong = ev.misclassified(preds, CLASSES, source=lambda i: f"img{i}.jpg")
+    assert [w["source"] for w in wrong] == ["img3.jpg", "img1.jpg"]  # most confident mistake first
+    assert wrong[0]["true"] == "dog" and wrong[0]["predicted"] == "cat" and wrong[0]["confidence"] > 0.99
