@@ -1,0 +1,125 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import ConfigError, apply_overrides, load_config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def two_stages(**finetune):
+    return {
+        "name": "demo",
+        "arch": "resnet18",
+        "stages": [
+            {"name": "pretrain", "dataset": "shapes", "epochs": 2},
+            {"name": "finetune", "dataset": "shapes-lt", "init": "previous", **finetune},
+        ],
+    }
+
+
+def test_defaults_filled_in():
+    config = parse_config(two_stages())
+    ft = config.stages[1]
+    assert (ft.epochs, ft.optimizer, ft.schedule, ft.imbalance, ft.init) == (4, "sgd", "cosine", "none", "previous")
+    assert ft.root is not None and Path(ft.root).is_absolute()
+    assert parse_config(config.to_dict()).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "finetune, message",
+    [
+        ({"lr": -0.1}, "stage 2 (finetune): lr must be > 0, got -0.1"),
+        ({"epochs": 0}, "stage 2 (finetune): epochs must be >= 1, got 0"),
+        ({"dataset": "imagenet22k"}, "stage 2 (finetune): unknown dataset 'imagenet22k'"),
+        ({"optimizer": "lion"}, "stage 2 (finetune): optimizer must be one of sgd, adamw, got 'lion'"),
+        ({"imbalance": "oversample"}, "stage 2 (finetune): imbalance must be one of"),
+        ({"train_layers": "from:layer9"}, "stage 2 (finetune): train_layers must be"),
+        ({"lerning_rate": 0.1}, "stage 2 (finetune): unknown key 'lerning_rate'"),
+        ({"epochs": "many"}, "stage 2 (finetune): epochs must be an integer, got 'many'"),
+        ({"name": "pretrain"}, "stage 2 (pretrain): name 'pretrain' is used by an earlier stage"),
+        ({"init": "missing.pt"}, "stage 2 (finetune): init checkpoint"),
+    ],
+)
+def test_bad_stage_values_get_one_sentence(finetune, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(two_stages(**finetune))
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_root_named(tmp_path):
+    raw = {"stages": [{"name": "cal", "dataset": "caltech101", "root": str(tmp_path / "nowhere")}]}
+    with pytest.raises(ConfigError, match=r"stage 1 \(cal\): root .*nowhere does not exist"):
+        parse_config(raw)
+
+
+def test_previous_init_needs_earlier_stage():
+    with pytest.raises(ConfigError, match="stage 1: init 'previous' needs an earlier stage"):
+        parse_config({"stages": [{"dataset": "shapes", "init": "previous"}]})
+
+
+def test_top_level_checks():
+    with pytest.raises(ConfigError, match="arch must be one of"):
+        parse_config({**two_stages(), "arch": "vgg16"})
+    with pytest.raises(ConfigError, match="non-empty 'stages'"):
+        parse_config({"name": "x", "stages": []})
+    with pytest.raises(ConfigError, match="unknown key 'stagez'"):
+        parse_config({"stagez": []})
+
+
+def test_overrides_by_number_name_and_for_all_stages():
+    raw = apply_overrides(two_stages(), ["stages.2.epochs=3", "stages.pretrain.lr=0.05", "batch_size=8",
+                                        "arch=resnet34", "stages.1.options.seed=3"])
+    config = parse_config(raw)
+    assert config.stages[1].epochs == 3 and config.stages[0].lr == 0.05
+    assert [s.batch_size for s in config.stages] == [8, 8]
+    assert config.arch == "resnet34" and config.stages[0].options == {"seed": 3}
+    assert two_stages()["stages"][1].get("epochs") is None  # the input is not modified
+
+
+@pytest.mark.parametrize("bad", ["epochs", "stages.3.epochs=1", "stages.nope.lr=1", "colour=red", "stages.1=2"])
+def test_bad_overrides(bad):
+    with pytest.raises(ConfigError, match="Override"):
+        apply_overrides(two_stages(), [bad])
+
+
+def test_missing_dataset_under_existing_root(tmp_path):
+    raw = {"stages": [{"name": "cal", "dataset": "caltech101", "root": str(tmp_path)}]}
+    with pytest.raises(ConfigError, match=r"stage 1 \(cal\): The Caltech-101 data set was not found"):
+        parse_config(raw)
+
+
+def test_unknown_dataset_option():
+    with pytest.raises(ConfigError, match="stage 1: data set shapes has no option 'colour'"):
+        parse_config({"stages": [{"dataset": "shapes", "options": {"colour": 1}}]})
+
+
+def test_load_config_resolves_relative_paths(tmp_path):
+    for cls in ("ant", "bee"):
+        folder = tmp_path / "data" / "caltech101" / "101_ObjectCategories" / cls
+        folder.mkdir(parents=True)
+        for i in range(3):
+            (folder / f"image_{i:04d}.jpg").write_bytes(b"")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(
+        {"stages": [{"name": "c", "dataset": "caltech101", "root": "data"}]}))
+    config = load_config(tmp_path / "p.yaml", overrides=["epochs=1"])
+    assert config.stages[0].root == str((tmp_path / "data").resolve()) and config.stages[0].epochs == 1
+    assert config.source == str((tmp_path / "p.yaml").resolve())
+
+
+def test_load_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("stages: [\n  - {")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("name", ["caltech101.yaml", "caltech256.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(REPO / "train" / "configs" / name, check_data=False)
+    assert config.arch == "resnet50"
+    assert [s.dataset for s in config.stages][:2] == ["tinyimagenet", "cifar100"]
+    assert [s.init for s in config.stages[1:]] == ["previous", "previous"]
