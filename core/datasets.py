@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
+import tarfile
 import threading
 import urllib.request
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +180,11 @@ def download(name: str, root: str | Path | None = None, progress: Progress | Non
     if target.exists():
         return target
     base.mkdir(parents=True, exist_ok=True)
-    with _watch_download(base / str(info.archive), info.url, progress):
-        info.fetcher(base, info.url)
+    try:
+        with _watch_download(base / str(info.archive), info.url, progress):
+            info.fetcher(base, info.url)
+    except (OSError, RuntimeError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise DatasetError(f"Downloading {info.title} from {info.url} failed: {exc}.") from exc
     if not target.exists():
         raise DatasetError(f"Downloading {info.title} finished but {target} is still missing.")
     return target
@@ -503,9 +508,9 @@ def _registry() -> dict[str, DatasetInfo]:
                     "caltech256/256_ObjectCategories", "https://data.caltech.edu/records/nyy15-4j048",
                     {**_CALTECH_SPLIT, "include_clutter": False}, *_files_set(_caltech256_listing),
                     _fetch_torchvision("Caltech256"), "caltech256/256_ObjectCategories.tar"),
-        DatasetInfo("shapes", "Shapes (demo)", "10 balanced classes of generated shapes with known boxes, no files.",
+        DatasetInfo("shapes", "Shapes demo", "10 balanced classes of generated shapes with known boxes, no files.",
                     None, None, {"seed": 0, "image_size": None}, *_synthetic_set("shapes")),
-        DatasetInfo("shapes-lt", "Shapes long-tail (demo)",
+        DatasetInfo("shapes-lt", "Shapes long-tail demo",
                     "10 classes of generated shapes whose sizes follow a long tail (largest/smallest 25), no files.",
                     None, None, {"seed": 0, "image_size": None}, *_synthetic_set("shapes-lt")),
     ]

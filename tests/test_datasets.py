@@ -255,3 +255,10 @@ def test_download_fetches_extracts_and_reports_progress(tmp_path, monkeypatch, a
     assert calls[-1] == (archive.stat().st_size, archive.stat().st_size)
     assert not (root / "tiny-imagenet-200.zip").exists()  # the archive is removed after extraction
     assert datasets.download("tinyimagenet", root) == folder  # present: nothing fetched again
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch, archive_server):
+    url, _ = archive_server
+    monkeypatch.setitem(DATASETS, "tinyimagenet", replace(DATASETS["tinyimagenet"], url=url + ".missing"))
+    with pytest.raises(DatasetError, match=r"Downloading Tiny ImageNet from http://127\.0\.0\.1.* failed"):
+        datasets.download("tinyimagenet", tmp_path / "data")

@@ -1,0 +1,75 @@
+"""`python -m train data ...` on fixture trees: real figures, JSON, and clear failures."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from core.paths import REPO_ROOT
+from tests.data_fixtures import (CALTECH101_SIZES, CIFAR_TEST_LABELS, CIFAR_TRAIN_LABELS, make_caltech101,
+                                 make_cifar100, make_tinyimagenet)
+from train.cli import main
+
+
+def _data(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["data", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_text_report_of_caltech101(tmp_path, capsys):
+    code, out, _ = _data(capsys, "caltech101", "--root", str(make_caltech101(tmp_path)))
+    assert code == 0
+    assert "classes: 5" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["train"], ["val"], ["all"])}
+    assert rows["all"][1] == str(sum(n for c, n in CALTECH101_SIZES.items() if c != "BACKGROUND_Google"))
+    # the largest class is Faces (6), the smallest yin_yang (1): imbalance 6.00; image 2 of 4 classes is grayscale
+    assert rows["all"][2:4] == ["yin_yang", "(1)"] and rows["all"][4:6] == ["Faces", "(6)"]
+    assert rows["all"][6:] == ["6.00", "4"]
+    assert "not classes: BACKGROUND_Google (2 images); 21 images on disk in all" in out
+
+
+def test_json_report_of_tinyimagenet(tmp_path, capsys):
+    code, out, _ = _data(capsys, "tinyimagenet", "--root", str(make_tinyimagenet(tmp_path)), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["classes"] == 3 and report["class_labels"][0] == "goldfish"
+    val = report["splits"]["val"]
+    assert val["images"] == 5 and val["largest"] == {"class": "n02123045", "label": "tabby", "count": 3}
+    assert val["imbalance_ratio"] == 3.0 and val["grayscale"] == 0
+    assert report["splits"]["train"]["grayscale"] == 3  # image 1 of each class is grayscale
+    assert report["splits"]["all"]["class_counts"] == {"n01443537": 5, "n01629819": 5, "n02123045": 7}
+
+
+def test_json_report_of_cifar100_has_no_grayscale_figure(tmp_path, capsys):
+    code, out, _ = _data(capsys, "cifar100", "--root", str(make_cifar100(tmp_path)), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["splits"]["train"]["images"] == len(CIFAR_TRAIN_LABELS)
+    assert report["splits"]["val"]["images"] == len(CIFAR_TEST_LABELS)
+    assert report["splits"]["train"]["grayscale"] is None
+
+
+def test_split_options_reach_the_loader(tmp_path, capsys):
+    root = str(make_caltech101(tmp_path))
+    code, out, _ = _data(capsys, "caltech101", "--root", root, "--json", "--train-per-class", "2")
+    assert code == 0 and json.loads(out)["splits"]["train"]["class_counts"]["Faces"] == 2
+    code, _, err = _data(capsys, "caltech101", "--root", root, "--include-clutter")
+    assert code == 2 and "has no option 'include_clutter'" in err
+
+
+def test_unreadable_image_is_listed(tmp_path, capsys):
+    root = make_caltech101(tmp_path)
+    (root / "caltech101" / "101_ObjectCategories" / "Faces" / "image_0007.jpg").write_text("oops")
+    code, out, _ = _data(capsys, "caltech101", "--root", str(root))
+    assert code == 0 and "unreadable images: 1" in out and "image_0007.jpg is not a readable image" in out
+
+
+def test_missing_root_exits_non_zero_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-m", "train", "data", "caltech101", "--root", str(tmp_path / "none")],
+                            capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    expected = f"python -m train data caltech101 --root {tmp_path / 'none'} --download"
+    assert str(tmp_path / "none" / "caltech101" / "101_ObjectCategories") in result.stderr and expected in result.stderr
