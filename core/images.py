@@ -176,10 +176,13 @@ def _decode(image: Image.Image, label: str) -> None:
 
 def _finish(image: Image.Image, label: str) -> Image.Image:
     try:
-        upright = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)
     except _DECODE_ERRORS:
-        upright = image  # unreadable EXIF: keep the pixels as stored
-    rgb = to_rgb(upright)
+        pass  # unreadable EXIF: keep the pixels as stored
+    try:
+        rgb = to_rgb(image)
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"{label} uses colour mode {image.mode}, which cannot be converted to RGB ({exc}).") from exc
     if max(rgb.size) > MAX_SIDE:
         rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     return rgb

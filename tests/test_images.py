@@ -49,13 +49,14 @@ def test_text_file_named_jpg_is_refused(tmp_path):
         load_image(path)
 
 
-def test_truncated_jpeg_is_refused(tmp_path):
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_file_is_refused(tmp_path, fmt):
     rng = np.random.default_rng(0)
     data = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data, "JPEG")
-    path = tmp_path / "cut.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(data, fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
-    with pytest.raises(ImageError, match=r"cut\.jpg is damaged or truncated"):
+    with pytest.raises(ImageError, match=rf"cut\.{fmt.lower()} is damaged or truncated"):
         load_image(path)
 
 
