@@ -1,0 +1,235 @@
+"""Plotly figures and tables for the app's pages, built from run-store rows (pure functions, no Streamlit).
+
+Metric frames are those of ``RunStore.metrics_frame``: columns ``stage``, ``epoch``, ``step`` and one
+column per metric. Per-class results are the dicts of ``RunStore.class_results`` / ``train eval``:
+``classes``, ``train_counts``, ``val_counts``, ``correct``, ``confusion`` (rows true, columns predicted).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+METRIC_LABELS = {
+    "train_loss": "train loss",
+    "val_loss": "validation loss",
+    "train_acc": "train accuracy",
+    "val_acc": "validation accuracy",
+    "val_balanced_acc": "validation balanced accuracy",
+    "lr": "learning rate",
+    "images_per_s": "images/s",
+}
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def ema(values: Sequence[float], weight: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing); NaNs are skipped, not spread.
+
+    ``weight`` 0 returns the values unchanged; 0.99 is very smooth.
+    """
+    if not 0 <= weight < 1:
+        raise ValueError("smoothing weight must be in [0, 1)")
+    out = np.full(len(values), np.nan)
+    last, debias, seen = 0.0, 1.0, False
+    for i, value in enumerate(np.asarray(values, dtype=float)):
+        if math.isnan(value):
+            continue
+        last = last * weight + (1 - weight) * value
+        debias = debias * weight if seen else weight
+        seen = True
+        out[i] = last / (1 - debias) if debias < 1 else value
+    return out
+
+
+def global_x(frame: pd.DataFrame, column: str) -> pd.Series:
+    """``column`` made monotonic through the pipeline's stages.
+
+    Epochs are renumbered 1, 2, ... across stages (each stage continues after the previous one);
+    steps are shifted only when a stage restarts counting.
+    """
+    x = frame[column].astype(float)
+    out = x.copy()
+    end: float | None = None
+    for stage in sorted(frame["stage"].unique()):
+        mask = frame["stage"] == stage
+        first = x[mask].min()
+        if column == "epoch":
+            shift = (end or 0.0) + 1 - first
+        else:
+            shift = 0.0 if end is None or first > end else end + 1 - first
+        out[mask] = x[mask] + shift
+        end = float(out[mask].max())
+    return out
+
+
+def stage_boundaries(frame: pd.DataFrame, x: pd.Series) -> list[tuple[float, int]]:
+    """(x where a stage starts, stage index) for every stage after the first."""
+    if frame.empty:
+        return []
+    starts = x.groupby(frame["stage"]).min().sort_index()
+    return [(float(v), int(s)) for s, v in starts.iloc[1:].items()]
+
+
+def curves_figure(
+    frames: Mapping[str, pd.DataFrame],
+    metrics: Sequence[str],
+    x_column: str = "epoch",
+    smoothing: float = 0.0,
+    stage_names: Mapping[str, Sequence[str]] | None = None,
+    title: str | None = None,
+    log_y: bool = False,
+) -> go.Figure:
+    """Curves of ``metrics`` for several runs overlaid; stage starts marked with dotted lines.
+
+    ``frames`` maps a run name to its metric frame. With smoothing, the raw curve stays as a faint line.
+    """
+    fig = go.Figure()
+    dashes = ("solid", "dash", "dot", "dashdot")
+    for r, (run, frame) in enumerate(frames.items()):
+        if frame.empty:
+            continue
+        frame = frame.sort_values(["stage", "epoch", "step"])
+        x = global_x(frame, x_column)
+        colour = _PALETTE[r % len(_PALETTE)]
+        for m, metric in enumerate(metrics):
+            if metric not in frame or frame[metric].isna().all():
+                continue
+            label = f"{run} · {METRIC_LABELS.get(metric, metric)}" if len(frames) > 1 else METRIC_LABELS.get(metric, metric)
+            y = frame[metric].astype(float).to_numpy()
+            dash = dashes[m % len(dashes)]
+            line_colour = colour if len(frames) > 1 else _PALETTE[m % len(_PALETTE)]
+            if smoothing > 0:
+                fig.add_scatter(x=x, y=y, mode="lines", line=dict(color=line_colour, width=1, dash=dash),
+                                opacity=0.25, showlegend=False, hoverinfo="skip")
+                y = ema(y, smoothing)
+            fig.add_scatter(x=x, y=y, name=label, mode="lines+markers" if len(x) < 40 else "lines",
+                            line=dict(color=line_colour, dash=dash), connectgaps=True)
+        names = list((stage_names or {}).get(run, []))
+        for start, stage in stage_boundaries(frame, x):
+            text = names[stage] if stage < len(names) else f"stage {stage}"
+            fig.add_vline(x=start - 0.5 if x_column == "epoch" else start, line_dash="dot", line_color="grey",
+                          annotation_text=text, annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title="epoch (through the pipeline)" if x_column == "epoch" else "step",
+                      margin=dict(l=10, r=10, t=40 if title else 20, b=10), height=320,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), hovermode="x unified")
+    if log_y:
+        fig.update_yaxes(type="log")
+    return fig
+
+
+def format_eta(seconds: float | None) -> str:
+    """'1 h 02 min', '3 min 05 s', '12 s', or 'unknown'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "unknown"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
+
+def progress_fraction(done: int | None, total: int | None) -> float:
+    """done/total clamped to [0, 1]; 0 when unknown."""
+    if not done or not total or total <= 0:
+        return 0.0
+    return min(1.0, max(0.0, done / total))
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def per_class_frame(result: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per class: train and validation counts, correct, accuracy (NaN where no validation image)."""
+    classes = list(result["classes"])
+    train = result.get("train_counts")
+    accuracy = [np.nan if a is None else a for a in result["per_class_acc"]]
+    return pd.DataFrame({
+        "class": classes,
+        "train images": np.asarray(train, dtype=float) if train is not None else np.full(len(classes), np.nan),
+        "val images": np.asarray(result["val_counts"], dtype=float),
+        "correct": np.asarray(result["correct"], dtype=float),
+        "accuracy": np.asarray(accuracy, dtype=float),
+    })
+
+def imbalance_ratio(counts: Sequence[float]) -> float:
+    """Largest class over smallest non-empty class (NaN when there is nothing to compare)."""
+    values = [float(c) for c in counts if c is not None and not math.isnan(float(c)) and float(c) > 0]
+    return max(values) / min(values) if values else float("nan")
+
+
+def accuracy_vs_size_figure(frame: pd.DataFrame) -> go.Figure:
+    """Per-class accuracy against the class's number of training images (log x): does the long tail hurt?"""
+    size_col = "train images" if frame["train images"].notna().any() else "val images"
+    data = frame.dropna(subset=["accuracy"])
+    fig = go.Figure(go.Scatter(
+        x=data[size_col], y=data["accuracy"], mode="markers", text=data["class"],
+        marker=dict(size=8, opacity=0.7),
+        hovertemplate="%{text}<br>" + size_col + ": %{x:.0f}<br>accuracy: %{y:.1%}<extra></extra>",
+    ))
+    if len(data) >= 2 and data[size_col].nunique() > 1:
+        logx = np.log10(data[size_col].clip(lower=1).to_numpy(dtype=float))
+        slope, intercept = np.polyfit(logx, data["accuracy"].to_numpy(dtype=float), 1)
+        xs = np.linspace(logx.min(), logx.max(), 20)
+        fig.add_scatter(x=10 ** xs, y=intercept + slope * xs, mode="lines", name="trend",
+                        line=dict(dash="dash", color="grey"), hoverinfo="skip")
+    fig.update_layout(xaxis_title=f"{size_col} (log scale)", yaxis_title="accuracy", showlegend=False,
+                      height=340, margin=dict(l=10, r=10, t=20, b=10))
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(tickformat=".0%", range=[-0.02, 1.02])
+    return fig
+
+
+def most_confused_classes(confusion: Sequence[Sequence[float]], n: int) -> list[int]:
+    """Indices of the ``n`` classes involved in the most errors (as true or predicted class), most first."""
+    matrix = np.asarray(confusion, dtype=float)
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    involvement = off.sum(axis=0) + off.sum(axis=1)
+    order = np.argsort(-involvement, kind="stable")
+    return [int(i) for i in order[: min(n, len(order))]]
+
+
+def confusion_figure(
+    confusion: Sequence[Sequence[float]],
+    classes: Sequence[str],
+    indices: Sequence[int] | None = None,
+    normalize: bool = True,
+) -> go.Figure:
+    """Heatmap of the confusion matrix (restricted to ``indices`` when given), rows normalised to recall.
+
+    Hover shows the true class, the predicted class, the count and the row share, so a 257-class
+    matrix stays readable when zoomed; the diagonal is shown too.
+    """
+    matrix = np.asarray(confusion, dtype=float)
+    idx = list(range(len(classes))) if indices is None else list(indices)
+    sub = matrix[np.ix_(idx, idx)]
+    totals = matrix[idx].sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, sub / np.where(totals > 0, totals, 1), 0.0)
+    names = [classes[i] for i in idx]
+    z = share if normalize else sub
+    fig = go.Figure(go.Heatmap(
+        z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=1 if normalize else None,
+        customdata=np.dstack([sub, share]),
+        hovertemplate="true: %{y}<br>predicted: %{x}<br>count: %{customdata[0]:.0f}"
+                      "<br>share of true class: %{customdata[1]:.1%}<extra></extra>",
+        colorbar=dict(title="share" if normalize else "count"),
+    ))
+    side = max(360, min(900, 18 * len(idx) + 160))
+    fig.update_layout(height=side, margin=dict(l=10, r=10, t=20, b=10),
+                      xaxis=dict(title="predicted", tickangle=-60, showticklabels=len(idx) <= 60),
+                      yaxis=dict(title="true", autorange="reversed", showticklabels=len(idx) <= 60))
+    return fig
+
+
+def probabilities_frame(probabilities: Sequence[float], class_names: Sequence[str], k: int = 5) -> pd.DataFrame:
+    """The top-``k`` classes with their probabilities, most likely first."""
+    probs = np.asarray(probabilities, dtype=float)
+    order = np.argsort(-probs, kind="stable")[:k]
+    return pd.DataFrame({"rank": range(1, len(order) + 1),
+                         "class": [class_names[i] for i in order],
+                         "probability": probs[order]})

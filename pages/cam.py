@@ -1,0 +1,119 @@
+"""Cached model work shared by the Explain and Classes pages (not a page itself).
+
+The network runs only when what it depends on changes: predictions are cached per (checkpoint file version,
+image bytes); Grad-CAM maps per (checkpoint, image, layers, method, target class). Opacity and colormap only
+re-render the overlay from the cached maps.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+from PIL import Image
+
+from pages import common
+
+METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++", "LayerCAM": "layercam",
+           "Counterfactual (against the class)": "counterfactual"}
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _version(checkpoint: Path) -> tuple[str, int, int]:
+    stat = checkpoint.stat()
+    return str(checkpoint), stat.st_mtime_ns, stat.st_size
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def decode(key: str, _data: bytes, name: str) -> Image.Image:
+    """The upright RGB image of an upload (``key`` is the bytes' digest); raises ``ImageError``."""
+    from core.images import load_image
+
+    return load_image(_data, name)
+
+
+def image_of(data: bytes, name: str) -> Image.Image:
+    return decode(digest(data), data, name)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def source_png(source: str) -> bytes:
+    """PNG bytes of the image a data set's ``source`` string names (misclassified samples)."""
+    from core.samples import load_source
+
+    buffer = io.BytesIO()
+    load_source(source).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _input(checkpoint: Path, image: Image.Image):  # type: ignore[no-untyped-def]
+    _, info = common.load_model(checkpoint)
+    return info.preprocessing.eval_transform()(image).unsqueeze(0)
+
+
+def predict(checkpoint: Path, data: bytes, name: str) -> np.ndarray:
+    """Class probabilities of the image under the checkpoint's model (cached)."""
+    return _predict(_version(checkpoint), digest(data), data, name)
+
+
+@st.cache_data(show_spinner="Running the model...", max_entries=128)
+def _predict(version: tuple[str, int, int], key: str, _data: bytes, name: str) -> np.ndarray:
+    import torch
+
+    checkpoint = Path(version[0])
+    model, _ = common.load_model(checkpoint)
+    with torch.no_grad():
+        logits = model(_input(checkpoint, image_of(_data, name)))
+    return logits.softmax(dim=1)[0].numpy()
+
+
+def maps(checkpoint: Path, data: bytes, name: str, layers: tuple[str, ...], method: str, target: int) -> dict[str, np.ndarray]:
+    """Maps at the model's input size, one per layer, for class ``target`` (cached)."""
+    return _maps(_version(checkpoint), digest(data), data, name, layers, method, target)
+
+
+@st.cache_data(show_spinner="Computing the maps...", max_entries=128)
+def _maps(version: tuple[str, int, int], key: str, _data: bytes, name: str, layers: tuple[str, ...],
+          method: str, target: int) -> dict[str, np.ndarray]:
+    from core.gradcam import explain
+
+    checkpoint = Path(version[0])
+    model, _ = common.load_model(checkpoint)
+    result = explain(model, _input(checkpoint, image_of(_data, name)), list(layers), targets=[target],
+                     methods=(method,))
+    return {layer: result.maps[layer][method][0, 0].numpy() for layer in layers}
+
+
+def overlay_png(checkpoint: Path, image: Image.Image, cam: np.ndarray, colormap: str, opacity: float) -> bytes:
+    """The map over the original image (crop mapped back, aspect kept) as PNG bytes."""
+    from core.overlay import overlay
+
+    _, info = common.load_model(checkpoint)
+    return overlay(image, cam, info.preprocessing, colormap=colormap, opacity=opacity)
+
+
+def layer_choices(checkpoint: Path) -> list:  # list[LayerInfo]
+    """Every layer the engine supports for this model, in forward order, with stage and map resolution."""
+    return _layers(_version(checkpoint))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _layers(version: tuple[str, int, int]) -> list:
+    from core.gradcam import supported_layers
+
+    model, info = common.load_model(Path(version[0]))
+    return supported_layers(model, info.preprocessing.image_size)
+
+
+def quick_overlay(checkpoint: Path, png: bytes, class_name: str, layer: str = "layer4") -> bytes:
+    """Grad-CAM of ``class_name`` at ``layer`` over an image (the Classes gallery)."""
+    _, info = common.load_model(checkpoint)
+    target = info.class_names.index(class_name) if class_name in info.class_names else int(
+        np.argmax(predict(checkpoint, png, "sample.png")))
+    cam = maps(checkpoint, png, "sample.png", (layer,), "gradcam", target)[layer]
+    return overlay_png(checkpoint, image_of(png, "sample.png"), cam, "jet", 0.5)

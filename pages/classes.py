@@ -1,0 +1,134 @@
+"""Classes: per-class results of any run's stage or any `train eval`, from the run store (no model runs),
+plus a gallery of misclassified images with Grad-CAM on demand."""
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from core import charts
+from core.evaluation import confused_pairs
+from pages import cam, common
+
+GALLERY_SIZE = 12
+
+
+def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path | None]:
+    """(class result, misclassified samples, checkpoint) of a chosen run, stage and epoch."""
+    store = common.store()
+    runs = [r["name"] for r in store.list_runs()]
+    if not runs:
+        st.info("No runs yet: train one on the Train page.")
+        return None, [], None
+    a, b, c = st.columns(3)
+    run = a.selectbox("Run", runs)
+    stages = store.stages(run)
+    if not stages:
+        st.info(f"Run {run} has not started a stage yet.")
+        return None, [], None
+    stage = b.selectbox("Stage", range(len(stages)), index=len(stages) - 1,
+                        format_func=lambda i: f"{i + 1}: {stages[i]['name']} ({stages[i]['dataset']})")
+    epochs = store.class_result_epochs(run, stage)
+    if not epochs:
+        st.info("No per-class results for this stage yet: they are stored at the end of every epoch.")
+        return None, [], None
+    epoch = c.selectbox("Epoch", epochs[::-1], format_func=lambda e: f"epoch {e + 1}")
+    best = stages[stage].get("best_path") or stages[stage].get("last_path")
+    return store.class_results(run, stage, epoch), store.misclassified(run, stage), Path(best) if best else None
+
+
+def pick_evaluation() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path | None]:
+    evaluations = common.store().evaluations()
+    if not evaluations:
+        st.info("No evaluations yet: run `python -m train eval CHECKPOINT` to add one.")
+        return None, [], None
+    chosen = st.selectbox("Evaluation", evaluations, format_func=lambda e: (
+        f"{Path(e['checkpoint']).name} on {e['dataset']} {e['split']} · "
+        f"{datetime.fromtimestamp(e['time']):%Y-%m-%d %H:%M} · {common.checkpoint_label(Path(e['checkpoint']))}"))
+    return chosen["data"], chosen["misclassified"], Path(chosen["checkpoint"])
+
+
+def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
+    cols = st.columns(5)
+    cols[0].metric("Accuracy", f"{result['accuracy']:.1%}", help="Correct images / all validation images.")
+    cols[1].metric("Balanced accuracy", f"{result['balanced_acc']:.1%}",
+                   delta=f"{result['balanced_acc'] - result['accuracy']:+.1%} vs accuracy", delta_color="off",
+                   help="Mean of the per-class accuracies: every class counts the same, however small.")
+    cols[2].metric("Classes", len(frame))
+    for col, column, split in ((cols[3], "train images", "train"), (cols[4], "val images", "validation")):
+        ratio = charts.imbalance_ratio(frame[column].tolist())
+        col.metric(f"Imbalance ({split})", "n/a" if math.isnan(ratio) else f"{ratio:.1f}x",
+                   help="Largest class / smallest class.")
+
+
+def class_table(frame: pd.DataFrame) -> None:
+    query = st.text_input("Search classes", placeholder="part of a class name")
+    shown = frame[frame["class"].str.contains(query, case=False, regex=False)] if query else frame
+    st.dataframe(shown.sort_values(["accuracy", "class"]), hide_index=True, width="stretch", height=320,
+                 column_config={"accuracy": st.column_config.ProgressColumn(format="percent", min_value=0,
+                                                                            max_value=1)})
+
+
+def confusion_view(result: dict[str, Any]) -> None:
+    classes, confusion = result["classes"], result["confusion"]
+    pairs = pd.DataFrame(confused_pairs(confusion, classes, top=15))
+    st.markdown("**Most-confused pairs**")
+    if pairs.empty:
+        st.caption("No confusion at all: every validation image is classified correctly.")
+    else:
+        st.dataframe(pairs, hide_index=True, width="stretch",
+                     column_config={"rate": st.column_config.NumberColumn("share of true class", format="percent")})
+    n = len(classes)
+    top = st.slider("Classes in the matrix (most confused first)", 2, n, min(n, 20)) if n > 2 else n
+    indices = charts.most_confused_classes(confusion, top) if top < n else None
+    st.plotly_chart(charts.confusion_figure(confusion, classes, indices), width="stretch")
+
+
+def gallery(samples: list[dict[str, Any]], checkpoint: Path | None) -> None:
+    st.subheader("Misclassified validation images")
+    if not samples:
+        st.caption("None stored for this choice.")
+        return
+    classes = sorted({s["true"] for s in samples})
+    only = st.selectbox("True class", ["all"] + classes)
+    chosen = [s for s in samples if only == "all" or s["true"] == only][:GALLERY_SIZE]
+    cols = st.columns(4)
+    for i, sample in enumerate(chosen):
+        with cols[i % 4], common.shown_errors("This image"):
+            gallery_item(i, sample, checkpoint)
+
+
+def gallery_item(i: int, sample: dict[str, Any], checkpoint: Path | None) -> None:
+    caption = f"{sample['true']} → {sample['predicted']} ({sample['confidence']:.0%})"
+    image_png = cam.source_png(sample["source"])
+    if checkpoint is not None and checkpoint.is_file() and st.toggle("Grad-CAM", key=f"cam-{i}-{sample['source']}"):
+        st.image(cam.quick_overlay(checkpoint, image_png, sample["predicted"]), caption=caption + " · Grad-CAM of the "
+                 "predicted class", width="stretch")
+    else:
+        st.image(image_png, caption=caption, width="stretch")
+
+
+def body() -> None:
+    st.title("Classes")
+    source = st.segmented_control("Results of", ["a training run", "an evaluation"], default="a training run")
+    result, samples, checkpoint = pick_evaluation() if source == "an evaluation" else pick_run_result()
+    if result is None:
+        return
+    frame = charts.per_class_frame(result)
+    summary(result, frame)
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Per-class accuracy** (worst first)")
+        class_table(frame)
+    with right:
+        st.markdown("**Accuracy against class size**: does the long tail hurt?")
+        st.plotly_chart(charts.accuracy_vs_size_figure(frame), width="stretch")
+    confusion_view(result)
+    gallery(samples, checkpoint)
+
+
+common.run_page(body, "The Classes page")

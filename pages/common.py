@@ -1,0 +1,133 @@
+"""What every page shares: error display, the run store, checkpoint discovery and cached model loading.
+
+Not a page itself (app.py lists the pages with st.navigation). Logic worth testing lives in core/.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import streamlit as st
+
+from core import paths
+from core.errors import UserError
+from core.run_store import RunStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger("reslens.app")
+
+STATE_BADGES = {
+    "queued": "🕓 queued",
+    "running": "🟢 running",
+    "finished": "✅ finished",
+    "failed": "❌ failed",
+    "stopped": "⏹️ stopped",
+    "interrupted": "⚠️ interrupted",
+}
+
+
+@contextmanager
+def shown_errors(what: str = "This page") -> Iterator[None]:
+    """Show a ``UserError`` as its sentence and anything unexpected as one sentence; never a traceback."""
+    try:
+        yield
+    except UserError as exc:
+        st.error(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the page must stay up; the traceback goes to the server log
+        log.error("unexpected error\n%s", traceback.format_exc())
+        st.error(f"{what} hit an unexpected problem ({type(exc).__name__}: {_first_line(exc)}); "
+                 "the details are in the server's log.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no message"
+
+
+def run_page(body: Callable[[], None], what: str) -> None:
+    """Run a page's body inside ``shown_errors``."""
+    with shown_errors(what):
+        body()
+
+
+def store() -> RunStore:
+    """The run store of the current ResLens home (one connection set per home folder)."""
+    return _store(str(paths.store_path()))
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str) -> RunStore:
+    return RunStore(path)
+
+
+def badge(state: str) -> str:
+    return STATE_BADGES.get(state, state)
+
+
+def find_checkpoints() -> list[Path]:
+    """Every ``*.pt`` under the ResLens home (runs' ``best``/``last`` and exported ones), newest first."""
+    home = paths.reslens_home()
+    if not home.is_dir():
+        return []
+    found = [p for p in home.rglob("*.pt") if p.is_file() and not p.name.startswith(".")]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def checkpoint_label(path: Path) -> str:
+    """'demo-1 / stage2-finetune / best.pt' for a file under the home folder."""
+    try:
+        rel = path.relative_to(paths.runs_dir())
+    except ValueError:
+        try:
+            rel = path.relative_to(paths.reslens_home())
+        except ValueError:
+            return str(path)
+    return " / ".join(rel.parts)
+
+
+def load_model(path: Path) -> tuple[Any, Any]:
+    """(model, CheckpointInfo) of a checkpoint, loaded once per file version and kept in memory."""
+    stat = path.stat()
+    return _load_model(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@st.cache_resource(show_spinner="Loading the model...", max_entries=3)
+def _load_model(path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
+    from core.checkpoints import load_model as load
+
+    return load(path)
+
+
+def dataset_presence() -> "pd.DataFrame":
+    """One row per registered data set under the data root: present or not (a folder check), what it is."""
+    import pandas as pd
+
+    from core.datasets import DATASETS, dataset_path
+
+    rows = []
+    for name, info in DATASETS.items():
+        folder = dataset_path(name, paths.data_root())
+        rows.append({"data set": name, "present": folder is None or folder.is_dir(),
+                     "where": "built in (generated)" if folder is None else str(folder),
+                     "about": info.description})
+    return pd.DataFrame(rows)
+
+
+def device_summary() -> str:
+    """'GPU: NVIDIA H100 (1 device)', 'Apple GPU (MPS)' or 'CPU only (N cores)'."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"GPU: {torch.cuda.get_device_name(0)} ({n} device{'s' if n > 1 else ''})"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "Apple GPU (MPS)"
+    return f"CPU only ({os.cpu_count()} cores), no GPU seen"

@@ -1,0 +1,118 @@
+"""Explain: where does the model look? Upload images (or pick built-in samples), pick a checkpoint, layers,
+method and class; see the top-5 predictions and the overlays, and download them as PNG."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from core import charts
+from core.images import SUPPORTED_EXTENSIONS
+from pages import cam, common
+
+TOP1 = "the top-1 prediction"
+DEFAULT_LAYER = "layer4"
+
+
+@dataclass(frozen=True)
+class Picked:
+    """One image to explain: a display name and its bytes (an upload or a built-in sample)."""
+
+    name: str
+    data: bytes
+
+
+@st.cache_data(show_spinner=False)
+def samples() -> list[Any]:
+    from core.samples import builtin_samples
+
+    return builtin_samples("shapes-lt") + builtin_samples("shapes")
+
+
+def pick_checkpoint() -> Path | None:
+    found = common.find_checkpoints()
+    if not found:
+        st.info("No checkpoint yet. Train the demo model from the Home page (a few minutes, offline), "
+                "then come back.")
+        if st.button("Go to Home", icon=":material/home:"):
+            st.switch_page("pages/home.py")
+        return None
+    return st.selectbox("Checkpoint", found, format_func=common.checkpoint_label,
+                        help="Any checkpoint under the ResLens home folder, newest first.")
+
+
+def pick_images() -> list[Picked]:
+    uploads = st.file_uploader("Drop images here", type=list(SUPPORTED_EXTENSIONS), accept_multiple_files=True,
+                               help="JPEG, PNG, WebP, BMP, GIF or TIFF; each is explained on its own.")
+    if uploads:
+        return [Picked(u.name, u.getvalue()) for u in uploads]
+    options = samples()
+    chosen = st.multiselect("...or explain built-in samples", range(len(options)), default=[0, 1, 2],
+                            format_func=lambda i: options[i].label)
+    return [Picked(options[i].filename, options[i].png) for i in chosen]
+
+
+def controls(checkpoint: Path, class_names: list[str]) -> dict[str, Any]:
+    """The sidebar: method, layers (by stage, with map resolution), class, colormap and opacity."""
+    from core.overlay import COLORMAPS
+
+    layers = cam.layer_choices(checkpoint)
+    by_name = {info.name: info for info in layers}
+    with st.sidebar:
+        st.header("Explanation")
+        method = st.selectbox("Method", list(cam.METHODS), help="Grad-CAM: evidence for the class. Grad-CAM++ "
+                              "and LayerCAM: sharper at shallow layers. Counterfactual: what speaks against it.")
+        default = [DEFAULT_LAYER] if DEFAULT_LAYER in by_name else [layers[-1].name]
+        chosen = st.multiselect("Layers (side by side)", list(by_name), default=default,
+                                format_func=lambda n: f"{by_name[n].stage} · {n} · {by_name[n].resolution}",
+                                help="Grouped by stage, in forward order; the map's resolution is shown. "
+                                     "Deep layers: coarse but class-specific; shallow layers: fine but noisy.")
+        target = st.selectbox("Explain the class", [TOP1] + sorted(class_names))
+        colormap = st.selectbox("Colormap", list(COLORMAPS), index=list(COLORMAPS).index("jet")
+                                if "jet" in COLORMAPS else 0)
+        opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05)
+    return {"method": cam.METHODS[method], "layers": tuple(chosen), "target": target, "colormap": colormap,
+            "opacity": opacity, "layer_info": by_name}
+
+
+def explain_one(checkpoint: Path, picked: Picked, class_names: list[str], options: dict[str, Any]) -> None:
+    image = cam.image_of(picked.data, picked.name)
+    probs = cam.predict(checkpoint, picked.data, picked.name)
+    target = int(probs.argmax()) if options["target"] == TOP1 else class_names.index(options["target"])
+    left, right = st.columns([1, 2])
+    left.image(image, caption=f"{picked.name} ({image.width}x{image.height})", width="stretch")
+    right.dataframe(charts.probabilities_frame(probs, class_names, k=5), hide_index=True, width="stretch",
+                    column_config={"probability": st.column_config.ProgressColumn(format="percent", min_value=0,
+                                                                                  max_value=1)})
+    right.caption(f"Explaining **{class_names[target]}** ({probs[target]:.1%}).")
+    if not options["layers"]:
+        st.caption("Choose at least one layer in the sidebar.")
+        return
+    maps = cam.maps(checkpoint, picked.data, picked.name, options["layers"], options["method"], target)
+    cols = st.columns(len(options["layers"]))
+    for col, layer in zip(cols, options["layers"]):
+        png = cam.overlay_png(checkpoint, image, maps[layer], options["colormap"], options["opacity"])
+        info = options["layer_info"][layer]
+        col.image(png, caption=f"{layer} ({info.resolution})", width="stretch")
+        col.download_button("Download PNG", png, file_name=f"{Path(picked.name).stem}_{layer}.png",
+                            mime="image/png", key=f"dl-{picked.name}-{layer}", icon=":material/download:")
+
+
+def body() -> None:
+    st.title("Explain")
+    st.caption("Where does the model look? Grad-CAM highlights the regions that raise the chosen class's score.")
+    checkpoint = pick_checkpoint()
+    if checkpoint is None:
+        return
+    _, info = common.load_model(checkpoint)
+    images = pick_images()
+    options = controls(checkpoint, info.class_names)
+    for picked in images:
+        with st.container(border=True), common.shown_errors(f"Explaining {picked.name}"):
+            st.subheader(picked.name)
+            explain_one(checkpoint, picked, info.class_names, options)
+
+
+common.run_page(body, "The Explain page")

@@ -1,0 +1,88 @@
+"""Monitor: live training curves of one or several runs, with stage boundaries, smoothing and progress/ETA."""
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from core import charts
+from pages import common
+
+LIVE_REFRESH_S = 2.0
+EPOCH_PANELS = (
+    ("Loss", ("train_loss", "val_loss"), False),
+    ("Accuracy", ("train_acc", "val_acc", "val_balanced_acc"), False),
+    ("Learning rate", ("lr",), False),
+    ("Throughput (images/s)", ("images_per_s",), False),
+)
+STEP_PANELS = (("Training loss per step", ("train_loss",), False), ("Learning rate per step", ("lr",), False))
+
+
+def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
+    names = [r["name"] for r in runs]
+    wanted = [n for n in st.session_state.get("monitor_runs", []) if n in names]
+    live = [r["name"] for r in runs if r["state"] in ("queued", "running")]
+    default = wanted or live[:1] or names[:1]
+    return st.multiselect("Runs (several overlay for comparison)", names, default=default,
+                          format_func=lambda n: f"{n} · {common.badge(next(r['state'] for r in runs if r['name'] == n))}")
+
+
+def progress(run: dict[str, Any], stage_names: list[str]) -> None:
+    """Progress bar and ETA of the running stage, from the trainer's heartbeat."""
+    stage = run.get("stage")
+    label = f"stage {stage + 1} of {len(stage_names)} ({stage_names[stage]})" \
+        if stage is not None and stage < len(stage_names) else "starting"
+    epoch = "" if run.get("epoch") is None else f", epoch {run['epoch'] + 1}"
+    speed = f", {run['images_per_s']:.0f} images/s" if run.get("images_per_s") else ""
+    eta = charts.format_eta(run.get("eta_s"))
+    st.progress(charts.progress_fraction(run.get("done_steps"), run.get("total_steps")),
+                text=f"**{run['name']}** {common.badge(run['state'])}: {label}{epoch}{speed}; ETA {eta}")
+
+
+def panels(names: list[str], per_step: bool, smoothing: float) -> None:
+    store = common.store()
+    kind = "step" if per_step else "epoch"
+    frames = {n: store.metrics_frame(n, kind) for n in names}
+    stage_names = {n: [s["name"] for s in store.stages(n)] for n in names}
+    if all(f.empty for f in frames.values()):
+        st.info("No metrics yet: the first ones appear after the first steps of training.")
+        return
+    cols = st.columns(2)
+    for i, (title, metrics, log_y) in enumerate(STEP_PANELS if per_step else EPOCH_PANELS):
+        fig = charts.curves_figure(frames, metrics, x_column="step" if per_step else "epoch",
+                                   smoothing=smoothing, stage_names=stage_names, title=title, log_y=log_y)
+        cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart-{kind}-{i}")
+
+
+def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool) -> None:
+    store = common.store()
+    runs = [store.get_run(n) for n in names]
+    if was_live and not any(r["state"] in ("queued", "running") for r in runs):
+        st.rerun(scope="app")  # nothing live any more: one full rerun turns the refresh off
+    for run in runs:
+        if run["state"] in ("queued", "running"):
+            progress(run, [s["name"] for s in store.stages(run["name"])])
+        elif run["state"] == "failed":
+            st.error(f"{run['name']}: {run.get('error') or 'failed'}")
+    panels(names, per_step, smoothing)
+
+
+def body() -> None:
+    st.title("Monitor")
+    runs = common.store().list_runs()
+    if not runs:
+        st.info("No runs yet. Launch one on the Train page (or the demo from Home).")
+        return
+    names = pick_runs(runs)
+    if not names:
+        st.caption("Choose at least one run.")
+        return
+    left, right = st.columns([1, 2])
+    per_step = left.segmented_control("Points", ["per epoch", "per step"], default="per epoch") == "per step"
+    smoothing = right.slider("Smoothing", 0.0, 0.99, 0.6 if per_step else 0.0, 0.01,
+                             help="Exponential moving average, as in TensorBoard; the raw curve stays faint.")
+    live = any(r["state"] in ("queued", "running") for r in runs if r["name"] in names)
+    st.fragment(live_view, run_every=LIVE_REFRESH_S if live else None)(names, per_step, smoothing, live)
+
+
+common.run_page(body, "The Monitor page")

@@ -1,0 +1,266 @@
+"""Train: choose or build a pipeline (stages as rows), check it before launch, run it as its own process,
+and follow every job (state, Stop, Resume, log, error)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+import yaml
+
+from core import paths
+from pages import common
+
+CONFIG_DIR = paths.REPO_ROOT / "train" / "configs"
+EDITED = ["name", "dataset", "epochs", "batch_size", "image_size", "lr", "init", "imbalance"]
+EMPTY = "(empty pipeline)"
+_STAGE_RE = re.compile(r"^stage (\d+)(?: \([^)]*\))?: (?:(\w+)\b)?")
+LIVE_REFRESH_S = 2.0
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def read_shipped(name: str) -> dict[str, Any]:
+    if name == EMPTY:
+        return {"name": "my-pipeline", "arch": "resnet50", "stages": [{"name": "stage1", "dataset": "shapes"}]}
+    return yaml.safe_load((CONFIG_DIR / name).read_text()) or {}
+
+
+def stages_frame(raw: dict[str, Any]) -> pd.DataFrame:
+    """The config's stages as editable rows; every stage key is a column (the less common ones hidden)."""
+    from train.config import STAGE_DEFAULTS
+
+    columns = ["name", "dataset", *[k for k in STAGE_DEFAULTS if k != "name"], "options"]
+    rows = []
+    for stage in raw.get("stages") or []:
+        row = {**STAGE_DEFAULTS, **stage}
+        row["options"] = json.dumps(row.get("options") or {})
+        rows.append({k: row.get(k) for k in columns})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _plain(value: Any, default: Any) -> Any:
+    """A cell back to a YAML-able value of the default's type (data_editor hands back floats and numpy)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and isinstance(default, int) and not isinstance(default, bool) and value.is_integer():
+        return int(value)
+    return value
+
+
+def rows_to_config(top: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
+    """The pipeline dict the trainer reads, from the top-level fields and the edited rows."""
+    from train.config import STAGE_DEFAULTS
+
+    stages = []
+    for record in frame.to_dict("records"):
+        stage: dict[str, Any] = {}
+        for key, value in record.items():
+            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+                continue
+            stage[key] = json.loads(value) if key == "options" else _plain(value, STAGE_DEFAULTS.get(key))
+        stages.append(stage)
+    return {**top, "stages": stages}
+
+
+def where_the_error_is(message: str) -> tuple[int | None, str | None]:
+    """(row number from 1, column) named by a ConfigError sentence such as 'stage 2 (ft): lr must be > 0'."""
+    from train.config import STAGE_DEFAULTS
+
+    match = _STAGE_RE.match(message)
+    if not match:
+        return None, None
+    column = match.group(2)
+    return int(match.group(1)), column if column in {*STAGE_DEFAULTS, "dataset", "root", "options"} else None
+
+
+def validate(config: dict[str, Any]) -> str | None:
+    """None when the pipeline is valid (data sets aside: they get a download button), else the sentence."""
+    from train.config import ConfigError, parse_config
+
+    try:
+        parse_config(config, base_dir=CONFIG_DIR, check_data=False)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def pipeline_editor() -> dict[str, Any]:
+    """The pipeline chooser and stage table; returns the pipeline as a config dict."""
+    from core.datasets import DATASETS
+    from train.config import ARCHS, CHOICES
+
+    options = shipped_configs() + [EMPTY]
+    default = options.index("demo.yaml") if "demo.yaml" in options else 0
+    source = st.selectbox("Start from", options, index=default,
+                          help="A shipped pipeline from train/configs/, or an empty one to build yourself.")
+    raw = read_shipped(source)
+    left, right = st.columns(2)
+    top = {k: v for k, v in raw.items() if k != "stages"}
+    top["name"] = left.text_input("Run name", value=str(raw.get("name", "run")), key=f"name-{source}",
+                                  help="Letters, digits, '.', '_' or '-'; a number is added when taken.")
+    arch = raw.get("arch", "resnet50")
+    top["arch"] = right.selectbox("Model", ARCHS, index=ARCHS.index(arch) if arch in ARCHS else 0,
+                                  key=f"arch-{source}")
+    inits = ["scratch", "imagenet", "previous"] + [str(p) for p in common.find_checkpoints()]
+    frame = stages_frame(raw)
+    inits += [v for v in frame["init"].dropna().unique() if v not in inits]
+    edited = st.data_editor(
+        frame, key=f"stages-{source}", num_rows="dynamic", hide_index=False, width="stretch",
+        column_order=EDITED,
+        column_config={
+            "name": st.column_config.TextColumn("stage", required=True),
+            "dataset": st.column_config.SelectboxColumn("data set", options=list(DATASETS), required=True),
+            "epochs": st.column_config.NumberColumn("epochs", min_value=1, step=1, default=4),
+            "batch_size": st.column_config.NumberColumn("batch size", min_value=1, step=1, default=64),
+            "image_size": st.column_config.NumberColumn("image size", min_value=16, max_value=1024, step=1,
+                                                        default=64),
+            "lr": st.column_config.NumberColumn("learning rate", format="%.5f", default=0.1),
+            "init": st.column_config.SelectboxColumn("init", options=inits, default="previous",
+                                                     help="scratch, ImageNet weights, the previous stage's "
+                                                          "best checkpoint, or a checkpoint file"),
+            "imbalance": st.column_config.SelectboxColumn("imbalance", options=list(CHOICES["imbalance"]),
+                                                          default="none"),
+        },
+    )
+    return rows_to_config(top, edited)
+
+
+def show_problems(config: dict[str, Any]) -> bool:
+    """Show the first config error next to its row and column, and any missing data set; True if none."""
+    error = validate(config)
+    if error:
+        row, column = where_the_error_is(error)
+        where = f"Row {row}" + (f", column **{column}**" if column else "") + ": " if row else ""
+        st.error(f"{where}{error}", icon=":material/error:")
+    missing = missing_datasets(config)
+    for name in missing:
+        download_box(name)
+    return error is None and not missing
+
+
+def missing_datasets(config: dict[str, Any]) -> list[str]:
+    from core.datasets import DATASETS, dataset_path
+
+    names = dict.fromkeys(s.get("dataset") for s in config.get("stages", []) if s.get("dataset") in DATASETS)
+    return [n for n in names if (folder := dataset_path(n, paths.data_root())) is not None and not folder.is_dir()]
+
+
+def download_box(name: str) -> None:
+    from core.datasets import DATASETS, dataset_path
+
+    info = DATASETS[name]
+    st.warning(f"**{info.title}** is not on this machine (looked for {dataset_path(name, paths.data_root())}).",
+               icon=":material/cloud_off:")
+    if st.button(f"Download {info.title}", key=f"download-{name}", icon=":material/download:"):
+        download_with_progress(name)
+
+
+def download_with_progress(name: str) -> None:
+    """Run core.datasets.download in a worker thread and draw its progress from this script thread."""
+    from core.datasets import download
+
+    seen: dict[str, Any] = {"done": 0, "total": None, "error": None}
+
+    def work() -> None:
+        try:
+            download(name, paths.data_root(), progress=lambda d, t: seen.update(done=d, total=t))
+        except Exception as exc:  # noqa: BLE001 - shown below as a sentence
+            seen["error"] = exc
+
+    bar = st.progress(0.0, text=f"Downloading {name}...")
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+        done, total = seen["done"], seen["total"]
+        text = f"Downloading {name}: {done / 1e6:.0f} MB" + (f" of {total / 1e6:.0f} MB" if total else "")
+        bar.progress(min(1.0, done / total) if total else 0.0, text=text)
+    if seen["error"] is not None:
+        raise seen["error"]
+    bar.progress(1.0, text=f"{name} is ready.")
+    st.rerun()
+
+
+def launch_section(config: dict[str, Any], ready: bool) -> None:
+    left, right = st.columns([1, 3])
+    device = left.selectbox("Device", ["auto", "cpu", "cuda", "mps"], help="auto: a GPU when one is seen.")
+    if right.button("Launch", type="primary", disabled=not ready, icon=":material/rocket_launch:"):
+        from train import jobs
+
+        name = jobs.launch(config, device=None if device == "auto" else device)
+        st.session_state["selected_run"] = name
+        st.session_state["monitor_runs"] = [name]
+        st.success(f"Run **{name}** started in its own process; closing this tab does not stop it.")
+
+
+def job_list() -> None:
+    """Every run with its state; the chosen one's controls, error and log. Refreshes while a run is live."""
+    runs = common.store().list_runs()
+    live = any(r["state"] in ("queued", "running") for r in runs)
+    st.fragment(_jobs_body, run_every=LIVE_REFRESH_S if live else None)(live)
+
+
+def _jobs_body(was_live: bool) -> None:
+    runs = common.store().list_runs()
+    if was_live and not any(r["state"] in ("queued", "running") for r in runs):
+        st.rerun(scope="app")  # the last live run ended: stop refreshing
+    if not runs:
+        st.caption("No runs yet: launch one above.")
+        return
+    st.dataframe(pd.DataFrame([{
+        "run": r["name"], "state": common.badge(r["state"]),
+        "stage": None if r.get("stage") is None else r["stage"] + 1,
+        "epoch": None if r.get("epoch") is None else r["epoch"] + 1,
+        "best val accuracy": r.get("best_val_acc"), "device": r.get("device") or "",
+    } for r in runs]), hide_index=True, width="stretch",
+        column_config={"best val accuracy": st.column_config.NumberColumn(format="percent")})
+    names = [r["name"] for r in runs]
+    chosen = st.session_state.get("selected_run")
+    name = st.selectbox("Run", names, index=names.index(chosen) if chosen in names else 0, key="job_pick")
+    job_controls(next(r for r in runs if r["name"] == name))
+
+
+def job_controls(run: dict[str, Any]) -> None:
+    from train import jobs
+
+    name, state = run["name"], run["state"]
+    if state == "failed":
+        st.error(run.get("error") or "The run failed without saying why; see its log below.")
+    elif state == "interrupted":
+        st.warning("The trainer stopped without saying so (killed, or the machine restarted). Resume continues "
+                   "from the last completed epoch.")
+    left, middle, right = st.columns([1, 1, 4])
+    if left.button("Stop", key=f"stop-{name}", disabled=state not in ("queued", "running"), icon=":material/stop:"):
+        jobs.stop(name)
+        st.toast(f"Asked {name} to stop; it saves and stops at the next step.")
+    if middle.button("Resume", key=f"resume-{name}", disabled=state not in ("stopped", "interrupted", "failed"),
+                     icon=":material/replay:"):
+        jobs.resume(name)
+        st.toast(f"{name} resumes from its last completed epoch.")
+    st.caption(f"Last lines of {jobs.log_path(name)}")
+    st.code(jobs.tail_log(name, 30) or "(no log yet)", language=None)
+
+
+def body() -> None:
+    st.title("Train")
+    st.caption("A pipeline trains in stages; each stage starts from the previous stage's best model "
+               "(init = previous) with a new head. Edit the rows, then Launch.")
+    config = pipeline_editor()
+    ready = show_problems(config)
+    if ready:
+        st.success(f"The pipeline is valid: {len(config['stages'])} stage(s).", icon=":material/check:")
+    with st.expander("The pipeline as YAML"):
+        st.code(yaml.safe_dump(config, sort_keys=False), language="yaml")
+    launch_section(config, ready)
+    st.header("Jobs")
+    job_list()
+
+
+common.run_page(body, "The Train page")

@@ -1,0 +1,109 @@
+"""core/charts.py: smoothing, pipeline-wide x axes, stage marks, per-class tables and figures."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from core import charts
+from core.evaluation import class_result
+
+
+def test_ema_zero_weight_is_identity_and_skips_nans():
+    values = [1.0, float("nan"), 3.0, 5.0]
+    out = charts.ema(values, 0.0)
+    assert out[0] == 1.0 and math.isnan(out[1]) and out[2] == 3.0 and out[3] == 5.0
+
+
+def test_ema_is_debiased_and_smooths():
+    out = charts.ema([10.0, 0.0, 0.0], 0.5)
+    assert out[0] == pytest.approx(10.0)  # first point not pulled towards 0 (debiased)
+    assert out[1] == pytest.approx((0.5 * 5.0) / (1 - 0.25))  # 10*0.5*0.5 + 0 ... / (1 - 0.5^2)
+    assert out[2] < out[1] < out[0]
+    with pytest.raises(ValueError):
+        charts.ema([1.0], 1.0)
+
+
+def _frame(rows):
+    return pd.DataFrame(rows, columns=["stage", "epoch", "step", "val_acc"])
+
+
+def test_global_x_numbers_epochs_through_the_pipeline():
+    frame = _frame([(0, 0, 0, .1), (0, 1, 0, .2), (1, 0, 0, .3), (1, 1, 0, .4), (1, 2, 0, .5)])
+    x = charts.global_x(frame, "epoch")
+    assert x.tolist() == [1, 2, 3, 4, 5]
+    assert charts.stage_boundaries(frame, x) == [(3.0, 1)]
+
+
+def test_global_x_shifts_steps_only_when_a_stage_restarts_counting():
+    restarting = _frame([(0, 0, 0, 0), (0, 0, 9, 0), (1, 0, 0, 0), (1, 0, 4, 0)])
+    assert charts.global_x(restarting, "step").tolist() == [0, 9, 10, 14]
+    already_global = _frame([(0, 0, 0, 0), (0, 0, 9, 0), (1, 0, 10, 0), (1, 0, 14, 0)])
+    assert charts.global_x(already_global, "step").tolist() == [0, 9, 10, 14]
+
+
+def test_curves_figure_overlays_runs_and_marks_stage_starts():
+    a = _frame([(0, 0, 0, .1), (0, 1, 0, .2), (1, 0, 0, .3)])
+    b = _frame([(0, 0, 0, .2), (0, 1, 0, .4)])
+    fig = charts.curves_figure({"a": a, "b": b}, ["val_acc"], smoothing=0.5,
+                               stage_names={"a": ["pre", "fine"]})
+    named = [t for t in fig.data if t.showlegend is not False]
+    assert [t.name for t in named] == ["a · validation accuracy", "b · validation accuracy"]
+    assert len(fig.data) == 4  # raw (faint) + smoothed per run
+    texts = [a.text for a in fig.layout.annotations]
+    assert texts == ["fine"]
+
+
+def test_format_eta_and_progress():
+    assert charts.format_eta(None) == "unknown"
+    assert charts.format_eta(12.4) == "12 s"
+    assert charts.format_eta(185) == "3 min 05 s"
+    assert charts.format_eta(3720) == "1 h 02 min"
+    assert charts.progress_fraction(5, 20) == 0.25
+    assert charts.progress_fraction(None, 20) == 0.0
+    assert charts.progress_fraction(30, 20) == 1.0
+
+
+def _result():
+    confusion = np.array([[8, 2, 0], [1, 3, 0], [0, 4, 0]])
+    return class_result(["cat", "dog", "eel"], confusion, train_counts=[100, 40, 4])
+
+
+def test_per_class_frame_and_imbalance():
+    frame = charts.per_class_frame(_result())
+    assert frame["class"].tolist() == ["cat", "dog", "eel"]
+    assert frame["accuracy"].tolist() == pytest.approx([0.8, 0.75, 0.0])
+    assert frame["train images"].tolist() == [100, 40, 4]
+    assert charts.imbalance_ratio(frame["train images"]) == 25
+    assert math.isnan(charts.imbalance_ratio([0, 0]))
+
+
+def test_most_confused_classes_orders_by_errors_in_and_out():
+    confusion = np.array([[9, 0, 0, 1], [0, 5, 5, 0], [0, 3, 7, 0], [0, 0, 0, 4]])
+    # class 1: 5 out + 3 in = 8; class 2: 3 out + 5 in = 8; class 0: 1; class 3: 1
+    assert charts.most_confused_classes(confusion, 2) == [1, 2]
+
+
+def test_confusion_figure_restricts_to_indices_with_row_shares():
+    result = _result()
+    fig = charts.confusion_figure(result["confusion"], result["classes"], indices=[1, 2])
+    heat = fig.data[0]
+    assert list(heat.x) == ["dog", "eel"]
+    # row 'eel' has 4 images, all predicted 'dog': share 1.0 even though the sub-matrix hides nothing here
+    assert np.asarray(heat.z)[1].tolist() == [1.0, 0.0]
+    # row 'dog' has 4 images (1 went to 'cat', outside the sub-matrix): shares of the full row
+    assert np.asarray(heat.z)[0].tolist() == [0.75, 0.0]
+
+
+def test_accuracy_vs_size_has_a_point_per_class_with_accuracy():
+    fig = charts.accuracy_vs_size_figure(charts.per_class_frame(_result()))
+    assert list(fig.data[0].text) == ["cat", "dog", "eel"]
+    assert fig.layout.xaxis.type == "log"
+
+
+def test_probabilities_frame_top_k():
+    frame = charts.probabilities_frame([0.1, 0.6, 0.3], ["a", "b", "c"], k=2)
+    assert frame["class"].tolist() == ["b", "c"]
+    assert frame["probability"].tolist() == pytest.approx([0.6, 0.3])
