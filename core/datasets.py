@@ -249,9 +249,22 @@ def _prepare(name: str, root: str | Path | None, split: str,
 
 def _missing_message(info: DatasetInfo, root: Path) -> str:
     where = root / str(info.folder)
+    better = _intended_root(str(info.folder), root)
+    if better is not None:
+        return (f"The {info.title} data set was not found at {where}, but it is at {better / str(info.folder)}: "
+                f"pass {better} as the root (the folder that holds {info.folder}).")
     return (f"The {info.title} data set was not found at {where}; get it with "
             f"`python -m train data {info.name} --root {root} --download` "
             f"(or download {info.url} yourself and unpack it in {root}).")
+
+
+def _intended_root(folder: str, root: Path) -> Path | None:
+    """The ancestor of ``root`` that does hold ``folder`` when the user pointed inside the data set."""
+    parts = Path(folder).parts
+    if root.name not in parts or parts.index(root.name) >= len(root.parents):
+        return None
+    candidate = root.parents[parts.index(root.name)]
+    return candidate if (candidate / folder).exists() else None
 
 
 # ---------------------------------------------------------------- Caltech split

@@ -219,6 +219,13 @@ def test_missing_data_set_names_the_path_and_the_command(tmp_path, name):
     assert isinstance(info.value, UserError) and isinstance(info.value, FileNotFoundError)
 
 
+def test_root_pointing_inside_the_data_set_suggests_the_right_root(tmp_path):
+    make_caltech101(tmp_path)
+    for wrong in (tmp_path / "caltech101", tmp_path / "caltech101" / "101_ObjectCategories"):
+        with pytest.raises(DatasetMissing, match=f"pass {tmp_path} as the root"):
+            class_counts("caltech101", wrong)
+
+
 def test_default_root_is_reslens_data(monkeypatch, tmp_path):
     make_caltech101(tmp_path)
     monkeypatch.setenv("RESLENS_DATA", str(tmp_path))
