@@ -1,0 +1,355 @@
+"""Grad-CAM engine: exact class-activation maps at any layer, several layers and classes per forward pass.
+
+Definitions (Selvaraju et al., ICCV 2017). For one image, a layer whose activation as produced is
+``A`` (K x h x w) and the target class score ``y_c`` (the logit, before softmax)::
+
+    alpha_k = mean_ij dy_c / dA_kij          (channel weights)
+    L       = sum_k alpha_k A_k              (the raw map: signed, h x w)
+
+Methods offered (``METHODS``):
+
+- ``"gradcam"``: ReLU(L), the evidence *for* class c.
+- ``"raw"``: L itself, signed and not normalised, for honest display on a fixed symmetric scale.
+- ``"counterfactual"``: ReLU(-L), the regions whose activation speaks *against* class c.
+- ``"gradcam++"`` (Chattopadhay et al., WACV 2018): channel weights
+  ``w_k = sum_ij a_kij ReLU(g_kij)`` with ``a_kij = g^2 / (2 g^2 + sum_ab A_kab g^3)`` (0 where g = 0),
+  ``g`` the gradient of the logit (the closed form of the paper with the exponential's factor dropped, which
+  only scales the map), then ReLU(sum_k w_k A_k). Weighs small, repeated objects more fairly.
+- ``"layercam"`` (Jiang et al., IEEE TIP 2021): ReLU(sum_k ReLU(g_kij) A_kij), a per-position weighting
+  that stays sharp and faithful at shallow layers where Grad-CAM's global average blurs.
+
+Every map except ``"raw"`` is upsampled to the input size with bilinear interpolation
+(``align_corners=False``) and then min-max normalised per map to [0, 1] (a constant map becomes zeros).
+
+How it stays exact and fast:
+
+- The activation is captured *as produced* by a forward hook that hands a clone on to the rest of the
+  network: torchvision's Bottleneck overwrites ``bn1``/``bn2``/``bn3`` outputs in place (ReLU(inplace) and the
+  residual ``+=``), which would otherwise corrupt the stored activation.
+- The forward pass runs under ``no_grad`` until the earliest chosen layer, whose hook detaches its output,
+  marks it as requiring a gradient and turns grad mode on for the rest of the pass; ``torch.autograd.grad``
+  then differentiates only back to the chosen activations (no parameter gradients, nothing written to
+  ``.grad``). One forward pass serves every layer and class asked for; one backward pass serves all layers.
+- The model runs in eval mode (batch-norm statistics frozen, so a batch gives the same map per image as one
+  image alone); every module's train/eval flag, the grad mode and the hooks are restored in ``finally``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.errors import UserError
+
+METHODS: tuple[str, ...] = ("gradcam", "raw", "counterfactual", "gradcam++", "layercam")
+METHOD_LABELS: dict[str, str] = {
+    "gradcam": "Grad-CAM",
+    "raw": "Raw signed map",
+    "counterfactual": "Counterfactual (against the class)",
+    "gradcam++": "Grad-CAM++",
+    "layercam": "LayerCAM",
+}
+
+
+class GradCAMError(UserError, ValueError):
+    """A layer, method or target that cannot be explained, said in one sentence."""
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer the user may choose: its name in ``named_modules()``, stage, kind and map resolution."""
+
+    name: str
+    stage: str
+    kind: str
+    channels: int
+    height: int
+    width: int
+
+    @property
+    def resolution(self) -> str:
+        return f"{self.height}x{self.width}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.kind}, {self.resolution})"
+
+
+@dataclass
+class Explanation:
+    """Everything one explained forward pass produced.
+
+    ``targets`` is [B, K] (K classes per image, column 0 the first asked / top-1); ``raw[layer]`` holds the
+    signed maps L at layer resolution [B, K, h, w]; ``maps[layer][method]`` the maps at input size
+    [B, K, H, W] (in [0, 1], except ``"raw"`` which is signed and unnormalised).
+    """
+
+    logits: Tensor
+    targets: Tensor
+    raw: dict[str, Tensor] = field(default_factory=dict)
+    maps: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    @property
+    def probabilities(self) -> Tensor:
+        return self.logits.softmax(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layers the user may choose
+
+
+def _stage_of(name: str) -> str:
+    head = name.split(".")[0]
+    return head if head.startswith("layer") else "stem"
+
+
+def _kind_of(name: str, module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d):
+        return "conv"
+    if isinstance(module, nn.BatchNorm2d):
+        return "bn"
+    if isinstance(module, (nn.ReLU, nn.MaxPool2d)):
+        return type(module).__name__.lower()
+    if "." not in name and name.startswith("layer"):
+        return "stage"
+    if name.endswith("downsample"):
+        return "downsample"
+    return "block"
+
+
+def supported_layers(model: nn.Module, image_size: int = 224) -> list[LayerInfo]:
+    """Every module whose output is one spatial map per forward pass, in forward order, grouped by stage.
+
+    Found by one ``no_grad`` eval-mode forward pass of a blank image of ``image_size``: a module qualifies when
+    it runs exactly once and returns a 4-D tensor larger than 1x1. Modules called several times (the
+    Bottleneck's shared ``relu``) and the model itself are left out.
+    """
+    calls: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    order: list[str] = []
+
+    def recorder(name: str):
+        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] == 1:
+                order.append(name)
+            shapes[name] = tuple(output.shape) if isinstance(output, Tensor) else ()
+
+        return hook
+
+    modules = dict(model.named_modules())
+    device = next(model.parameters()).device
+    with _preserved(model), _hooks((modules[n], recorder(n)) for n in modules if n):
+        torch.set_grad_enabled(False)
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    return [
+        LayerInfo(n, _stage_of(n), _kind_of(n, modules[n]), shapes[n][1], shapes[n][2], shapes[n][3])
+        for n in order
+        if calls[n] == 1 and len(shapes[n]) == 4 and shapes[n][2] * shapes[n][3] > 1
+    ]
+
+
+def layers_by_stage(layers: Sequence[LayerInfo]) -> dict[str, list[LayerInfo]]:
+    """Group ``supported_layers()`` by stage (``stem``, ``layer1`` ... ``layer4``), keeping forward order."""
+    groups: dict[str, list[LayerInfo]] = {}
+    for info in layers:
+        groups.setdefault(info.stage, []).append(info)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------------
+# state restoration and hooks
+
+
+@contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Eval mode and the caller's grad mode for the duration; every module's own flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    grad_mode = torch.is_grad_enabled()
+    model.eval()
+    try:
+        with torch.inference_mode(False):
+            yield
+    finally:
+        torch.set_grad_enabled(grad_mode)
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextmanager
+def _hooks(pairs: Iterator[tuple[nn.Module, object]]) -> Iterator[None]:
+    """Register forward hooks and remove every one of them on the way out, exceptions included."""
+    handles = []
+    try:
+        for module, hook in pairs:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Capture:
+    """Forward hooks that keep each chosen layer's activation as produced and start autograd at the first."""
+
+    def __init__(self) -> None:
+        self.activations: dict[str, Tensor] = {}
+
+    def hook(self, name: str):
+        def capture(_module: nn.Module, _inputs: object, output: object) -> Tensor:
+            if not isinstance(output, Tensor) or output.dim() != 4:
+                raise GradCAMError(f"Layer '{name}' does not output a spatial map, so it cannot be explained.")
+            if name in self.activations:
+                raise GradCAMError(
+                    f"Layer '{name}' runs more than once per forward pass, so it has no single activation; "
+                    "choose one of supported_layers() instead."
+                )
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                output = output.detach().requires_grad_(True)
+                torch.set_grad_enabled(True)
+            self.activations[name] = output
+            return output.clone()  # later in-place ops modify the clone, never the captured activation
+
+        return capture
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the engine
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    layers: str | Sequence[str],
+    targets: int | Sequence[int] | Tensor | None = None,
+    *,
+    top_k: int = 1,
+    methods: str | Sequence[str] = ("gradcam",),
+) -> Explanation:
+    """Maps for several layers x classes x methods from ONE forward pass and one backward pass per class.
+
+    ``images`` is a normalised float batch [B, 3, H, W]; ``layers`` module names as ``named_modules()`` spells
+    them; ``targets`` a class per image ([B]), several per image ([B, K]), one class for all, or None for the
+    ``top_k`` highest logits of each image.
+    """
+    layers = [layers] if isinstance(layers, str) else list(layers)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    _check_request(model, layers, methods)
+    modules = dict(model.named_modules())
+    capture = _Capture()
+    with _preserved(model), _hooks((modules[n], capture.hook(n)) for n in layers):
+        torch.set_grad_enabled(False)
+        logits = model(images)
+        missing = [n for n in layers if n not in capture.activations]
+        if missing:
+            raise GradCAMError(f"Layer '{missing[0]}' did not run in the model's forward pass.")
+        chosen = _resolve_targets(logits, targets, top_k)
+        gradients = _gradients(logits, chosen, [capture.activations[n] for n in layers])
+    result = Explanation(logits=logits.detach(), targets=chosen)
+    size = tuple(images.shape[-2:])
+    for name, grads in zip(layers, gradients):
+        acts = capture.activations[name].detach().unsqueeze(1)  # [B, 1, C, h, w]
+        result.raw[name] = _weighted(acts, grads.mean(dim=(-2, -1)))
+        result.maps[name] = {m: _method_map(m, acts, grads, result.raw[name], size) for m in methods}
+    return result
+
+
+def gradcam(
+    model: nn.Module, images: Tensor, layer: str, targets: int | Sequence[int] | Tensor | None = None
+) -> Tensor:
+    """Normalised Grad-CAM maps [B, H, W] at input size for one layer; ``targets`` None means the top-1 class."""
+    return explain(model, images, layer, targets).maps[layer]["gradcam"][:, 0]
+
+
+def _check_request(model: nn.Module, layers: list[str], methods: list[str]) -> None:
+    if not layers:
+        raise GradCAMError("Choose at least one layer to explain.")
+    names = dict(model.named_modules())
+    for name in layers:
+        if not name or name not in names:
+            raise GradCAMError(f"The model has no layer named '{name}'; choose one of supported_layers().")
+    for method in methods:
+        if method not in METHODS:
+            raise GradCAMError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+    if len(set(layers)) != len(layers):
+        raise GradCAMError("Each layer can be asked for only once per explanation.")
+
+
+def _resolve_targets(logits: Tensor, targets: int | Sequence[int] | Tensor | None, top_k: int) -> Tensor:
+    """The [B, K] class indices to explain, checked against the number of classes."""
+    batch, classes = logits.shape
+    if targets is None:
+        if not 1 <= top_k <= classes:
+            raise GradCAMError(f"top_k must be between 1 and {classes}, the number of classes.")
+        return logits.detach().topk(top_k, dim=1).indices
+    chosen = torch.as_tensor(targets, dtype=torch.long, device=logits.device)
+    if chosen.dim() == 0:
+        chosen = chosen.expand(batch)
+    if chosen.dim() == 1:
+        chosen = chosen.unsqueeze(1)
+    if chosen.dim() != 2 or chosen.shape[0] != batch:
+        raise GradCAMError(f"Give one target class per image ({batch} images), or several per image as [B, K].")
+    if chosen.numel() and (chosen.min() < 0 or chosen.max() >= classes):
+        raise GradCAMError(f"Target classes must be between 0 and {classes - 1}.")
+    return chosen
+
+
+def _gradients(logits: Tensor, targets: Tensor, activations: list[Tensor]) -> list[Tensor]:
+    """d logit[b, targets[b, k]] / d activation, stacked as [B, K, C, h, w] per layer.
+
+    Images are independent in eval mode, so the sum over the batch of the chosen logits has, at each image's
+    activation, exactly that image's gradient. Classes are taken one backward pass each over one kept graph.
+    """
+    per_class: list[list[Tensor]] = []
+    for k in range(targets.shape[1]):
+        score = logits.gather(1, targets[:, k : k + 1]).sum()
+        grads = torch.autograd.grad(
+            score, activations, retain_graph=k + 1 < targets.shape[1], allow_unused=True
+        )
+        per_class.append([torch.zeros_like(a) if g is None else g for g, a in zip(grads, activations)])
+    return [torch.stack([grads[i] for grads in per_class], dim=1) for i in range(len(activations))]
+
+
+def _weighted(acts: Tensor, weights: Tensor) -> Tensor:
+    """sum_k weights[..., k] A_k: [B, 1|K, C, h, w] x [B, K, C] -> [B, K, h, w]."""
+    return (weights[..., None, None] * acts).sum(dim=2)
+
+
+def _method_map(method: str, acts: Tensor, grads: Tensor, raw: Tensor, size: tuple[int, int]) -> Tensor:
+    if method == "raw":
+        return upsample(raw, size)
+    if method == "gradcam":
+        low = raw.relu()
+    elif method == "counterfactual":
+        low = (-raw).relu()
+    elif method == "gradcam++":
+        low = _weighted(acts, _gradcam_plus_plus_weights(acts, grads)).relu()
+    else:  # layercam
+        low = (grads.relu() * acts).sum(dim=2).relu()
+    return normalise(upsample(low, size))
+
+
+def _gradcam_plus_plus_weights(acts: Tensor, grads: Tensor) -> Tensor:
+    """Grad-CAM++ channel weights [B, K, C] from activations and first-order logit gradients."""
+    g2 = grads.pow(2)
+    denominator = 2 * g2 + acts.sum(dim=(-2, -1), keepdim=True) * g2 * grads
+    alpha = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1), 0)
+    return (alpha * grads.relu()).sum(dim=(-2, -1))
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear (align_corners=False) resize of maps [..., h, w] to ``size``."""
+    lead = maps.shape[:-2]
+    flat = maps.reshape(-1, 1, *maps.shape[-2:])
+    return F.interpolate(flat, size=size, mode="bilinear", align_corners=False).reshape(*lead, *size)
+
+
+def normalise(maps: Tensor) -> Tensor:
+    """Min-max each map [..., H, W] to [0, 1]; a constant map becomes all zeros (never NaN)."""
+    low = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - low
+    return torch.where(span > 0, (maps - low) / torch.where(span > 0, span, 1), 0)
