@@ -184,6 +184,7 @@ def download(name: str, root: str | Path | None = None, progress: Progress | Non
         with _watch_download(base / str(info.archive), info.url, progress):
             info.fetcher(base, info.url)
     except (OSError, RuntimeError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        (base / str(info.archive)).unlink(missing_ok=True)  # a partial archive would be "found" next time
         raise DatasetError(f"Downloading {info.title} from {info.url} failed: {exc}.") from exc
     if not target.exists():
         raise DatasetError(f"Downloading {info.title} finished but {target} is still missing.")
@@ -255,7 +256,7 @@ def _missing_message(info: DatasetInfo, root: Path) -> str:
                 f"pass {better} as the root (the folder that holds {info.folder}).")
     return (f"The {info.title} data set was not found at {where}; get it with "
             f"`python -m train data {info.name} --root {root} --download` "
-            f"(or download {info.url} yourself and unpack it in {root}).")
+            f"(or fetch {info.url} yourself and unpack it so that {where} exists).")
 
 
 def _intended_root(folder: str, root: Path) -> Path | None:
@@ -497,6 +498,9 @@ def _fetch_torchvision(class_name: str) -> Callable[[Path, str], None]:
 
 _CALTECH_SPLIT = {"val_fraction": 0.2, "seed": 0, "train_per_class": None}
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+# the archives torchvision's Caltech101/Caltech256 download (named here for messages and progress totals)
+CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
+CALTECH256_URL = "https://data.caltech.edu/records/nyy15-4j048/files/256_ObjectCategories.tar"
 
 
 def _registry() -> dict[str, DatasetInfo]:
@@ -512,13 +516,13 @@ def _registry() -> dict[str, DatasetInfo]:
         DatasetInfo("caltech101", "Caltech-101",
                     "101 object classes (BACKGROUND_Google is not a class), 31 to 800 photos each, some grayscale; "
                     "seeded stratified split (val_fraction, or train_per_class as in Fei-Fei et al.).",
-                    "caltech101/101_ObjectCategories", "https://data.caltech.edu/records/mzrjq-6wc02",
+                    "caltech101/101_ObjectCategories", CALTECH101_URL,
                     dict(_CALTECH_SPLIT), *_files_set(_caltech101_listing),
                     _fetch_torchvision("Caltech101"), "caltech101/caltech-101.zip"),
         DatasetInfo("caltech256", "Caltech-256",
                     "256 object classes in 257 folders: 257.clutter is not a class unless include_clutter=True; "
                     "seeded stratified split (val_fraction, or train_per_class as in Griffin et al.).",
-                    "caltech256/256_ObjectCategories", "https://data.caltech.edu/records/nyy15-4j048",
+                    "caltech256/256_ObjectCategories", CALTECH256_URL,
                     {**_CALTECH_SPLIT, "include_clutter": False}, *_files_set(_caltech256_listing),
                     _fetch_torchvision("Caltech256"), "caltech256/256_ObjectCategories.tar"),
         DatasetInfo("shapes", "Shapes demo", "10 balanced classes of generated shapes with known boxes, no files.",

@@ -49,7 +49,7 @@ def make_caltech101(root: Path, sizes: dict[str, int] | None = None) -> Path:
 
 
 def make_caltech256(root: Path, sizes: dict[str, int] | None = None) -> Path:
-    """``root/caltech256/256_ObjectCategories/NNN.name/NNN_NNNN.jpg`` plus a stray non-image file, as in the real set."""
+    """``caltech256/256_ObjectCategories/NNN.name/NNN_NNNN.jpg``, plus a stray non-image file as in the real set."""
     categories = root / "caltech256" / "256_ObjectCategories"
     _caltech_tree(categories, sizes or CALTECH256_SIZES, "256")
     (categories / "001.ak47" / "RENAME2").write_text("not an image\n")

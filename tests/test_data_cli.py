@@ -22,7 +22,7 @@ def test_text_report_of_caltech101(tmp_path, capsys):
     code, out, _ = _data(capsys, "caltech101", "--root", str(make_caltech101(tmp_path)))
     assert code == 0
     assert "classes: 5" in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["train"], ["val"], ["all"])}
+    rows = {words[0]: words for words in map(str.split, out.splitlines()) if words[:1] in (["train"], ["val"], ["all"])}
     assert rows["all"][1] == str(sum(n for c, n in CALTECH101_SIZES.items() if c != "BACKGROUND_Google"))
     # the largest class is Faces (6), the smallest yin_yang (1): imbalance 6.00; image 2 of 4 classes is grayscale
     assert rows["all"][2:4] == ["yin_yang", "(1)"] and rows["all"][4:6] == ["Faces", "(6)"]

@@ -176,7 +176,8 @@ def test_webp_is_read_from_bytes():
 def test_svg_is_refused_by_name(tmp_path):
     path = tmp_path / "logo.svg"
     path.write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>')
-    with pytest.raises(ImageError, match=r"logo\.svg is an SVG image; ResLens reads JPEG, PNG, WebP, BMP, GIF and TIFF"):
+    expected = r"logo\.svg is an SVG image; ResLens reads JPEG, PNG, WebP, BMP, GIF and TIFF\.$"
+    with pytest.raises(ImageError, match=expected):
         load_image(path)
 
 

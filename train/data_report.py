@@ -33,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Describe a data set: classes, images per split, class balance, grayscale images."""
     if args.download:
-        download(args.name, args.root, progress=None if args.json else _print_progress)
+        progress = None if args.json else _print_progress
+        download(args.name, args.root, progress=progress)
+        if progress:
+            print(file=sys.stderr)  # end the progress line
     report = summarize(args.name, args.root, _options(args))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
