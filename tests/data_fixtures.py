@@ -6,8 +6,14 @@ Caltech. ``CALTECH_*_SIZES`` say how many images each class folder gets, so test
 """
 from __future__ import annotations
 
+import functools
+import http.server
 import pickle
+import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -92,3 +98,20 @@ def make_cifar100(root: Path) -> Path:
     for name, content in files.items():
         (base / name).write_bytes(pickle.dumps(content, protocol=2))
     return root
+
+
+@contextmanager
+def serve_tinyimagenet_zip(workdir: Path) -> Iterator[tuple[str, Path]]:
+    """Serve a zipped Tiny ImageNet fixture over loopback HTTP: yields (url, archive path)."""
+    source = make_tinyimagenet(workdir / "src")
+    served = workdir / "served"
+    shutil.make_archive(str(served / "tiny-imagenet-200"), "zip", source, "tiny-imagenet-200")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip", served / "tiny-imagenet-200.zip"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,10 +5,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
+from core.datasets import DATASETS
 from core.paths import REPO_ROOT
 from tests.data_fixtures import (CALTECH101_SIZES, CIFAR_TEST_LABELS, CIFAR_TRAIN_LABELS, make_caltech101,
-                                 make_cifar100, make_tinyimagenet)
+                                 make_cifar100, make_tinyimagenet, serve_tinyimagenet_zip)
 from train.cli import main
 
 
@@ -63,6 +65,13 @@ def test_unreadable_image_is_listed(tmp_path, capsys):
     (root / "caltech101" / "101_ObjectCategories" / "Faces" / "image_0007.jpg").write_text("oops")
     code, out, _ = _data(capsys, "caltech101", "--root", str(root))
     assert code == 0 and "unreadable images: 1" in out and "image_0007.jpg is not a readable image" in out
+
+
+def test_download_flag_fetches_then_reports(tmp_path, capsys, monkeypatch):
+    with serve_tinyimagenet_zip(tmp_path / "server") as (url, _):
+        monkeypatch.setitem(DATASETS, "tinyimagenet", replace(DATASETS["tinyimagenet"], url=url))
+        code, out, err = _data(capsys, "tinyimagenet", "--root", str(tmp_path / "data"), "--download")
+    assert code == 0 and "downloading:" in err and "classes: 3" in out
 
 
 def test_missing_root_exits_non_zero_without_traceback(tmp_path):

@@ -1,11 +1,8 @@
 """core.datasets: each loader read through a fixture tree in its real layout."""
 from __future__ import annotations
 
-import functools
-import http.server
 import pickle
 import shutil
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from core.datasets import DATASETS, DatasetError, DatasetMissing, class_counts, 
 from core.errors import UserError
 from tests.data_fixtures import (CALTECH101_SIZES, CALTECH256_SIZES, CIFAR_CLASSES, CIFAR_TEST_LABELS,
                                  CIFAR_TRAIN_LABELS, TINY_TRAIN_PER_CLASS, TINY_VAL, TINY_WNIDS, make_caltech101,
-                                 make_caltech256, make_cifar100, make_tinyimagenet)
+                                 make_caltech256, make_cifar100, make_tinyimagenet, serve_tinyimagenet_zip)
 
 
 def _both_splits(name: str, root: Path, **options) -> dict[str, dict[str, int]]:
@@ -239,16 +236,8 @@ def test_download_refuses_generated_sets():
 
 @pytest.fixture
 def archive_server(tmp_path):
-    """Serve a zipped Tiny ImageNet fixture over loopback HTTP (the tests may not leave the machine)."""
-    source = make_tinyimagenet(tmp_path / "src")
-    served = tmp_path / "served"
-    shutil.make_archive(str(served / "tiny-imagenet-200"), "zip", source, "tiny-imagenet-200")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/tiny-imagenet-200.zip", served / "tiny-imagenet-200.zip"
-    server.shutdown()
+    with serve_tinyimagenet_zip(tmp_path / "server") as served:
+        yield served
 
 
 def test_download_fetches_extracts_and_reports_progress(tmp_path, monkeypatch, archive_server):
