@@ -61,7 +61,7 @@ class LabeledImages(Dataset):
         return len(self.targets)
 
     def load_raw(self, index: int) -> Image.Image:
-        """The RGB image at ``index`` at its original resolution."""
+        """The RGB image at ``index`` at its stored resolution (files beyond ``core.images.MAX_SIDE`` shrink)."""
         raise NotImplementedError
 
     def source(self, index: int) -> str:

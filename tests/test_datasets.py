@@ -35,6 +35,15 @@ def test_caltech101_classes_drop_background_and_sort_like_torchvision(tmp_path):
     assert ds.excluded == {"BACKGROUND_Google": 2}
 
 
+def test_caltech_classes_match_torchvision(tmp_path):
+    import torchvision.datasets
+
+    root = make_caltech256(make_caltech101(tmp_path))
+    assert open_dataset("caltech101", root).classes == torchvision.datasets.Caltech101(str(root)).categories
+    everything = open_dataset("caltech256", root, include_clutter=True).classes
+    assert everything == torchvision.datasets.Caltech256(str(root)).categories
+
+
 def test_caltech101_counts_agree_with_files_and_splits_partition_them(tmp_path):
     root = make_caltech101(tmp_path)
     counts = _both_splits("caltech101", root)
