@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from core.datasets import LabeledImages
+
 RAW_SIZE = 64  # side of the generated images, in pixels
 
 Point = tuple[float, float]
@@ -162,8 +164,8 @@ def render(shape: str, rng: np.random.Generator, size: int = RAW_SIZE) -> tuple[
     return canvas, box
 
 
-class ShapesDataset:
-    """A synthetic demo data set (a ``LabeledImages``, see DEVELOPERS.md) with known object boxes."""
+class ShapesDataset(LabeledImages):
+    """A synthetic demo data set with known object boxes."""
 
     def __init__(self, variant: str = "shapes", split: str = "train", transform: Callable | None = None,
                  seed: int = 0, image_size: int = RAW_SIZE) -> None:
@@ -171,15 +173,11 @@ class ShapesDataset:
             raise ValueError(f"Unknown synthetic data set {variant!r}; choose one of {sorted(VARIANTS)}.")
         if split not in ("train", "val"):
             raise ValueError(f"Unknown split {split!r} for {variant}; choose 'train' or 'val'.")
-        self.variant, self.split, self.transform, self.seed, self.image_size = variant, split, transform, seed, image_size
+        self.variant, self.split, self.seed, self.image_size = variant, split, seed, image_size
         self._spec = VARIANTS[variant]
         self._items = _split_indices(self._spec, seed)[split]
-        self.classes: list[str] = list(self._spec.classes)
-        self.targets: list[int] = [c for c, _ in self._items]
+        super().__init__(self._spec.classes, [c for c, _ in self._items], transform)
         self._boxes: dict[int, tuple[int, int, int, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._items)
 
     def _render(self, i: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
         c, item = self._items[i]
@@ -204,10 +202,6 @@ class ShapesDataset:
 
     def source(self, i: int) -> str:
         return f"{self.variant}:{self.split}:{i}"
-
-    def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
-        image = self.load_raw(i)
-        return (self.transform(image) if self.transform else image), self.targets[i]
 
 
 def shapes_class_counts(variant: str, split: str = "train", seed: int = 0) -> dict[str, int]:
