@@ -358,16 +358,23 @@ class RunStore:
         sql = f"INSERT OR REPLACE INTO metrics ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         return sql, params
 
-    def truncate_after(self, name: str, stage: int, epoch: int) -> None:
-        """Delete every row recorded after (stage, epoch) completed: used by resume.
+    def truncate_after(self, name: str, stage: int, epoch: int, step: int | None = None) -> None:
+        """Delete every row recorded after the point a resumed run restarts from.
 
-        ``epoch`` is the last *completed* epoch of ``stage`` (-1 when none completed), so metric
-        rows, per-class results and misclassified samples of later epochs and stages disappear.
+        ``epoch`` is the number of the last *completed* epoch of ``stage`` (0 when none), ``step``
+        the last step whose effect is kept (a mid-epoch checkpoint); epoch rows, per-class results
+        and misclassified samples of later epochs, step rows after ``step`` (or of later epochs
+        when ``step`` is None) and every row of later stages disappear.
         """
         later = "run = ? AND (stage > ? OR (stage = ? AND epoch > ?))"
-        params = (name, stage, stage, epoch)
-        self._write_many([(f"DELETE FROM {t} WHERE {later}", params)
-                          for t in ("metrics", "class_results", "misclassified")])
+        params: tuple[Any, ...] = (name, stage, stage, epoch)
+        if step is None:
+            metrics = (f"DELETE FROM metrics WHERE {later}", params)
+        else:
+            metrics = ("DELETE FROM metrics WHERE run = ? AND (stage > ? OR (stage = ? AND ("
+                       "(kind = 'epoch' AND epoch > ?) OR (kind = 'step' AND step > ?))))", (*params, step))
+        self._write_many([metrics] + [(f"DELETE FROM {t} WHERE {later}", params)
+                                      for t in ("class_results", "misclassified")])
 
     def metrics(self, name: str, kind: str = "epoch", stage: int | None = None) -> list[dict[str, Any]]:
         """Metric rows of ``kind`` ('step' or 'epoch') in order, as flat dicts (unused metrics dropped)."""

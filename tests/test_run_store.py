@@ -165,3 +165,13 @@ def test_each_thread_gets_its_own_connection(store):
     t.start()
     t.join()
     assert results == ["r1"] and store.metrics("r1")[0]["epoch"] == 5
+
+
+def test_truncate_after_a_mid_epoch_step(store):
+    for epoch in (1, 2):
+        store.log_steps("r1", 0, epoch, [{"step": s, "train_loss": 1.0, "lr": 0.1}
+                                         for s in range(3 * epoch - 2, 3 * epoch + 1)])
+        store.log_epoch("r1", 0, epoch, step=3 * epoch, val_acc=0.5)
+    store.truncate_after("r1", 0, 1, step=4)  # epoch 1 complete, one step of epoch 2 kept
+    assert [m["step"] for m in store.metrics("r1", "step")] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in store.metrics("r1")] == [1]

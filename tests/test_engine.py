@@ -1,0 +1,185 @@
+"""The training engine on a tiny Caltech-layout fixture (ResNet-18 at 32 px, a few dozen JPEGs)."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from core import paths
+from core.checkpoints import REQUIRED_KEYS, load_checkpoint
+from core.run_store import RunStore
+from tests.data_fixtures import make_caltech101
+from train import distributed as ddp
+from train import engine
+from train.config import load_config, parse_config
+from train.engine import Trainer, TrainingFailed, class_weights, lr_lambda, train_run
+
+TINY_SIZES = {"ant": 8, "bee": 8, "cat": 8}  # 3 classes; the split keeps 2 of each for val
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # for trainer subprocesses (2 shared cores)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads make tests 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(root: Path, epochs: tuple[int, ...] = (2, 2), **stage: object) -> dict:
+    """A pipeline dict: len(epochs) stages on the fixture set, each from the previous one's best."""
+    make_caltech101(root, TINY_SIZES)
+    stages = []
+    for i, n in enumerate(epochs):
+        stages.append({"name": f"s{i + 1}", "dataset": "caltech101", "root": str(root), "epochs": n,
+                       "batch_size": 6, "image_size": 32, "lr": 0.01, "warmup_epochs": 0,
+                       "init": "previous" if i else "scratch", **stage})
+    return {"name": "tiny", "arch": "resnet18", "seed": 0, "stages": stages}
+
+
+def write_config(folder: Path, raw: dict) -> Path:
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_tiny(raw: dict, name: str = "tiny", resume: bool = False, store: RunStore | None = None) -> str:
+    from train.jobs import prepare_run
+
+    config = parse_config(raw)
+    store = store or RunStore()
+    if not resume:
+        prepare_run(config, store, name)
+    ctx = ddp.Dist(0, 1, torch.device("cpu"))
+    return train_run(config, name, ctx, store, resume=resume, show_progress=False)
+
+
+def test_two_stage_run_records_everything(tmp_path, monkeypatch):
+    inits = []
+    real_build = engine.build_model
+    monkeypatch.setattr(engine, "build_model", lambda arch, n, init: inits.append(init) or real_build(arch, n, init))
+    assert run_tiny(tiny_config(tmp_path)) == "finished"
+    store = RunStore()
+    run = store.get_run("tiny")
+    assert run["state"] == "finished" and run["error"] is None
+    epochs = store.metrics("tiny", "epoch")
+    assert [(m["stage"], m["epoch"]) for m in epochs] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(m["val_acc"] is not None and m["val_balanced_acc"] is not None and m["images_per_s"] for m in epochs)
+    steps = store.metrics("tiny", "step", stage=0)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # 18 train images / batch 6 = 3 steps per epoch
+    stages = store.stages("tiny")
+    assert [s["class_names"] for s in stages] == [["ant", "bee", "cat"]] * 2
+    stage1 = paths.run_dir("tiny") / "stage1-s1"
+    assert inits == ["scratch", str(stage1 / "best.pt")]
+    last = load_checkpoint(stage1 / "last.pt")
+    assert all(k in last for k in REQUIRED_KEYS + ("optimizer", "scheduler", "sampler", "config_hash"))
+    assert (last["epoch"], last["batches_done"], last["class_names"]) == (2, 0, ["ant", "bee", "cat"])
+    assert stages[0]["best_path"] == str(stage1 / "best.pt") and stages[0]["best_val_acc"] is not None
+    result = store.class_results("tiny", 1)
+    assert result["epoch"] == 2 and sum(result["val_counts"]) == 6 and len(result["confusion"]) == 3
+    assert store.class_result_epochs("tiny", 0) == [1, 2]
+    wrong = store.misclassified("tiny", 1)
+    assert len(wrong) == 6 - sum(result["correct"])
+    assert all(Path(w["source"]).is_file() for w in wrong)
+
+
+def test_nan_loss_fails_with_advice(tmp_path, monkeypatch):
+    class Diverging(torch.nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            return super().forward(logits, target) * float("nan")
+
+    monkeypatch.setattr(engine.nn, "CrossEntropyLoss", Diverging)
+    with pytest.raises(TrainingFailed):
+        run_tiny(tiny_config(tmp_path, epochs=(1,)))
+    run = RunStore().get_run("tiny")
+    assert run["state"] == "failed"
+    assert "loss became NaN" in run["error"] and "lower learning rate" in run["error"]
+
+
+def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
+    raw = tiny_config(tmp_path, epochs=(2, 1))
+    real_after = Trainer._after_step
+
+    def after_step(self, st, epoch, loss, lr, images):
+        real_after(self, st, epoch, loss, lr, images)
+        if st.index == 0 and st.step == 4:  # second step of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    assert run_tiny(raw) == "stopped"
+    store = RunStore()
+    assert store.get_run("tiny")["state"] == "stopped"
+    last = load_checkpoint(paths.run_dir("tiny") / "stage1-s1" / "last.pt")
+    assert (last["epoch"], last["batches_done"], last["step"]) == (1, 1, 4)
+    assert signal.getsignal(signal.SIGTERM) is not engine.StopFlag._handle  # handlers restored
+    monkeypatch.setattr(Trainer, "_after_step", real_after)
+    assert run_tiny(raw, resume=True) == "finished"
+    epochs = store.metrics("tiny", "epoch")
+    assert [(m["stage"], m["epoch"]) for m in epochs] == [(0, 1), (0, 2), (1, 1)]
+    assert [m["step"] for m in store.metrics("tiny", "step", stage=0)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_point_skips_finished_stages(tmp_path):
+    raw = tiny_config(tmp_path, epochs=(1, 1))
+    run_tiny(raw)
+    config = parse_config(raw)
+    assert engine.find_resume_point(config, "tiny").stage == 2
+    (paths.run_dir("tiny") / "stage2-s2" / "last.pt").unlink()
+    point = engine.find_resume_point(config, "tiny")
+    assert point.stage == 1 and point.checkpoint is None
+
+
+def test_lr_schedule_warmup_then_cosine():
+    stage = parse_config({"stages": [{"dataset": "shapes", "epochs": 4, "warmup_epochs": 1}]}).stages[0]
+    f = lr_lambda(stage, steps_per_epoch=10)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(39) < 0.01
+    assert all(f(s) >= f(s + 1) for s in range(10, 39))
+    step = parse_config({"stages": [{"dataset": "shapes", "epochs": 4, "warmup_epochs": 0,
+                                     "schedule": "step"}]}).stages[0]
+    g = lr_lambda(step, 10)
+    assert (g(0), g(25), g(35)) == (1.0, pytest.approx(0.1), pytest.approx(0.01))
+
+
+def test_class_weights():
+    assert class_weights([10, 10], "none", 0.9) is None
+    inv = class_weights([90, 10], "weighted_loss", 0.9)
+    assert inv.sum().item() == pytest.approx(2) and inv[1] / inv[0] == pytest.approx(9)
+    cb = class_weights([90, 10, 0], "class_balanced", 0.99)
+    expected = (1 - 0.99) / (1 - 0.99 ** 10) / ((1 - 0.99) / (1 - 0.99 ** 90))
+    assert cb[1] / cb[0] == pytest.approx(expected, rel=1e-5) and cb[2] == 0
+
+
+def test_freezing_keeps_backbone_fixed():
+    model = engine.build_model("resnet18", 3, "scratch")
+    engine.set_trainable(model, engine.trainable_prefixes("all", head_only=True))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    assert not model.bn1.training and model.fc.training
+    engine.set_trainable(model, engine.trainable_prefixes("from:layer4", head_only=False))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"layer4", "fc"} and model.layer4[0].bn1.training
+
+
+def test_sampler_shards_and_resumes_mid_epoch():
+    a = ddp.ShardedSampler(10, seed=1, rank=0, world=2)
+    b = ddp.ShardedSampler(10, seed=1, rank=1, world=2)
+    for s in (a, b):
+        s.set_epoch(3)
+    assert sorted(list(a) + list(b)) == list(range(10))
+    full = list(a)
+    a.set_epoch(3, start=2)
+    assert list(a) == full[2:] and len(a) == 3
+    weighted = ddp.ShardedSampler(100, weights=[0.0] * 50 + [1.0] * 50)
+    assert min(weighted) >= 50
+
+
+def test_config_file_round_trip_into_a_run(tmp_path):
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,)))
+    config = load_config(path)
+    assert math.isclose(config.stages[0].lr, 0.01) and config.stages[0].root == str(tmp_path.resolve())

@@ -1,0 +1,214 @@
+"""`python -m train run|resume|list|export|eval`: the training commands (see train/cli.py)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError, pid_alive
+
+EXPORT_KEYS = ("kind", "stage", "stage_name", "epoch", "step", "time")
+
+
+# ----------------------------------------------------------------------- run
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="pipeline YAML, e.g. train/configs/demo.yaml")
+    p.add_argument("--run-name", help="name of the run (default: the config's name, made unique)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu")
+    p.add_argument("--data-root", help="folder holding the data sets (for stages whose root is null)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value: arch=resnet18, stages.2.epochs=3, stages.finetune.lr=0.01, "
+                        "batch_size=32 (every stage); repeatable")
+    p.add_argument("--epochs", type=int, help="shortcut for --set epochs=N (every stage)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a training pipeline in the foreground (progress bar with images/s and ETA)."""
+    from train import distributed as ddp
+    from train.config import load_config
+    from train.engine import train_run
+
+    overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
+    config = load_config(args.config, overrides, data_root=args.data_root)
+    ctx = ddp.setup(args.device)
+    try:
+        store = RunStore() if ctx.is_main else None
+        name = ddp.broadcast(ctx, _claim_run(config, store, args.run_name) if store is not None else None)
+        if ctx.is_main and not args.quiet:
+            print(f"Run {name} on {ctx.device} (x{ctx.world}); `python -m train list` shows it.", flush=True)
+        state = train_run(config, name, ctx, store, show_progress=not args.quiet)
+    finally:
+        ddp.teardown(ctx)
+    return 0 if state == "finished" else 1
+
+
+def _claim_run(config: Any, store: RunStore, run_name: str | None) -> str:
+    """Take over the queued row ``train.jobs.launch`` made for us, or create the run."""
+    from train.jobs import prepare_run
+
+    if run_name and store.has_run(run_name):
+        row = store.get_run(run_name)
+        if row["stored_state"] == "queued" and row.get("pid") in (None, os.getpid()):
+            return run_name
+    return prepare_run(config, store, run_name, state="queued")
+
+
+# -------------------------------------------------------------------- resume
+def add_resume_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_name", metavar="RUN")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--quiet", action="store_true")
+
+
+def resume(args: argparse.Namespace) -> int:
+    """Continue a stopped, failed or interrupted run from its last checkpoint."""
+    from train import distributed as ddp
+    from train.config import parse_config
+    from train.engine import train_run
+
+    store = RunStore()
+    row = store.get_run(args.run_name)
+    _check_resumable(row)
+    config = parse_config(row["config"], data_root=None)
+    ctx = ddp.setup(args.device)
+    try:
+        state = train_run(config, args.run_name, ctx, store if ctx.is_main else None, resume=True,
+                          show_progress=not args.quiet)
+    finally:
+        ddp.teardown(ctx)
+    return 0 if state == "finished" else 1
+
+
+def _check_resumable(row: dict[str, Any]) -> None:
+    name = row["name"]
+    if row["state"] == "finished":
+        raise RunStoreError(f"Run {name!r} has already finished; there is nothing to resume.")
+    others = row.get("pid") not in (None, os.getpid()) and pid_alive(row.get("pid"))
+    if row["state"] in ("queued", "running") and others:
+        raise RunStoreError(f"Run {name!r} is still {row['state']} (process {row['pid']}); stop it first.")
+
+
+# ---------------------------------------------------------------------- list
+def add_list_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def list_runs(args: argparse.Namespace) -> int:
+    """A line per run: name, state, stage, epoch, best accuracy."""
+    store = RunStore()
+    rows = [run_line(store, r) for r in store.list_runs()]
+    if not rows:
+        print("No runs yet; start one with `python -m train run train/configs/demo.yaml`.")
+        return 0
+    header = ("RUN", "STATE", "STAGE", "EPOCH", "BEST ACC")
+    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
+    for line in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip())
+    return 0
+
+
+def run_line(store: RunStore, run: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    stages = store.stages(run["name"])
+    n_stages = len(run["config"].get("stages", [])) or len(stages)
+    stage_index = run["stage"] if run["stage"] is not None else 0
+    current = next((s for s in stages if s["idx"] == stage_index), None)
+    stage = f"{stage_index + 1}/{n_stages}" + (f" {current['name']}" if current else "")
+    epoch = f"{run['epoch']}/{current['epochs']}" if current and run["epoch"] is not None else "-"
+    best = f"{run['best_val_acc']:.3f}" if run["best_val_acc"] is not None else "-"
+    return run["name"], run["state"], stage, epoch, best
+
+
+# -------------------------------------------------------------------- export
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_name", metavar="RUN")
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.add_argument("--output", "-o", help="file to write (default: standard output)")
+
+
+def export(args: argparse.Namespace) -> int:
+    """Every metric row of a run (steps and epochs) as CSV or JSON."""
+    store = RunStore()
+    store.get_run(args.run_name)  # a clear error for an unknown run
+    rows = export_rows(store, args.run_name)
+    text = to_json(rows) if args.format == "json" else to_csv(rows)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def export_rows(store: RunStore, name: str) -> list[dict[str, Any]]:
+    """Flat rows: kind, stage, stage_name, epoch, step, time and every metric that has a value."""
+    names = {s["idx"]: s["name"] for s in store.stages(name)}
+    rows = []
+    for r in store.all_metrics(name):
+        row = {k: names.get(r["stage"]) if k == "stage_name" else r[k] for k in EXPORT_KEYS}
+        row.update({k: r[k] for k in METRIC_COLUMNS if r.get(k) is not None})
+        rows.append(row)
+    return rows
+
+
+def to_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=1) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[*EXPORT_KEYS, *METRIC_COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+# ---------------------------------------------------------------------- eval
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a ResLens checkpoint (.pt)")
+    p.add_argument("--dataset", help="data set name (default: the one the checkpoint was trained on)")
+    p.add_argument("--root", help="data set root (default: the training root, or the data root)")
+    p.add_argument("--split", choices=("train", "val"), default="val")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top", type=int, default=10, help="how many confused pairs to print")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Per-class evaluation of a checkpoint on a split, stored in the run store and printed."""
+    from core.evaluation import confused_pairs
+    from train.engine import evaluate_checkpoint
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    found = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.device,
+                                args.batch_size, store=RunStore())
+    r = found.result
+    print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images): "
+          f"accuracy {r['accuracy']:.4f}, balanced accuracy {r['balanced_acc']:.4f} [evaluation {found.id}]")
+    print(f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'ACC':>6}")
+    order = sorted(range(len(r["classes"])), key=lambda i: (r["per_class_acc"][i] is None, r["per_class_acc"][i]))
+    for i in order:
+        acc = r["per_class_acc"][i]
+        print(f"{r['classes'][i][:30]:30} {r['train_counts'][i]:>6} {r['val_counts'][i]:>5} {r['correct'][i]:>7} "
+              f"{'-' if acc is None else format(acc, '.3f'):>6}")
+    pairs = confused_pairs(r["confusion"], r["classes"], args.top)
+    if pairs:
+        print("Most confused (true -> predicted):")
+        for p in pairs:
+            print(f"  {p['true']} -> {p['predicted']}: {p['count']} ({p['rate']:.1%} of {p['true']})")
+    return 0
+
+
+COMMANDS = {
+    "run": (add_run_arguments, run),
+    "resume": (add_resume_arguments, resume),
+    "list": (add_list_arguments, list_runs),
+    "export": (add_export_arguments, export),
+    "eval": (add_eval_arguments, evaluate),
+}

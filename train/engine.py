@@ -1,0 +1,690 @@
+"""The training loop: stages of a pipeline, one after the other, recorded in the run store.
+
+Plain and readable, in the style of torchvision's classification references. Each stage builds a
+ResNet from its ``init`` with a new head, trains it for ``epochs`` epochs (per-step LR schedule with
+linear warm-up, optional head-only epochs first), validates after every epoch (per-class results
+and confusion matrix into the store) and writes ``last.pt`` (every epoch) and ``best.pt`` (best
+``val_acc``) atomically under ``<run dir>/stage<k>-<name>/``.
+
+Faults: SIGTERM/SIGINT finish the current step, save ``last.pt`` (mid-epoch position included)
+and mark the run ``stopped``; a NaN/inf loss marks it ``failed``; after any crash, ``resume``
+continues from the newest ``last.pt`` and deletes store rows written after it, so metrics are
+never lost or duplicated. Under ``torchrun`` only rank 0 writes the store and checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from core import evaluation, paths
+from core.checkpoints import load_checkpoint, save_checkpoint
+from core.errors import UserError
+from core.models import Preprocessing, build_model
+from core.run_store import RunStore
+from train import distributed as ddp
+from train.config import PipelineConfig, StageConfig, stage_label
+from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split
+
+HEARTBEAT_S = 2.0
+STEP_FLUSH_S = 2.0
+MISCLASSIFIED_KEPT = 200
+
+
+class TrainingFailed(UserError):
+    """Training cannot go on (diverged loss, ...); the message says why and what to try."""
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived; ``last.pt`` has been saved."""
+
+
+# ----------------------------------------------------------------- building blocks
+def steps_per_epoch(samples_per_rank: int, batch_size: int) -> int:
+    """Batches per epoch: the last partial batch is dropped unless it is the only one."""
+    return samples_per_rank // batch_size if samples_per_rank >= batch_size else 1
+
+
+def stage_dir(run_name: str, index: int, stage: StageConfig) -> Path:
+    return paths.run_dir(run_name) / f"stage{index + 1}-{stage.name}"
+
+
+def trainable_prefixes(train_layers: str, head_only: bool) -> tuple[str, ...] | None:
+    """Parameter-name prefixes that train (None = all): ``head`` -> fc, ``from:layer3`` -> layer3, layer4, fc."""
+    if head_only or train_layers == "head":
+        return ("fc.",)
+    if train_layers.startswith("from:layer"):
+        first = int(train_layers[-1])
+        return tuple(f"layer{k}." for k in range(first, 5)) + ("fc.",)
+    return None
+
+
+def set_trainable(model: nn.Module, prefixes: tuple[str, ...] | None) -> None:
+    """Freeze every parameter outside ``prefixes``; frozen BatchNorm layers keep their statistics."""
+    model.train()
+    for name, param in model.named_parameters():
+        param.requires_grad_(prefixes is None or name.startswith(prefixes))
+    if prefixes is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (name + ".").startswith(prefixes):
+            module.eval()
+
+
+def class_weights(counts: list[int], mode: str, beta: float) -> torch.Tensor | None:
+    """Loss weights per class: inverse frequency, or Cui et al. (2019) effective number; sum = #classes."""
+    if mode not in ("weighted_loss", "class_balanced"):
+        return None
+    n = torch.tensor(counts, dtype=torch.double)
+    if mode == "weighted_loss":
+        w = torch.where(n > 0, 1.0 / n.clamp(min=1), torch.zeros_like(n))
+    else:
+        w = torch.where(n > 0, (1 - beta) / (1 - beta ** n), torch.zeros_like(n))
+    return (w * len(counts) / w.sum()).float()
+
+
+def lr_lambda(stage: StageConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step LR factor: linear warm-up, then cosine to zero, x0.1 steps at 50%/75%, or constant."""
+    total = max(1, stage.epochs * steps_per_epoch)
+    warmup = int(round(stage.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        if stage.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if stage.schedule == "step":
+            return 0.1 ** sum(progress >= m for m in (0.5, 0.75))
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov-free, momentum) or AdamW over every parameter; no weight decay on norms and biases."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if stage.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=stage.lr)
+    return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on GPUs that have it, fp16 on other GPUs, none on the CPU (slower there)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class StageData:
+    train: CachedImages
+    val: CachedImages
+    classes: list[str]
+    train_counts: list[int]
+    val_source: Callable[[int], str]
+    preprocessing: Preprocessing
+
+
+def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int) -> StageData:
+    """Both splits, decoded once into the image cache (rank 0 builds it, other ranks wait)."""
+    pre = Preprocessing.for_size(stage.image_size)
+
+    def open_split(split: str, augment: str, build: bool) -> tuple[CachedImages, Any]:
+        return open_cached_split(stage.dataset, stage.root, split, stage.options, pre.resize,
+                                 augmentation(augment, stage.image_size), workers, build=build)
+
+    if not ctx.is_main:
+        ddp.barrier(ctx)  # rank 0 is building the cache
+    (train, raw_train), (val, raw_val) = (open_split("train", stage.augment, ctx.is_main),
+                                          open_split("val", "none", ctx.is_main))
+    if ctx.is_main:
+        ddp.barrier(ctx)
+    classes = list(getattr(raw_train, "class_labels", None) or raw_train.classes)
+    counts = [0] * len(classes)
+    for t in train.targets:
+        counts[t] += 1
+    return StageData(train, val, classes, counts, raw_val.source, pre)
+
+
+# ------------------------------------------------------------------- progress
+@dataclass
+class Progress:
+    """Shared between the loop, the heartbeat thread and the display."""
+
+    stage: int = 0
+    epoch: int = 0
+    step: int = 0
+    done_steps: int = 0
+    total_steps: int = 0
+    images_per_s: float | None = None
+    eta_s: float | None = None
+    _window: list[tuple[float, int]] = field(default_factory=list)
+
+    def advance(self, images: int) -> None:
+        """One optimizer step of ``images`` images: update rate (last ~50 steps) and ETA."""
+        self.done_steps += 1
+        now = time.monotonic()
+        self._window = (self._window + [(now, images)])[-50:]
+        if len(self._window) > 1:
+            span = now - self._window[0][0]
+            imgs = sum(n for _, n in self._window[1:])
+            self.images_per_s = imgs / span if span > 0 else None
+            per_step = span / (len(self._window) - 1)
+            self.eta_s = max(0, self.total_steps - self.done_steps) * per_step
+
+    def fields(self) -> dict[str, Any]:
+        return {"stage": self.stage, "epoch": self.epoch, "step": self.step, "done_steps": self.done_steps,
+                "total_steps": self.total_steps, "images_per_s": self.images_per_s, "eta_s": self.eta_s}
+
+
+class Display:
+    """A tqdm bar on a terminal; otherwise a plain progress line every ``every_s`` seconds (for log files)."""
+
+    def __init__(self, enabled: bool, every_s: float = 15.0) -> None:
+        self.enabled, self.every_s = enabled, every_s
+        self.tty = sys.stdout.isatty()
+        self.bar: Any = None
+        self.last = 0.0
+
+    def start_epoch(self, label: str, steps: int) -> None:
+        self.close()
+        if self.enabled and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=label, unit="step", dynamic_ncols=True, leave=True)
+        elif self.enabled:
+            print(f"{label}: {steps} steps", flush=True)
+
+    def step(self, progress: Progress, loss: float) -> None:
+        if not self.enabled:
+            return
+        ips = f"{progress.images_per_s:.1f}" if progress.images_per_s else "?"
+        eta = _duration(progress.eta_s)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f} | {ips} img/s | ETA {eta}", refresh=False)
+            self.bar.update(1)
+        elif time.monotonic() - self.last > self.every_s:
+            self.last = time.monotonic()
+            print(f"  step {progress.step}  loss {loss:.4f}  {ips} img/s  ETA {eta}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.close()
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class _NoStore:
+    """What ranks other than 0 write to: nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+class Heartbeat(threading.Thread):
+    """Writes ``progress`` to the run store every ``HEARTBEAT_S`` seconds until stopped."""
+
+    def __init__(self, store: RunStore, run_name: str, progress: Progress) -> None:
+        super().__init__(name="reslens-heartbeat", daemon=True)
+        self.store, self.run_name, self.progress = store, run_name, progress
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_S):
+            try:
+                self.store.heartbeat(self.run_name, **self.progress.fields())
+            except Exception:  # noqa: BLE001 - a busy store must not kill training; the next beat retries
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT (main thread only); checked after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+
+# ------------------------------------------------------------------- trainer
+@dataclass
+class ResumePoint:
+    stage: int
+    checkpoint: dict[str, Any] | None = None
+
+
+def find_resume_point(config: PipelineConfig, run_name: str) -> ResumePoint:
+    """The first stage whose ``last.pt`` is missing or not at its final epoch, with that checkpoint."""
+    for i, stage in enumerate(config.stages):
+        last = stage_dir(run_name, i, stage) / "last.pt"
+        if not last.is_file():
+            return ResumePoint(i)
+        ckpt = load_checkpoint(last)
+        if ckpt["epoch"] < stage.epochs or ckpt.get("batches_done", 0):
+            return ResumePoint(i, ckpt)
+    return ResumePoint(len(config.stages))
+
+
+class Trainer:
+    """Runs the stages of ``config`` as run ``run_name`` on ``ctx``'s device."""
+
+    def __init__(self, config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunStore | None,
+                 show_progress: bool = True) -> None:
+        self.config, self.run_name, self.ctx = config, run_name, ctx
+        self.store: Any = store if (store is not None and ctx.is_main) else _NoStore()
+        self.progress = Progress()
+        self.display = Display(show_progress and ctx.is_main)
+        self.stop = StopFlag()
+        self.amp = autocast_dtype(ctx.device)
+        self.channels_last = ctx.device.type == "cuda"
+        self.step_rows: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+
+    # -- the whole pipeline
+    def run(self, resume: bool = False) -> None:
+        """Train every remaining stage; raises StopRequested, TrainingFailed or the underlying error."""
+        point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
+        self.progress.total_steps = self._total_steps()
+        self.progress.done_steps = self._steps_done(point)
+        self.stop.install()
+        try:
+            for i in range(point.stage, len(self.config.stages)):
+                self._run_stage(i, point.checkpoint if i == point.stage else None)
+        finally:
+            self.stop.restore()
+            self.display.close()
+
+    def _stage_steps(self, stages: list[StageConfig]) -> int:
+        """Optimizer steps of whole ``stages`` (counted from file lists, nothing decoded)."""
+        from core.datasets import class_counts
+
+        total = 0
+        for s in stages:
+            per_rank = -(-sum(class_counts(s.dataset, s.root, "train", **s.options).values()) // self.ctx.world)
+            total += s.epochs * steps_per_epoch(per_rank, s.batch_size)
+        return total
+
+    def _total_steps(self) -> int:
+        return self._stage_steps(self.config.stages)
+
+    def _steps_done(self, point: ResumePoint) -> int:
+        before = self._stage_steps(self.config.stages[: point.stage])
+        return before + (point.checkpoint or {}).get("step", 0)
+
+    # -- one stage
+    def _run_stage(self, index: int, checkpoint: dict[str, Any] | None) -> None:
+        stage = self.config.stages[index]
+        label = stage_label(index, stage)
+        torch.manual_seed(self.config.seed * 1000 + index)
+        workers = stage.num_workers
+        self.display.message(f"{label}: preparing {stage.dataset} (decoded once into the image cache)")
+        data = load_stage_data(stage, self.ctx, workers)
+        model = self._build_model(index, stage, data, checkpoint)
+        train_loader, sampler = self._train_loader(stage, data)
+        per_epoch = steps_per_epoch(len(sampler), stage.batch_size)
+        optimizer = make_optimizer(model, stage)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, per_epoch))
+        start_epoch, batches_done, best = 0, 0, None
+        if checkpoint is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
+            best = checkpoint["metrics"].get("best_val_acc")
+        step = start_epoch * per_epoch + batches_done
+        self.store.upsert_stage(self.run_name, index, stage.name, stage.dataset, stage.epochs, data.classes)
+        self.store.truncate_after(self.run_name, index, start_epoch, step=step)
+        state = _StageState(index, stage, label, data, model, optimizer, scheduler, sampler, train_loader,
+                            per_epoch, step, best, self.channels_last)
+        for epoch in range(start_epoch, stage.epochs):
+            self._run_epoch(state, epoch, batches_done if epoch == start_epoch else 0)
+        self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
+
+    def _build_model(self, index: int, stage: StageConfig, data: StageData,
+                     checkpoint: dict[str, Any] | None) -> nn.Module:
+        init = stage.init
+        if checkpoint is not None:
+            init = "scratch"
+        elif init == "previous":
+            init = str(stage_dir(self.run_name, index - 1, self.config.stages[index - 1]) / "best.pt")
+        model = build_model(self.config.arch, len(data.classes), init)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+        model = model.to(self.ctx.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def _train_loader(self, stage: StageConfig, data: StageData) -> tuple[DataLoader, ddp.ShardedSampler]:
+        weights = None
+        if stage.imbalance == "weighted_sampler":
+            weights = [1.0 / data.train_counts[t] for t in data.train.targets]
+        sampler = ddp.ShardedSampler(len(data.train), self.config.seed, self.ctx.rank, self.ctx.world,
+                                     weights=weights)
+        drop_last = len(sampler) >= stage.batch_size
+        loader = DataLoader(data.train, batch_size=stage.batch_size, sampler=sampler, drop_last=drop_last,
+                            num_workers=stage.num_workers, pin_memory=self.ctx.device.type == "cuda",
+                            persistent_workers=stage.num_workers > 0)
+        return loader, sampler
+
+    # -- one epoch
+    def _run_epoch(self, st: "_StageState", epoch: int, skip_batches: int) -> None:
+        prefixes = trainable_prefixes(st.stage.train_layers, head_only=epoch < st.stage.freeze_epochs)
+        train_model = st.wrapped(prefixes, self.ctx, self.config.compile)
+        st.sampler.set_epoch(epoch, start=skip_batches * st.stage.batch_size)
+        self.progress.stage, self.progress.epoch, self.progress.step = st.index, epoch + 1, st.step
+        self.store.heartbeat(self.run_name, **self.progress.fields())
+        self.display.start_epoch(f"{st.label} epoch {epoch + 1}/{st.stage.epochs}",
+                                 st.steps_per_epoch - skip_batches)
+        started = time.monotonic()
+        totals = self._train_steps(st, train_model, epoch, skip_batches)
+        elapsed = time.monotonic() - started
+        self._flush_steps(st.index, epoch + 1, force=True)
+        metrics = self._validate(st, epoch, totals, elapsed)
+        self._end_epoch(st, epoch, metrics)
+        if self.stop.requested:
+            raise StopRequested()
+
+    def _train_steps(self, st: "_StageState", model: nn.Module, epoch: int, batch_index: int) -> list[float]:
+        """Train one (rest of an) epoch; returns summed [loss*n, correct, n] over all ranks."""
+        criterion = nn.CrossEntropyLoss(weight=st.weights(self.ctx.device), label_smoothing=st.stage.label_smoothing)
+        loss_sum = correct = seen = 0.0
+        for images, labels in st.loader:
+            images = st.normalize(images.to(self.ctx.device, non_blocking=True))
+            labels = labels.to(self.ctx.device, non_blocking=True)
+            with torch.autocast(self.ctx.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = model(images)
+                loss = criterion(logits.float(), labels)
+            value, stop = self._agree(loss.detach(), len(labels))
+            if stop:  # this batch is not applied; resume starts with it
+                self._save_stop(st, epoch, batch_index)
+            if not math.isfinite(value):
+                self._diverged(st, epoch, value)
+            lr = st.optimizer.param_groups[0]["lr"]
+            st.optimizer.zero_grad(set_to_none=True)
+            st.backward(loss)
+            st.scheduler.step()
+            batch_index += 1
+            st.step += 1
+            loss_sum += float(loss.detach()) * len(labels)
+            correct += float((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+            self._after_step(st, epoch, value, lr, len(labels) * self.ctx.world)
+        return ddp.all_sum(self.ctx, [loss_sum, correct, seen])
+
+    def _agree(self, loss: torch.Tensor, n: int) -> tuple[float, bool]:
+        """The mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
+        loss_value, stop = ddp.all_sum(self.ctx, [float(loss), float(self.stop.requested)])
+        return loss_value / self.ctx.world, stop > 0
+
+    def _diverged(self, st: "_StageState", epoch: int, value: float) -> None:
+        what = "NaN" if math.isnan(value) else "infinite"
+        raise TrainingFailed(
+            f"Training stopped: the loss became {what} in {st.label}, epoch {epoch + 1}, step {st.step + 1}; "
+            f"try a lower learning rate (lr is {st.stage.lr:g})."
+        )
+
+    def _after_step(self, st: "_StageState", epoch: int, loss: float, lr: float, images: int) -> None:
+        self.progress.advance(images)
+        self.progress.step = st.step
+        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr})
+        self._flush_steps(st.index, epoch + 1)
+        self.display.step(self.progress, loss)
+
+    def _flush_steps(self, stage: int, epoch: int, force: bool = False) -> None:
+        if self.step_rows and (force or time.monotonic() - self.last_flush > STEP_FLUSH_S):
+            self.store.log_steps(self.run_name, stage, epoch, self.step_rows)
+            self.step_rows = []
+            self.last_flush = time.monotonic()
+
+    def _save_stop(self, st: "_StageState", epoch: int, batch_index: int) -> None:
+        self._flush_steps(st.index, epoch + 1, force=True)
+        if self.ctx.is_main:
+            self._save(st, "last", epoch, batch_index, {"best_val_acc": st.best})
+        ddp.barrier(self.ctx)
+        raise StopRequested()
+
+    def _validate(self, st: "_StageState", epoch: int, totals: list[float], elapsed: float) -> dict[str, Any]:
+        loss_sum, correct, seen = totals
+        metrics: dict[str, Any] = {
+            "train_loss": loss_sum / seen if seen else None, "train_acc": correct / seen if seen else None,
+            "lr": st.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+            "images_per_s": seen / elapsed if elapsed > 0 and seen else None,
+        }
+        if not self.ctx.is_main:
+            return metrics
+        loader = DataLoader(st.data.val, batch_size=max(st.stage.batch_size, 64), num_workers=0)
+        preds = evaluation.predict(st.model, loader, self.ctx.device, prepare=st.normalize, autocast_dtype=self.amp)
+        confusion = preds.confusion(len(st.data.classes))
+        result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts)
+        metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
+        self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
+        self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
+        wrong = evaluation.misclassified(preds, st.data.classes, st.data.val_source, MISCLASSIFIED_KEPT)
+        self.store.save_misclassified(self.run_name, st.index, epoch + 1, wrong)
+        return metrics
+
+    def _end_epoch(self, st: "_StageState", epoch: int, metrics: dict[str, Any]) -> None:
+        val_acc = metrics.get("val_acc")
+        improved = val_acc is not None and (st.best is None or val_acc > st.best)
+        if improved:
+            st.best = val_acc
+        if self.ctx.is_main:
+            summary = {**metrics, "best_val_acc": st.best}
+            last = self._save(st, "last", epoch + 1, 0, summary)
+            fields: dict[str, Any] = {"last_path": str(last), "completed_epochs": epoch + 1}
+            if improved:
+                best = self._save(st, "best", epoch + 1, 0, summary)
+                fields.update(best_path=str(best), best_val_acc=st.best, best_epoch=epoch + 1)
+            self.store.update_stage(self.run_name, st.index, **fields)
+            self.display.message(_epoch_line(st.label, epoch + 1, st.stage.epochs, metrics))
+        ddp.barrier(self.ctx)
+
+    def _save(self, st: "_StageState", kind: str, epoch: int, batches_done: int, metrics: dict[str, Any]) -> Path:
+        payload = {
+            "arch": self.config.arch, "num_classes": len(st.data.classes), "class_names": st.data.classes,
+            "preprocessing": st.data.preprocessing.to_dict(), "model": st.model.state_dict(),
+            "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+            "sampler": st.sampler.state_dict(), "epoch": epoch, "batches_done": batches_done, "step": st.step,
+            "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
+            "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
+            "run_name": self.run_name, "dataset": st.stage.dataset,
+        }
+        return save_checkpoint(stage_dir(self.run_name, st.index, st.stage) / f"{kind}.pt", payload)
+
+
+@dataclass
+class _StageState:
+    """Everything one stage's epochs share."""
+
+    index: int
+    stage: StageConfig
+    label: str
+    data: StageData
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: ddp.ShardedSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    step: int
+    best: float | None
+    channels_last: bool = False
+    _wrapped: nn.Module | None = None
+    _prefixes: Any = "unset"
+    _scaler: Any = None
+    _normalize: Normalizer | None = None
+
+    def wrapped(self, prefixes: tuple[str, ...] | None, ctx: ddp.Dist, compile_model: bool) -> nn.Module:
+        """The module to train this epoch: frozen layers set, wrapped in DDP/compiled when asked."""
+        set_trainable(self.model, prefixes)
+        if self._wrapped is None or prefixes != self._prefixes:
+            module: nn.Module = self.model
+            if ctx.enabled:
+                module = DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+            self._wrapped = torch.compile(module) if compile_model else module
+            self._prefixes = prefixes
+        return self._wrapped
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        if self._normalize is None:
+            pre = self.data.preprocessing
+            self._normalize = Normalizer(pre.mean, pre.std, self.channels_last).to(batch.device)
+        return self._normalize(batch)
+
+    def weights(self, device: torch.device) -> torch.Tensor | None:
+        w = class_weights(self.data.train_counts, self.stage.imbalance, self.stage.cb_beta)
+        return w.to(device) if w is not None else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward and optimizer step (with a gradient scaler for fp16 autocast)."""
+        if self._scaler is None:
+            fp16 = loss.is_cuda and not torch.cuda.is_bf16_supported()
+            self._scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self._scaler.scale(loss).backward()
+        self._scaler.step(self.optimizer)
+        self._scaler.update()
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items() if v is not None}
+
+
+def _epoch_line(label: str, epoch: int, epochs: int, m: dict[str, Any]) -> str:
+    def f(key: str, fmt: str = ".4f") -> str:
+        return format(m[key], fmt) if m.get(key) is not None else "-"
+
+    return (f"{label} epoch {epoch}/{epochs}: train loss {f('train_loss')} acc {f('train_acc', '.3f')} | "
+            f"val loss {f('val_loss')} acc {f('val_acc', '.3f')} balanced {f('val_balanced_acc', '.3f')} | "
+            f"{f('images_per_s', '.1f')} img/s, {f('epoch_time_s', '.1f')} s")
+
+
+# --------------------------------------------------------------- entry point
+def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunStore | None,
+              resume: bool = False, show_progress: bool = True) -> str:
+    """Run (or resume) ``run_name`` and record its final state; returns that state.
+
+    ``finished`` or ``stopped`` return normally; a failure is recorded as ``failed`` with its
+    message and re-raised (a ``UserError`` for problems the user can fix).
+    """
+    trainer = Trainer(config, run_name, ctx, store, show_progress)
+    main_store: Any = trainer.store
+    main_store.set_state(run_name, "running", pid=os.getpid())
+    beat = Heartbeat(store, run_name, trainer.progress) if (store is not None and ctx.is_main) else None
+    if beat is not None:
+        beat.start()
+    try:
+        trainer.run(resume=resume)
+    except StopRequested:
+        main_store.set_state(run_name, "stopped")
+        trainer.display.message(f"Run {run_name} stopped; `python -m train resume {run_name}` continues it.")
+        return "stopped"
+    except UserError as exc:
+        main_store.set_state(run_name, "failed", error=str(exc))
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: no save; resume starts from the last epoch's checkpoint
+        main_store.set_state(run_name, "interrupted")
+        raise
+    except BaseException as exc:
+        main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if beat is not None:
+            beat.stop()
+    main_store.set_state(run_name, "finished")
+    trainer.display.message(f"Run {run_name} finished.")
+    return "finished"
+
+
+# ----------------------------------------------------------- checkpoint eval
+@dataclass
+class Evaluation:
+    """What ``evaluate_checkpoint`` found (``result`` is a ``core.evaluation.class_result``)."""
+
+    checkpoint: str
+    dataset: str
+    split: str
+    result: dict[str, Any]
+    misclassified: list[dict[str, Any]]
+    id: int | None = None
+
+
+def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
+                        split: str = "val", device: str | None = None, batch_size: int = 64,
+                        store: RunStore | None = None) -> Evaluation:
+    """Per-class evaluation of any checkpoint on a split; stored in ``store`` when given.
+
+    The data set (and its root and options) defaults to the one the checkpoint was trained on;
+    its classes must match the checkpoint's, or a ``CheckpointError`` says so.
+    """
+    from core.checkpoints import check_compatible, checkpoint_info
+    from core.datasets import class_counts
+
+    raw = load_checkpoint(path)
+    info = checkpoint_info(path, raw)
+    trained = raw.get("stage_config") or {}
+    name = dataset or trained.get("dataset")
+    if not name:
+        raise UserError(f"Checkpoint {path} does not say which data set it was trained on; pass --dataset.")
+    same = name == trained.get("dataset")
+    options = dict(trained.get("options") or {}) if same else {}
+    root = root or (trained.get("root") if same else None)
+    pre = info.preprocessing
+    cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size))
+    classes = list(getattr(labeled, "class_labels", None) or labeled.classes)
+    check_compatible(info, class_names=classes)
+    target = ddp.pick_device(device)
+    model = build_model(info.arch, info.num_classes, "scratch")
+    model.load_state_dict(raw["model"])
+    normalize = Normalizer(pre.mean, pre.std).to(target)
+    preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize)
+    counts = class_counts(name, root, "train", **options)
+    result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()))
+    result["loss"] = preds.loss
+    wrong = evaluation.misclassified(preds, classes, labeled.source, MISCLASSIFIED_KEPT)
+    found = Evaluation(str(Path(path).resolve()), name, split, result, wrong)
+    if store is not None:
+        found.id = store.add_evaluation(found.checkpoint, name, split, result, wrong, run=info.run_name)
+    return found

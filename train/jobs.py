@@ -1,0 +1,158 @@
+"""Trainer processes for the app: launch, stop and resume detached jobs, and read their logs.
+
+A job is ``python -m train run|resume ...`` started in its own session (``start_new_session``),
+with stdout/stderr appended to ``<run dir>/log.txt``: closing the browser or restarting the app
+never touches it. The run-store row is written (state ``queued``) before the process starts, so
+the app sees the run at once; the trainer takes the row over when it starts.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterable
+
+from core import paths
+from core.run_store import RunStore, RunStoreError, pid_alive
+from train.config import PipelineConfig, load_config, parse_config
+
+LOG_NAME = "log.txt"
+CONFIG_NAME = "config.yaml"
+
+
+def log_path(name: str) -> Path:
+    return paths.run_dir(name) / LOG_NAME
+
+
+def unique_run_name(base: str, store: RunStore) -> str:
+    """``base`` if free, else ``base-2``, ``base-3``, ... (the first name not in the store or on disk)."""
+    paths.safe_name(base)
+    candidate, n = base, 1
+    while store.has_run(candidate) or paths.run_dir(candidate).exists():
+        n += 1
+        candidate = f"{base[:60]}-{n}"
+    return candidate
+
+
+def prepare_run(
+    config: PipelineConfig, store: RunStore, run_name: str | None = None, state: str = "queued"
+) -> str:
+    """Pick the run name, write ``<run dir>/config.yaml`` and create the store row; return the name.
+
+    An explicit ``run_name`` that is taken raises ``RunStoreError``; without one, the config's
+    name gets a numeric suffix when needed.
+    """
+    if run_name is not None:
+        try:
+            paths.safe_name(run_name)
+        except ValueError as exc:
+            raise RunStoreError(str(exc)) from None
+        if store.has_run(run_name):
+            raise RunStoreError(f"A run named {run_name!r} already exists; choose another name or resume it.")
+        name = run_name
+    else:
+        name = unique_run_name(config.name, store)
+    folder = paths.run_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = config.to_yaml()
+    (folder / CONFIG_NAME).write_text(text)
+    store.create_run(name, config.to_dict(), config_yaml=text, config_path=config.source, state=state)
+    return name
+
+
+def launch(
+    config: str | os.PathLike[str] | dict[str, Any],
+    run_name: str | None = None,
+    overrides: Iterable[str] = (),
+    device: str | None = None,
+) -> str:
+    """Validate ``config`` (a YAML path or a dict), queue the run and start a detached trainer.
+
+    Returns the run name. Config problems raise ``ConfigError`` before anything is written.
+    """
+    if isinstance(config, dict):
+        from train.config import apply_overrides
+
+        pipeline = parse_config(apply_overrides(config, overrides))
+    else:
+        pipeline = load_config(config, overrides)
+    store = RunStore()
+    name = prepare_run(pipeline, store, run_name)
+    args = ["run", str(paths.run_dir(name) / CONFIG_NAME), "--run-name", name]
+    if device:
+        args += ["--device", device]
+    _spawn(name, args, store)
+    return name
+
+
+def resume(name: str, device: str | None = None) -> None:
+    """Start a detached ``python -m train resume NAME``; refuse a run that is still active or finished."""
+    store = RunStore()
+    run = store.get_run(name)
+    if run["state"] in ("queued", "running"):
+        raise RunStoreError(f"Run {name!r} is still {run['state']}; stop it before resuming.")
+    if run["state"] == "finished":
+        raise RunStoreError(f"Run {name!r} has already finished; there is nothing to resume.")
+    store.set_state(name, "queued")
+    args = ["resume", name] + (["--device", device] if device else [])
+    _spawn(name, args, store)
+
+
+def _spawn(name: str, args: list[str], store: RunStore) -> subprocess.Popen:
+    log = log_path(name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(paths.REPO_ROOT), env.get("PYTHONPATH")]))
+    with open(log, "ab") as out:
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "train", *args], cwd=paths.REPO_ROOT, env=env,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        except OSError as exc:
+            store.set_state(name, "failed", error=f"The trainer could not be started: {exc}.")
+            raise RunStoreError(f"The trainer for run {name!r} could not be started: {exc}.") from exc
+    store.set_pid(name, process.pid)
+    return process
+
+
+def stop(name: str, sig: int = signal.SIGTERM) -> bool:
+    """Ask run ``name``'s trainer to stop (SIGTERM to its process group); True if a signal was sent.
+
+    A queued run without a process is marked ``stopped`` directly.
+    """
+    store = RunStore()
+    run = store.get_run(name)
+    pid = run.get("pid")
+    if run["state"] not in ("queued", "running"):
+        return False
+    if not pid_alive(pid):
+        store.set_state(name, "stopped")
+        return False
+    try:
+        if os.getpgid(pid) == pid:  # a detached job leads its own group (DataLoader workers included)
+            os.killpg(pid, sig)
+        else:  # a foreground `python -m train run`: signal only the trainer
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def tail_log(name: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of the run's log ('' when there is none); progress-bar redraws collapse."""
+    log = log_path(name)
+    if not log.is_file():
+        return ""
+    with open(log, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 64 * 1024 * max(1, lines // 40)))
+        data = handle.read().decode("utf-8", errors="replace")
+    kept: deque[str] = deque(maxlen=lines)
+    for line in data.rstrip("\n").split("\n"):
+        kept.append(line.rstrip("\r").rsplit("\r", 1)[-1])
+    return "\n".join(kept)
