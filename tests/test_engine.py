@@ -20,7 +20,11 @@ from train.config import load_config, parse_config
 from train.engine import Trainer, TrainingFailed, class_weights, lr_lambda, train_run
 
 TINY_SIZES = {"ant": 8, "bee": 8, "cat": 8}  # 3 classes; the split keeps 2 of each for val
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # for trainer subprocesses (2 shared cores)
+
+
+def one_thread_env() -> dict[str, str]:
+    """The environment for trainer subprocesses: this test's RESLENS_HOME, one OpenMP thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True)
