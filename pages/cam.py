@@ -89,12 +89,19 @@ def _maps(version: tuple[str, int, int], key: str, _data: bytes, name: str, laye
     return {layer: result.maps[layer][method][0, 0].numpy() for layer in layers}
 
 
-def overlay_png(checkpoint: Path, image: Image.Image, cam: np.ndarray, colormap: str, opacity: float) -> bytes:
-    """The map over the original image (crop mapped back, aspect kept) as PNG bytes."""
+MIN_SHOWN_SIDE = 320  # small images (64 px data sets) are enlarged so the colour bar stays legible
+
+
+def overlay_png(checkpoint: Path, image: Image.Image, cam: np.ndarray, colormap: str, opacity: float,
+                label: str = "importance") -> bytes:
+    """The map over the original image (crop mapped back, aspect kept) as PNG bytes, with a colour bar."""
     from core.overlay import overlay
 
     _, info = common.load_model(checkpoint)
-    return overlay(image, cam, info.preprocessing, colormap=colormap, opacity=opacity)
+    factor = -(-MIN_SHOWN_SIDE // max(image.size))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.LANCZOS)
+    return overlay(image, cam, info.preprocessing, colormap=colormap, opacity=opacity, label=label)
 
 
 def layer_choices(checkpoint: Path) -> list:  # list[LayerInfo]

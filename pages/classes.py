@@ -14,6 +14,8 @@ from core import charts
 from core.evaluation import confused_pairs
 from pages import cam, common
 
+common.setup("Classes")
+
 GALLERY_SIZE = 12
 
 
@@ -25,7 +27,9 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
         st.info("No runs yet: train one on the Train page.")
         return None, [], None
     a, b, c = st.columns(3)
-    run = a.selectbox("Run", runs)
+    with_stages = next((i for i, name in enumerate(runs)
+                        if any(store.class_result_epochs(name, s["idx"]) for s in store.stages(name))), 0)
+    run = a.selectbox("Run", runs, index=with_stages)
     stages = store.stages(run)
     if not stages:
         st.info(f"Run {run} has not started a stage yet.")

@@ -1,6 +1,6 @@
-"""What every page shares: error display, the run store, checkpoint discovery and cached model loading.
-
-Not a page itself (app.py lists the pages with st.navigation). Logic worth testing lives in core/.
+"""What every page shares: page set-up and navigation, error display, the run store, checkpoint discovery
+and cached model loading. A helper module, not a page (the sidebar links only to the real pages; see
+NAVIGATION). Logic worth testing lives in core/.
 """
 from __future__ import annotations
 
@@ -22,14 +22,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("reslens.app")
 
-STATE_BADGES = {
-    "queued": "🕓 queued",
-    "running": "🟢 running",
-    "finished": "✅ finished",
-    "failed": "❌ failed",
-    "stopped": "⏹️ stopped",
-    "interrupted": "⚠️ interrupted",
+STATE_BADGES = {  # plain words: emoji fonts are missing on some machines
+    "queued": "queued",
+    "running": "running",
+    "finished": "finished",
+    "failed": "FAILED",
+    "stopped": "stopped",
+    "interrupted": "interrupted",
 }
+
+
+NAVIGATION = (  # (script, label, icon): Streamlit's own page list is hidden (client.showSidebarNavigation)
+    ("app.py", "Home", ":material/home:"),
+    ("pages/train.py", "Train", ":material/model_training:"),
+    ("pages/monitor.py", "Monitor", ":material/monitoring:"),
+    ("pages/classes.py", "Classes", ":material/category:"),
+    ("pages/explain.py", "Explain", ":material/visibility:"),
+)
+
+
+def setup(title: str) -> None:
+    """Page config and the sidebar's links to the pages; the first call of every page script."""
+    st.set_page_config(page_title=f"ResLens · {title}", page_icon="🔎", layout="wide")
+    with st.sidebar:
+        st.markdown("### :material/search: ResLens")
+        for script, label, icon in NAVIGATION:
+            st.page_link(script, label=label, icon=icon)
+        st.divider()
 
 
 @contextmanager

@@ -12,6 +12,8 @@ from core import charts
 from core.images import SUPPORTED_EXTENSIONS
 from pages import cam, common
 
+common.setup("Explain")
+
 TOP1 = "the top-1 prediction"
 DEFAULT_LAYER = "layer4"
 
@@ -37,7 +39,7 @@ def pick_checkpoint() -> Path | None:
         st.info("No checkpoint yet. Train the demo model from the Home page (a few minutes, offline), "
                 "then come back.")
         if st.button("Go to Home", icon=":material/home:"):
-            st.switch_page("pages/home.py")
+            st.switch_page("app.py")
         return None
     return st.selectbox("Checkpoint", found, format_func=common.checkpoint_label,
                         help="Any checkpoint under the ResLens home folder, newest first.")
@@ -54,6 +56,13 @@ def pick_images() -> list[Picked]:
     return [Picked(options[i].filename, options[i].png) for i in chosen]
 
 
+def layer_label(info: Any) -> str:
+    """'layer3 › layer3.5.conv2 (conv, 14x14)', or 'layer4: whole stage (7x7)'."""
+    if info.name == info.stage:
+        return f"{info.name}: whole stage ({info.resolution})"
+    return f"{info.stage} › {info.name} ({info.kind}, {info.resolution})"
+
+
 def controls(checkpoint: Path, class_names: list[str]) -> dict[str, Any]:
     """The sidebar: method, layers (by stage, with map resolution), class, colormap and opacity."""
     from core.overlay import COLORMAPS
@@ -66,14 +75,14 @@ def controls(checkpoint: Path, class_names: list[str]) -> dict[str, Any]:
                               "and LayerCAM: sharper at shallow layers. Counterfactual: what speaks against it.")
         default = [DEFAULT_LAYER] if DEFAULT_LAYER in by_name else [layers[-1].name]
         chosen = st.multiselect("Layers (side by side)", list(by_name), default=default,
-                                format_func=lambda n: f"{by_name[n].stage} · {n} · {by_name[n].resolution}",
+                                format_func=lambda n: layer_label(by_name[n]),
                                 help="Grouped by stage, in forward order; the map's resolution is shown. "
                                      "Deep layers: coarse but class-specific; shallow layers: fine but noisy.")
         target = st.selectbox("Explain the class", [TOP1] + sorted(class_names))
         colormap = st.selectbox("Colormap", list(COLORMAPS), index=list(COLORMAPS).index("jet")
                                 if "jet" in COLORMAPS else 0)
         opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05)
-    return {"method": cam.METHODS[method], "layers": tuple(chosen), "target": target, "colormap": colormap,
+    return {"method": cam.METHODS[method], "method_label": method, "layers": tuple(chosen), "target": target, "colormap": colormap,
             "opacity": opacity, "layer_info": by_name}
 
 
@@ -81,19 +90,21 @@ def explain_one(checkpoint: Path, picked: Picked, class_names: list[str], option
     image = cam.image_of(picked.data, picked.name)
     probs = cam.predict(checkpoint, picked.data, picked.name)
     target = int(probs.argmax()) if options["target"] == TOP1 else class_names.index(options["target"])
-    left, right = st.columns([1, 2])
-    left.image(image, caption=f"{picked.name} ({image.width}x{image.height})", width="stretch")
-    right.dataframe(charts.probabilities_frame(probs, class_names, k=5), hide_index=True, width="stretch",
-                    column_config={"probability": st.column_config.ProgressColumn(format="percent", min_value=0,
-                                                                                  max_value=1)})
-    right.caption(f"Explaining **{class_names[target]}** ({probs[target]:.1%}).")
+    left, right = st.columns([3, 2])
+    left.dataframe(charts.probabilities_frame(probs, class_names, k=5), hide_index=True, width="stretch",
+                   column_config={"probability": st.column_config.ProgressColumn(format="percent", min_value=0,
+                                                                                 max_value=1)})
+    right.markdown(f"Explaining **{class_names[target]}** ({probs[target]:.1%}) with {options['method_label']}.")
     if not options["layers"]:
-        st.caption("Choose at least one layer in the sidebar.")
+        right.caption("Choose at least one layer in the sidebar.")
+    row = st.columns(max(3, 1 + len(options["layers"])))
+    row[0].image(image, caption=f"{picked.name} ({image.width}x{image.height})", width="stretch")
+    if not options["layers"]:
         return
     maps = cam.maps(checkpoint, picked.data, picked.name, options["layers"], options["method"], target)
-    cols = st.columns(len(options["layers"]))
-    for col, layer in zip(cols, options["layers"]):
-        png = cam.overlay_png(checkpoint, image, maps[layer], options["colormap"], options["opacity"])
+    label = "against the class" if options["method"] == "counterfactual" else "importance"
+    for col, layer in zip(row[1:], options["layers"]):
+        png = cam.overlay_png(checkpoint, image, maps[layer], options["colormap"], options["opacity"], label)
         info = options["layer_info"][layer]
         col.image(png, caption=f"{layer} ({info.resolution})", width="stretch")
         col.download_button("Download PNG", png, file_name=f"{Path(picked.name).stem}_{layer}.png",

@@ -8,6 +8,8 @@ import streamlit as st
 from core import charts
 from pages import common
 
+common.setup("Monitor")
+
 LIVE_REFRESH_S = 2.0
 EPOCH_PANELS = (
     ("Loss", ("train_loss", "val_loss"), False),

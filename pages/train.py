@@ -15,6 +15,8 @@ import yaml
 from core import paths
 from pages import common
 
+common.setup("Train")
+
 CONFIG_DIR = paths.REPO_ROOT / "train" / "configs"
 EDITED = ["name", "dataset", "epochs", "batch_size", "image_size", "lr", "init", "imbalance"]
 EMPTY = "(empty pipeline)"

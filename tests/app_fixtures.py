@@ -16,7 +16,7 @@ from core.synthetic import ShapesDataset
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
-IMAGE_SIZE = 32
+IMAGE_SIZE = 64
 
 
 def shapes_classes() -> list[str]:

@@ -27,6 +27,16 @@ def test_no_usage_statistics_and_no_tracebacks_in_the_page():
     assert config["client"]["showErrorDetails"] == "none"
 
 
+def test_sidebar_lists_only_real_pages():
+    """Helper modules in pages/ (common.py, cam.py) must not appear as pages: the app draws its own links."""
+    from pages import common
+
+    assert _config()["client"]["showSidebarNavigation"] is False
+    root = CONFIG.parent.parent
+    assert {script for script, _, _ in common.NAVIGATION} == {"app.py"} | {
+        f"pages/{p.name}" for p in (root / "pages").glob("*.py") if p.name not in ("common.py", "cam.py")}
+
+
 def test_upload_limit_matches_what_the_decoder_accepts():
     assert _config()["server"]["maxUploadSize"] * 1024 * 1024 == MAX_FILE_BYTES
 

@@ -7,12 +7,12 @@ from streamlit.testing.v1 import AppTest
 
 from tests import app_fixtures as fx
 
-PAGES = ("pages/home.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/explain.py")
+PAGES = ("app.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/explain.py")
 
 
 def open_page(page: str) -> AppTest:
     at = AppTest.from_file(fx.APP, default_timeout=90).run()
-    if page != "pages/home.py":
+    if page != "app.py":
         at.switch_page(page).run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -49,7 +49,7 @@ def test_home_offers_the_demo_when_nothing_is_trained(monkeypatch):
     from train import jobs
 
     monkeypatch.setattr(jobs, "launch", lambda config, **kw: launched.append(config) or "demo")
-    at = open_page("pages/home.py")
+    at = open_page("app.py")
     assert "Nothing has been trained yet" in texts(at)
     assert {m.label: m.value for m in at.metric}["Checkpoints"] == "0"
     at.button[0].click().run()
@@ -59,8 +59,69 @@ def test_home_offers_the_demo_when_nothing_is_trained(monkeypatch):
 
 def test_home_counts_runs_and_checkpoints_and_points_to_explain():
     fx.finished_run()
-    at = open_page("pages/home.py")
+    at = open_page("app.py")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Runs"] == "1" and metrics["Checkpoints"] == "1"
     assert "Explain an image" in [b.label for b in at.button]
     assert "demo-done" in at.dataframe[0].value["run"].tolist()
+
+
+def test_train_shows_a_config_error_next_to_its_row_and_column_and_blocks_launch():
+    at = open_page("pages/train.py")
+    source = at.selectbox[0]
+    editor_key = f"stages-{source.value}"
+    at.session_state[editor_key] = {"edited_rows": {0: {"lr": -0.5}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    errors = [e.value for e in at.error]
+    assert any(e.startswith("Row 1, column **lr**: stage 1") and "lr must be > 0" in e for e in errors), errors
+    assert next(b for b in at.button if b.label == "Launch").disabled
+
+
+def test_train_lists_jobs_with_failed_error_and_stop_resume_states():
+    fx.failed_run()
+    fx.running_run()
+    at = open_page("pages/train.py")
+    table = at.dataframe[-1].value
+    assert set(table["run"]) == {"demo-failed", "demo-live"}
+    at.selectbox(key="job_pick").set_value("demo-failed").run()
+    assert "The loss became NaN at epoch 2; lower the learning rate." in [e.value for e in at.error]
+    buttons = {b.label: b for b in at.button}
+    assert buttons["Stop"].disabled and not buttons["Resume"].disabled
+    at.selectbox(key="job_pick").set_value("demo-live").run()
+    buttons = {b.label: b for b in at.button}
+    assert not buttons["Stop"].disabled and buttons["Resume"].disabled
+
+
+def test_monitor_shows_progress_eta_and_curves_of_a_live_run():
+    fx.running_run()
+    at = open_page("pages/monitor.py")
+    bar = at.get("progress")[0]
+    assert "demo-live" in bar.proto.text and "stage 1 of 1 (pretrain)" in bar.proto.text
+    assert "ETA 42 s" in bar.proto.text and bar.value == 45  # 9 of 20 steps
+    assert len(at.get("plotly_chart")) == 4
+
+
+def test_monitor_overlays_several_runs():
+    fx.finished_run()
+    fx.running_run()
+    at = open_page("pages/monitor.py")
+    at.multiselect[0].set_value(["demo-done", "demo-live"]).run()
+    import json
+
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = {t.get("name") for t in figure["data"] if t.get("name")}
+    assert {"demo-done · train loss", "demo-live · train loss"} <= names
+
+
+def test_classes_draws_everything_from_the_store():
+    fx.finished_run()
+    at = open_page("pages/classes.py")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Classes"] == "10"
+    assert metrics["Imbalance (train)"] == "12.5x"  # 100 / 8 from the fixture's long tail
+    per_class = at.dataframe[0].value
+    assert per_class["accuracy"].is_monotonic_increasing  # worst first
+    at.text_input[0].set_value(per_class["class"].iloc[-1][:3]).run()
+    assert len(at.dataframe[0].value) < len(per_class)
+    assert len(at.get("plotly_chart")) == 2  # accuracy vs size, confusion matrix
+    assert len(at.image) == 2  # the misclassified gallery

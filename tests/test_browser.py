@@ -1,0 +1,95 @@
+"""End to end in a real headless Chromium: `streamlit run app.py` on a free loopback port against a temporary
+ResLens home holding a small checkpoint; upload an image through the Explain page's file input and see the
+predictions and an overlay appear. Screenshots are saved in the test's temporary folder."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests import app_fixtures as fx
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+WAIT_MS = 90_000
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"Chromium is not installed at {CHROMIUM} (apt-get install -y chromium)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """The app served on a free loopback port against this test's RESLENS_HOME (set by conftest)."""
+    fx.finished_run()
+    port = free_port()
+    log = open(tmp_path / "streamlit.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=fx.REPO, env={**os.environ}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def wait_healthy(url: str, process: subprocess.Popen, attempts: int = 240) -> None:
+    for _ in range(attempts):
+        if process.poll() is not None:
+            raise RuntimeError(f"streamlit exited with status {process.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("streamlit did not become healthy")
+
+
+def test_upload_an_image_and_see_predictions_and_overlay(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    image = tmp_path / "red_square.png"
+    image.write_bytes(fx.png_bytes(96))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server}/explain")
+            page.locator('input[type="file"]').set_input_files(str(image))
+            expect(page.get_by_role("heading", name="red_square.png")).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_text("Explaining")).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_test_id("stDataFrame")).to_be_visible(timeout=WAIT_MS)  # the top-5 table
+            overlay = page.get_by_test_id("stImage").filter(has_text="layer4")
+            expect(overlay.locator("img")).to_be_visible(timeout=WAIT_MS)
+            assert overlay.locator("img").evaluate("img => img.naturalWidth") > 96  # a rendered PNG, enlarged
+            assert page.get_by_test_id("stException").count() == 0
+            page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+            page.goto(server)
+            expect(page.get_by_text("Explain an image")).to_be_visible(timeout=WAIT_MS)
+            page.screenshot(path=str(tmp_path / "home.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "explain.png").stat().st_size > 10_000
