@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     """Write Grad-CAM overlays and predictions for images under a checkpoint's model."""
     from core.checkpoints import load_model
 
+    if not 0 <= args.opacity <= 1:
+        raise ExplainError(f"--opacity must be between 0 and 1, not {args.opacity}.")
     model, info = load_model(args.checkpoint, device=args.device)
     target = parse_target(args.target, info.class_names)
     top_k = min(max(1, args.top_k), len(info.class_names))
