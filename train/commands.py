@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         store = RunStore() if ctx.is_main else None
         name = ddp.broadcast(ctx, _claim_run(config, store, args.run_name) if store is not None else None)
+        if name is None:
+            print(f"Run {args.run_name} was stopped before it started.", flush=True)
+            return 1
         if ctx.is_main and not args.quiet:
             print(f"Run {name} on {ctx.device} (x{ctx.world}); `python -m train list` shows it.", flush=True)
         state = train_run(config, name, ctx, store, show_progress=not args.quiet)
@@ -49,14 +52,20 @@ def run(args: argparse.Namespace) -> int:
     return 0 if state == "finished" else 1
 
 
-def _claim_run(config: Any, store: RunStore, run_name: str | None) -> str:
-    """Take over the queued row ``train.jobs.launch`` made for us, or create the run."""
+def _claim_run(config: Any, store: RunStore, run_name: str | None) -> str | None:
+    """Take over the queued row ``train.jobs.launch`` made for us, or create the run.
+
+    None when the app stopped our queued run before we got here.
+    """
     from train.jobs import prepare_run
 
     if run_name and store.has_run(run_name):
         row = store.get_run(run_name)
-        if row["stored_state"] == "queued" and row.get("pid") in (None, os.getpid()):
+        ours = row.get("pid") in (None, os.getpid())
+        if ours and row["stored_state"] == "queued":
             return run_name
+        if ours and row["stored_state"] == "stopped" and not store.metrics(run_name, "step"):
+            return None
     return prepare_run(config, store, run_name, state="queued")
 
 

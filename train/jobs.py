@@ -120,23 +120,35 @@ def _spawn(name: str, args: list[str], store: RunStore) -> subprocess.Popen:
 
 
 def stop(name: str, sig: int = signal.SIGTERM) -> bool:
-    """Ask run ``name``'s trainer to stop (SIGTERM to its process group); True if a signal was sent.
+    """Ask run ``name``'s trainer to stop (SIGTERM: it saves ``last.pt``); True if a signal was sent.
 
-    A queued run without a process is marked ``stopped`` directly.
+    A queued run is marked ``stopped`` at once (its trainer, if it has not taken the run over
+    yet, then exits without training); a run whose process is gone is marked ``stopped`` too.
     """
     store = RunStore()
     run = store.get_run(name)
     pid = run.get("pid")
     if run["state"] not in ("queued", "running"):
         return False
-    if not pid_alive(pid):
+    if run["stored_state"] == "queued" or not pid_alive(pid):
         store.set_state(name, "stopped")
+    if not pid_alive(pid):
+        return False
+    try:  # the trainer only: it stops its DataLoader workers itself after saving
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill(name: str) -> bool:
+    """SIGKILL the whole process group of a detached run (for a trainer that ignores ``stop``)."""
+    run = RunStore().get_run(name)
+    pid = run.get("pid")
+    if not pid_alive(pid):
         return False
     try:
-        if os.getpgid(pid) == pid:  # a detached job leads its own group (DataLoader workers included)
-            os.killpg(pid, sig)
-        else:  # a foreground `python -m train run`: signal only the trainer
-            os.kill(pid, sig)
+        os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return False
     return True

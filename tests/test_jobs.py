@@ -1,0 +1,76 @@
+"""Detached trainer jobs for the app: launch, stop, resume, log tail."""
+import os
+import time
+
+import pytest
+
+from core import paths
+from core.run_store import RunStore, RunStoreError
+from tests.test_engine import one_thread, tiny_config  # noqa: F401
+from train import jobs
+from train.config import ConfigError
+
+
+def wait_state(name, states, timeout=90.0):
+    store = RunStore()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = store.get_run(name)
+        if run["state"] in states:
+            return run
+        time.sleep(0.1)
+    raise AssertionError(f"run {name} stayed {run['state']}; log:\n{jobs.tail_log(name)}")
+
+
+def test_launch_stop_resume_and_tail(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    raw = tiny_config(tmp_path, epochs=(3,))
+    name = jobs.launch(raw)
+    assert name == "tiny"
+    store = RunStore()
+    run = store.get_run(name)  # the row exists as soon as launch returns
+    assert run["state"] in ("queued", "running") and run["pid"]
+    assert (paths.run_dir(name) / "config.yaml").is_file()
+    assert jobs.launch(raw) == "tiny-2"  # the name is made unique
+    jobs.stop("tiny-2")
+    wait_state(name, ("running",))
+    while not store.metrics(name):  # let one epoch finish
+        time.sleep(0.1)
+    with pytest.raises(RunStoreError, match="still running"):
+        jobs.resume(name)
+    assert jobs.stop(name) is True
+    stopped = wait_state(name, ("stopped",))
+    assert stopped["stored_state"] == "stopped"
+    assert wait_state("tiny-2", ("stopped",))["state"] == "stopped"
+    jobs.resume(name)
+    wait_state(name, ("finished",))
+    assert [m["epoch"] for m in store.metrics(name)] == [1, 2, 3]
+    log = jobs.tail_log(name, lines=5)
+    assert "Run tiny finished." in log and len(log.splitlines()) <= 5
+    assert "stopped" in jobs.tail_log(name, lines=200)
+    with pytest.raises(RunStoreError, match="already finished"):
+        jobs.resume(name)
+
+
+def test_launch_refuses_bad_config_before_writing(tmp_path):
+    raw = tiny_config(tmp_path, epochs=(1,), lr=-1)
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        jobs.launch(raw)
+    assert RunStore().list_runs() == []
+
+
+@pytest.mark.parametrize("bad", ["../../x", "/tmp/evil", "a b", "..", "x/../../y"])
+def test_run_names_cannot_escape_the_runs_folder(tmp_path, bad):
+    with pytest.raises(RunStoreError, match="not allowed"):
+        jobs.launch(tiny_config(tmp_path, epochs=(1,)), run_name=bad)
+    assert not (tmp_path.parent / "x").exists() and not os.path.exists("/tmp/evil")
+    assert RunStore().list_runs() == []
+
+
+def test_tail_log_collapses_progress_redraws(tmp_path):
+    log = jobs.log_path("r")
+    log.parent.mkdir(parents=True)
+    log.write_text("start\nepoch 1: 10%\repoch 1: 50%\repoch 1: 100%\nend\n")
+    assert jobs.tail_log("r") == "start\nepoch 1: 100%\nend"
+    assert jobs.tail_log("r", lines=1) == "end"
+    assert jobs.tail_log("missing") == ""
