@@ -1,0 +1,101 @@
+"""`python -m train run|resume|list|export|eval` through the real CLI dispatcher (in process)."""
+import csv
+import io
+import json
+
+import pytest
+
+from core import paths
+from core.run_store import RunStore
+from tests.data_fixtures import make_caltech101
+from tests.test_engine import one_thread, tiny_config, write_config  # noqa: F401
+from train.cli import main
+
+
+@pytest.fixture
+def finished(tmp_path, capsys):
+    """A finished one-stage run 'tiny' made by `python -m train run` (2 epochs of 3 steps)."""
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,)))
+    assert main(["run", str(path), "--epochs", "2", "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    return path
+
+
+def test_run_list_and_export(finished, capsys):
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["RUN", "STATE", "STAGE", "EPOCH", "BEST", "ACC"]
+    name, state, stage, stage_name, epoch, best = lines[1].split()
+    assert (name, state, stage, stage_name, epoch) == ("tiny", "finished", "1/1", "s1", "2/2")
+    assert 0.0 <= float(best) <= 1.0
+
+    assert main(["export", "tiny", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["stage"] for r in epochs] == [0, 0]
+    assert {"train_loss", "val_loss", "val_acc", "val_balanced_acc", "lr", "step"} <= set(epochs[0])
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+    assert all("val_acc" not in r for r in rows if r["kind"] == "step")
+
+    assert main(["export", "tiny", "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(table) == len(rows) and table[0]["stage_name"] == "s1"
+
+
+def test_overrides_reach_the_run(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(3,)))
+    assert main(["run", str(path), "--set", "stages.1.epochs=1", "--set", "batch_size=9", "--run-name", "o",
+                 "--quiet"]) == 0
+    run = RunStore().get_run("o")
+    assert run["config"]["stages"][0]["epochs"] == 1 and run["config"]["stages"][0]["batch_size"] == 9
+    assert [m["step"] for m in RunStore().metrics("o", "step")] == [1, 2]
+
+
+def test_eval_prints_and_stores_per_class_results(finished, capsys):
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    assert main(["eval", str(best), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "balanced accuracy" in out
+    for cls in ("ant", "bee", "cat"):
+        assert cls in out
+    (evaluation,) = RunStore().evaluations()
+    assert evaluation["dataset"] == "caltech101" and evaluation["run"] == "tiny"
+    assert sum(evaluation["data"]["val_counts"]) == 6
+
+
+def test_eval_refuses_a_data_set_with_other_classes(finished, tmp_path, capsys):
+    other = make_caltech101(tmp_path / "other", {"x": 3, "y": 3})
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    assert main(["eval", str(best), "--dataset", "caltech101", "--root", str(other)]) == 2
+    assert "classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["resume", "ghost"], "no run named 'ghost'"),
+    (["export", "ghost"], "no run named 'ghost'"),
+    (["eval", "/nonexistent/model.pt"], "does not exist"),
+])
+def test_clear_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_config_and_bad_run_name_exit_cleanly(tmp_path, capsys):
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,), lr=-0.1))
+    assert main(["run", str(path)]) == 2
+    assert "stage 1 (s1): lr must be > 0, got -0.1" in capsys.readouterr().err
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,)))
+    assert main(["run", str(path), "--run-name", "../../outside"]) == 2
+    assert "not allowed" in capsys.readouterr().err
+    assert not (paths.runs_dir().parent.parent / "outside").exists()
+
+
+def test_resume_of_finished_run_is_refused(finished, capsys):
+    assert main(["resume", "tiny"]) == 2
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_list_without_runs(capsys):
+    assert main(["list"]) == 0
+    assert "No runs yet" in capsys.readouterr().out
