@@ -9,7 +9,8 @@
   Spearman rank correlation of each image's map with the trained model's map is averaged. A map that
   explains the model must change: correlation well below 0.5.
 
-    nice python bench/gradcam_quality.py --checkpoint PATH [--layers layer2,layer3,layer4] [--layer layer4]
+    nice python bench/gradcam_quality.py --checkpoint PATH [--layers layer2,layer3,layer4] [--methods gradcam,layercam]
+        [--layer layer4 --method gradcam]   (the recommended pair: sanity check)
 """
 from __future__ import annotations
 
@@ -48,20 +49,24 @@ def correct_items(model: nn.Module, dataset, transform, limit: int, batch: int =
     return kept[:limit]
 
 
-def maps_of(model: nn.Module, items, targets: list[int], layers: list[str], method: str,
-            batch: int = 32) -> dict[str, torch.Tensor]:
-    """Input-size maps [N, H, W] per layer for the given items and target classes (one forward per batch)."""
-    parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
+def maps_of(model: nn.Module, items, targets: list[int], layers: list[str], methods: list[str],
+            batch: int = 32) -> dict[tuple[str, str], torch.Tensor]:
+    """Input-size maps [N, H, W] per (layer, method) for the items and target classes (one forward per batch)."""
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {(l, m): [] for l in layers for m in methods}
     for start in range(0, len(items), batch):
         inputs = torch.stack([x for _, x in items[start : start + batch]])
-        result = explain(model, inputs, layers, targets[start : start + batch], methods=method)
-        for layer in layers:
-            parts[layer].append(result.maps[layer][method][:, 0])
-    return {layer: torch.cat(chunks) for layer, chunks in parts.items()}
+        result = explain(model, inputs, layers, targets[start : start + batch], methods=methods)
+        for layer, method in parts:
+            parts[layer, method].append(result.maps[layer][method][:, 0])
+    return {key: torch.cat(chunks) for key, chunks in parts.items()}
 
 
 def pointing_hit(cam: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int], preprocessing) -> bool:
-    """Does the map's maximum, on the original image, fall inside the box (x0, y0, x1, y1), x1/y1 exclusive?"""
+    """Does the map's maximum, on the original image, fall inside the box (x0, y0, x1, y1), x1/y1 exclusive?
+
+    A constant map (no evidence anywhere) is a miss."""
+    if cam.max() == cam.min():
+        return False  # a constant map points nowhere
     values, inside = cam_on_original(cam, size, preprocessing)
     values = np.where(inside, values, -np.inf)
     ys, xs = np.nonzero(values >= values.max() - 1e-6)
@@ -84,30 +89,36 @@ def reinitialised(model: nn.Module, names: list[str], seed: int = 0) -> nn.Modul
 
 
 def mean_spearman(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, int]:
-    """Mean Spearman rank correlation per image; a constant map (undefined correlation) counts as 0."""
-    values, undefined = [], 0
+    """Mean Spearman rank correlation per image, over images whose reference map is not constant.
+
+    A constant map of the re-initialised model (no evidence anywhere) has no rank order: it counts as 0, and
+    how many did is returned with the mean.
+    """
+    values, constant = [], 0
     for a, b in zip(reference.flatten(1).numpy(), other.flatten(1).numpy()):
-        rho = spearmanr(a, b).statistic if a.std() > 0 and b.std() > 0 else float("nan")
-        undefined += int(np.isnan(rho))
-        values.append(0.0 if np.isnan(rho) else float(rho))
-    return float(np.mean(values)), undefined
+        if a.std() == 0:
+            continue
+        constant += int(b.std() == 0)
+        values.append(0.0 if b.std() == 0 else float(spearmanr(a, b).statistic))
+    return float(np.mean(values)) if values else float("nan"), constant
 
 
 def sanity_check(model: nn.Module, items, targets, layer: str, method: str, trained: torch.Tensor) -> None:
+    informative = int((trained.flatten(1).std(dim=1) > 0).sum())
     print(f"\nSanity check (Adebayo et al. 2018) at {layer}, {method}: mean Spearman rank correlation with the "
-          "trained model's maps")
+          f"trained model's maps ({informative} images whose trained map is not constant)")
     cascade = copy.deepcopy(model)
     for step, names in CASCADE:
         reinitialised(cascade, names)
-        rho, undefined = mean_spearman(trained, maps_of(cascade, items, targets, [layer], method)[layer])
+        rho, undefined = mean_spearman(trained, maps_of(cascade, items, targets, [layer], [method])[layer, method])
         print(f"  cascading, re-initialised down to {step:7s}: {rho:+.3f}" + _undefined(undefined))
     everything = reinitialised(copy.deepcopy(model), [""])
-    rho, undefined = mean_spearman(trained, maps_of(everything, items, targets, [layer], method)[layer])
+    rho, undefined = mean_spearman(trained, maps_of(everything, items, targets, [layer], [method])[layer, method])
     print(f"  all weights re-initialised at once         : {rho:+.3f}" + _undefined(undefined))
 
 
 def _undefined(count: int) -> str:
-    return f"  ({count} constant maps counted as 0)" if count else ""
+    return f"  ({count} re-initialised maps constant, counted as 0)" if count else ""
 
 
 def main() -> None:
@@ -116,7 +127,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="shapes-lt")
     parser.add_argument("--layers", default="layer2,layer3,layer4", help="layers for the pointing game")
     parser.add_argument("--layer", default="layer4", help="the recommended layer: sanity check")
-    parser.add_argument("--method", default="gradcam")
+    parser.add_argument("--methods", default="gradcam,layercam", help="methods for the pointing game")
+    parser.add_argument("--method", default="gradcam", help="the recommended method: sanity check")
     parser.add_argument("--limit", type=int, default=200, help="at most this many correctly classified images")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -129,15 +141,15 @@ def main() -> None:
     layers = sorted(set(args.layers.split(",")) | {args.layer})
     print(f"{args.checkpoint}: {info.arch}, input {pre.image_size}px; {args.dataset} val: {len(dataset)} images, "
           f"{len(items)} correctly classified used")
-    maps = maps_of(model, items, targets, layers, args.method)
+    methods = list(dict.fromkeys(args.methods.split(",") + [args.method]))
+    maps = maps_of(model, items, targets, layers, methods)
     boxes = dataset.boxes
-    print(f"Pointing game ({args.method}, map maximum inside the object's box, strict):")
-    for layer in layers:
+    print("Pointing game (map maximum inside the object's box, strict), correctly classified images:")
+    for (layer, method), layer_maps in maps.items():
         hits = [pointing_hit(m.numpy(), dataset.load_raw(i).size, boxes[i], pre)
-                for m, (i, _) in zip(maps[layer], items)]
-        print(f"  {layer:8s}: {np.mean(hits):6.1%}  ({sum(hits)}/{len(hits)})")
-    sanity_check(model, items, targets, args.layer, args.method, maps[args.layer])
-
+                for m, (i, _) in zip(layer_maps, items)]
+        print(f"  {layer:8s} {method:10s}: {np.mean(hits):6.1%}  ({sum(hits)}/{len(hits)})")
+    sanity_check(model, items, targets, args.layer, args.method, maps[args.layer, args.method])
 
 if __name__ == "__main__":
     main()
