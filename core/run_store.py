@@ -17,6 +17,11 @@ Tables (all keyed by the run name):
 * ``misclassified`` — misclassified val samples of the last evaluated epoch of each stage.
 * ``evaluations`` — results of ``python -m train eval`` (per-class data plus misclassified samples).
 
+Numbering (what the trainer writes): ``stage`` is the 0-based index of the stage in the
+config; ``epoch`` counts from 1 (the epoch row ``epoch=2`` is written after the second epoch of
+that stage, and a checkpoint's ``epoch`` is the number of completed epochs); ``step`` counts
+optimizer steps from 1 within a stage (an epoch row's ``step`` is the last step of that epoch).
+
 Job states: ``queued, running, finished, failed, stopped, interrupted``. Readers get the
 *resolved* state: a ``queued``/``running`` run whose process is gone, or a ``running`` run whose
 heartbeat is older than ``STALE_AFTER_S`` seconds, reads as ``interrupted``.

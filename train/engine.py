@@ -470,6 +470,7 @@ class Trainer:
         self.progress.advance(images)
         self.progress.step = st.step
         self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr})
+        st.last_lr = lr
         self._flush_steps(st.index, epoch + 1)
         self.display.step(self.progress, loss)
 
@@ -490,7 +491,7 @@ class Trainer:
         loss_sum, correct, seen = totals
         metrics: dict[str, Any] = {
             "train_loss": loss_sum / seen if seen else None, "train_acc": correct / seen if seen else None,
-            "lr": st.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+            "lr": st.last_lr, "epoch_time_s": elapsed,
             "images_per_s": seen / elapsed if elapsed > 0 and seen else None,
         }
         if not self.ctx.is_main:
@@ -552,6 +553,7 @@ class _StageState:
     step: int
     best: float | None
     channels_last: bool = False
+    last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
