@@ -2,7 +2,6 @@
 one-click next step. The other pages are the scripts in pages/ (Streamlit's pages folder)."""
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from core import paths
@@ -48,14 +47,7 @@ def runs_table(runs: list[dict]) -> None:
     if not runs:
         st.caption("No runs yet.")
         return
-    st.dataframe(pd.DataFrame([{
-        "run": r["name"], "state": common.badge(r["state"]),
-        "stage": None if r.get("stage") is None else r["stage"] + 1,
-        "epoch": None if r.get("epoch") is None else r["epoch"] + 1,
-        "best val accuracy": r.get("best_val_acc"),
-        "error": r.get("error") or "",
-    } for r in runs]), hide_index=True, width="stretch",
-        column_config={"best val accuracy": st.column_config.NumberColumn(format="percent")})
+    common.runs_table(runs)
 
 
 def body() -> None:

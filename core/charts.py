@@ -113,8 +113,8 @@ def curves_figure(
             fig.add_vline(x=start - 0.5 if x_column == "epoch" else start, line_dash="dot", line_color="grey",
                           annotation_text=text, annotation_position="top left")
     fig.update_layout(title=title, xaxis_title="epoch (through the pipeline)" if x_column == "epoch" else "step",
-                      margin=dict(l=10, r=10, t=40 if title else 20, b=10), height=320,
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), hovermode="x unified")
+                      margin=dict(l=10, r=10, t=40 if title else 20, b=10), height=340,
+                      legend=dict(orientation="h", yanchor="top", y=-0.3, x=0), hovermode="x unified")
     if log_y:
         fig.update_yaxes(type="log")
     return fig
@@ -130,6 +130,15 @@ def format_eta(seconds: float | None) -> str:
     if s >= 60:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s} s"
+
+
+def stage_eta(epoch_times: Sequence[float], completed: int, epochs: int, into_epoch_s: float = 0.0) -> float | None:
+    """Seconds left in a stage: mean epoch time so far times the epochs left, less the time already spent in
+    the current epoch (None before the first epoch has finished)."""
+    times = [t for t in epoch_times if t is not None and math.isfinite(t) and t > 0]
+    if not times:
+        return None
+    return max(0.0, float(np.mean(times)) * max(0, epochs - completed) - max(0.0, into_epoch_s))
 
 
 def progress_fraction(done: int | None, total: int | None) -> float:
@@ -198,11 +207,13 @@ def confusion_figure(
     classes: Sequence[str],
     indices: Sequence[int] | None = None,
     normalize: bool = True,
+    diagonal: bool = False,
 ) -> go.Figure:
     """Heatmap of the confusion matrix (restricted to ``indices`` when given), rows normalised to recall.
 
-    Hover shows the true class, the predicted class, the count and the row share, so a 257-class
-    matrix stays readable when zoomed; the diagonal is shown too.
+    Hover shows the true class, the predicted class, the count and the share of the true class's images,
+    so a 257-class matrix stays readable when zoomed. Without ``diagonal`` the correct cells are left blank
+    and the colour scale spans the errors only (otherwise the diagonal drowns them).
     """
     matrix = np.asarray(confusion, dtype=float)
     idx = list(range(len(classes))) if indices is None else list(indices)
@@ -211,9 +222,13 @@ def confusion_figure(
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(totals > 0, sub / np.where(totals > 0, totals, 1), 0.0)
     names = [classes[i] for i in idx]
-    z = share if normalize else sub
+    z = (share if normalize else sub).astype(float)
+    if not diagonal:
+        for k, i in enumerate(idx):
+            z[k, k] = np.nan
+    top = np.nanmax(z) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
     fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=1 if normalize else None,
+        z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=top, hoverongaps=False,
         customdata=np.dstack([sub, share]),
         hovertemplate="true: %{y}<br>predicted: %{x}<br>count: %{customdata[0]:.0f}"
                       "<br>share of true class: %{customdata[1]:.1%}<extra></extra>",

@@ -40,7 +40,7 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
     if not epochs:
         st.info("No per-class results for this stage yet: they are stored at the end of every epoch.")
         return None, [], None
-    epoch = c.selectbox("Epoch", epochs[::-1], format_func=lambda e: f"epoch {e + 1}")
+    epoch = c.selectbox("Epoch", epochs[::-1], format_func=lambda e: f"epoch {e}")
     best = stages[stage].get("best_path") or stages[stage].get("last_path")
     return store.class_results(run, stage, epoch), store.misclassified(run, stage), Path(best) if best else None
 
@@ -87,9 +87,11 @@ def confusion_view(result: dict[str, Any]) -> None:
         st.dataframe(pairs, hide_index=True, width="stretch",
                      column_config={"rate": st.column_config.NumberColumn("share of true class", format="percent")})
     n = len(classes)
-    top = st.slider("Classes in the matrix (most confused first)", 2, n, min(n, 20)) if n > 2 else n
+    left, right = st.columns([3, 1])
+    top = left.slider("Classes in the matrix (most confused first)", 2, n, min(n, 20)) if n > 2 else n
+    diagonal = right.toggle("Show correct (diagonal)", help="Off: the colours span the errors only.")
     indices = charts.most_confused_classes(confusion, top) if top < n else None
-    st.plotly_chart(charts.confusion_figure(confusion, classes, indices), width="stretch")
+    st.plotly_chart(charts.confusion_figure(confusion, classes, indices, diagonal=diagonal), width="stretch")
 
 
 def gallery(samples: list[dict[str, Any]], checkpoint: Path | None) -> None:

@@ -89,6 +89,21 @@ def badge(state: str) -> str:
     return STATE_BADGES.get(state, state)
 
 
+def runs_table(runs: list[dict[str, Any]]) -> None:
+    """Every run with its state, stage, epoch (as the store numbers it, from 1), best accuracy and error."""
+    import pandas as pd
+
+    st.dataframe(pd.DataFrame([{
+        "run": r["name"], "state": badge(r["state"]),
+        "stage": None if r.get("stage") is None else r["stage"] + 1,
+        "epoch": r.get("epoch"),
+        "best val accuracy": r.get("best_val_acc"),
+        "device": r.get("device") or "",
+        "error": r.get("error") or "",
+    } for r in runs]), hide_index=True, width="stretch",
+        column_config={"best val accuracy": st.column_config.NumberColumn(format="percent")})
+
+
 def find_checkpoints() -> list[Path]:
     """Every ``*.pt`` under the ResLens home (runs' ``best``/``last`` and exported ones), newest first."""
     home = paths.reslens_home()

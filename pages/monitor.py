@@ -24,21 +24,31 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     names = [r["name"] for r in runs]
     wanted = [n for n in st.session_state.get("monitor_runs", []) if n in names]
     live = [r["name"] for r in runs if r["state"] in ("queued", "running")]
-    default = wanted or live[:1] or names[:1]
+    store = common.store()
+    with_metrics = [n for n in names if store.metrics(n, "epoch") or store.metrics(n, "step")]
+    default = wanted or live[:1] or with_metrics[:1] or names[:1]
     return st.multiselect("Runs (several overlay for comparison)", names, default=default,
                           format_func=lambda n: f"{n} · {common.badge(next(r['state'] for r in runs if r['name'] == n))}")
 
 
-def progress(run: dict[str, Any], stage_names: list[str]) -> None:
-    """Progress bar and ETA of the running stage, from the trainer's heartbeat."""
-    stage = run.get("stage")
-    label = f"stage {stage + 1} of {len(stage_names)} ({stage_names[stage]})" \
-        if stage is not None and stage < len(stage_names) else "starting"
-    epoch = "" if run.get("epoch") is None else f", epoch {run['epoch'] + 1}"
+def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
+    """Progress bar and ETA of the running stage (from its epochs) and of the whole pipeline (heartbeat)."""
+    import time
+
+    index = run.get("stage")
     speed = f", {run['images_per_s']:.0f} images/s" if run.get("images_per_s") else ""
-    eta = charts.format_eta(run.get("eta_s"))
+    st.markdown(f"**{run['name']}** · {common.badge(run['state'])}{speed}")
+    if index is not None and index < len(stages):
+        stage = stages[index]
+        frame = common.store().metrics_frame(run["name"], "epoch", stage=index)
+        into = time.time() - float(frame["time"].max()) if not frame.empty else 0.0
+        eta = charts.stage_eta(frame["epoch_time_s"].tolist(), stage["completed_epochs"], stage["epochs"], into)
+        st.progress(charts.progress_fraction(stage["completed_epochs"], stage["epochs"]),
+                    text=f"Stage {index + 1} of {len(stages)} ({stage['name']}): epoch {run.get('epoch') or 1} "
+                         f"of {stage['epochs']}; ETA {charts.format_eta(eta)}")
     st.progress(charts.progress_fraction(run.get("done_steps"), run.get("total_steps")),
-                text=f"**{run['name']}** {common.badge(run['state'])}: {label}{epoch}{speed}; ETA {eta}")
+                text=f"Pipeline: step {run.get('done_steps') or 0} of {run.get('total_steps') or '?'}; "
+                     f"ETA {charts.format_eta(run.get('eta_s'))}")
 
 
 def panels(names: list[str], per_step: bool, smoothing: float) -> None:
@@ -63,7 +73,7 @@ def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool
         st.rerun(scope="app")  # nothing live any more: one full rerun turns the refresh off
     for run in runs:
         if run["state"] in ("queued", "running"):
-            progress(run, [s["name"] for s in store.stages(run["name"])])
+            progress(run, store.stages(run["name"]))
         elif run["state"] == "failed":
             st.error(f"{run['name']}: {run.get('error') or 'failed'}")
     panels(names, per_step, smoothing)

@@ -216,13 +216,7 @@ def _jobs_body(was_live: bool) -> None:
     if not runs:
         st.caption("No runs yet: launch one above.")
         return
-    st.dataframe(pd.DataFrame([{
-        "run": r["name"], "state": common.badge(r["state"]),
-        "stage": None if r.get("stage") is None else r["stage"] + 1,
-        "epoch": None if r.get("epoch") is None else r["epoch"] + 1,
-        "best val accuracy": r.get("best_val_acc"), "device": r.get("device") or "",
-    } for r in runs]), hide_index=True, width="stretch",
-        column_config={"best val accuracy": st.column_config.NumberColumn(format="percent")})
+    common.runs_table(runs)
     names = [r["name"] for r in runs]
     chosen = st.session_state.get("selected_run")
     name = st.selectbox("Run", names, index=names.index(chosen) if chosen in names else 0, key="job_pick")

@@ -46,15 +46,16 @@ def finished_run(name: str = "demo-done", with_checkpoint: bool = True) -> Path 
     best = None
     for stage, (stage_name, dataset) in enumerate((("pretrain", "shapes"), ("finetune", "shapes-lt"))):
         store.upsert_stage(name, stage, stage_name, dataset, epochs=3, class_names=classes)
-        for epoch in range(3):
-            store.log_steps(name, stage, epoch, [{"step": epoch * 5 + s, "train_loss": 2.0 / (1 + epoch + s / 5),
+        for epoch in (1, 2, 3):  # the store numbers epochs from 1, stages from 0 (as the engine writes them)
+            store.log_steps(name, stage, epoch, [{"step": epoch * 5 + s, "train_loss": 2.0 / (epoch + s / 5),
                                                   "lr": 0.1 * (1 - s / 10)} for s in range(5)])
-            store.log_epoch(name, stage, epoch, step=epoch * 5 + 4, train_loss=1.5 - 0.3 * epoch,
-                            val_loss=1.6 - 0.3 * epoch, train_acc=0.5 + 0.1 * epoch, val_acc=0.45 + 0.1 * epoch,
-                            val_balanced_acc=0.4 + 0.1 * epoch, lr=0.1 / (1 + epoch), images_per_s=120.0)
-            store.save_class_results(name, stage, epoch, _class_result(classes, epoch))
+            store.log_epoch(name, stage, epoch, step=epoch * 5 + 4, train_loss=1.8 - 0.3 * epoch,
+                            val_loss=1.9 - 0.3 * epoch, train_acc=0.4 + 0.1 * epoch, val_acc=0.35 + 0.1 * epoch,
+                            val_balanced_acc=0.3 + 0.1 * epoch, lr=0.1 / epoch, images_per_s=120.0,
+                            epoch_time_s=30.0)
+            store.save_class_results(name, stage, epoch, _class_result(classes, epoch - 1))
         store.update_stage(name, stage, completed_epochs=3, best_val_acc=0.65, best_epoch=2)
-    store.save_misclassified(name, 1, 2, [
+    store.save_misclassified(name, 1, 3, [
         {"source": "shapes-lt:val:0", "true": classes[0], "predicted": classes[1], "confidence": 0.8},
         {"source": "shapes-lt:val:3", "true": classes[0], "predicted": classes[2], "confidence": 0.6},
     ])
@@ -85,10 +86,11 @@ def running_run(name: str = "demo-live") -> None:
     store.create_run(name, {"name": name, "stages": [{"dataset": "shapes"}]})
     store.upsert_stage(name, 0, "pretrain", "shapes", epochs=4, class_names=shapes_classes())
     store.set_state(name, "running", pid=os.getpid())
-    store.log_steps(name, 0, 0, [{"step": s, "train_loss": 2.3 - 0.1 * s, "lr": 0.05} for s in range(6)])
-    store.log_epoch(name, 0, 0, step=5, train_loss=2.0, val_loss=2.1, val_acc=0.3, val_balanced_acc=0.25,
-                    lr=0.05, images_per_s=80.0)
-    store.heartbeat(name, stage=0, epoch=1, step=9, done_steps=9, total_steps=20, eta_s=42.0, images_per_s=80.0,
+    store.log_steps(name, 0, 1, [{"step": s, "train_loss": 2.3 - 0.1 * s, "lr": 0.05} for s in range(6)])
+    store.log_epoch(name, 0, 1, step=5, train_loss=2.0, val_loss=2.1, val_acc=0.3, val_balanced_acc=0.25,
+                    lr=0.05, images_per_s=80.0, epoch_time_s=20.0)
+    store.update_stage(name, 0, completed_epochs=1)
+    store.heartbeat(name, stage=0, epoch=2, step=9, done_steps=9, total_steps=20, eta_s=42.0, images_per_s=80.0,
                     device="cpu")
 
 

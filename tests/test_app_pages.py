@@ -95,9 +95,10 @@ def test_train_lists_jobs_with_failed_error_and_stop_resume_states():
 def test_monitor_shows_progress_eta_and_curves_of_a_live_run():
     fx.running_run()
     at = open_page("pages/monitor.py")
-    bar = at.get("progress")[0]
-    assert "demo-live" in bar.proto.text and "stage 1 of 1 (pretrain)" in bar.proto.text
-    assert "ETA 42 s" in bar.proto.text and bar.value == 45  # 9 of 20 steps
+    stage_bar, pipeline_bar = at.get("progress")
+    assert stage_bar.proto.text.startswith("Stage 1 of 1 (pretrain): epoch 2 of 4; ETA ")
+    assert stage_bar.value == 25  # 1 of 4 epochs completed
+    assert pipeline_bar.proto.text == "Pipeline: step 9 of 20; ETA 42 s" and pipeline_bar.value == 45
     assert len(at.get("plotly_chart")) == 4
 
 
@@ -125,3 +126,26 @@ def test_classes_draws_everything_from_the_store():
     assert len(at.dataframe[0].value) < len(per_class)
     assert len(at.get("plotly_chart")) == 2  # accuracy vs size, confusion matrix
     assert len(at.image) == 2  # the misclassified gallery
+
+
+def test_classes_gallery_shows_grad_cam_on_demand():
+    fx.finished_run()
+    at = open_page("pages/classes.py")
+    plain = at.image[0].value
+    at.toggle(key=f"cam-0-shapes-lt:val:0").set_value(True).run()
+    assert not at.error, [e.value for e in at.error]
+    assert at.image[0].value != plain and "Grad-CAM" in at.image[0].captions[0]
+
+
+def test_classes_shows_a_train_eval_result():
+    from core.run_store import RunStore
+
+    checkpoint = fx.finished_run()
+    result = RunStore().class_results("demo-done", 1)
+    RunStore().add_evaluation(str(checkpoint), "shapes-lt", "val", result,
+                              [{"source": "shapes-lt:val:0", "true": "heart", "predicted": "star", "confidence": .9}])
+    at = open_page("pages/classes.py")
+    at.segmented_control[0].set_value("an evaluation").run()
+    assert not at.error, [e.value for e in at.error]
+    assert {m.label: m.value for m in at.metric}["Accuracy"] == f"{result['accuracy']:.1%}"
+    assert [c for c in at.image[0].captions] == ["heart → star (90%)"]

@@ -66,6 +66,13 @@ def test_format_eta_and_progress():
     assert charts.progress_fraction(30, 20) == 1.0
 
 
+def test_stage_eta_from_epoch_times():
+    assert charts.stage_eta([], 0, 4) is None
+    assert charts.stage_eta([20.0, 40.0], 2, 5) == 90.0  # 3 epochs left at 30 s
+    assert charts.stage_eta([30.0], 1, 4, into_epoch_s=10.0) == 80.0
+    assert charts.stage_eta([30.0], 4, 4) == 0.0
+
+
 def _result():
     confusion = np.array([[8, 2, 0], [1, 3, 0], [0, 4, 0]])
     return class_result(["cat", "dog", "eel"], confusion, train_counts=[100, 40, 4])
@@ -88,13 +95,22 @@ def test_most_confused_classes_orders_by_errors_in_and_out():
 
 def test_confusion_figure_restricts_to_indices_with_row_shares():
     result = _result()
-    fig = charts.confusion_figure(result["confusion"], result["classes"], indices=[1, 2])
+    fig = charts.confusion_figure(result["confusion"], result["classes"], indices=[1, 2], diagonal=True)
     heat = fig.data[0]
     assert list(heat.x) == ["dog", "eel"]
-    # row 'eel' has 4 images, all predicted 'dog': share 1.0 even though the sub-matrix hides nothing here
+    # row 'eel' has 4 images, all predicted 'dog'
     assert np.asarray(heat.z)[1].tolist() == [1.0, 0.0]
     # row 'dog' has 4 images (1 went to 'cat', outside the sub-matrix): shares of the full row
     assert np.asarray(heat.z)[0].tolist() == [0.75, 0.0]
+
+
+def test_confusion_figure_without_diagonal_scales_colours_to_the_errors():
+    result = _result()
+    heat = charts.confusion_figure(result["confusion"], result["classes"]).data[0]
+    z = np.asarray(heat.z, dtype=float)
+    assert np.isnan(np.diag(z)).all()
+    assert heat.zmax == pytest.approx(1.0)  # eel -> dog is the largest error share
+    assert np.asarray(heat.customdata)[0, 0, 0] == 8  # hover still gives the diagonal count
 
 
 def test_accuracy_vs_size_has_a_point_per_class_with_accuracy():
