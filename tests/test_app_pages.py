@@ -149,3 +149,55 @@ def test_classes_shows_a_train_eval_result():
     assert not at.error, [e.value for e in at.error]
     assert {m.label: m.value for m in at.metric}["Accuracy"] == f"{result['accuracy']:.1%}"
     assert [c for c in at.image[0].captions] == ["heart → star (90%)"]
+
+
+def test_train_downloads_a_missing_data_set_with_progress(monkeypatch):
+    """The download button runs core.datasets.download (here a stand-in that writes the folder and reports
+    progress) and the warning is gone afterwards."""
+    import core.datasets
+    from core import paths
+
+    seen = []
+
+    def fake_download(name, root, progress=None):
+        for done in (0, 50, 100):
+            progress(done * 1_000_000, 100_000_000)
+        seen.append((name, str(root)))
+        folder = core.datasets.dataset_path(name, root)
+        folder.mkdir(parents=True)
+        return folder
+
+    monkeypatch.setattr(core.datasets, "download", fake_download)
+    at = open_page("pages/train.py")
+    at.selectbox[0].set_value("caltech101.yaml").run()
+    assert any("Caltech-101" in w.value for w in at.warning)
+    next(b for b in at.button if b.label == "Download Caltech-101").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert seen == [("caltech101", str(paths.data_root()))]
+    assert not any("Caltech-101" in w.value for w in at.warning)
+
+
+def test_train_launches_the_edited_pipeline(monkeypatch):
+    """Launch hands train.jobs.launch the pipeline as edited (types the validator accepts), then lists it."""
+    from train import jobs
+    from train.config import parse_config
+
+    launched = []
+    monkeypatch.setattr(jobs, "launch", lambda config, **kw: launched.append((config, kw)) or "my-pipeline")
+    at = open_page("pages/train.py")
+    at.selectbox[0].set_value("(empty pipeline)").run()
+    at.session_state["stages-(empty pipeline)"] = {
+        "edited_rows": {0: {"epochs": 2, "image_size": 32}},
+        "added_rows": [{"name": "finetune", "dataset": "shapes-lt", "epochs": 1, "init": "previous",
+                        "imbalance": "class_balanced"}],
+        "deleted_rows": []}
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    next(b for b in at.button if b.label == "Launch").click().run()
+    (config, kwargs), = launched
+    assert kwargs == {"device": None}
+    pipeline = parse_config(config)
+    assert [(s.dataset, s.epochs, s.init, s.imbalance) for s in pipeline.stages] == [
+        ("shapes", 2, "scratch", "none"), ("shapes-lt", 1, "previous", "class_balanced")]
+    assert pipeline.stages[0].image_size == 32 and isinstance(config["stages"][0]["epochs"], int)
+    assert any("my-pipeline" in s.value for s in at.success)
