@@ -105,12 +105,16 @@ def runs_table(runs: list[dict[str, Any]]) -> None:
 
 
 def find_checkpoints() -> list[Path]:
-    """Every ``*.pt`` under the ResLens home (runs' ``best``/``last`` and exported ones), newest first."""
+    """Every ``*.pt`` under the ResLens home (runs' ``best``/``last`` and exported ones): the newest folder
+    first, and in a folder ``best.pt`` before the others."""
     home = paths.reslens_home()
     if not home.is_dir():
         return []
     found = [p for p in home.rglob("*.pt") if p.is_file() and not p.name.startswith(".")]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    newest: dict[Path, float] = {}
+    for p in found:
+        newest[p.parent] = max(newest.get(p.parent, 0.0), p.stat().st_mtime)
+    return sorted(found, key=lambda p: (-newest[p.parent], str(p.parent), p.name != "best.pt", p.name))
 
 
 def checkpoint_label(path: Path) -> str:

@@ -31,6 +31,12 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
                           format_func=lambda n: f"{n} · {common.badge(next(r['state'] for r in runs if r['name'] == n))}")
 
 
+def stage_names(run: dict[str, Any]) -> list[str]:
+    """Names of all the run's stages, from its config (the store lists a stage only once it starts)."""
+    stages = (run.get("config") or {}).get("stages") or []
+    return [s.get("name") or f"stage{i + 1}" for i, s in enumerate(stages)]
+
+
 def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     """Progress bar and ETA of the running stage (from its epochs) and of the whole pipeline (heartbeat)."""
     import time
@@ -38,31 +44,37 @@ def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     index = run.get("stage")
     speed = f", {run['images_per_s']:.0f} images/s" if run.get("images_per_s") else ""
     st.markdown(f"**{run['name']}** · {common.badge(run['state'])}{speed}")
+    total = max(len(stage_names(run)), len(stages))
     if index is not None and index < len(stages):
         stage = stages[index]
         frame = common.store().metrics_frame(run["name"], "epoch", stage=index)
         into = time.time() - float(frame["time"].max()) if not frame.empty else 0.0
         eta = charts.stage_eta(frame["epoch_time_s"].tolist(), stage["completed_epochs"], stage["epochs"], into)
         st.progress(charts.progress_fraction(stage["completed_epochs"], stage["epochs"]),
-                    text=f"Stage {index + 1} of {len(stages)} ({stage['name']}): epoch {run.get('epoch') or 1} "
+                    text=f"Stage {index + 1} of {total} ({stage['name']}): epoch {run.get('epoch') or 1} "
                          f"of {stage['epochs']}; ETA {charts.format_eta(eta)}")
     st.progress(charts.progress_fraction(run.get("done_steps"), run.get("total_steps")),
                 text=f"Pipeline: step {run.get('done_steps') or 0} of {run.get('total_steps') or '?'}; "
                      f"ETA {charts.format_eta(run.get('eta_s'))}")
 
 
-def panels(names: list[str], per_step: bool, smoothing: float) -> None:
+def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None:
     store = common.store()
-    kind = "step" if per_step else "epoch"
-    frames = {n: store.metrics_frame(n, kind) for n in names}
-    stage_names = {n: [s["name"] for s in store.stages(n)] for n in names}
+    frames = {r["name"]: store.metrics_frame(r["name"], "step" if per_step else "epoch") for r in runs}
+    if not per_step and all(f.empty for f in frames.values()):
+        frames = {r["name"]: store.metrics_frame(r["name"], "step") for r in runs}
+        if any(not f.empty for f in frames.values()):
+            st.caption("No epoch has finished yet: these are the per-step curves.")
+            per_step = True
     if all(f.empty for f in frames.values()):
         st.info("No metrics yet: the first ones appear after the first steps of training.")
         return
+    kind = "step" if per_step else "epoch"
+    names = {r["name"]: stage_names(r) for r in runs}
     cols = st.columns(2)
     for i, (title, metrics, log_y) in enumerate(STEP_PANELS if per_step else EPOCH_PANELS):
         fig = charts.curves_figure(frames, metrics, x_column="step" if per_step else "epoch",
-                                   smoothing=smoothing, stage_names=stage_names, title=title, log_y=log_y)
+                                   smoothing=smoothing, stage_names=names, title=title, log_y=log_y)
         cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart-{kind}-{i}")
 
 
@@ -76,7 +88,7 @@ def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool
             progress(run, store.stages(run["name"]))
         elif run["state"] == "failed":
             st.error(f"{run['name']}: {run.get('error') or 'failed'}")
-    panels(names, per_step, smoothing)
+    panels(runs, per_step, smoothing)
 
 
 def body() -> None:

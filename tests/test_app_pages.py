@@ -201,3 +201,39 @@ def test_train_launches_the_edited_pipeline(monkeypatch):
         ("shapes", 2, "scratch", "none"), ("shapes-lt", 1, "previous", "class_balanced")]
     assert pipeline.stages[0].image_size == 32 and isinstance(config["stages"][0]["epochs"], int)
     assert any("my-pipeline" in s.value for s in at.success)
+
+
+def test_monitor_shows_step_curves_before_the_first_epoch_ends():
+    from core.run_store import RunStore
+
+    store = RunStore()
+    store.create_run("fresh", {"name": "fresh", "stages": [{"name": "pre", "dataset": "shapes"},
+                                                          {"name": "fine", "dataset": "shapes-lt"}]})
+    store.upsert_stage("fresh", 0, "pre", "shapes", epochs=2)
+    store.set_state("fresh", "running", pid=__import__("os").getpid())
+    store.log_steps("fresh", 0, 1, [{"step": s, "train_loss": 2.0, "lr": 0.1} for s in range(1, 4)])
+    store.heartbeat("fresh", stage=0, epoch=1, step=3, done_steps=3, total_steps=40)
+    at = open_page("pages/monitor.py")
+    assert "No epoch has finished yet: these are the per-step curves." in [c.value for c in at.caption]
+    assert len(at.get("plotly_chart")) == 2
+    assert at.get("progress")[0].proto.text.startswith("Stage 1 of 2 (pre): epoch 1 of 2")
+
+
+def test_checkpoints_newest_run_first_and_best_before_last():
+    import os
+
+    from core import paths
+    from pages import common
+
+    def touch(run, name):  # listing never opens a file: placeholders will do
+        path = paths.run_dir(run) / "stage1-a" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        return path
+
+    old = touch("old", "best.pt")
+    os.utime(old, (1, 1))
+    last, best = touch("new", "last.pt"), touch("new", "best.pt")
+    os.utime(best, (2, 2))  # older than last.pt, still listed first in its folder
+    assert common.find_checkpoints() == [best, last, old]
+    assert common.checkpoint_label(best) == "new / stage1-a / best.pt"
