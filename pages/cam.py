@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ import streamlit as st
 from PIL import Image
 
 from pages import common
+
+# One model object serves every session (st.cache_resource); the engine hooks its modules while it runs,
+# so two sessions must not run it at the same time.
+MODEL_LOCK = threading.Lock()
 
 METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++", "LayerCAM": "layercam",
            "Counterfactual (against the class)": "counterfactual"}
@@ -29,7 +34,7 @@ def _version(checkpoint: Path) -> tuple[str, int, int]:
     return str(checkpoint), stat.st_mtime_ns, stat.st_size
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_data(show_spinner=False, max_entries=16)
 def decode(key: str, _data: bytes, name: str) -> Image.Image:
     """The upright RGB image of an upload (``key`` is the bytes' digest); raises ``ImageError``."""
     from core.images import load_image
@@ -67,8 +72,9 @@ def _predict(version: tuple[str, int, int], key: str, _data: bytes, name: str) -
 
     checkpoint = Path(version[0])
     model, _ = common.load_model(checkpoint)
-    with torch.no_grad():
-        logits = model(_input(checkpoint, image_of(_data, name)))
+    batch = _input(checkpoint, image_of(_data, name))
+    with MODEL_LOCK, torch.no_grad():
+        logits = model(batch)
     return logits.softmax(dim=1)[0].numpy()
 
 
@@ -84,8 +90,9 @@ def _maps(version: tuple[str, int, int], key: str, _data: bytes, name: str, laye
 
     checkpoint = Path(version[0])
     model, _ = common.load_model(checkpoint)
-    result = explain(model, _input(checkpoint, image_of(_data, name)), list(layers), targets=[target],
-                     methods=(method,))
+    batch = _input(checkpoint, image_of(_data, name))
+    with MODEL_LOCK:
+        result = explain(model, batch, list(layers), targets=[target], methods=(method,))
     return {layer: result.maps[layer][method][0, 0].numpy() for layer in layers}
 
 
@@ -114,7 +121,8 @@ def _layers(version: tuple[str, int, int]) -> list:
     from core.gradcam import supported_layers
 
     model, info = common.load_model(Path(version[0]))
-    return supported_layers(model, info.preprocessing.image_size)
+    with MODEL_LOCK:
+        return supported_layers(model, info.preprocessing.image_size)
 
 
 def quick_overlay(checkpoint: Path, png: bytes, class_name: str, layer: str = "layer4") -> bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from core.images import MAX_FILE_BYTES
 
 CONFIG = Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml"
@@ -19,6 +21,7 @@ def test_server_listens_on_loopback_only_with_xsrf_and_no_run_on_save():
     assert server["enableXsrfProtection"] is True
     assert server["runOnSave"] is False
     assert server["headless"] is True
+    assert server["allowedHosts"] == ["localhost", "127.0.0.1"]  # no DNS rebinding onto the local app
 
 
 def test_no_usage_statistics_and_no_tracebacks_in_the_page():
@@ -57,3 +60,36 @@ def test_streamlit_reads_the_same_values(monkeypatch):
     finally:
         monkeypatch.undo()
         st_config.get_config_options(force_reparse=True)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the sockets listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
+def test_the_running_server_listens_on_loopback_and_refuses_foreign_hosts(tmp_path):
+    import http.client
+    from urllib.parse import urlparse
+
+    from tests import app_fixtures as fx
+
+    with fx.serve_app(tmp_path / "streamlit.log") as url:
+        port = urlparse(url).port
+        assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only, no 0.0.0.0 or ::
+        statuses = {}
+        for host in (f"127.0.0.1:{port}", "rebound.example.com"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/_stcore/stream", headers={
+                "Host": host, "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+            statuses[host] = conn.getresponse().status
+            conn.close()
+        assert statuses == {f"127.0.0.1:{port}": 101, "rebound.example.com": 403}
