@@ -57,10 +57,30 @@ def pick_images() -> list[Picked]:
 
 
 def layer_label(info: Any) -> str:
-    """'layer3 › layer3.5.conv2 (conv, 14x14)', or 'layer4: whole stage (7x7)'."""
+    """'layer3.5.conv2 (conv, 14x14)', or 'layer4: whole stage (7x7)'."""
     if info.name == info.stage:
         return f"{info.name}: whole stage ({info.resolution})"
-    return f"{info.stage} › {info.name} ({info.kind}, {info.resolution})"
+    return f"{info.name} ({info.kind}, {info.resolution})"
+
+
+def pick_layers(layers: list[Any]) -> tuple[str, ...]:
+    """One multiselect per stage (stem, layer1..layer4), each layer with its map resolution; forward order."""
+    from core.gradcam import layers_by_stage
+
+    st.markdown("**Layers** (side by side)", help="Grouped by stage, in forward order, with each map's "
+                "resolution. Deep layers: coarse but class-specific; shallow ones: sharp but noisy "
+                "(try LayerCAM there).")
+    groups = layers_by_stage(layers)
+    names = {info.name for info in layers}
+    default = DEFAULT_LAYER if DEFAULT_LAYER in names else layers[-1].name
+    chosen: set[str] = set()
+    for stage, infos in groups.items():
+        sizes = sorted({i.resolution for i in infos}, key=lambda r: -int(r.split("x")[0]))
+        label = f"{stage} ({' … '.join(dict.fromkeys([sizes[0], sizes[-1]]))})"
+        by_name = {i.name: i for i in infos}
+        chosen |= set(st.multiselect(label, list(by_name), default=[default] if default in by_name else [],
+                                     format_func=lambda n, b=by_name: layer_label(b[n]), key=f"layers-{stage}"))
+    return tuple(info.name for info in layers if info.name in chosen)
 
 
 def controls(checkpoint: Path, class_names: list[str]) -> dict[str, Any]:
@@ -68,22 +88,17 @@ def controls(checkpoint: Path, class_names: list[str]) -> dict[str, Any]:
     from core.overlay import COLORMAPS
 
     layers = cam.layer_choices(checkpoint)
-    by_name = {info.name: info for info in layers}
     with st.sidebar:
         st.header("Explanation")
         method = st.selectbox("Method", list(cam.METHODS), help="Grad-CAM: evidence for the class. Grad-CAM++ "
                               "and LayerCAM: sharper at shallow layers. Counterfactual: what speaks against it.")
-        default = [DEFAULT_LAYER] if DEFAULT_LAYER in by_name else [layers[-1].name]
-        chosen = st.multiselect("Layers (side by side)", list(by_name), default=default,
-                                format_func=lambda n: layer_label(by_name[n]),
-                                help="Grouped by stage, in forward order; the map's resolution is shown. "
-                                     "Deep layers: coarse but class-specific; shallow layers: fine but noisy.")
         target = st.selectbox("Explain the class", [TOP1] + sorted(class_names))
         colormap = st.selectbox("Colormap", list(COLORMAPS), index=list(COLORMAPS).index("jet")
                                 if "jet" in COLORMAPS else 0)
         opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05)
-    return {"method": cam.METHODS[method], "method_label": method, "layers": tuple(chosen), "target": target, "colormap": colormap,
-            "opacity": opacity, "layer_info": by_name}
+        chosen = pick_layers(layers)
+    return {"method": cam.METHODS[method], "method_label": method, "layers": chosen, "target": target,
+            "colormap": colormap, "opacity": opacity, "layer_info": {info.name: info for info in layers}}
 
 
 def explain_one(checkpoint: Path, picked: Picked, class_names: list[str], options: dict[str, Any]) -> None:
@@ -97,18 +112,26 @@ def explain_one(checkpoint: Path, picked: Picked, class_names: list[str], option
     right.markdown(f"Explaining **{class_names[target]}** ({probs[target]:.1%}) with {options['method_label']}.")
     if not options["layers"]:
         right.caption("Choose at least one layer in the sidebar.")
-    row = st.columns(max(3, 1 + len(options["layers"])))
-    row[0].image(image, caption=f"{picked.name} ({image.width}x{image.height})", width="stretch")
+    cells = grid(1 + len(options["layers"]))
+    cells[0].image(image, caption=f"{picked.name} ({image.width}x{image.height})", width="stretch")
     if not options["layers"]:
         return
     maps = cam.maps(checkpoint, picked.data, picked.name, options["layers"], options["method"], target)
     label = "against the class" if options["method"] == "counterfactual" else "importance"
-    for col, layer in zip(row[1:], options["layers"]):
+    for cell, layer in zip(cells[1:], options["layers"]):
         png = cam.overlay_png(checkpoint, image, maps[layer], options["colormap"], options["opacity"], label)
         info = options["layer_info"][layer]
-        col.image(png, caption=f"{layer} ({info.resolution})", width="stretch")
-        col.download_button("Download PNG", png, file_name=f"{Path(picked.name).stem}_{layer}.png",
-                            mime="image/png", key=f"dl-{picked.name}-{layer}", icon=":material/download:")
+        cell.image(png, caption=f"{layer} ({info.resolution})", width="stretch")
+        cell.download_button("Download PNG", png, file_name=f"{Path(picked.name).stem}_{layer}.png",
+                             mime="image/png", key=f"dl-{picked.name}-{layer}", icon=":material/download:")
+
+
+def grid(n: int, per_row: int = 3) -> list[Any]:
+    """``n`` cells in rows of ``per_row`` equal columns (the original first, then one per layer)."""
+    cells: list[Any] = []
+    while len(cells) < n:
+        cells += st.columns(per_row)
+    return cells[:n]
 
 
 def body() -> None:

@@ -67,6 +67,8 @@ def test_sliders_rerender_without_running_the_network(explain_page, monkeypatch)
     overlay_before = at.image[1].value
     at.sidebar.slider[0].set_value(0.9).run()
     assert calls["explain"] == 1 and at.image[1].value != overlay_before  # re-rendered from the cached map
-    at.sidebar.multiselect[0].set_value(["layer3", "layer4"]).run()
+    assert [m.label.split(" ")[0] for m in at.sidebar.multiselect] == ["stem", "layer1", "layer2", "layer3",
+                                                                       "layer4"]  # grouped by stage
+    at.multiselect(key="layers-layer3").set_value(["layer3"]).run()
     assert calls["explain"] == 2 and len(at.download_button) == 2
     assert calls["load"] == 0
