@@ -142,10 +142,10 @@ def supported_layers(model: nn.Module, image_size: int = 224) -> list[LayerInfo]
         return hook
 
     modules = dict(model.named_modules())
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
     with _preserved(model), _hooks((modules[n], recorder(n)) for n in modules if n):
         torch.set_grad_enabled(False)
-        model(torch.zeros(1, 3, image_size, image_size, device=device))
+        model(parameter.new_zeros(1, 3, image_size, image_size))
     return [
         LayerInfo(n, _stage_of(n), _kind_of(n, modules[n]), shapes[n][1], shapes[n][2], shapes[n][3])
         for n in order
