@@ -106,7 +106,13 @@ def body() -> None:
     smoothing = right.slider("Smoothing", 0.0, 0.99, 0.6 if per_step else 0.0, 0.01,
                              help="Exponential moving average, as in TensorBoard; the raw curve stays faint.")
     live = any(r["state"] in ("queued", "running") for r in runs if r["name"] in names)
-    st.fragment(live_view, run_every=LIVE_REFRESH_S if live else None)(names, per_step, smoothing, live)
+    st.fragment(guarded_live_view, run_every=LIVE_REFRESH_S if live else None)(names, per_step, smoothing, live)
+
+
+def guarded_live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool) -> None:
+    """The refreshing part; a fragment reruns on its own, so it shows its own errors."""
+    with common.shown_errors("The live view"):
+        live_view(names, per_step, smoothing, was_live)
 
 
 common.run_page(body, "The Monitor page")

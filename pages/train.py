@@ -210,6 +210,12 @@ def job_list() -> None:
 
 
 def _jobs_body(was_live: bool) -> None:
+    """The refreshing part; a fragment reruns on its own, so it shows its own errors."""
+    with common.shown_errors("The job list"):
+        _jobs(was_live)
+
+
+def _jobs(was_live: bool) -> None:
     runs = common.store().list_runs()
     if was_live and not any(r["state"] in ("queued", "running") for r in runs):
         st.rerun(scope="app")  # the last live run ended: stop refreshing
