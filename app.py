@@ -42,7 +42,7 @@ def next_step(runs: list[dict], checkpoints: list) -> None:
             st.switch_page("pages/train.py")
 
 
-def runs_table(runs: list[dict]) -> None:
+def runs_section(runs: list[dict]) -> None:
     st.subheader("Runs")
     if not runs:
         st.caption("No runs yet.")
@@ -62,7 +62,7 @@ def body() -> None:
     cols[2].metric("Data sets present", f"{int(data['present'].sum())} of {len(data)}")
     cols[3].metric("Device", common.device_summary().split(" (")[0], help=common.device_summary())
     next_step(runs, checkpoints)
-    runs_table(runs)
+    runs_section(runs)
     st.subheader("Data sets")
     st.caption(f"Looked for under {paths.data_root()} (set RESLENS_DATA to change it).")
     st.dataframe(data, hide_index=True, width="stretch",
