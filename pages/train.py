@@ -13,7 +13,9 @@ import streamlit as st
 import yaml
 
 from core import paths
+from core.datasets import DATASETS, dataset_path, download
 from pages import common
+from train.config import ARCHS, CHOICES, STAGE_DEFAULTS, ConfigError, parse_config
 
 common.setup("Train")
 
@@ -36,8 +38,6 @@ def read_shipped(name: str) -> dict[str, Any]:
 
 def stages_frame(raw: dict[str, Any]) -> pd.DataFrame:
     """The config's stages as editable rows; every stage key is a column (the less common ones hidden)."""
-    from train.config import STAGE_DEFAULTS
-
     columns = ["name", "dataset", *[k for k in STAGE_DEFAULTS if k != "name"], "options"]
     rows = []
     for stage in raw.get("stages") or []:
@@ -58,8 +58,6 @@ def _plain(value: Any, default: Any) -> Any:
 
 def rows_to_config(top: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
     """The pipeline dict the trainer reads, from the top-level fields and the edited rows."""
-    from train.config import STAGE_DEFAULTS
-
     stages = []
     for record in frame.to_dict("records"):
         stage: dict[str, Any] = {}
@@ -73,8 +71,6 @@ def rows_to_config(top: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
 
 def where_the_error_is(message: str) -> tuple[int | None, str | None]:
     """(row number from 1, column) named by a ConfigError sentence such as 'stage 2 (ft): lr must be > 0'."""
-    from train.config import STAGE_DEFAULTS
-
     match = _STAGE_RE.match(message)
     if not match:
         return None, None
@@ -84,8 +80,6 @@ def where_the_error_is(message: str) -> tuple[int | None, str | None]:
 
 def validate(config: dict[str, Any]) -> str | None:
     """None when the pipeline is valid (data sets aside: they get a download button), else the sentence."""
-    from train.config import ConfigError, parse_config
-
     try:
         parse_config(config, base_dir=CONFIG_DIR, check_data=False)
     except ConfigError as exc:
@@ -95,9 +89,6 @@ def validate(config: dict[str, Any]) -> str | None:
 
 def pipeline_editor() -> dict[str, Any]:
     """The pipeline chooser and stage table; returns the pipeline as a config dict."""
-    from core.datasets import DATASETS
-    from train.config import ARCHS, CHOICES
-
     options = shipped_configs() + [EMPTY]
     default = options.index("demo.yaml") if "demo.yaml" in options else 0
     source = st.selectbox("Start from", options, index=default,
@@ -148,15 +139,11 @@ def show_problems(config: dict[str, Any]) -> bool:
 
 
 def missing_datasets(config: dict[str, Any]) -> list[str]:
-    from core.datasets import DATASETS, dataset_path
-
     names = dict.fromkeys(s.get("dataset") for s in config.get("stages", []) if s.get("dataset") in DATASETS)
     return [n for n in names if (folder := dataset_path(n, paths.data_root())) is not None and not folder.is_dir()]
 
 
 def download_box(name: str) -> None:
-    from core.datasets import DATASETS, dataset_path
-
     info = DATASETS[name]
     st.warning(f"**{info.title}** is not on this machine (looked for {dataset_path(name, paths.data_root())}).",
                icon=":material/cloud_off:")
@@ -166,8 +153,6 @@ def download_box(name: str) -> None:
 
 def download_with_progress(name: str) -> None:
     """Run core.datasets.download in a worker thread and draw its progress from this script thread."""
-    from core.datasets import download
-
     seen: dict[str, Any] = {"done": 0, "total": None, "error": None}
 
     def work() -> None:
