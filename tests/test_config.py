@@ -67,6 +67,9 @@ def test_top_level_checks():
         parse_config({"name": "x", "stages": []})
     with pytest.raises(ConfigError, match="unknown key 'stagez'"):
         parse_config({"stagez": []})
+    with pytest.raises(ConfigError, match="amp must be true or false, got 'yes please'"):
+        parse_config({**two_stages(), "amp": "yes please"})
+    assert parse_config({**two_stages(), "channels_last": False}).channels_last is False
 
 
 def test_overrides_by_number_name_and_for_all_stages():

@@ -1,6 +1,7 @@
 """Pipeline configs (YAML): loading, command-line overrides and validation before anything runs.
 
-A pipeline names a model and a list of stages; every stage trains a fresh head on one data set,
+A pipeline names a model, a seed, speed switches (``amp``: mixed precision where the device has
+it, bf16 on CPUs with native bf16; ``channels_last``; ``compile``: ``torch.compile``) and a list of stages; every stage trains a fresh head on one data set,
 starting from ``init`` (``scratch``, ``imagenet``, ``previous`` = the previous stage's best
 checkpoint, or a checkpoint path). Every key but ``stages[*].dataset`` has a default
 (``STAGE_DEFAULTS``, ``PIPELINE_DEFAULTS``).
@@ -80,7 +81,8 @@ class PipelineConfig:
     arch: str = "resnet50"
     seed: int = 0
     compile: bool = False
-    cache_images: bool = True
+    amp: bool = True
+    channels_last: bool = True
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +181,9 @@ def _validate_pipeline(config: PipelineConfig) -> None:
         raise ConfigError(f"the config: arch must be one of {', '.join(ARCHS)}, got {config.arch!r}.")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         raise ConfigError(f"the config: seed must be an integer, got {config.seed!r}.")
+    for key in ("compile", "amp", "channels_last"):
+        if not isinstance(getattr(config, key), bool):
+            raise ConfigError(f"the config: {key} must be true or false, got {getattr(config, key)!r}.")
 
 
 def _number(label: str, key: str, value: Any, integer: bool = False) -> float:
