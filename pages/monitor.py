@@ -27,8 +27,7 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     store = common.store()
     with_metrics = [n for n in names if store.metrics(n, "epoch") or store.metrics(n, "step")]
     default = wanted or live[:1] or with_metrics[:1] or names[:1]
-    return st.multiselect("Runs (several overlay for comparison)", names, default=default,
-                          format_func=lambda n: f"{n} · {common.badge(next(r['state'] for r in runs if r['name'] == n))}")
+    return st.multiselect("Runs (several overlay for comparison)", names, default=default)
 
 
 def stage_names(run: dict[str, Any]) -> list[str]:
