@@ -68,15 +68,16 @@ def cached_loader(root: str, size: int, batch: int, workers: int) -> tuple[DataL
 class Step:
     """One training step of ``arch`` on ``device`` (AMP and channels_last as the trainer's defaults)."""
 
-    def __init__(self, arch: str, classes: int, device: torch.device) -> None:
+    def __init__(self, arch: str, classes: int, device: torch.device, amp: bool = True,
+                 channels_last: bool = True) -> None:
         self.device = device
-        self.channels_last = device.type in ("cuda", "cpu")
+        self.channels_last = channels_last and device.type in ("cuda", "cpu")
         self.model = build_model(arch, classes, "scratch").to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.amp = autocast_dtype(device)
+        self.amp = autocast_dtype(device) if amp else None
         self.normalize = Normalizer(IMAGENET_MEAN, IMAGENET_STD, self.channels_last).to(device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -133,6 +134,23 @@ def bench_size(args: argparse.Namespace, size: int, device: torch.device) -> dic
             "load_cached": load["cached"], "load_decode": load["decode"]}
 
 
+def compare_precision(args: argparse.Namespace, size: int, device: torch.device) -> dict[str, float]:
+    """Training img/s (memory feed) with and without mixed precision and channels_last, steps in turn."""
+    variants = {"fp32": (False, False), "channels_last": (False, True), "amp": (True, False),
+                "amp+channels_last": (True, True)}
+    steps = {name: Step(args.arch, 102, device, amp, cl) for name, (amp, cl) in variants.items()}
+    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (args.batch,), device=device)
+    feed = iter(lambda: (images, labels), None)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for i in range(args.steps + 1):
+        for name, step in steps.items():
+            t = timed_step(step, feed)
+            if i:  # the first step of each is warm-up
+                times[name].append(t)
+    return {name: args.batch / statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="/work/shared/data/caltech101-mini", help="holds caltech101/101_ObjectCategories")
@@ -144,6 +162,8 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
     p.add_argument("--fresh-cache", action="store_true", help="build the image cache in a temporary folder")
+    p.add_argument("--precision", action="store_true",
+                   help="instead: compare fp32 / channels_last / mixed precision (amp) on in-memory batches")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,6 +173,13 @@ def main() -> None:
 
         os.environ["RESLENS_HOME"] = tempfile.mkdtemp(prefix="reslens-bench-")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    if args.precision:
+        for size in args.sizes:
+            rates = compare_precision(args, size, device)
+            print(f"{args.arch} {size} px, batch {args.batch}, {name}, amp dtype {autocast_dtype(device)}: " +
+                  ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()) +
+                  f" (amp+channels_last / fp32 = {rates['amp+channels_last'] / rates['fp32']:.2f})")
+        return
     print(f"{args.arch}, batch {args.batch}, {args.steps} timed steps per feed (median), "
           f"workers {args.workers}, {name}")
     print("training img/s per feed; 'load' = the feed alone, no model; goal: cached/memory >= 0.9")
