@@ -169,9 +169,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     if args.fresh_cache:
+        import atexit
         import os
+        import shutil
 
         os.environ["RESLENS_HOME"] = tempfile.mkdtemp(prefix="reslens-bench-")
+        atexit.register(shutil.rmtree, os.environ["RESLENS_HOME"], True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     if args.precision:
         for size in args.sizes:
