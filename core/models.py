@@ -111,8 +111,8 @@ def build_model(arch: str = "resnet50", num_classes: int = 1000, init: str | os.
     if num_classes < 1:
         raise ModelError(f"A model needs at least one class, got num_classes={num_classes}.")
     builder = getattr(torchvision.models, ARCHS[arch][0])
-    if init == "scratch":
-        return builder(weights=None, num_classes=num_classes)
+    if init == "scratch":  # zero-initialised last BN of each block: each block starts as identity
+        return builder(weights=None, num_classes=num_classes, zero_init_residual=True)
     model = builder(weights=None)
     if init == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))

@@ -116,12 +116,12 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     if rng.random() < 0.5:
         grad = grad.transpose(1, 0, 2)
     img = np.broadcast_to(grad, (size, size, 3)).copy()
-    img += rng.normal(0, 12, img.shape)
+    img += rng.normal(0, 8, img.shape)
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(4, 9))):  # clutter: thin lines and specks, never a class shape
+    for _ in range(int(rng.integers(3, 7))):  # clutter: thin lines and specks, never a class shape
         xy = [tuple(rng.uniform(0, size, 2)) for _ in range(2)]
-        draw.line(xy, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 3)))
+        draw.line(xy, fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=1)
     for _ in range(int(rng.integers(5, 15))):
         x, y = rng.uniform(0, size, 2)
         r = rng.uniform(0.5, 1.5)
@@ -141,7 +141,7 @@ def render(shape: str, rng: np.random.Generator, size: int = RAW_SIZE) -> tuple[
     """Draw one ``shape`` on a cluttered background; return the image and the object's box (x0, y0, x1, y1)."""
     canvas = _background(rng, size)
     background = canvas.copy()
-    radius = rng.uniform(0.17, 0.3) * size
+    radius = rng.uniform(0.2, 0.32) * size
     cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
     angle = rng.uniform(-math.pi / 6, math.pi / 6)
     cos, sin = math.cos(angle), math.sin(angle)
