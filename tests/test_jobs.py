@@ -74,3 +74,13 @@ def test_tail_log_collapses_progress_redraws(tmp_path):
     assert jobs.tail_log("r") == "start\nepoch 1: 100%\nend"
     assert jobs.tail_log("r", lines=1) == "end"
     assert jobs.tail_log("missing") == ""
+
+
+def test_a_job_that_cannot_start_says_why(tmp_path):
+    import shutil
+
+    raw = tiny_config(tmp_path, epochs=(1,))
+    name = jobs.launch(raw)
+    shutil.rmtree(tmp_path / "caltech101")  # the data disappears before the trainer reads the config
+    run = wait_state(name, ("failed", "finished", "interrupted"))  # the trainer needs seconds to import torch
+    assert run["state"] == "failed" and "Caltech-101 data set was not found" in run["error"]

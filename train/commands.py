@@ -36,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
     from train.engine import train_run
 
     overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
-    config = load_config(args.config, overrides, data_root=args.data_root)
+    try:
+        config = load_config(args.config, overrides, data_root=args.data_root)
+    except UserError as exc:
+        _fail_queued_row(args.run_name, str(exc))
+        raise
     ctx = ddp.setup(args.device)
     try:
         store = RunStore() if ctx.is_main else None
@@ -50,6 +54,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ddp.teardown(ctx)
     return 0 if state == "finished" else 1
+
+
+def _fail_queued_row(run_name: str | None, error: str) -> None:
+    """A detached job that cannot start records why, so the app shows it (not just 'interrupted')."""
+    if not run_name:
+        return
+    store = RunStore()
+    if store.has_run(run_name):
+        row = store.get_run(run_name)
+        if row["stored_state"] == "queued" and row.get("pid") in (None, os.getpid()):
+            store.set_state(run_name, "failed", error=error)
 
 
 def _claim_run(config: Any, store: RunStore, run_name: str | None) -> str | None:
