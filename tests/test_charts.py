@@ -123,3 +123,18 @@ def test_probabilities_frame_top_k():
     frame = charts.probabilities_frame([0.1, 0.6, 0.3], ["a", "b", "c"], k=2)
     assert frame["class"].tolist() == ["b", "c"]
     assert frame["probability"].tolist() == pytest.approx([0.6, 0.3])
+
+
+def test_confusion_view_stays_readable_at_257_classes():
+    rng = np.random.default_rng(0)
+    n = 257
+    confusion = np.diag(rng.integers(5, 30, n))
+    for _ in range(400):
+        confusion[rng.integers(0, n), rng.integers(0, n)] += 1
+    classes = [f"{i:03d}.class" for i in range(n)]
+    top = charts.most_confused_classes(confusion, 20)
+    sub = charts.confusion_figure(confusion, classes, top)
+    assert len(sub.data[0].x) == 20 and sub.layout.xaxis.showticklabels  # names readable in the sub-matrix
+    full = charts.confusion_figure(confusion, classes)
+    assert np.asarray(full.data[0].z).shape == (n, n)
+    assert full.layout.xaxis.showticklabels is False and full.layout.height <= 900  # hover names the cells
