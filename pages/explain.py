@@ -101,7 +101,8 @@ def controls(checkpoint: Path, class_names: list[str]) -> dict[str, Any]:
             "colormap": colormap, "opacity": opacity, "layer_info": {info.name: info for info in layers}}
 
 
-def explain_one(checkpoint: Path, picked: Picked, class_names: list[str], options: dict[str, Any]) -> None:
+def explain_one(index: int, checkpoint: Path, picked: Picked, class_names: list[str],
+                options: dict[str, Any]) -> None:
     image = cam.image_of(picked.data, picked.name)
     probs = cam.predict(checkpoint, picked.data, picked.name)
     target = int(probs.argmax()) if options["target"] == TOP1 else class_names.index(options["target"])
@@ -123,7 +124,7 @@ def explain_one(checkpoint: Path, picked: Picked, class_names: list[str], option
         info = options["layer_info"][layer]
         cell.image(png, caption=f"{layer} ({info.resolution})", width="stretch")
         cell.download_button("Download PNG", png, file_name=f"{Path(picked.name).stem}_{layer}.png",
-                             mime="image/png", key=f"dl-{picked.name}-{layer}", icon=":material/download:")
+                             mime="image/png", key=f"dl-{index}-{layer}", icon=":material/download:")
 
 
 def grid(n: int, per_row: int = 3) -> list[Any]:
@@ -143,10 +144,10 @@ def body() -> None:
     _, info = common.load_model(checkpoint)
     images = pick_images()
     options = controls(checkpoint, info.class_names)
-    for picked in images:
+    for index, picked in enumerate(images):
         with st.container(border=True), common.shown_errors(f"Explaining {picked.name}"):
             st.subheader(picked.name)
-            explain_one(checkpoint, picked, info.class_names, options)
+            explain_one(index, checkpoint, picked, info.class_names, options)
 
 
 common.run_page(body, "The Explain page")

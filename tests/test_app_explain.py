@@ -44,6 +44,14 @@ def test_upload_good_and_broken_files_each_get_their_own_answer(explain_page):
     assert at.download_button[0].proto.label == "Download PNG"
 
 
+def test_two_uploads_with_the_same_name_both_show(explain_page):
+    at = explain_page
+    same = fx.png_bytes(80)
+    at.file_uploader[0].set_value([("photo.png", same, "image/png"), ("photo.png", same, "image/png")]).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert [s.value for s in at.subheader] == ["photo.png", "photo.png"] and len(at.download_button) == 2
+
+
 def test_sliders_rerender_without_running_the_network(explain_page, monkeypatch):
     import core.checkpoints
     import core.gradcam
