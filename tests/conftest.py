@@ -4,6 +4,10 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
+
+# One intra-op thread: on a shared 2-core machine, spinning OpenMP threads make every test slower.
+torch.set_num_threads(1)
 
 _real_connect = socket.socket.connect
 _LOOPBACK = ("127.", "::1", "localhost")
