@@ -22,14 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("reslens.app")
 
-STATE_BADGES = {  # plain words: emoji fonts are missing on some machines
-    "queued": "queued",
-    "running": "running",
-    "finished": "finished",
-    "failed": "FAILED",
-    "stopped": "stopped",
-    "interrupted": "interrupted",
-}
 
 
 NAVIGATION = (  # (script, label, icon): Streamlit's own page list is hidden (client.showSidebarNavigation)
@@ -86,7 +78,8 @@ def _store(path: str) -> RunStore:
 
 
 def badge(state: str) -> str:
-    return STATE_BADGES.get(state, state)
+    """How a job state reads in tables: plain words (emoji fonts are missing on some machines), failures loud."""
+    return "FAILED" if state == "failed" else state
 
 
 def runs_table(runs: list[dict[str, Any]]) -> None:
