@@ -55,12 +55,12 @@ POLYGONS: dict[str, list[tuple[list[Point], bool]]] = {
     "star": [(_star(), True)],
     "cross": [([(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1),
                 (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)], True)],
-    "hexagon": [(_regular(6, 0.0), True)],
     "ring": [(_regular(32), True), ([(0.55 * x, 0.55 * y) for x, y in _regular(32)], False)],
     "frame": [([(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)], True),
               ([(-0.45, -0.45), (0.45, -0.45), (0.45, 0.45), (-0.45, 0.45)], False)],
     "semicircle": [(_arc(1.0, 0, math.pi) + [(-1.0, 0.0)], True)],
-    "pentagon": [(_regular(5), True)],
+    "bar": [([(-1, -0.28), (1, -0.28), (1, 0.28), (-1, 0.28)], True)],
+    "hourglass": [([(-0.8, -1), (0.8, -1), (0, 0), (0.8, 1), (-0.8, 1), (0, 0)], True)],
     "heart": [(_heart(), True)],
     "arrow": [([(-1, -0.25), (0.2, -0.25), (0.2, -0.65), (1, 0), (0.2, 0.65), (0.2, 0.25), (-1, 0.25)], True)],
     "crescent": [(_regular(32), True), ([(0.45 + 0.85 * x, -0.1 + 0.85 * y) for x, y in _regular(32)], False)],
@@ -83,10 +83,10 @@ def _long_tail(n_max: int, ratio: float, n_classes: int) -> tuple[int, ...]:
 
 VARIANTS: dict[str, Variant] = {
     "shapes": Variant(
-        ("circle", "square", "triangle", "star", "cross", "hexagon", "ring", "frame", "semicircle", "pentagon"),
+        ("circle", "square", "triangle", "star", "cross", "ring", "frame", "semicircle", "bar", "crescent"),
         (200,) * 10, "shapes"),
     "shapes-lt": Variant(
-        ("heart", "arrow", "circle", "tee", "star", "crescent", "square", "ell", "triangle", "cross"),
+        ("heart", "arrow", "circle", "tee", "star", "hourglass", "square", "ell", "triangle", "cross"),
         _long_tail(250, 25.0, 10), "shapes-lt"),
 }
 
@@ -141,7 +141,7 @@ def render(shape: str, rng: np.random.Generator, size: int = RAW_SIZE) -> tuple[
     """Draw one ``shape`` on a cluttered background; return the image and the object's box (x0, y0, x1, y1)."""
     canvas = _background(rng, size)
     background = canvas.copy()
-    radius = rng.uniform(0.2, 0.32) * size
+    radius = rng.uniform(0.22, 0.34) * size
     cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
     angle = rng.uniform(-math.pi / 6, math.pi / 6)
     cos, sin = math.cos(angle), math.sin(angle)

@@ -41,7 +41,7 @@ def test_box_encloses_the_object():
         image = np.asarray(ds.load_raw(i)).astype(int)
         x0, y0, x1, y1 = ds.box(i)
         assert 0 <= x0 < x1 <= RAW_SIZE and 0 <= y0 < y1 <= RAW_SIZE
-        assert 8 <= x1 - x0 <= 0.7 * RAW_SIZE
+        assert 8 <= x1 - x0 <= 0.9 * RAW_SIZE and 8 <= y1 - y0 <= 0.9 * RAW_SIZE
         # the object is one flat colour: the most common exact colour inside the box is rarer outside it
         inside = image[y0:y1, x0:x1].reshape(-1, 3)
         colours, counts = np.unique(inside, axis=0, return_counts=True)
