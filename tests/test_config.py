@@ -126,3 +126,9 @@ def test_shipped_configs_validate(name):
     assert config.arch == "resnet50"
     assert [s.dataset for s in config.stages][:2] == ["tinyimagenet", "cifar100"]
     assert [s.init for s in config.stages[1:]] == ["previous", "previous"]
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    from train.config import parse_yaml
+
+    assert parse_yaml("lr: 5e-4\nwd: -2E3\nname: e5x\nn: 3") == {"lr": 5e-4, "wd": -2000.0, "name": "e5x", "n": 3}

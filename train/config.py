@@ -38,6 +38,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _TRAIN_LAYERS = re.compile(r"^(all|head|from:layer[1-4])$")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `5e-4` as a string; read it as the number everybody means (as YAML 1.2 does)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 class ConfigError(UserError):
     """A pipeline config that cannot run, explained in one sentence naming the stage and field."""
 
@@ -110,7 +126,7 @@ def load_config(
     """Read, override and validate the YAML pipeline at ``path``; raise ``ConfigError`` on any problem."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
     except yaml.YAMLError as exc:
@@ -298,7 +314,7 @@ def apply_overrides(raw: Any, overrides: Iterable[str]) -> Any:
         if not sep or not key.strip():
             raise ConfigError(f"Override {item!r} must look like KEY=VALUE, e.g. stages.2.epochs=3.")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
         except yaml.YAMLError:
             raise ConfigError(f"Override {item!r}: the value is not valid YAML.") from None
         _apply_one(raw, key.strip(), value, item)
