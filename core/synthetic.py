@@ -74,21 +74,13 @@ class Variant:
     classes: tuple[str, ...]
     sizes: tuple[int, ...]  # images per class (train + val)
     seed_salt: str
+    patterns: tuple[str, ...]  # the fill texture of each class
 
 
 def _long_tail(n_max: int, ratio: float, n_classes: int) -> tuple[int, ...]:
     """Class sizes decaying geometrically from n_max to n_max/ratio (Caltech-like long tail)."""
     return tuple(int(round(n_max * ratio ** (-k / (n_classes - 1)))) for k in range(n_classes))
 
-
-VARIANTS: dict[str, Variant] = {
-    "shapes": Variant(
-        ("circle", "square", "triangle", "star", "cross", "ring", "frame", "semicircle", "bar", "crescent"),
-        (200,) * 10, "shapes"),
-    "shapes-lt": Variant(
-        ("heart", "arrow", "circle", "tee", "star", "hourglass", "square", "ell", "triangle", "cross"),
-        _long_tail(250, 25.0, 10), "shapes-lt"),
-}
 
 VAL_FRACTION = 0.2
 
@@ -137,32 +129,65 @@ def _object_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(255 * c) for c in rgb)  # type: ignore[return-value]
 
 
-def render(shape: str, rng: np.random.Generator, size: int = RAW_SIZE) -> tuple[Image.Image, tuple[int, int, int, int]]:
-    """Draw one ``shape`` on a cluttered background; return the image and the object's box (x0, y0, x1, y1)."""
+# Fill textures, as functions of pixel coordinates: each class has its own (real object classes have
+# characteristic textures too), so a network trained from scratch picks the classes up within minutes.
+PATTERNS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "solid": lambda x, y: np.ones_like(x, bool),
+    "hstripes": lambda x, y: (y // 3) % 2 == 0,
+    "vstripes": lambda x, y: (x // 3) % 2 == 0,
+    "diagonal": lambda x, y: ((x + y) // 3) % 2 == 0,
+    "antidiagonal": lambda x, y: ((x - y) // 3) % 2 == 0,
+    "checker": lambda x, y: ((x // 3) + (y // 3)) % 2 == 0,
+    "dots": lambda x, y: ~((x % 4 < 2) & (y % 4 < 2)),
+    "grid": lambda x, y: (x % 5 != 0) & (y % 5 != 0),
+    "wide-hstripes": lambda x, y: (y // 6) % 2 == 0,
+    "wide-vstripes": lambda x, y: (x // 6) % 2 == 0,
+}
+
+
+def _fill(pattern: str, colour: tuple[int, int, int], rng: np.random.Generator, size: int) -> Image.Image:
+    """A size x size image of ``pattern`` in ``colour`` and a dark shade of it, at a random phase."""
+    y, x = np.mgrid[0:size, 0:size] + rng.integers(0, 12, 2)[:, None, None]
+    on = PATTERNS[pattern](x, y)
+    light = np.array(colour, float)
+    pixels = np.where(on[..., None], light, light * 0.35)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def render(shape: str, rng: np.random.Generator, size: int = RAW_SIZE,
+           pattern: str = "solid") -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Draw one ``shape`` filled with ``pattern`` on a cluttered background; return it and the object's box."""
     canvas = _background(rng, size)
-    background = canvas.copy()
     radius = rng.uniform(0.22, 0.34) * size
     cx, cy = rng.uniform(radius + 1, size - radius - 1, 2)
     angle = rng.uniform(-math.pi / 6, math.pi / 6)
     cos, sin = math.cos(angle), math.sin(angle)
-    colour = _object_colour(rng)
-    draw = ImageDraw.Draw(canvas)
+    mask = Image.new("L", canvas.size, 0)
+    draw = ImageDraw.Draw(mask)
     xs: list[float] = []
     ys: list[float] = []
-    for points, solid in POLYGONS[shape]:
+    for points, solid in POLYGONS[shape]:  # a polygon that is not solid is a hole
         poly = [(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in points]
+        draw.polygon(poly, fill=255 if solid else 0)
         if solid:
-            draw.polygon(poly, fill=colour)
             xs += [p[0] for p in poly]
             ys += [p[1] for p in poly]
-        else:  # a hole shows the background through
-            hole = Image.new("L", canvas.size, 0)
-            ImageDraw.Draw(hole).polygon(poly, fill=255)
-            canvas.paste(background, (0, 0), hole)
+    canvas.paste(_fill(pattern, _object_colour(rng), rng, size), (0, 0), mask)
     box = (max(0, int(math.floor(min(xs)))), max(0, int(math.floor(min(ys)))),
            min(size, int(math.ceil(max(xs))) + 1), min(size, int(math.ceil(max(ys))) + 1))
     return canvas, box
 
+
+VARIANTS: dict[str, Variant] = {
+    "shapes": Variant(
+        ("circle", "square", "triangle", "star", "cross", "ring", "frame", "semicircle", "bar", "crescent"),
+        (200,) * 10, "shapes", tuple(PATTERNS)),
+    "shapes-lt": Variant(
+        ("heart", "arrow", "circle", "tee", "star", "hourglass", "square", "ell", "triangle", "cross"),
+        _long_tail(250, 25.0, 10), "shapes-lt",
+        ("checker", "wide-vstripes", "dots", "solid", "hstripes", "grid", "diagonal", "vstripes",
+         "wide-hstripes", "antidiagonal")),
+}
 
 class ShapesDataset(LabeledImages):
     """A synthetic demo data set with known object boxes."""
@@ -182,7 +207,7 @@ class ShapesDataset(LabeledImages):
     def _render(self, i: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
         c, item = self._items[i]
         rng = _rng(self._spec.seed_salt, self.seed, "image", c, item)
-        return render(self.classes[c], rng, self.image_size)
+        return render(self.classes[c], rng, self.image_size, self._spec.patterns[c])
 
     def load_raw(self, i: int) -> Image.Image:
         """The RGB image at index ``i`` at its generated resolution."""
