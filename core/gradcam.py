@@ -161,6 +161,20 @@ def layers_by_stage(layers: Sequence[LayerInfo]) -> dict[str, list[LayerInfo]]:
     return groups
 
 
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+MIN_SIDE = 6  # a map coarser than this cannot point inside a typical object box
+
+
+def recommended_layer(layers: Sequence[LayerInfo]) -> str:
+    """The deepest whole stage whose map is at least MIN_SIDE on each side (``layer4`` at 224 px,
+    ``layer2`` at 48-64 px: see BENCHMARKS.md, pointing game); the sharpest stage when none is."""
+    stages = [info for info in layers if info.name in STAGES]
+    if not stages:
+        raise GradCAMError("This model has no ResNet stages (layer1..layer4) to explain.")
+    fine = [info for info in stages if min(info.height, info.width) >= MIN_SIDE]
+    return (fine or stages[:1])[-1].name
+
+
 # ---------------------------------------------------------------------------------------------------------
 # state restoration and hooks
 

@@ -125,8 +125,11 @@ def _layers(version: tuple[str, int, int]) -> list:
         return supported_layers(model, info.preprocessing.image_size)
 
 
-def quick_overlay(checkpoint: Path, png: bytes, class_name: str, layer: str = "layer4") -> bytes:
-    """Grad-CAM of ``class_name`` at ``layer`` over an image (the Classes gallery)."""
+def quick_overlay(checkpoint: Path, png: bytes, class_name: str) -> bytes:
+    """Grad-CAM of ``class_name`` at the model's recommended layer over an image (the Classes gallery)."""
+    from core.gradcam import recommended_layer
+
+    layer = recommended_layer(layer_choices(checkpoint))
     _, info = common.load_model(checkpoint)
     target = info.class_names.index(class_name) if class_name in info.class_names else int(
         np.argmax(predict(checkpoint, png, "sample.png")))

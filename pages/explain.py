@@ -15,7 +15,6 @@ from pages import cam, common
 common.setup("Explain")
 
 TOP1 = "the top-1 prediction"
-DEFAULT_LAYER = "layer4"
 
 
 @dataclass(frozen=True)
@@ -65,14 +64,13 @@ def layer_label(info: Any) -> str:
 
 def pick_layers(layers: list[Any]) -> tuple[str, ...]:
     """One multiselect per stage (stem, layer1..layer4), each layer with its map resolution; forward order."""
-    from core.gradcam import layers_by_stage
+    from core.gradcam import layers_by_stage, recommended_layer
 
     st.markdown("**Layers** (side by side)", help="Grouped by stage, in forward order, with each map's "
                 "resolution. Deep layers: coarse but class-specific; shallow ones: sharp but noisy "
                 "(try LayerCAM there).")
     groups = layers_by_stage(layers)
-    names = {info.name for info in layers}
-    default = DEFAULT_LAYER if DEFAULT_LAYER in names else layers[-1].name
+    default = recommended_layer(layers)
     chosen: set[str] = set()
     for stage, infos in groups.items():
         sizes = sorted({i.resolution for i in infos}, key=lambda r: -int(r.split("x")[0]))

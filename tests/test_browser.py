@@ -42,7 +42,7 @@ def test_upload_an_image_and_see_predictions_and_overlay(server, tmp_path):
             expect(page.get_by_text("Explaining")).to_have_count(1, timeout=WAIT_MS)
             expect(page.get_by_text("Explaining")).to_be_visible(timeout=WAIT_MS)
             expect(page.get_by_test_id("stDataFrame")).to_be_visible(timeout=WAIT_MS)  # the top-5 table
-            overlay = page.get_by_test_id("stImage").filter(has_text="layer4")
+            overlay = page.get_by_test_id("stImage").filter(has_text="layer")  # the recommended layer's overlay
             expect(overlay.locator("img")).to_be_visible(timeout=WAIT_MS)
             assert overlay.locator("img").evaluate("img => img.naturalWidth") > 96  # a rendered PNG, enlarged
             assert page.get_by_test_id("stException").count() == 0

@@ -309,3 +309,11 @@ def test_every_supported_layer_can_be_explained():
         for method in METHODS:
             assert result.maps[name][method].shape == (1, 1, 32, 32)
             assert not result.maps[name][method].isnan().any()
+
+
+@pytest.mark.parametrize("size, expected", [(224, "layer4"), (64, "layer2"), (48, "layer2"), (32, "layer1")])
+def test_recommended_layer_is_the_deepest_stage_with_a_fine_enough_map(size, expected):
+    from core.gradcam import recommended_layer
+
+    model = torchvision.models.resnet18(weights=None)
+    assert recommended_layer(supported_layers(model, size)) == expected
