@@ -306,13 +306,15 @@ class RunStore:
         return _run_view(rows[0], self._best_by_run().get(name))
 
     def list_runs(self) -> list[dict[str, Any]]:
-        """Every run, newest first, as ``get_run`` dicts plus ``best_val_acc`` over all stages."""
+        """Every run, newest first, as ``get_run`` dicts plus ``best_val_acc`` of its latest evaluated stage."""
         best = self._best_by_run()
         return [_run_view(r, best.get(r["name"])) for r in self._read("SELECT * FROM runs ORDER BY created DESC")]
 
     def _best_by_run(self) -> dict[str, float]:
-        rows = self._read("SELECT run, MAX(best_val_acc) AS best FROM stages GROUP BY run")
-        return {r["run"]: r["best"] for r in rows}
+        """Best validation accuracy of each run's latest stage that has one (stages use different data sets,
+        so the maximum over stages would compare apples with pears)."""
+        rows = self._read("SELECT run, best_val_acc AS best FROM stages WHERE best_val_acc IS NOT NULL ORDER BY idx")
+        return {r["run"]: r["best"] for r in rows}  # later stages overwrite earlier ones
 
     # ----------------------------------------------------------------- stages
     def upsert_stage(

@@ -175,3 +175,13 @@ def test_truncate_after_a_mid_epoch_step(store):
     store.truncate_after("r1", 0, 1, step=4)  # epoch 1 complete, one step of epoch 2 kept
     assert [m["step"] for m in store.metrics("r1", "step")] == [1, 2, 3, 4]
     assert [m["epoch"] for m in store.metrics("r1")] == [1]
+
+
+def test_best_accuracy_of_a_run_is_its_latest_stages(store):
+    store.upsert_stage("r1", 0, "pretrain", "shapes", 2)
+    store.upsert_stage("r1", 1, "finetune", "shapes-lt", 2)
+    store.update_stage("r1", 0, best_val_acc=0.9)
+    assert store.list_runs()[0]["best_val_acc"] == pytest.approx(0.9)  # only the first stage has one yet
+    store.update_stage("r1", 1, best_val_acc=0.7)
+    assert store.list_runs()[0]["best_val_acc"] == pytest.approx(0.7)
+    assert store.get_run("r1")["best_val_acc"] == pytest.approx(0.7)
