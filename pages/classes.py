@@ -29,7 +29,7 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
     a, b, c = st.columns(3)
     with_stages = next((i for i, name in enumerate(runs)
                         if any(store.class_result_epochs(name, s["idx"]) for s in store.stages(name))), 0)
-    run = a.selectbox("Run", runs, index=with_stages)
+    run = a.selectbox("Run", runs, index=with_stages, key="classes_run")
     stages = store.stages(run)
     if not stages:
         st.info(f"Run {run} has not started a stage yet.")

@@ -40,7 +40,7 @@ def pick_checkpoint() -> Path | None:
         if st.button("Go to Home", icon=":material/home:"):
             st.switch_page("app.py")
         return None
-    return st.selectbox("Checkpoint", found, format_func=common.checkpoint_label,
+    return st.selectbox("Checkpoint", found, format_func=common.checkpoint_label, key="explain_checkpoint",
                         help="Any checkpoint under the ResLens home folder, newest first.")
 
 
@@ -50,7 +50,7 @@ def pick_images() -> list[Picked]:
     if uploads:
         return [Picked(u.name, u.getvalue()) for u in uploads]
     options = samples()
-    chosen = st.multiselect("...or explain built-in samples", range(len(options)), default=[0, 1, 2],
+    chosen = st.multiselect("...or explain built-in samples", range(len(options)), default=list(range(min(3, len(options)))),
                             format_func=lambda i: options[i].label)
     return [Picked(options[i].filename, options[i].png) for i in chosen]
 

@@ -27,7 +27,7 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     store = common.store()
     with_metrics = [n for n in names if store.metrics(n, "epoch") or store.metrics(n, "step")]
     default = wanted or live[:1] or with_metrics[:1] or names[:1]
-    return st.multiselect("Runs (several overlay for comparison)", names, default=default)
+    return st.multiselect("Runs (several overlay for comparison)", names, default=default, key="monitor_pick")
 
 
 def stage_names(run: dict[str, Any]) -> list[str]:

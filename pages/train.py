@@ -227,10 +227,12 @@ def job_controls(run: dict[str, Any]) -> None:
     if left.button("Stop", key=f"stop-{name}", disabled=state not in ("queued", "running"), icon=":material/stop:"):
         jobs.stop(name)
         st.toast(f"Asked {name} to stop; it saves and stops at the next step.")
+        st.rerun(scope="app")  # the job list's live refresh follows the new state
     if middle.button("Resume", key=f"resume-{name}", disabled=state not in ("stopped", "interrupted", "failed"),
                      icon=":material/replay:"):
         jobs.resume(name)
         st.toast(f"{name} resumes from its last completed epoch.")
+        st.rerun(scope="app")
     st.caption(f"Last lines of {jobs.log_path(name)}")
     st.code(jobs.tail_log(name, 30) or "(no log yet)", language=None)
 

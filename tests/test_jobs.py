@@ -34,7 +34,9 @@ def test_launch_stop_resume_and_tail(tmp_path, monkeypatch):
     assert jobs.launch(raw) == "tiny-2"  # the name is made unique
     jobs.stop("tiny-2")
     wait_state(name, ("running",))
+    deadline = time.monotonic() + 90
     while not store.metrics(name):  # let one epoch finish
+        assert time.monotonic() < deadline, f"no epoch finished; log:\n{jobs.tail_log(name)}"
         time.sleep(0.1)
     with pytest.raises(RunStoreError, match="still running"):
         jobs.resume(name)
