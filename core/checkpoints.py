@@ -126,6 +126,18 @@ def check_compatible(info: CheckpointInfo, arch: str | None = None, class_names:
         )
 
 
+def load_weights(model: nn.Module, state: dict[str, Any], source: object) -> nn.Module:
+    """``model.load_state_dict(state)``, with weights that do not fit reported as one sentence."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"The weights in {source} do not fit this model (the checkpoint is damaged or was written for "
+            "another architecture or class count)."
+        ) from exc
+    return model
+
+
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
                arch: str | None = None, class_names: list[str] | None = None) -> tuple[nn.Module, CheckpointInfo]:
     """Build the checkpoint's model, load its weights and return it in eval mode with its info."""
@@ -133,11 +145,5 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     info = checkpoint_info(path, data)
     check_compatible(info, arch, class_names)
     model = build_model(info.arch, info.num_classes, "scratch")
-    try:
-        model.load_state_dict(data["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"The weights in {path} do not fit a {info.arch} with {info.num_classes} classes "
-            "(the checkpoint is damaged or was written for another architecture)."
-        ) from exc
+    load_weights(model, data["model"], path)
     return model.to(device).eval(), info

@@ -118,13 +118,13 @@ def build_model(arch: str = "resnet50", num_classes: int = 1000, init: str | os.
         model.load_state_dict(_imagenet_state_dict(arch))
         source_classes = 1000
     else:
-        from core.checkpoints import load_checkpoint
+        from core.checkpoints import load_checkpoint, load_weights
 
         ckpt = load_checkpoint(init)
         if ckpt["arch"] != arch:
             raise ModelError(f"Checkpoint {init} holds a {ckpt['arch']}, but a {arch} was asked for.")
         replace_head(model, int(ckpt["num_classes"]))
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], init)
         source_classes = int(ckpt["num_classes"])
     if source_classes != num_classes:
         replace_head(model, num_classes)

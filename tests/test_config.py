@@ -132,3 +132,14 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     from train.config import parse_yaml
 
     assert parse_yaml("lr: 5e-4\nwd: -2E3\nname: e5x\nn: 3") == {"lr": 5e-4, "wd": -2000.0, "name": "e5x", "n": 3}
+
+
+def test_a_config_that_cannot_be_read_is_one_sentence(tmp_path):
+    from train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path)  # a folder, not a file
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\xe9".encode("latin-1"))
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(bad)

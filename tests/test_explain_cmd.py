@@ -101,6 +101,8 @@ def test_same_stem_twice_gets_two_files(checkpoint, inputs, tmp_path):
         (["--target", "hexagon"], "no class named 'hexagon'"),
         (["--target", "7"], "out of range"),
         (["--layer", "layer9"], "no layer named 'layer9'"),
+        pytest.param(["--device", "cuda"], "sees no CUDA GPU", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
 )
 def test_bad_requests_stop_with_one_sentence(checkpoint, inputs, tmp_path, capsys, extra, message):

@@ -86,3 +86,15 @@ def test_a_job_that_cannot_start_says_why(tmp_path):
     shutil.rmtree(tmp_path / "caltech101")  # the data disappears before the trainer reads the config
     run = wait_state(name, ("failed", "finished", "interrupted"))  # the trainer needs seconds to import torch
     assert run["state"] == "failed" and "Caltech-101 data set was not found" in run["error"]
+
+
+def test_kill_and_resume_leave_other_processes_alone():
+    store = RunStore()
+    store.create_run("quiet", {"name": "quiet", "stages": []})
+    store.set_state("quiet", "running", pid=os.getpid())  # a live pid whose heartbeat is stale
+    store._write("UPDATE runs SET heartbeat = 0 WHERE name = 'quiet'")
+    assert store.get_run("quiet")["state"] == "interrupted"
+    with pytest.raises(RunStoreError, match="live trainer"):
+        jobs.resume("quiet")
+    store.set_state("quiet", "finished")
+    assert jobs.kill("quiet") is False  # finished: its old pid may be anyone's now

@@ -71,3 +71,12 @@ def test_crop_box_matches_resize_and_center_crop():
     pre = Preprocessing(image_size=224, resize=256)
     x0, y0, x1, y1 = pre.crop_box(512, 256)  # short side 256 -> scale 1, crop 224 centred
     assert (x0, y0, x1, y1) == pytest.approx((144, 16, 368, 240))
+
+
+def test_checkpoint_whose_weights_do_not_fit_is_one_sentence(tmp_path):
+    from core.checkpoints import CheckpointError
+
+    payload = _payload(build_model("resnet34", 2), "resnet18", ["x", "y"])  # says resnet18, holds resnet34
+    path = save_checkpoint(tmp_path / "a.pt", payload)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        build_model("resnet18", 5, path)

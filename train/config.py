@@ -129,6 +129,8 @@ def load_config(
         raw = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Config file {path} cannot be read ({type(exc).__name__}: {exc}).") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from core import evaluation, paths
-from core.checkpoints import load_checkpoint, save_checkpoint
+from core.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from core.errors import UserError
 from core.models import Preprocessing, build_model
 from core.run_store import RunStore
@@ -404,7 +404,7 @@ class Trainer:
             init = str(stage_dir(self.run_name, index - 1, self.config.stages[index - 1]) / "best.pt")
         model = build_model(self.config.arch, len(data.classes), init)
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
+            load_weights(model, checkpoint["model"], "the checkpoint this stage resumes from")
         model = model.to(self.ctx.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
@@ -525,11 +525,12 @@ class Trainer:
             st.best = val_acc
         if self.ctx.is_main:
             summary = {**metrics, "best_val_acc": st.best}
-            last = self._save(st, "last", epoch + 1, 0, summary)
-            fields: dict[str, Any] = {"last_path": str(last), "completed_epochs": epoch + 1}
-            if improved:
+            fields: dict[str, Any] = {}
+            if improved:  # best first: last.pt marks progress, so a crash in between never loses the best
                 best = self._save(st, "best", epoch + 1, 0, summary)
                 fields.update(best_path=str(best), best_val_acc=st.best, best_epoch=epoch + 1)
+            last = self._save(st, "last", epoch + 1, 0, summary)
+            fields.update(last_path=str(last), completed_epochs=epoch + 1)
             self.store.update_stage(self.run_name, st.index, **fields)
             self.display.message(_epoch_line(st.label, epoch + 1, st.stage.epochs, metrics))
         ddp.barrier(self.ctx)
@@ -691,7 +692,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     check_compatible(info, class_names=classes)
     target = ddp.pick_device(device)
     model = build_model(info.arch, info.num_classes, "scratch")
-    model.load_state_dict(raw["model"])
+    load_weights(model, raw["model"], path)
     normalize = Normalizer(pre.mean, pre.std).to(target)
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
                                autocast_dtype=autocast_dtype(target))

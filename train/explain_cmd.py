@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=5, help="predictions to print per image (default: 5)")
     parser.add_argument("--colormap", default="jet", choices=list(COLORMAPS), help="colormap (default: jet)")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1] (default: 0.5)")
-    parser.add_argument("--device", default="cpu", help="device to run the model on (default: cpu)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"),
+                        help="device to run the model on (default: cpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,7 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.opacity <= 1:
         raise ExplainError(f"--opacity must be between 0 and 1, not {args.opacity}.")
-    model, info = load_model(args.checkpoint, device=args.device)
+    from train.distributed import pick_device
+
+    model, info = load_model(args.checkpoint, device=pick_device(args.device))
     target = parse_target(args.target, info.class_names)
     top_k = min(max(1, args.top_k), len(info.class_names))
     out = _output_folder(args.out)

@@ -96,6 +96,9 @@ def resume(name: str, device: str | None = None) -> None:
         raise RunStoreError(f"Run {name!r} is still {run['state']}; stop it before resuming.")
     if run["state"] == "finished":
         raise RunStoreError(f"Run {name!r} has already finished; there is nothing to resume.")
+    if run["stored_state"] in ("queued", "running") and pid_alive(run.get("pid")):
+        raise RunStoreError(f"Run {name!r} has a live trainer (pid {run['pid']}) that stopped reporting; "
+                            "stop it before resuming.")
     store.set_state(name, "queued")
     args = ["resume", name] + (["--device", device] if device else [])
     _spawn(name, args, store)
@@ -145,8 +148,8 @@ def kill(name: str) -> bool:
     """SIGKILL the whole process group of a detached run (for a trainer that ignores ``stop``)."""
     run = RunStore().get_run(name)
     pid = run.get("pid")
-    if not pid_alive(pid):
-        return False
+    if run["stored_state"] not in ("queued", "running") or not pid_alive(pid):
+        return False  # a finished run's old pid may belong to another process by now
     try:
         os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
