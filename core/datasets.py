@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import pickle
+import shutil
 import tarfile
 import threading
 import urllib.request
@@ -185,6 +186,7 @@ def download(name: str, root: str | Path | None = None, progress: Progress | Non
             info.fetcher(base, info.url)
     except (OSError, RuntimeError, zipfile.BadZipFile, tarfile.TarError) as exc:
         (base / str(info.archive)).unlink(missing_ok=True)  # a partial archive would be "found" next time
+        shutil.rmtree(target, ignore_errors=True)  # and so would a half-extracted folder
         raise DatasetError(f"Downloading {info.title} from {info.url} failed: {exc}.") from exc
     if not target.exists():
         raise DatasetError(f"Downloading {info.title} finished but {target} is still missing.")

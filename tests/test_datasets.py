@@ -267,3 +267,16 @@ def test_failed_download_is_a_clear_error(tmp_path, monkeypatch, archive_server)
     monkeypatch.setitem(DATASETS, "tinyimagenet", replace(DATASETS["tinyimagenet"], url=url + ".missing"))
     with pytest.raises(DatasetError, match=r"Downloading Tiny ImageNet from http://127\.0\.0\.1.* failed"):
         datasets.download("tinyimagenet", tmp_path / "data")
+
+
+def test_a_download_that_dies_mid_extraction_leaves_no_half_folder(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+
+    def dies_while_extracting(base, url):
+        (base / "tiny-imagenet-200" / "train").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(DATASETS, "tinyimagenet", replace(DATASETS["tinyimagenet"], fetcher=dies_while_extracting))
+    with pytest.raises(DatasetError, match="No space left"):
+        datasets.download("tinyimagenet", root)
+    assert not (root / "tiny-imagenet-200").exists()  # the next download starts afresh instead of "finding" it
