@@ -67,14 +67,26 @@ def test_sliders_rerender_without_running_the_network(explain_page, monkeypatch)
         calls["load"] += 1
         return real_load(*args, **kwargs)
 
+    import pages.cam
+
+    real_input = pages.cam._input
+
+    def counting_input(*args, **kwargs):  # every prediction or map starts here
+        calls["input"] = calls.get("input", 0) + 1
+        return real_input(*args, **kwargs)
+
     monkeypatch.setattr(core.gradcam, "explain", counting_explain)
     monkeypatch.setattr(core.checkpoints, "load_model", counting_load)
+    monkeypatch.setattr(pages.cam, "_input", counting_input)
     at = explain_page
     at.file_uploader[0].set_value(("square.png", fx.png_bytes(80), "image/png")).run()
-    assert calls == {"explain": 1, "load": 0}  # the model was loaded once, before (cache_resource)
-    overlay_before = at.image[1].value
+    assert calls["explain"] == 1 and calls["load"] == 0  # the model was loaded once, before (cache_resource)
+    inputs_before, overlay_before = calls["input"], at.image[1].value
     at.sidebar.slider[0].set_value(0.9).run()
+    at.sidebar.selectbox[2].set_value("viridis" if "viridis" in at.sidebar.selectbox[2].options else
+                                      at.sidebar.selectbox[2].options[-1]).run()
     assert calls["explain"] == 1 and at.image[1].value != overlay_before  # re-rendered from the cached map
+    assert calls["input"] == inputs_before  # neither prediction nor map ran again
     assert [m.label.split(" ")[0] for m in at.sidebar.multiselect] == ["stem", "layer1", "layer2", "layer3",
                                                                        "layer4"]  # grouped by stage
     at.multiselect(key="layers-layer3").set_value(["layer3"]).run()
