@@ -98,3 +98,25 @@ def test_kill_and_resume_leave_other_processes_alone():
         jobs.resume("quiet")
     store.set_state("quiet", "finished")
     assert jobs.kill("quiet") is False  # finished: its old pid may be anyone's now
+
+
+def test_launches_at_once_get_names_of_their_own(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from train.config import parse_config
+
+    config = parse_config(tiny_config(tmp_path), check_data=False)
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        names = list(pool.map(lambda _: jobs.prepare_run(config, RunStore()), range(6)))
+    assert len(set(names)) == 6 and set(names) == {r["name"] for r in RunStore().list_runs()}
+    assert all((paths.run_dir(n) / "config.yaml").is_file() for n in names)
+
+
+def test_an_explicit_name_never_reuses_a_leftover_folder(tmp_path):
+    from train.config import parse_config
+
+    config = parse_config(tiny_config(tmp_path), check_data=False)
+    paths.run_dir("old").mkdir(parents=True)
+    with pytest.raises(RunStoreError, match="folder for run 'old' already exists"):
+        jobs.prepare_run(config, RunStore(), "old")
+    assert jobs.prepare_run(config, RunStore()) == config.name  # the config's own name is still free

@@ -27,40 +27,48 @@ def log_path(name: str) -> Path:
     return paths.run_dir(name) / LOG_NAME
 
 
-def unique_run_name(base: str, store: RunStore) -> str:
-    """``base`` if free, else ``base-2``, ``base-3``, ... (the first name not in the store or on disk)."""
+def _candidates(base: str) -> Iterable[str]:
+    """``base``, ``base-2``, ``base-3``, ... (run names to try in turn)."""
     paths.safe_name(base)
-    candidate, n = base, 1
-    while store.has_run(candidate) or paths.run_dir(candidate).exists():
+    yield base
+    n = 1
+    while True:
         n += 1
-        candidate = f"{base[:60]}-{n}"
-    return candidate
+        yield f"{base[:60]}-{n}"
 
 
 def prepare_run(
     config: PipelineConfig, store: RunStore, run_name: str | None = None, state: str = "queued"
 ) -> str:
-    """Pick the run name, write ``<run dir>/config.yaml`` and create the store row; return the name.
+    """Claim the run name in the store, then write ``<run dir>/config.yaml``; return the name.
 
-    An explicit ``run_name`` that is taken raises ``RunStoreError``; without one, the config's
-    name gets a numeric suffix when needed.
+    An explicit ``run_name`` that is taken (in the store or on disk) raises ``RunStoreError``; without
+    one, the config's name gets a numeric suffix when needed. The store row is claimed first, so two
+    launches at once (a double click) get two names and never share a run folder.
     """
     if run_name is not None:
         try:
             paths.safe_name(run_name)
         except ValueError as exc:
             raise RunStoreError(str(exc)) from None
-        if store.has_run(run_name):
-            raise RunStoreError(f"A run named {run_name!r} already exists; choose another name or resume it.")
-        name = run_name
-    else:
-        name = unique_run_name(config.name, store)
-    folder = paths.run_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
+        if paths.run_dir(run_name).exists() and not store.has_run(run_name):
+            raise RunStoreError(f"A folder for run {run_name!r} already exists in {paths.runs_dir()}; "
+                                "choose another name.")
     text = config.to_yaml()
-    (folder / CONFIG_NAME).write_text(text)
-    store.create_run(name, config.to_dict(), config_yaml=text, config_path=config.source, state=state)
-    return name
+    for name in [run_name] if run_name is not None else _candidates(config.name):
+        if run_name is None and paths.run_dir(name).exists():
+            continue  # a folder left by a deleted run: never mix its files with a new run's
+        try:
+            store.create_run(name, config.to_dict(), config_yaml=text, config_path=config.source, state=state)
+        except RunStoreError:
+            if run_name is not None:
+                raise
+            continue
+        folder = paths.run_dir(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_NAME).write_text(text)
+        return name
+    raise AssertionError("unreachable")  # _candidates never ends
 
 
 def launch(
