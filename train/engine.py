@@ -339,11 +339,11 @@ class Trainer:
     # -- the whole pipeline
     def run(self, resume: bool = False) -> None:
         """Train every remaining stage; raises StopRequested, TrainingFailed or the underlying error."""
-        point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
-        self.progress.total_steps = self._total_steps()
-        self.progress.done_steps = self._steps_done(point)
-        self.stop.install()
+        self.stop.install()  # first: a stop asked for while checkpoints are read is not lost
         try:
+            point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
+            self.progress.total_steps = self._total_steps()
+            self.progress.done_steps = self._steps_done(point)
             for i in range(point.stage, len(self.config.stages)):
                 self._run_stage(i, point.checkpoint if i == point.stage else None)
         finally:
