@@ -385,6 +385,10 @@ class RunStore:
         self._write_many([metrics] + [(f"DELETE FROM {t} WHERE {later}", params)
                                       for t in ("class_results", "misclassified")])
 
+    def has_metrics(self, name: str) -> bool:
+        """Whether run ``name`` has logged any metric row yet (cheap: one row at most is read)."""
+        return bool(self._read("SELECT 1 FROM metrics WHERE run = ? LIMIT 1", (name,)))
+
     def metrics(self, name: str, kind: str = "epoch", stage: int | None = None) -> list[dict[str, Any]]:
         """Metric rows of ``kind`` ('step' or 'epoch') in order, as flat dicts (unused metrics dropped)."""
         if kind not in ("step", "epoch"):

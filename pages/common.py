@@ -150,6 +150,7 @@ def dataset_presence() -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
+@st.cache_resource(show_spinner=False)
 def device_summary() -> str:
     """'GPU: NVIDIA H100 (1 device)', 'Apple GPU (MPS)' or 'CPU only (N cores)'."""
     import os

@@ -25,8 +25,8 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     wanted = [n for n in st.session_state.get("monitor_runs", []) if n in names]
     live = [r["name"] for r in runs if r["state"] in ("queued", "running")]
     store = common.store()
-    with_metrics = [n for n in names if store.metrics(n, "epoch") or store.metrics(n, "step")]
-    default = wanted or live[:1] or with_metrics[:1] or names[:1]
+    with_metrics = (n for n in names if store.has_metrics(n))
+    default = wanted or live[:1] or [next(with_metrics, names[0])]
     return st.multiselect("Runs (several overlay for comparison)", names, default=default, key="monitor_pick")
 
 

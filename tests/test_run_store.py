@@ -185,3 +185,9 @@ def test_best_accuracy_of_a_run_is_its_latest_stages(store):
     store.update_stage("r1", 1, best_val_acc=0.7)
     assert store.list_runs()[0]["best_val_acc"] == pytest.approx(0.7)
     assert store.get_run("r1")["best_val_acc"] == pytest.approx(0.7)
+
+
+def test_has_metrics(store):
+    assert not store.has_metrics("r1")
+    store.log_epoch("r1", 0, 1, val_acc=0.5)
+    assert store.has_metrics("r1") and not store.has_metrics("nobody")
