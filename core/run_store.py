@@ -294,7 +294,7 @@ class RunStore:
     def delete_run(self, name: str) -> None:
         """Forget run ``name`` and everything recorded for it (files on disk are left alone)."""
         self._write_many([(f"DELETE FROM {t} WHERE run = ?", (name,))
-                          for t in ("metrics", "class_results", "misclassified", "stages")]
+                          for t in ("metrics", "class_results", "misclassified", "stages", "evaluations")]
                          + [("DELETE FROM runs WHERE name = ?", (name,))])
 
     def get_run(self, name: str) -> dict[str, Any]:

@@ -150,8 +150,11 @@ def test_evaluations_round_trip(store):
 def test_delete_run_removes_everything(store):
     store.upsert_stage("r1", 0, "s", "shapes", 1)
     store.log_epoch("r1", 0, 0, val_acc=0.5)
+    result = {"classes": ["a"], "accuracy": 1.0, "balanced_acc": 1.0, "confusion": [[1]]}
+    store.add_evaluation("/c/best.pt", "shapes", "val", result, run="r1")
     store.delete_run("r1")
     assert store.list_runs() == [] and store.metrics("r1") == [] and store.stages("r1") == []
+    assert store.evaluations(run="r1") == []  # a new run of the same name inherits nothing
 
 
 def test_each_thread_gets_its_own_connection(store):
