@@ -21,7 +21,7 @@ def launch_demo() -> None:
 
 
 def next_step(runs: list[dict], checkpoints: list) -> None:
-    live = [r for r in runs if r["state"] in ("queued", "running")]
+    live = [r for r in runs if common.is_live(r)]
     st.subheader("Next step")
     if live:
         st.info(f"Run **{live[0]['name']}** is training now.")

@@ -398,7 +398,7 @@ class RunStore:
         if stage is not None:
             sql += " AND stage = ?"
             params.append(stage)
-        keep = ("stage", "epoch", "step", "time") + (STEP_METRICS if kind == "step" else EPOCH_METRICS)
+        keep = _metric_columns(kind)
         rows = self._read(sql + " ORDER BY stage, epoch, step", params)
         return [{k: r[k] for k in keep} for r in rows]
 
@@ -406,8 +406,7 @@ class RunStore:
         """``metrics`` as a pandas DataFrame (columns always present, even when empty)."""
         import pandas as pd
 
-        keep = ("stage", "epoch", "step", "time") + (STEP_METRICS if kind == "step" else EPOCH_METRICS)
-        return pd.DataFrame(self.metrics(name, kind, stage), columns=list(keep))
+        return pd.DataFrame(self.metrics(name, kind, stage), columns=list(_metric_columns(kind)))
 
     def all_metrics(self, name: str) -> list[dict[str, Any]]:
         """Every metric row (steps and epochs) with a ``kind`` key, for export."""
@@ -502,6 +501,10 @@ class RunStore:
             r["data"] = json.loads(r["data"])
             r["misclassified"] = json.loads(r["misclassified"])
         return rows
+
+
+def _metric_columns(kind: str) -> tuple[str, ...]:
+    return ("stage", "epoch", "step", "time") + (STEP_METRICS if kind == "step" else EPOCH_METRICS)
 
 
 def _check_state(state: str) -> None:

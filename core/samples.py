@@ -28,7 +28,7 @@ class Sample:
         return self.label.replace(" ", "_").replace(":", "").replace("#", "") + ".png"
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -44,7 +44,7 @@ def builtin_samples(variant: str = "shapes-lt", per_class: int = 1) -> list[Samp
             continue
         taken[target] = taken.get(target, 0) + 1
         name = data.classes[target]
-        samples.append(Sample(f"{variant}: {name} #{i}", name, _png(data.load_raw(i))))
+        samples.append(Sample(f"{variant}: {name} #{i}", name, png_bytes(data.load_raw(i))))
     return samples
 
 

@@ -7,7 +7,6 @@ re-render the overlay from the cached maps.
 from __future__ import annotations
 
 import hashlib
-import io
 import threading
 from pathlib import Path
 
@@ -29,11 +28,6 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _version(checkpoint: Path) -> tuple[str, int, int]:
-    stat = checkpoint.stat()
-    return str(checkpoint), stat.st_mtime_ns, stat.st_size
-
-
 @st.cache_data(show_spinner=False, max_entries=16)
 def decode(key: str, _data: bytes, name: str) -> Image.Image:
     """The upright RGB image of an upload (``key`` is the bytes' digest); raises ``ImageError``."""
@@ -49,11 +43,9 @@ def image_of(data: bytes, name: str) -> Image.Image:
 @st.cache_data(show_spinner=False, max_entries=256)
 def source_png(source: str) -> bytes:
     """PNG bytes of the image a data set's ``source`` string names (misclassified samples)."""
-    from core.samples import load_source
+    from core.samples import load_source, png_bytes
 
-    buffer = io.BytesIO()
-    load_source(source).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(load_source(source))
 
 
 def _input(checkpoint: Path, image: Image.Image):  # type: ignore[no-untyped-def]
@@ -63,7 +55,7 @@ def _input(checkpoint: Path, image: Image.Image):  # type: ignore[no-untyped-def
 
 def predict(checkpoint: Path, data: bytes, name: str) -> np.ndarray:
     """Class probabilities of the image under the checkpoint's model (cached)."""
-    return _predict(_version(checkpoint), digest(data), data, name)
+    return _predict(common.file_version(checkpoint), digest(data), data, name)
 
 
 @st.cache_data(show_spinner="Running the model...", max_entries=128)
@@ -80,7 +72,7 @@ def _predict(version: tuple[str, int, int], key: str, _data: bytes, name: str) -
 
 def maps(checkpoint: Path, data: bytes, name: str, layers: tuple[str, ...], method: str, target: int) -> dict[str, np.ndarray]:
     """Maps at the model's input size, one per layer, for class ``target`` (cached)."""
-    return _maps(_version(checkpoint), digest(data), data, name, layers, method, target)
+    return _maps(common.file_version(checkpoint), digest(data), data, name, layers, method, target)
 
 
 @st.cache_data(show_spinner="Computing the maps...", max_entries=128)
@@ -113,7 +105,7 @@ def overlay_png(checkpoint: Path, image: Image.Image, cam: np.ndarray, colormap:
 
 def layer_choices(checkpoint: Path) -> list:  # list[LayerInfo]
     """Every layer the engine supports for this model, in forward order, with stage and map resolution."""
-    return _layers(_version(checkpoint))
+    return _layers(common.file_version(checkpoint))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

@@ -15,7 +15,7 @@ import streamlit as st
 
 from core import paths
 from core.errors import UserError
-from core.run_store import RunStore
+from core.run_store import ACTIVE_STATES, RunStore
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -122,17 +122,27 @@ def checkpoint_label(path: Path) -> str:
     return " / ".join(rel.parts)
 
 
+def is_live(run: dict[str, Any]) -> bool:
+    """Whether the run is queued or training (its page parts refresh only then)."""
+    return run["state"] in ACTIVE_STATES
+
+
+def file_version(path: Path) -> tuple[str, int, int]:
+    """A cache key that changes whenever the file is rewritten (path, mtime, size)."""
+    stat = path.stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
 def load_model(path: Path) -> tuple[Any, Any]:
     """(model, CheckpointInfo) of a checkpoint, loaded once per file version and kept in memory."""
-    stat = path.stat()
-    return _load_model(str(path), stat.st_mtime_ns, stat.st_size)
+    return _load_model(file_version(path))
 
 
 @st.cache_resource(show_spinner="Loading the model...", max_entries=3)
-def _load_model(path: str, mtime_ns: int, size: int) -> tuple[Any, Any]:
+def _load_model(version: tuple[str, int, int]) -> tuple[Any, Any]:
     from core.checkpoints import load_model as load
 
-    return load(path)
+    return load(version[0])
 
 
 def dataset_presence() -> "pd.DataFrame":

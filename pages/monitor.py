@@ -23,7 +23,7 @@ STEP_PANELS = (("Training loss per step", ("train_loss",), False), ("Learning ra
 def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     names = [r["name"] for r in runs]
     wanted = [n for n in st.session_state.get("monitor_runs", []) if n in names]
-    live = [r["name"] for r in runs if r["state"] in ("queued", "running")]
+    live = [r["name"] for r in runs if common.is_live(r)]
     store = common.store()
     with_metrics = (n for n in names if store.has_metrics(n))
     default = wanted or live[:1] or [next(with_metrics, names[0])]
@@ -80,10 +80,10 @@ def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None
 def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool) -> None:
     store = common.store()
     runs = [store.get_run(n) for n in names]
-    if was_live and not any(r["state"] in ("queued", "running") for r in runs):
+    if was_live and not any(common.is_live(r) for r in runs):
         st.rerun(scope="app")  # nothing live any more: one full rerun turns the refresh off
     for run in runs:
-        if run["state"] in ("queued", "running"):
+        if common.is_live(run):
             progress(run, store.stages(run["name"]))
         elif run["state"] == "failed":
             st.error(f"{run['name']}: {run.get('error') or 'failed'}")
@@ -104,7 +104,7 @@ def body() -> None:
     per_step = left.segmented_control("Points", ["per epoch", "per step"], default="per epoch") == "per step"
     smoothing = right.slider("Smoothing", 0.0, 0.99, 0.6 if per_step else 0.0, 0.01,
                              help="Exponential moving average, as in TensorBoard; the raw curve stays faint.")
-    live = any(r["state"] in ("queued", "running") for r in runs if r["name"] in names)
+    live = any(common.is_live(r) for r in runs if r["name"] in names)
     st.fragment(guarded_live_view, run_every=LIVE_REFRESH_S if live else None)(names, per_step, smoothing, live)
 
 

@@ -190,7 +190,7 @@ def launch_section(config: dict[str, Any], ready: bool) -> None:
 def job_list() -> None:
     """Every run with its state; the chosen one's controls, error and log. Refreshes while a run is live."""
     runs = common.store().list_runs()
-    live = any(r["state"] in ("queued", "running") for r in runs)
+    live = any(common.is_live(r) for r in runs)
     st.fragment(_jobs_body, run_every=LIVE_REFRESH_S if live else None)(live)
 
 
@@ -202,7 +202,7 @@ def _jobs_body(was_live: bool) -> None:
 
 def _jobs(was_live: bool) -> None:
     runs = common.store().list_runs()
-    if was_live and not any(r["state"] in ("queued", "running") for r in runs):
+    if was_live and not any(common.is_live(r) for r in runs):
         st.rerun(scope="app")  # the last live run ended: stop refreshing
     if not runs:
         st.caption("No runs yet: launch one above.")
@@ -224,7 +224,7 @@ def job_controls(run: dict[str, Any]) -> None:
         st.warning("The trainer stopped without saying so (killed, or the machine restarted). Resume continues "
                    "from the last completed epoch.")
     left, middle, right = st.columns([1, 1, 4])
-    if left.button("Stop", key=f"stop-{name}", disabled=state not in ("queued", "running"), icon=":material/stop:"):
+    if left.button("Stop", key=f"stop-{name}", disabled=not common.is_live(run), icon=":material/stop:"):
         jobs.stop(name)
         st.toast(f"Asked {name} to stop; it saves and stops at the next step.")
         st.rerun(scope="app")  # the job list's live refresh follows the new state

@@ -132,7 +132,7 @@ def test_classes_gallery_shows_grad_cam_on_demand():
     fx.finished_run()
     at = open_page("pages/classes.py")
     plain = at.image[0].value
-    at.toggle(key=f"cam-0-shapes-lt:val:0").set_value(True).run()
+    at.toggle(key="cam-0-shapes-lt:val:0").set_value(True).run()
     assert not at.error, [e.value for e in at.error]
     assert at.image[0].value != plain and "Grad-CAM" in at.image[0].captions[0]
 

@@ -342,7 +342,7 @@ class Trainer:
         self.stop.install()  # first: a stop asked for while checkpoints are read is not lost
         try:
             point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
-            self.progress.total_steps = self._total_steps()
+            self.progress.total_steps = self._stage_steps(self.config.stages)
             self.progress.done_steps = self._steps_done(point)
             for i in range(point.stage, len(self.config.stages)):
                 self._run_stage(i, point.checkpoint if i == point.stage else None)
@@ -359,9 +359,6 @@ class Trainer:
             per_rank = -(-sum(class_counts(s.dataset, s.root, "train", **s.options).values()) // self.ctx.world)
             total += s.epochs * steps_per_epoch(per_rank, s.batch_size)
         return total
-
-    def _total_steps(self) -> int:
-        return self._stage_steps(self.config.stages)
 
     def _steps_done(self, point: ResumePoint) -> int:
         before = self._stage_steps(self.config.stages[: point.stage])

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from core import paths
-from core.run_store import RunStore, RunStoreError, pid_alive
+from core.run_store import ACTIVE_STATES, RunStore, RunStoreError, pid_alive
 from train.config import PipelineConfig, load_config, parse_config
 
 LOG_NAME = "log.txt"
@@ -100,11 +100,11 @@ def resume(name: str, device: str | None = None) -> None:
     """Start a detached ``python -m train resume NAME``; refuse a run that is still active or finished."""
     store = RunStore()
     run = store.get_run(name)
-    if run["state"] in ("queued", "running"):
+    if run["state"] in ACTIVE_STATES:
         raise RunStoreError(f"Run {name!r} is still {run['state']}; stop it before resuming.")
     if run["state"] == "finished":
         raise RunStoreError(f"Run {name!r} has already finished; there is nothing to resume.")
-    if run["stored_state"] in ("queued", "running") and pid_alive(run.get("pid")):
+    if run["stored_state"] in ACTIVE_STATES and pid_alive(run.get("pid")):
         raise RunStoreError(f"Run {name!r} has a live trainer (pid {run['pid']}) that stopped reporting; "
                             "stop it before resuming.")
     store.set_state(name, "queued")
@@ -139,7 +139,7 @@ def stop(name: str, sig: int = signal.SIGTERM) -> bool:
     store = RunStore()
     run = store.get_run(name)
     pid = run.get("pid")
-    if run["state"] not in ("queued", "running"):
+    if run["state"] not in ACTIVE_STATES:
         return False
     if run["stored_state"] == "queued" or not pid_alive(pid):
         store.set_state(name, "stopped")
@@ -156,7 +156,7 @@ def kill(name: str) -> bool:
     """SIGKILL the whole process group of a detached run (for a trainer that ignores ``stop``)."""
     run = RunStore().get_run(name)
     pid = run.get("pid")
-    if run["stored_state"] not in ("queued", "running") or not pid_alive(pid):
+    if run["stored_state"] not in ACTIVE_STATES or not pid_alive(pid):
         return False  # a finished run's old pid may belong to another process by now
     try:
         os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
