@@ -248,3 +248,128 @@ def probabilities_frame(probabilities: Sequence[float], class_names: Sequence[st
     return pd.DataFrame({"rank": range(1, len(order) + 1),
                          "class": [class_names[i] for i in order],
                          "probability": probs[order]})
+
+
+# ----------------------------------------------------------------------------- run comparison
+
+STATIC_FORMATS = (".png", ".svg", ".pdf")
+
+
+def config_frame(rows: Sequence[Any], only_differences: bool = False) -> pd.DataFrame:
+    """Configs side by side from ``core.compare.ConfigRow``s: index = key, one text column per run, and a
+    boolean ``differs`` column (a key one run lacks shows as an empty cell)."""
+    chosen = [r for r in rows if r.differs or not only_differences]
+    runs = list(rows[0].values) if rows else []
+    frame = pd.DataFrame([{**{run: config_text(r.values[run]) for run in runs}, "differs": r.differs}
+                          for r in chosen], index=pd.Index([r.key for r in chosen], name="key"),
+                         columns=[*runs, "differs"])
+    return frame.astype({"differs": bool})
+
+
+def config_text(value: Any) -> str:
+    """How a config value reads in a table: '' for a missing key, YAML-like words for the rest."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        import json
+
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def highlight_differences(frame: pd.DataFrame, colour: str = "#fff3b0") -> "pd.io.formats.style.Styler":
+    """A Styler of ``config_frame`` that shades the rows whose values differ and hides the ``differs`` column."""
+    shade = f"background-color: {colour}; font-weight: 600"
+    return frame.style.apply(lambda row: [shade if row["differs"] else ""] * len(row), axis=1) \
+        .hide(["differs"], axis="columns")
+
+
+def stage_results_frame(stages: Sequence[Any]) -> pd.DataFrame:
+    """One row per (run, stage) from ``core.compare.StageResult``s; accuracies as fractions (NaN when unknown)."""
+    columns = ["run", "stage", "name", "data set", "epochs", "final acc", "final balanced acc", "best acc",
+               "best balanced acc", "best epoch"]
+    return pd.DataFrame([{
+        "run": s.run, "stage": s.stage, "name": s.name, "data set": s.dataset,
+        "epochs": f"{s.completed_epochs}/{s.epochs}",
+        "final acc": s.final_acc, "final balanced acc": s.final_balanced_acc,
+        "best acc": s.best_acc, "best balanced acc": s.best_balanced_acc, "best epoch": s.best_epoch,
+    } for s in stages], columns=columns).astype({c: float for c in columns[5:9]})
+
+
+def _marker_sizes(counts: pd.Series, smallest: float = 6.0, largest: float = 26.0) -> np.ndarray:
+    """Marker diameters whose area grows with the class size (all equal when sizes are unknown or equal)."""
+    values = counts.astype(float).fillna(0).clip(lower=0).to_numpy()
+    root = np.sqrt(values)
+    if root.max() <= root.min():
+        return np.full(len(values), (smallest + largest) / 2)
+    return smallest + (root - root.min()) / (root.max() - root.min()) * (largest - smallest)
+
+
+def class_scatter_figure(frame: pd.DataFrame, run_a: str, run_b: str) -> go.Figure:
+    """Per-class accuracy of run B (y) against run A (x) from ``ClassComparison.frame()``: above the diagonal B is
+    better; marker area grows with the class's training images, colour is the change (green up, red down)."""
+    data = frame.dropna(subset=["accuracy A", "accuracy B"])
+    size_note = "training images" if data["train images"].notna().any() else "validation images"
+    sizes = data["train images"] if size_note == "training images" else data["val images"]
+    fig = go.Figure(go.Scatter(
+        x=data["accuracy A"], y=data["accuracy B"], mode="markers", text=data["class"],
+        customdata=np.column_stack([sizes.to_numpy(dtype=float), data["change"].to_numpy(dtype=float)]),
+        marker=dict(size=_marker_sizes(sizes), color=data["change"], colorscale="RdYlGn", cmin=-1, cmax=1,
+                    cmid=0, opacity=0.75, line=dict(width=0.5, color="#444"),
+                    colorbar=dict(title="change", tickformat="+.0%")),
+        hovertemplate=f"%{{text}}<br>{size_note}: %{{customdata[0]:.0f}}<br>{run_a}: %{{x:.1%}}<br>"
+                      f"{run_b}: %{{y:.1%}}<br>change: %{{customdata[1]:+.1%}}<extra></extra>",
+        showlegend=False,
+    ))
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="grey"), hoverinfo="skip",
+                    showlegend=False)
+    fig.update_layout(xaxis_title=f"{run_a}: per-class accuracy", yaxis_title=f"{run_b}: per-class accuracy",
+                      height=460, margin=dict(l=10, r=10, t=30, b=10),
+                      title=dict(text=f"above the line: {run_b} better · marker area: {size_note}", font_size=13))
+    fig.update_xaxes(tickformat=".0%", range=[-0.03, 1.03])
+    fig.update_yaxes(tickformat=".0%", range=[-0.03, 1.03], scaleanchor="x", scaleratio=1)
+    return fig
+
+
+def write_class_scatter(frame: pd.DataFrame, run_a: str, run_b: str, path: Any, label: int = 5) -> None:
+    """Write the per-class scatter to ``path``: ``.html`` (the interactive plotly figure, offline) or a static
+    ``.png``/``.svg``/``.pdf`` drawn with matplotlib (plotly's static export needs kaleido and a Chrome), with the
+    ``label`` biggest gains and losses named. Raises ``ValueError`` for another suffix and ``ImportError`` when
+    matplotlib is missing."""
+    from pathlib import Path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".html":
+        class_scatter_figure(frame, run_a, run_b).write_html(path, include_plotlyjs=True)
+        return
+    if suffix not in STATIC_FORMATS:
+        raise ValueError(f"a picture must end in .html, {', '.join(STATIC_FORMATS)}; got {path.name!r}")
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    data = frame.dropna(subset=["accuracy A", "accuracy B"])
+    sizes = data["train images"] if data["train images"].notna().any() else data["val images"]
+    fig = Figure(figsize=(6.4, 6.0), dpi=150, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    points = ax.scatter(data["accuracy A"], data["accuracy B"], s=_marker_sizes(sizes) ** 2 / 2,
+                        c=data["change"], cmap="RdYlGn", vmin=-1, vmax=1, alpha=0.75, edgecolors="#444",
+                        linewidths=0.4)
+    fig.colorbar(points, ax=ax, label=f"change ({run_b} - {run_a})", shrink=0.8)
+    ordered = data.sort_values(["change", "class"])
+    for _, row in pd.concat([ordered[ordered["change"] < 0].head(label),
+                             ordered[ordered["change"] > 0].iloc[::-1].head(label)]).iterrows():
+        ax.annotate(row["class"], (row["accuracy A"], row["accuracy B"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), aspect="equal",
+           xlabel=f"{run_a}: per-class accuracy", ylabel=f"{run_b}: per-class accuracy",
+           title=f"{run_b} against {run_a} ({len(data)} classes; area = class size)")
+    ax.title.set_fontsize(9)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, format=suffix[1:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -16,6 +17,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "train.commands": ("run", "resume", "list", "export", "eval"),
     "train.data_report": ("data",),
     "train.explain_cmd": ("explain",),
+    "train.compare_cmd": ("compare",),
 }
 
 
@@ -46,10 +48,22 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe (`| head`) shows here, not at exit
+        return status
+    except BrokenPipeError:
+        _discard_stdout()
+        return 1
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _discard_stdout() -> None:
+    """The reader of our output went away (`| head`): send what is left to /dev/null, so Python's flush at exit
+    does not print a traceback (the recipe of the ``signal`` module's documentation)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -1,0 +1,124 @@
+"""core/compare.py: configs side by side, per-stage results, per-class changes of one run against another."""
+from __future__ import annotations
+
+import pytest
+
+from core.compare import (CompareError, class_comparison, compare_classes, compare_runs, config_rows,
+                          flatten_config, stage_results)
+from core.run_store import RunNotFound, RunStore
+from tests import compare_fixtures as cf
+
+
+@pytest.fixture
+def store() -> RunStore:
+    store = RunStore()
+    cf.scratch_run(store)
+    cf.staged_run(store)
+    cf.other_run(store)
+    return store
+
+
+def test_flatten_numbers_stages_from_one_and_joins_nested_keys():
+    flat = flatten_config({"arch": "resnet50", "stages": [{"dataset": "a", "options": {"root": "x", "n": 2}},
+                                                          {"dataset": "b", "options": {}}]})
+    assert flat == {"arch": "resnet50", "stages.1.dataset": "a", "stages.1.options.root": "x",
+                    "stages.1.options.n": 2, "stages.2.dataset": "b", "stages.2.options": {}}
+
+
+def test_config_rows_flag_only_the_differences():
+    rows = {r.key: r for r in config_rows({
+        "a": {"arch": "resnet50", "seed": 0, "amp": True, "stages": [{"lr": 0.1, "epochs": 2, "root": None}]},
+        "b": {"arch": "resnet18", "seed": 0.0, "amp": 1, "stages": [{"lr": 0.1, "epochs": 3}, {"lr": 0.01}]},
+    })}
+    assert rows["arch"].differs and rows["arch"].values == {"a": "resnet50", "b": "resnet18"}
+    assert rows["stages.1.epochs"].differs
+    assert not rows["seed"].differs  # 0 and 0.0 are the same seed
+    assert not rows["stages.1.lr"].differs
+    assert rows["amp"].differs  # true is not the number 1
+    assert rows["stages.1.root"].differs and rows["stages.1.root"].values == {"a": None, "b": None}  # b lacks it
+    assert rows["stages.2.lr"].differs and rows["stages.2.lr"].values == {"a": None, "b": 0.01}
+    assert list(rows)[:3] == ["arch", "seed", "amp"]  # in the order the keys first appear
+
+
+def test_stage_results_give_final_and_best_of_every_stage(store):
+    (scratch,) = stage_results(store, "scratch")
+    assert (scratch.stage, scratch.name, scratch.dataset, scratch.completed_epochs) == (1, "caltech", "caltech101", 2)
+    assert scratch.final_acc == pytest.approx(0.6) and scratch.best_acc == pytest.approx(0.7)
+    assert scratch.best_epoch == 1
+    assert scratch.final_balanced_acc == pytest.approx(0.6) and scratch.best_balanced_acc == pytest.approx(0.7)
+    pretrain, finetune = stage_results(store, "staged")
+    assert (pretrain.stage, pretrain.dataset, finetune.stage, finetune.name) == (1, "tinyimagenet", 2, "finetune")
+    assert pretrain.final_acc == pytest.approx(18 / 30) and finetune.final_acc == pytest.approx(36 / 50)
+
+
+def test_a_stage_of_the_config_that_has_not_started_has_no_results():
+    store = RunStore()
+    store.create_run("planned", {"stages": [{"name": "one", "dataset": "shapes", "epochs": 3}]})
+    (stage,) = stage_results(store, "planned")
+    assert (stage.name, stage.epochs, stage.completed_epochs, stage.final_acc, stage.best_acc) == ("one", 3, 0, None,
+                                                                                                    None)
+
+
+def test_last_stages_are_compared_class_by_class_with_gains_and_losses_in_order(store):
+    c = compare_classes(store, "scratch", "staged")
+    assert (c.stage_a, c.stage_b, c.dataset_a, c.dataset_b, c.message) == (1, 2, "caltech101", "caltech101", None)
+    by_name = {x.name: x for x in c.classes}
+    assert [x.name for x in c.classes] == cf.CLASSES
+    assert by_name["dog"].delta == pytest.approx(0.4) and by_name["eel"].delta == pytest.approx(-0.3)
+    assert by_name["dog"].train_count == 10 and by_name["dog"].val_count == 10
+    assert [x.name for x in c.gains(10)] == ["dog", "cat", "bee"]  # ant did not change: neither list
+    assert [x.name for x in c.gains(2)] == ["dog", "cat"]
+    assert [x.name for x in c.losses(10)] == ["eel"]
+    assert c.summary() == {"classes": 5, "better": 3, "worse": 1, "same": 1, "mean_change": pytest.approx(0.12)}
+
+
+def test_stages_without_shared_class_names_get_a_sentence(store):
+    c = compare_classes(store, "scratch", "other")
+    assert c.classes == [] and not c.gains(5) and not c.losses(5)
+    assert c.message == ("stage 1 of scratch (caltech101) and stage 1 of other (pq) share no class names "
+                         "(5 and 2 classes), so they cannot be compared class by class.")
+
+
+def test_a_chosen_stage_is_used_in_both_runs(store):
+    assert compare_classes(store, "staged", "scratch", stage=2).message == \
+        "Run scratch has no per-class results for stage 2."
+    c = compare_classes(store, "scratch", "staged", stage=1)  # caltech against tinyimagenet
+    assert "share no class names" in c.message
+
+
+def test_classes_are_matched_by_name_whatever_their_order():
+    a = cf.result_with(["x", "y", "z"], [2, 4, 6], [1, 2, 3])
+    b = cf.result_with(["z", "y", "x"], [6, 5, 9])
+    c = class_comparison("a", a, "b", b)
+    assert [(x.name, round(x.delta, 3), x.train_count) for x in c.classes] == [("x", 0.7, 1), ("y", 0.1, 2),
+                                                                               ("z", 0.0, 3)]
+
+
+def test_classes_only_one_stage_has_are_left_out_and_said_so():
+    c = class_comparison("a", cf.result_with(["x", "y", "z"], [2, 4, 6]), "b", cf.result_with(["y", "z", "w"],
+                                                                                              [5, 6, 1]))
+    assert [x.name for x in c.classes] == ["y", "z"]
+    assert c.message == "2 classes that only one of the two stages has were left out; 2 shared classes are compared."
+
+
+def test_compare_runs_sets_every_later_run_against_the_first(store):
+    comparison = compare_runs(store, ["scratch", "staged", "other", "staged"])
+    assert comparison.runs == ["scratch", "staged", "other"]  # a repeated name counts once
+    assert [(c.run_a, c.run_b) for c in comparison.classes] == [("scratch", "staged"), ("scratch", "other")]
+    assert [s.run for s in comparison.stages] == ["scratch", "staged", "staged", "other"]
+    assert {r.key for r in comparison.differences()} >= {"name", "arch", "stages.1.name", "stages.2.lr"}
+    assert "stages.1.batch_size" not in {r.key for r in comparison.differences()}
+    assert list(comparison.curves["staged"]["stage"]) == [0, 1]
+    assert comparison.stage_names == {"scratch": ["caltech"], "staged": ["pretrain", "finetune"], "other": ["caltech"]}
+    data = comparison.to_dict(top=2)
+    assert data["classes"][0]["gains"] == ["dog", "cat"] and data["classes"][0]["classes"][3]["delta"] == \
+        pytest.approx(0.4)
+
+
+def test_compare_runs_refuses_fewer_than_two_runs_unknown_runs_and_stage_zero(store):
+    with pytest.raises(CompareError, match="at least two different runs"):
+        compare_runs(store, ["scratch", "scratch"])
+    with pytest.raises(RunNotFound, match="no run named 'nope'"):
+        compare_runs(store, ["scratch", "nope"])
+    with pytest.raises(CompareError, match="numbered from 1"):
+        compare_runs(store, ["scratch", "staged"], stage=0)

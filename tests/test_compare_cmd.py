@@ -1,0 +1,140 @@
+"""`python -m train compare`: markdown, csv and json reports, pictures, errors, and a closed pipe."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from core.run_store import RunStore
+from tests import compare_fixtures as cf
+from tests.app_fixtures import REPO
+from train.cli import main
+
+
+@pytest.fixture
+def runs() -> None:
+    store = RunStore()
+    cf.scratch_run(store)
+    cf.staged_run(store)
+    cf.other_run(store)
+
+
+def section(text: str, title: str) -> str:
+    """The markdown between heading ``title`` and the next heading of the same or a higher level."""
+    start = text.index(title)
+    level = title.split(" ")[0]
+    rest = text[start + len(title):]
+    ends = [i for i in (rest.find("\n" + "#" * n + " ") for n in range(1, len(level) + 1)) if i >= 0]
+    return rest[:min(ends)] if ends else rest
+
+
+def test_markdown_report_lists_differences_stages_and_gains_and_losses(runs, capsys):
+    assert main(["compare", "scratch", "staged", "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    config = section(out, "## Configuration differences")
+    assert "| `stages.1.dataset` | caltech101 | tinyimagenet |" in config
+    assert "| `stages.2.lr` | (none) | 0.01 |" in config
+    assert "stages.1.batch_size" not in config  # the same in both runs: not listed
+    stages = section(out, "## Results per stage")
+    assert "| scratch | 1 caltech | caltech101 | 2/2 | 60.0% | 60.0% | 70.0% | 70.0% |" in stages
+    assert "| staged | 2 finetune | caltech101 | 1/2 | 72.0% |" in stages
+    classes = section(out, "## Per class: staged against scratch")
+    assert "5 classes: 3 better, 1 worse, 1 the same; mean change +12.0 pts." in classes
+    gains = section(classes, "### Biggest gains")
+    assert gains.index("| dog | 10 | 20.0% | 60.0% | +40.0 pts |") < gains.index("| cat |")
+    assert "| bee |" not in gains  # --top 2
+    assert "| eel | 5 | 60.0% | 30.0% | -30.0 pts |" in section(classes, "### Biggest losses")
+
+
+def test_a_run_without_shared_classes_is_reported_in_a_sentence(runs, capsys):
+    assert main(["compare", "scratch", "staged", "other"]) == 0
+    out = capsys.readouterr().out
+    assert "## Per class: staged against scratch" in out
+    assert "share no class names" in section(out, "## Per class: other against scratch")
+
+
+def test_json_and_csv_carry_the_same_data(runs, capsys):
+    assert main(["compare", "scratch", "staged", "--format", "json", "--top", "3"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["runs"] == ["scratch", "staged"]
+    differs = {r["key"] for r in data["config"] if r["differs"]}
+    assert {"stages.1.dataset", "stages.2.lr"} <= differs and "stages.1.batch_size" not in differs
+    classes = data["classes"][0]
+    assert (classes["gains"], classes["losses"]) == (["dog", "cat", "bee"], ["eel"])
+    assert [s["final_acc"] for s in data["stages"]] == pytest.approx([0.6, 0.6, 0.72])
+
+    assert main(["compare", "scratch", "staged", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    config = [r for r in rows if r["section"] == "config" and r["key"] == "stages.2.lr"]
+    assert [(r["run"], r["value"], r["differs"]) for r in config] == [("scratch", "", "True"),
+                                                                     ("staged", "0.01", "True")]
+    stage = [r for r in rows if r["section"] == "stage"]
+    assert [(r["run"], r["stage"], r["best_acc"]) for r in stage][0] == ("scratch", "1", "0.7")
+    dog = next(r for r in rows if r["section"] == "class" and r["class"] == "dog")
+    assert (dog["run"], dog["against"], dog["stage"], dog["against_stage"], dog["train_count"]) == \
+        ("staged", "scratch", "2", "1", "10")
+    assert float(dog["delta"]) == pytest.approx(0.4)
+
+
+def test_a_chosen_stage_and_an_output_file(runs, tmp_path, capsys):
+    out = tmp_path / "report.md"
+    assert main(["compare", "scratch", "staged", "--stage", "1", "-o", str(out)]) == 0
+    assert capsys.readouterr().out == ""
+    assert "share no class names" in out.read_text()  # stage 1: caltech101 against tinyimagenet
+
+
+def test_unknown_run_and_bad_options_are_one_sentence(runs, capsys):
+    assert main(["compare", "scratch", "nope"]) == 2
+    assert capsys.readouterr().err.strip() == "error: There is no run named 'nope'."
+    assert main(["compare", "scratch"]) == 2
+    assert "at least two different runs" in capsys.readouterr().err
+    assert main(["compare", "scratch", "staged", "--plot", "x.jpg"]) == 2
+    assert "--plot must name a .png, .svg, .pdf or .html file" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png_and_links_it_from_the_report(runs, tmp_path, capsys):
+    png = tmp_path / "scatter.png"
+    assert main(["compare", "scratch", "staged", "--plot", str(png)]) == 0
+    assert f"![staged against scratch]({png})" in capsys.readouterr().out
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 400
+
+
+def test_plot_with_several_runs_writes_one_file_per_comparable_run(runs, tmp_path, capsys):
+    base = tmp_path / "scatter.svg"
+    assert main(["compare", "scratch", "staged", "other", "--plot", str(base), "--format", "json"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scatter-staged.svg"]  # other shares no class
+
+
+def test_static_plot_without_matplotlib_says_what_to_do(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if it were not installed
+    assert main(["compare", "scratch", "staged", "--plot", str(tmp_path / "a.png")]) == 2
+    assert "needs matplotlib" in capsys.readouterr().err
+    assert main(["compare", "scratch", "staged", "--plot", str(tmp_path / "a.html")]) == 0
+    assert "plotly" in (tmp_path / "a.html").read_text()[:5000].lower()
+
+
+def test_the_real_command_survives_a_closed_pipe(runs, tmp_path):
+    """`python -m train compare ... | head`: the reader has gone; no traceback, a plain failure status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `head` does once it has its lines
+    err = tmp_path / "err.txt"
+    try:
+        with open(err, "wb") as stderr:
+            status = subprocess.run([sys.executable, "-m", "train", "compare", "scratch", "staged"], cwd=REPO,
+                                    env=os.environ.copy(), stdout=write_end, stderr=stderr, timeout=120).returncode
+    finally:
+        os.close(write_end)
+    assert (status, err.read_text()) == (1, "")
+
+
+def test_the_real_command_reports_an_unknown_run(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "train", "compare", "ghost", "phantom"], cwd=REPO,
+                          env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (2, "", "error: There is no run named 'ghost'.\n")
