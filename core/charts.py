@@ -309,17 +309,24 @@ def _marker_sizes(counts: pd.Series, smallest: float = 6.0, largest: float = 26.
     return smallest + (root - root.min()) / (root.max() - root.min()) * (largest - smallest)
 
 
+def _change_span(changes: pd.Series) -> float:
+    """Half the width of the symmetric colour scale of changes: the largest change (at least 5 points)."""
+    values = changes.abs().dropna()
+    return max(0.05, float(values.max())) if not values.empty else 1.0
+
+
 def class_scatter_figure(frame: pd.DataFrame, run_a: str, run_b: str) -> go.Figure:
     """Per-class accuracy of run B (y) against run A (x) from ``ClassComparison.frame()``: above the diagonal B is
     better; marker area grows with the class's training images, colour is the change (green up, red down)."""
     data = frame.dropna(subset=["accuracy A", "accuracy B"])
     size_note = "training images" if data["train images"].notna().any() else "validation images"
     sizes = data["train images"] if size_note == "training images" else data["val images"]
+    span = _change_span(data["change"])
     fig = go.Figure(go.Scatter(
         x=data["accuracy A"], y=data["accuracy B"], mode="markers", text=data["class"],
         customdata=np.column_stack([sizes.to_numpy(dtype=float), data["change"].to_numpy(dtype=float)]),
-        marker=dict(size=_marker_sizes(sizes), color=data["change"], colorscale="RdYlGn", cmin=-1, cmax=1,
-                    cmid=0, opacity=0.75, line=dict(width=0.5, color="#444"),
+        marker=dict(size=_marker_sizes(sizes), color=data["change"], colorscale="RdYlGn",
+                    cmin=-span, cmax=span, opacity=0.75, line=dict(width=0.5, color="#444"),
                     colorbar=dict(title="change", tickformat="+.0%")),
         hovertemplate=f"%{{text}}<br>{size_note}: %{{customdata[0]:.0f}}<br>{run_a}: %{{x:.1%}}<br>"
                       f"{run_b}: %{{y:.1%}}<br>change: %{{customdata[1]:+.1%}}<extra></extra>",
@@ -353,16 +360,17 @@ def write_class_scatter(frame: pd.DataFrame, run_a: str, run_b: str, path: Any, 
 
     data = frame.dropna(subset=["accuracy A", "accuracy B"])
     sizes = data["train images"] if data["train images"].notna().any() else data["val images"]
+    span = _change_span(data["change"])
     fig = Figure(figsize=(6.4, 6.0), dpi=150, layout="constrained")
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
     points = ax.scatter(data["accuracy A"], data["accuracy B"], s=_marker_sizes(sizes) ** 2 / 2,
-                        c=data["change"], cmap="RdYlGn", vmin=-1, vmax=1, alpha=0.75, edgecolors="#444",
+                        c=data["change"], cmap="RdYlGn", vmin=-span, vmax=span, alpha=0.75, edgecolors="#444",
                         linewidths=0.4)
-    fig.colorbar(points, ax=ax, label=f"change ({run_b} - {run_a})", shrink=0.8)
-    ordered = data.sort_values(["change", "class"])
-    for _, row in pd.concat([ordered[ordered["change"] < 0].head(label),
-                             ordered[ordered["change"] > 0].iloc[::-1].head(label)]).iterrows():
+    fig.colorbar(points, ax=ax, label=f"change ({run_b} - {run_a})", shrink=0.8, format="{x:+.0%}")
+    losses = data[data["change"] < 0].sort_values(["change", "class"]).head(label)
+    gains = data[data["change"] > 0].sort_values(["change", "class"], ascending=[False, True]).head(label)
+    for _, row in pd.concat([losses, gains]).iterrows():
         ax.annotate(row["class"], (row["accuracy A"], row["accuracy B"]), fontsize=7, xytext=(4, 2),
                     textcoords="offset points")
     ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), aspect="equal",
