@@ -29,6 +29,7 @@ NAVIGATION = (  # (script, label, icon): Streamlit's own page list is hidden (cl
     ("pages/train.py", "Train", ":material/model_training:"),
     ("pages/monitor.py", "Monitor", ":material/monitoring:"),
     ("pages/classes.py", "Classes", ":material/category:"),
+    ("pages/compare.py", "Compare", ":material/compare_arrows:"),
     ("pages/explain.py", "Explain", ":material/visibility:"),
 )
 

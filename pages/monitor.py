@@ -6,6 +6,7 @@ from typing import Any
 import streamlit as st
 
 from core import charts
+from core.compare import stage_names
 from pages import common
 
 common.setup("Monitor")
@@ -30,12 +31,6 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     return st.multiselect("Runs (several overlay for comparison)", names, default=default, key="monitor_pick")
 
 
-def stage_names(run: dict[str, Any]) -> list[str]:
-    """Names of all the run's stages, from its config (the store lists a stage only once it starts)."""
-    stages = (run.get("config") or {}).get("stages") or []
-    return [s.get("name") or f"stage{i + 1}" for i, s in enumerate(stages)]
-
-
 def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     """Progress bar and ETA of the running stage (from its epochs) and of the whole pipeline (heartbeat)."""
     import time
@@ -43,7 +38,7 @@ def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     index = run.get("stage")
     speed = f", {run['images_per_s']:.0f} images/s" if run.get("images_per_s") else ""
     st.markdown(f"**{run['name']}** · {common.badge(run['state'])}{speed}")
-    total = max(len(stage_names(run)), len(stages))
+    total = max(len(stage_names(run.get("config"))), len(stages))
     if index is not None and index < len(stages):
         stage = stages[index]
         frame = common.store().metrics_frame(run["name"], "epoch", stage=index)
@@ -69,7 +64,7 @@ def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None
         st.info("No metrics yet: the first ones appear after the first steps of training.")
         return
     kind = "step" if per_step else "epoch"
-    names = {r["name"]: stage_names(r) for r in runs}
+    names = {r["name"]: stage_names(r.get("config")) for r in runs}
     cols = st.columns(2)
     for i, (title, metrics, log_y) in enumerate(STEP_PANELS if per_step else EPOCH_PANELS):
         fig = charts.curves_figure(frames, metrics, x_column="step" if per_step else "epoch",

@@ -79,3 +79,12 @@ def other_run(store: RunStore | None = None, name: str = "other") -> None:
     store = store or RunStore()
     write_run(store, name, [stage_config("caltech", "pq")], [[result_with(["p", "q"], [4, 7], [8, 8])]],
               arch="resnet18")
+
+
+def all_runs() -> RunStore:
+    """scratch, staged and other in the store of the current home; returns the store."""
+    store = RunStore()
+    scratch_run(store)
+    staged_run(store)
+    other_run(store)
+    return store

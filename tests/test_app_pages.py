@@ -7,7 +7,7 @@ from streamlit.testing.v1 import AppTest
 
 from tests import app_fixtures as fx
 
-PAGES = ("app.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/explain.py")
+PAGES = ("app.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/compare.py", "pages/explain.py")
 
 
 def open_page(page: str) -> AppTest:

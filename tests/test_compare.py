@@ -11,11 +11,7 @@ from tests import compare_fixtures as cf
 
 @pytest.fixture
 def store() -> RunStore:
-    store = RunStore()
-    cf.scratch_run(store)
-    cf.staged_run(store)
-    cf.other_run(store)
-    return store
+    return cf.all_runs()
 
 
 def test_flatten_numbers_stages_from_one_and_joins_nested_keys():

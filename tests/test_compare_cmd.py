@@ -11,7 +11,6 @@ import sys
 import pytest
 from PIL import Image
 
-from core.run_store import RunStore
 from tests import compare_fixtures as cf
 from tests.app_fixtures import REPO
 from train.cli import main
@@ -19,10 +18,7 @@ from train.cli import main
 
 @pytest.fixture
 def runs() -> None:
-    store = RunStore()
-    cf.scratch_run(store)
-    cf.staged_run(store)
-    cf.other_run(store)
+    cf.all_runs()
 
 
 def section(text: str, title: str) -> str:
