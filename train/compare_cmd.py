@@ -32,7 +32,8 @@ CSV_COLUMNS = ("section", "run", "against", "stage", "against_stage", "key", "va
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="two or more runs; later ones are set against the first")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="two or more runs; later ones are set against the first")
     parser.add_argument("--format", choices=FORMATS, default="md", help="md (default), csv or json")
     parser.add_argument("--stage", type=int, metavar="N",
                         help="compare classes on stage N (from 1) of every run (default: each run's last stage)")
@@ -119,9 +120,29 @@ def _config_md(comparison: Comparison) -> str:
     head = "## Configuration differences\n\n"
     if not diffs:
         return head + f"The configs are identical ({same} keys).\n"
-    rows = [[f"`{r.key}`", *(charts.config_text(r.values[run]) or "(none)" for run in comparison.runs)]
-            for r in diffs]
+    rows, shown_stages = [], set()
+    for r in diffs:
+        stage = _stage_of(r.key)
+        if stage is None or stage <= min(len(names) for names in comparison.stage_names.values()):
+            rows.append([f"`{r.key}`", *(charts.config_text(r.values[run]) or "(none)" for run in comparison.runs)])
+        elif stage not in shown_stages:  # a stage some run does not have: one row, not one per key
+            shown_stages.add(stage)
+            rows.append([f"`stages.{stage}`", *(_stage_summary(comparison, run, stage) for run in comparison.runs)])
     return head + table(["key", *comparison.runs], rows) + f"\n{same} other keys are the same in every run.\n"
+
+
+def _stage_of(key: str) -> int | None:
+    """N of a ``stages.N.key`` (None for a top-level key)."""
+    parts = key.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "stages" and parts[1].isdigit() else None
+
+
+def _stage_summary(comparison: Comparison, run: str, stage: int) -> str:
+    """'finetune (shapes-lt), see its keys in --format json' or '(none)' for a stage only some runs have."""
+    if stage > len(comparison.stage_names[run]):
+        return "(none)"
+    dataset = next((r.values[run] for r in comparison.config if r.key == f"stages.{stage}.dataset"), "")
+    return f"{comparison.stage_names[run][stage - 1]} ({dataset}); all keys in --format json"
 
 
 def _stages_md(comparison: Comparison) -> str:
