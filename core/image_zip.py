@@ -118,8 +118,8 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
         seen.add(relative)
         total += info.file_size
         if total > limits.max_total_bytes:
-            raise ArchiveError(f"{name} would unpack to more than {limits.max_total_bytes / 2**30:.1f} GB of "
-                               "images; split it or point at a folder instead.")
+            raise ArchiveError(f"{name} would unpack to more than {_size(limits.max_total_bytes)} of images; "
+                               "split it, or point at a folder instead.")
         members.append((info, relative))
     if not members:
         raise ArchiveError(f"{name} holds no image files (JPEG, PNG, WebP, BMP, GIF or TIFF in class folders).")
@@ -152,12 +152,23 @@ def _wanted(relative: str) -> bool:
 
 def _check_declared(info: zipfile.ZipInfo, name: str, limits: ZipLimits) -> None:
     if info.file_size > limits.max_file_bytes:
-        raise ArchiveError(f"{name} holds {info.filename}, {info.file_size / 2**20:.0f} MB unpacked; "
-                           f"files over {limits.max_file_bytes / 2**20:.0f} MB are refused.")
+        raise ArchiveError(f"{name} holds {info.filename}, {_size(info.file_size)} unpacked; "
+                           f"files over {_size(limits.max_file_bytes)} are refused.")
     if info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
         ratio = info.file_size / max(info.compress_size, 1)
         raise ArchiveError(f"{name} holds {info.filename}, which expands {ratio:.0f} times (more than "
                            f"{limits.max_ratio:.0f}); it looks like a zip bomb and is refused.")
+
+
+def _size(n: int) -> str:
+    """``512`` -> ``"512 bytes"``, ``1536`` -> ``"1.5 KB"``, ``50 << 20`` -> ``"50.0 MB"``."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def _extract(archive: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, str]], work: Path, name: str,
