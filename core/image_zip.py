@@ -88,6 +88,12 @@ def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str
     return Unpacked(target / inner.relative_to(work), target, len(members) - len(unreadable), skipped + unreadable)
 
 
+def describe_skipped(skipped: list[str], shown: int = 8) -> str:
+    """One sentence naming the members that were not kept: ``"Skipped 2 files: a.txt (not an image), ..."``."""
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"Skipped {len(skipped)} file{'s' * (len(skipped) != 1)}: {', '.join(skipped[:shown])}{more}."
+
+
 def _open_zip(source: ZipSource, name: str) -> zipfile.ZipFile:
     data = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
     try:
@@ -109,7 +115,10 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
         relative = _member_path(info, name)
         if info.is_dir() or not relative:
             continue
-        if not _wanted(relative):
+        if _hidden(relative):
+            skipped.append(f"{info.filename} (hidden)")
+            continue
+        if not is_image_name(relative):
             skipped.append(f"{info.filename} (not an image)")
             continue
         _check_declared(info, name, limits)
@@ -144,10 +153,9 @@ def _member_path(info: zipfile.ZipInfo, name: str) -> str:
     return "/".join(parts)
 
 
-def _wanted(relative: str) -> bool:
-    """An image file outside hidden folders and macOS's ``__MACOSX`` resource forks."""
-    parts = relative.split("/")
-    return is_image_name(parts[-1]) and not any(p.startswith(".") or p == "__MACOSX" for p in parts[:-1])
+def _hidden(relative: str) -> bool:
+    """A hidden file or one in a hidden folder or macOS's ``__MACOSX`` resource forks."""
+    return any(p.startswith(".") or p == "__MACOSX" for p in relative.split("/"))
 
 
 def _check_declared(info: zipfile.ZipInfo, name: str, limits: ZipLimits) -> None:

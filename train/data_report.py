@@ -107,6 +107,13 @@ def _combined(splits: dict[str, dict[str, Any]], labels: dict[str, str]) -> dict
     return _split_summary(counts, scan, labels)
 
 
+def class_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per class: its name, label and images per split (the report's class counts as a table)."""
+    splits = report["splits"]
+    return [{"class": name, "label": label, **{split: splits[split]["class_counts"][name] for split in splits}}
+            for name, label in zip(report["class_names"], report["class_labels"])]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable report."""
     lines = [f"{report['title']} ({report['name']})" + (f" at {report['path']}" if report["path"] else ""),
