@@ -122,3 +122,27 @@ def test_a_malicious_zip_is_refused_on_the_page_and_leaves_nothing(tmp_path):
     assert launch_button(at).disabled and not at.exception
     uploads = paths.uploads_dir()
     assert not uploads.exists() or not any(uploads.iterdir())
+
+
+def test_classes_and_explain_work_on_a_run_trained_on_an_image_folder(tmp_path):
+    """The run's class names are the folder names, on the Classes page (with the misclassified files and their
+    Grad-CAM) and in Explain."""
+    from tests.test_engine import run_tiny
+    from tests.test_imagefolder import CLASSES, tiny_stage
+
+    folder = make_imagefolder(tmp_path / "pets")
+    assert run_tiny(tiny_stage(folder), name="mine") == "finished"
+    at = AppTest.from_file(fx.APP, default_timeout=90).run()
+    at.switch_page("pages/classes.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert {m.label: m.value for m in at.metric}["Classes"] == "3"
+    assert sorted(next(d.value for d in at.dataframe if "accuracy" in d.value.columns)["class"]) == CLASSES
+    toggle = next(t for t in at.toggle if t.key and t.key.startswith("cam-0-"))  # seed 0: some are wrong
+    assert toggle.key.startswith(f"cam-0-{folder}")  # the gallery shows the image file itself
+    toggle.set_value(True).run()
+    assert not at.error and "Grad-CAM" in at.image[0].captions[0]
+    at.switch_page("pages/explain.py").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert set(at.selectbox(key="explain_checkpoint").value.parts) >= {"mine", "best.pt"}
+    predictions = [d.value for d in at.dataframe if "probability" in d.value.columns]
+    assert predictions and all(set(p["class"]) <= set(CLASSES) for p in predictions)
