@@ -171,7 +171,8 @@ def show_problems(config: dict[str, Any], images: Path | None = None) -> bool:
     pipeline = parse_config(config, base_dir=CONFIG_DIR, check_data=False)
     missing = missing_data(pipeline)
     for name, root, folder in missing:
-        missing_box(name, root, folder)
+        if folder != images:  # a chosen image folder that is missing already says so above
+            missing_box(name, root, folder)
     reports_ok = True
     for root, options in image_folders(pipeline):
         if Path(root) == images and not options:
