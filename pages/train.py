@@ -198,7 +198,8 @@ def image_folders(pipeline: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for stage in pipeline.stages:
         if stage.dataset == "imagefolder" and Path(str(stage.root)).is_dir():
-            found.setdefault(f"{stage.root}|{json.dumps(stage.options, sort_keys=True)}", (str(stage.root), stage.options))
+            key = f"{stage.root}|{json.dumps(stage.options, sort_keys=True)}"
+            found.setdefault(key, (str(stage.root), stage.options))
     return list(found.values())
 
 
@@ -237,9 +238,17 @@ def download_with_progress(name: str, root: str) -> None:
     st.rerun()
 
 
-def images_section() -> Path | None:
-    """Your own images: a folder or an uploaded .zip; returns the folder after showing its data report."""
-    st.subheader("Your own images")
+def images_section(config: dict[str, Any]) -> Path | None:
+    """Your own images: a folder or an uploaded .zip; returns the folder after showing its data report. Open
+    when a stage reads an image folder or one is chosen."""
+    wanted = any(s.get("dataset") == "imagefolder" for s in config.get("stages", []))
+    chosen = bool(st.session_state.get("images_folder") or st.session_state.get("images_zip"))
+    with st.expander("Your own images: a folder, or a .zip of class folders", expanded=wanted or chosen,
+                     icon=":material/photo_library:"):
+        return _images_body()
+
+
+def _images_body() -> Path | None:
     st.caption("One folder of images per class (or train/ and val/ folders of class folders); the class names are "
                "the folder names. Stages whose data set is **imagefolder** and whose root is empty use this folder; "
                f"**{IMAGES}** under Start from is a pipeline with one such stage.")
@@ -373,7 +382,7 @@ def body() -> None:
     st.caption("A pipeline trains in stages; each stage starts from the previous stage's best model "
                "(init = previous) with a new head. Edit the rows, then Launch.")
     config = pipeline_editor()
-    images = images_section()
+    images = images_section(config)
     config = with_roots(config, images)
     ready = show_problems(config, images)
     if ready:
