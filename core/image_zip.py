@@ -102,12 +102,15 @@ def _open_zip(source: ZipSource, name: str) -> zipfile.ZipFile:
         raise ArchiveError(f"{name} is not a readable .zip archive ({exc}).") from None
 
 
-def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[tuple[zipfile.ZipInfo, str]], list[str]]:
-    """The (member, relative path) pairs to extract and the skipped names, from what the archive declares."""
+Member = tuple[zipfile.ZipInfo, str]  # a member to extract and its path inside the target folder
+
+
+def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[Member], list[str]]:
+    """The members to extract and the skipped names, from what the archive declares."""
     infos = archive.infolist()
     if len(infos) > limits.max_members:
         raise ArchiveError(f"{name} holds {len(infos)} entries; at most {limits.max_members} are accepted.")
-    members: list[tuple[zipfile.ZipInfo, str]] = []
+    members: list[Member] = []
     skipped: list[str] = []
     seen: set[str] = set()
     total = 0
@@ -179,7 +182,7 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _extract(archive: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, str]], work: Path, name: str,
+def _extract(archive: zipfile.ZipFile, members: list[Member], work: Path, name: str,
              limits: ZipLimits) -> list[str]:
     """Write every planned member under ``work``, counting real bytes; returns the unreadable ones (removed)."""
     total, unreadable = 0, []

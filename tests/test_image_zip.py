@@ -133,7 +133,8 @@ def test_bytes_are_counted_while_extracting_even_past_the_declared_checks(tmp_pa
     monkeypatch.setattr(image_zip, "_check_declared", lambda info, name, limits: None)
     img = image_bytes(tmp_path)
     with pytest.raises(ArchiveError, match="cat/a.png, which unpacks to more bytes than it declares or than the size"):
-        unpack_image_zip(_zip([("cat/a.png", img), ("dog/b.png", img)]), "big.zip", limits=ZipLimits(max_file_bytes=1000))
+        unpack_image_zip(_zip([("cat/a.png", img), ("dog/b.png", img)]), "big.zip",
+                         limits=ZipLimits(max_file_bytes=1000))
     assert nothing_left()
 
 
