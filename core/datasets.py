@@ -10,11 +10,20 @@ of ``"{seed}/{class}/{file name}"``; the first ``round(val_fraction * n)`` of th
 most ``n - 1`` when a class has ``n >= 2`` images; none when ``n == 1``) are ``val``, the rest ``train``.
 With ``train_per_class=N`` (the Fei-Fei et al. protocol, e.g. N=30) the last ``min(N, n - 1)`` files in
 that order are ``train`` and all others ``val``. Defaults: ``val_fraction=0.2``, ``seed=0``.
+
+``imagefolder`` is a folder of your own images, and its ``root`` is that folder itself (for every other
+set the root is the parent of a named folder). Two layouts: ``<root>/<class>/<images>`` (split by the same
+hash as Caltech, with the same options) or ``<root>/train/<class>/...`` plus ``<root>/val/<class>/...``
+(the folders are the split; split options are refused). Class names are the folder names; images are the
+files ``core.images`` reads (``is_image_name``), also in sub-folders of a class; hidden files are skipped.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import math
+import os
 import pickle
 import shutil
 import tarfile
@@ -31,12 +40,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.errors import UserError
-from core.images import load_image
+from core.images import is_image_name, load_image
 from core.paths import data_root
 
 SPLITS = ("train", "val")
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 Progress = Callable[[int, "int | None"], None]
+OWN_FOLDER = "."  # DatasetInfo.folder of a set whose root is its own folder (imagefolder)
+IMAGEFOLDER_LAYOUT = ("one folder of images per class (<root>/<class>/<image>), or <root>/train/<class>/<image> "
+                      "plus <root>/val/<class>/<image>")
+log = logging.getLogger("reslens.datasets")
 
 
 class DatasetMissing(UserError, FileNotFoundError):
@@ -51,12 +64,14 @@ class LabeledImages(Dataset):
     """Images with integer targets; ``__getitem__(i)`` is ``(transform(load_raw(i)), targets[i])``."""
 
     def __init__(self, classes: Sequence[str], targets: Sequence[int], transform: Callable | None = None,
-                 class_labels: Sequence[str] | None = None, excluded: dict[str, int] | None = None) -> None:
+                 class_labels: Sequence[str] | None = None, excluded: dict[str, int] | None = None,
+                 notes: Sequence[str] = ()) -> None:
         self.classes: list[str] = list(classes)
         self.targets: list[int] = list(targets)
         self.transform = transform
         self.class_labels: list[str] = list(class_labels or classes)  # human-readable names, same order
         self.excluded: dict[str, int] = dict(excluded or {})  # folders on disk that are not classes
+        self.notes: list[str] = list(notes)  # sentences on how the files were read (layout, a cut wnids.txt)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -118,6 +133,7 @@ class Listing:
     files: dict[str, list[Path]]
     class_labels: list[str] = field(default_factory=list)
     excluded: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {c: len(self.files[c]) for c in self.classes}
@@ -125,7 +141,7 @@ class Listing:
     def to_dataset(self, transform: Callable | None) -> ImageFiles:
         pairs = [(path, t) for t, c in enumerate(self.classes) for path in self.files[c]]
         return ImageFiles([p for p, _ in pairs], [t for _, t in pairs], self.classes, transform=transform,
-                          class_labels=self.class_labels or None, excluded=self.excluded)
+                          class_labels=self.class_labels or None, excluded=self.excluded, notes=self.notes)
 
 
 @dataclass(frozen=True)
@@ -135,7 +151,7 @@ class DatasetInfo:
     name: str
     title: str
     description: str
-    folder: str | None  # path under the root that must exist; None for generated sets
+    folder: str | None  # path under the root that must exist; None for generated sets; OWN_FOLDER: the root
     url: str | None
     options: dict[str, Any]  # accepted options and their defaults
     opener: Callable[..., LabeledImages]  # (root, split, transform, **options)
@@ -161,8 +177,11 @@ def class_counts(name: str, root: str | Path | None = None, split: str = "train"
 
 
 def dataset_path(name: str, root: str | Path | None = None) -> Path | None:
-    """The folder data set ``name`` must occupy under ``root`` (None for generated sets)."""
+    """The folder data set ``name`` must occupy under ``root`` (None for generated sets; the root itself for
+    imagefolder, which has no default root)."""
     info = get_info(name)
+    if info.folder == OWN_FOLDER:
+        return _own_root(info, root)
     return _root(root) / info.folder if info.folder else None
 
 
@@ -175,6 +194,8 @@ def download(name: str, root: str | Path | None = None, progress: Progress | Non
     """
     info = get_info(name)
     base = _root(root)
+    if info.folder == OWN_FOLDER:
+        raise DatasetError(f"The {info.name} data set is a folder of your own images; there is nothing to download.")
     if info.fetcher is None or info.url is None:
         raise DatasetError(f"The {info.title} data set is generated by ResLens; there is nothing to download.")
     target = base / str(info.folder)
@@ -244,10 +265,24 @@ def _prepare(name: str, root: str | Path | None, split: str,
     if unknown:
         accepted = ", ".join(info.options) or "none"
         raise DatasetError(f"Data set {name} has no option {unknown[0]!r} (its options: {accepted}).")
-    base = _root(root)
-    if info.folder and not (base / info.folder).exists():
-        raise DatasetMissing(_missing_message(info, base))
+    if info.folder == OWN_FOLDER:
+        base = _own_root(info, root)
+        if not base.is_dir():
+            raise DatasetMissing(f"There is no folder {base}; the root of {info.name} must be the folder that "
+                                 f"holds your images: {IMAGEFOLDER_LAYOUT}.")
+    else:
+        base = _root(root)
+        if info.folder and not (base / info.folder).exists():
+            raise DatasetMissing(_missing_message(info, base))
     return info, base, {**info.options, **options}
+
+
+def _own_root(info: DatasetInfo, root: str | Path | None) -> Path:
+    """The root of a set that is its own folder: it must be given (the data root is never meant)."""
+    if root is None:
+        raise DatasetError(f"The {info.name} data set needs a root: the folder that holds your images, "
+                           f"{IMAGEFOLDER_LAYOUT}.")
+    return _root(root)
 
 
 def _missing_message(info: DatasetInfo, root: Path) -> str:
@@ -361,7 +396,7 @@ def _tiny_val_files(base: Path, wnids: list[str]) -> dict[str, list[Path]]:
     for line in _read_lines(base / "val" / "val_annotations.txt"):
         parts = line.split("\t")
         if len(parts) < 2 or parts[1] not in files:
-            raise DatasetError(f"val_annotations.txt line {line!r} does not name a class of wnids.txt.")
+            raise DatasetError(f"val_annotations.txt line {line!r} does not name a class (a folder of train/).")
         if parts[0] not in present:
             raise DatasetError(f"val_annotations.txt names {parts[0]}, which is not in {images}.")
         files[parts[1]].append(images / parts[0])
@@ -372,15 +407,111 @@ def _tiny_train_files(base: Path, wnids: list[str]) -> dict[str, list[Path]]:
     folders = {w: base / "train" / w / "images" for w in wnids}
     for wnid, folder in folders.items():
         if not folder.is_dir():
-            raise DatasetError(f"{folder} is missing: every class of wnids.txt needs a train folder ({wnid}).")
+            raise DatasetError(f"{folder} is missing: every class folder of train/ needs its images/ ({wnid}).")
     return {w: _image_files(folder) for w, folder in folders.items()}
+
+
+def _tiny_classes(base: Path) -> tuple[list[str], list[str]]:
+    """(classes, notes): the class folders of train/; a ``wnids.txt`` that disagrees is said once, not used."""
+    wnids = sorted(_read_lines(base / "wnids.txt"))
+    train = base / "train"
+    folders = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if train.is_dir() else []
+    if not folders:
+        raise DatasetError(f"{train} holds no class folders: the Tiny ImageNet folder is incomplete.")
+    if folders == wnids:
+        return wnids, []
+    note = (f"{base / 'wnids.txt'} lists {len(wnids)} classes but {train} has {len(folders)} class folders; "
+            "ResLens uses the train folders as the classes.")
+    _say_once(note)
+    return folders, [note]
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    """Log a warning about the data on disk once per process (the listing is read many times)."""
+    log.warning(message)
 
 
 def _tiny_listing(root: Path, split: str) -> Listing:
     base = root / "tiny-imagenet-200"
-    wnids = sorted(_read_lines(base / "wnids.txt"))
+    wnids, notes = _tiny_classes(base)
     files = _tiny_train_files(base, wnids) if split == "train" else _tiny_val_files(base, wnids)
-    return Listing(wnids, files, _tiny_labels(base, wnids))
+    return Listing(wnids, files, _tiny_labels(base, wnids), notes=notes)
+
+
+# ---------------------------------------------------------------- image folders (your own images)
+
+
+def _skipped_folder(name: str) -> bool:
+    """Hidden folders and macOS's zip resource forks are never classes nor searched for images."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files in ``folder`` and its sub-folders (hidden files and folders skipped), sorted."""
+    found: list[Path] = []
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _skipped_folder(d)]
+        found += [Path(here) / n for n in names if is_image_name(n)]
+    return sorted(found)
+
+
+def _class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """(class -> its images, for sub-folders holding images; other sub-folder -> 0), classes sorted."""
+    folders = sorted(p for p in folder.iterdir() if p.is_dir() and not _skipped_folder(p.name))
+    files = {p.name: _images_under(p) for p in folders}
+    return {c: f for c, f in files.items() if f}, {c: 0 for c, f in files.items() if not f}
+
+
+def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
+    """``<root>/train/<class>`` and ``<root>/val/<class>``: the folders are the split."""
+    given = sorted(k for k, v in options.items() if v is not None)
+    if given:
+        raise DatasetError(f"{root} has its own train/ and val/ folders, so the split option {given[0]} does not "
+                           "apply; remove it (split options are for a folder of class folders).")
+    train, empty = _class_folders(root / "train")
+    classes = sorted(train)
+    found, _ = _class_folders(root / split) if split == "val" else (train, empty)
+    strays = sorted(set(found) - set(classes))
+    if strays:
+        raise DatasetError(f"{root / 'val' / strays[0]} is not a class: there is no {root / 'train' / strays[0]} "
+                           "with images.")
+    others = {p.name: len(_images_under(p)) for p in sorted(root.iterdir())
+              if p.is_dir() and p.name not in ("train", "val") and not _skipped_folder(p.name)}
+    files = {c: found.get(c, []) for c in classes}
+    note = f"Split: the train/ and val/ folders of {root}."
+    return Listing(classes, files, excluded={**empty, **others}, notes=[note])
+
+
+def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
+    """``<root>/<class>``: split per class by the Caltech hash (``split_files``)."""
+    found, empty = _class_folders(root)
+    split_options = {k: default if options.get(k) is None else options[k] for k, default in _CALTECH_SPLIT.items()}
+    files = {c: split_files(f, c, split, **split_options) for c, f in found.items()}
+    how = (f"the last {split_options['train_per_class']} per class train" if split_options["train_per_class"]
+           else f"{100 * split_options['val_fraction']:g}% of each class held out")
+    note = f"Split: by a hash of seed/class/file ({how}, seed {split_options['seed']})."
+    return Listing(sorted(files), files, excluded=empty, notes=[note])
+
+
+def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:
+    train, val = root / "train", root / "val"
+    if train.is_dir() and val.is_dir():
+        listing = _split_layout(root, split, options)
+    elif (train.is_dir() or val.is_dir()) and _class_folders(train if train.is_dir() else val)[0]:
+        there, absent = ("train", "val") if train.is_dir() else ("val", "train")
+        raise DatasetError(f"{root} has a {there}/ folder of classes but no {absent}/ folder; give both, or "
+                           "put the class folders directly in the root.")
+    else:
+        listing = _flat_layout(root, split, options)
+    if len(listing.classes) < 2:
+        found = f"only {listing.classes[0]!r}" if listing.classes else "none"
+        loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
+        outside = f"; {loose} images lie directly in it, outside any class folder" if loose else ""
+        raise DatasetError(f"{root} needs at least two class folders with images ({found} found{outside}): "
+                           f"expected {IMAGEFOLDER_LAYOUT}.")
+    return listing
 
 
 # ---------------------------------------------------------------- CIFAR-100
@@ -527,6 +658,11 @@ def _registry() -> dict[str, DatasetInfo]:
                     "caltech256/256_ObjectCategories", CALTECH256_URL,
                     {**_CALTECH_SPLIT, "include_clutter": False}, *_files_set(_caltech256_listing),
                     _fetch_torchvision("Caltech256"), "caltech256/256_ObjectCategories.tar"),
+        DatasetInfo("imagefolder", "Image folder",
+                    "Your own images: root is the folder, " + IMAGEFOLDER_LAYOUT + "; class names are the folder "
+                    "names; a flat folder is split like Caltech (val_fraction, seed, train_per_class).",
+                    OWN_FOLDER, None, {"val_fraction": None, "seed": None, "train_per_class": None},
+                    *_files_set(_imagefolder_listing)),
         DatasetInfo("shapes", "Shapes demo", "10 balanced classes of generated shapes with known boxes, no files.",
                     None, None, {"seed": 0, "image_size": None}, *_synthetic_set("shapes")),
         DatasetInfo("shapes-lt", "Shapes long-tail demo",

@@ -65,6 +65,12 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
         return _finish(image, label)
 
 
+def is_image_name(name: str | os.PathLike[str]) -> bool:
+    """Whether a file name has one of ``SUPPORTED_EXTENSIONS`` (any case) and is not hidden (``.name``)."""
+    base = os.path.basename(os.fspath(name))
+    return not base.startswith(".") and base.rpartition(".")[2].lower() in SUPPORTED_EXTENSIONS and "." in base
+
+
 def read_header(source: ImageSource, name: str | None = None) -> ImageHeader:
     """Format, mode and size of an image from its header only (no pixel is decoded)."""
     label = _label(source, name)

@@ -19,6 +19,11 @@ def data_root() -> Path:
     return Path(os.environ.get("RESLENS_DATA") or REPO_ROOT / "data").expanduser().resolve()
 
 
+def uploads_dir() -> Path:
+    """Where image archives uploaded in the app are unpacked (``<data root>/uploads``)."""
+    return data_root() / "uploads"
+
+
 def store_path() -> Path:
     return reslens_home() / "reslens.sqlite"
 

@@ -134,6 +134,18 @@ def file_version(path: Path) -> tuple[str, int, int]:
     return str(path), stat.st_mtime_ns, stat.st_size
 
 
+def folder_version(path: Path) -> tuple[str, int, int]:
+    """A cache key that changes when the folder or a sub-folder up to two levels down gains or loses an entry
+    (class folders lie one level down, or two under train/ and val/)."""
+    try:
+        levels = [path] + [p for p in path.iterdir() if p.is_dir()]
+        levels += [q for p in levels[1:] for q in p.iterdir() if q.is_dir()]
+        stamps = [p.stat().st_mtime_ns for p in levels]
+    except OSError:
+        return str(path), -1, 0
+    return str(path), max(stamps), len(stamps)
+
+
 def load_model(path: Path) -> tuple[Any, Any]:
     """(model, CheckpointInfo) of a checkpoint, loaded once per file version and kept in memory."""
     return _load_model(file_version(path))
@@ -150,10 +162,14 @@ def dataset_presence() -> "pd.DataFrame":
     """One row per registered data set under the data root: present or not (a folder check), what it is."""
     import pandas as pd
 
-    from core.datasets import DATASETS, dataset_path
+    from core.datasets import DATASETS, OWN_FOLDER, dataset_path
 
     rows = []
     for name, info in DATASETS.items():
+        if info.folder == OWN_FOLDER:
+            rows.append({"data set": name, "present": True, "where": "your own folder (the stage's root; Train page)",
+                         "about": info.description})
+            continue
         folder = dataset_path(name, paths.data_root())
         rows.append({"data set": name, "present": folder is None or folder.is_dir(),
                      "where": "built in (generated)" if folder is None else str(folder),

@@ -1,11 +1,13 @@
-"""Train: choose or build a pipeline (stages as rows), check it before launch, run it as its own process,
-and follow every job (state, Stop, Resume, log, error)."""
+"""Train: choose or build a pipeline (stages as rows), point it at your own images (a folder, or a .zip that is
+unpacked safely) and read their data report, check it before launch against exactly the folders the trainer
+will open, run it as its own process, and follow every job (state, Stop, Resume, log, error)."""
 from __future__ import annotations
 
 import json
 import math
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -13,15 +15,21 @@ import streamlit as st
 import yaml
 
 from core import paths
-from core.datasets import DATASETS, dataset_path, download
+from core.datasets import DATASETS, OWN_FOLDER, dataset_path, download
+from core.errors import UserError
+from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
+from core.images import MAX_UPLOAD_MB
 from pages import common
-from train.config import ARCHS, CHOICES, STAGE_DEFAULTS, ConfigError, parse_config
+from train.config import ARCHS, CHOICES, STAGE_DEFAULTS, ConfigError, PipelineConfig, parse_config
+from train.data_report import class_rows, format_report, summarize
 
 common.setup("Train")
 
 CONFIG_DIR = paths.REPO_ROOT / "train" / "configs"
-EDITED = ["name", "dataset", "epochs", "batch_size", "image_size", "lr", "init", "imbalance"]
+EDITED = ["name", "dataset", "root", "epochs", "batch_size", "image_size", "lr", "init", "imbalance"]
 EMPTY = "(empty pipeline)"
+IMAGES = "(my images: one stage)"
+IMAGE_SOURCES = ("a folder on this machine", "a .zip of class folders")
 _STAGE_RE = re.compile(r"^stage (\d+)(?: \([^)]*\))?: (?:(\w+)\b)?")
 LIVE_REFRESH_S = 2.0
 
@@ -33,6 +41,8 @@ def shipped_configs() -> list[str]:
 def read_shipped(name: str) -> dict[str, Any]:
     if name == EMPTY:
         return {"name": "my-pipeline", "arch": "resnet50", "stages": [{"name": "stage1", "dataset": "shapes"}]}
+    if name == IMAGES:
+        return {"name": "my-images", "arch": "resnet50", "stages": [{"name": "images", "dataset": "imagefolder"}]}
     return yaml.safe_load((CONFIG_DIR / name).read_text()) or {}
 
 
@@ -89,7 +99,7 @@ def validate(config: dict[str, Any]) -> str | None:
 
 def pipeline_editor() -> dict[str, Any]:
     """The pipeline chooser and stage table; returns the pipeline as a config dict."""
-    options = shipped_configs() + [EMPTY]
+    options = shipped_configs() + [EMPTY, IMAGES]
     default = options.index("demo.yaml") if "demo.yaml" in options else 0
     source = st.selectbox("Start from", options, index=default,
                           help="A shipped pipeline from train/configs/, or an empty one to build yourself.")
@@ -110,6 +120,10 @@ def pipeline_editor() -> dict[str, Any]:
         column_config={
             "name": st.column_config.TextColumn("stage", required=True),
             "dataset": st.column_config.SelectboxColumn("data set", options=list(DATASETS), required=True),
+            "root": st.column_config.TextColumn(
+                "root", help="Where the data set is read from: empty = the data root; for imagefolder the image "
+                             "folder itself (empty = the folder chosen under Your own images). An absolute path, "
+                             "or one under the data root."),
             "epochs": st.column_config.NumberColumn("epochs", min_value=1, step=1, default=4),
             "batch_size": st.column_config.NumberColumn("batch size", min_value=1, step=1, default=64),
             "image_size": st.column_config.NumberColumn("image size", min_value=16, max_value=1024, step=1,
@@ -125,39 +139,88 @@ def pipeline_editor() -> dict[str, Any]:
     return rows_to_config(top, edited)
 
 
-def show_problems(config: dict[str, Any]) -> bool:
-    """Show the first config error next to its row and column, and any missing data set; True if none."""
+def absolute_root(text: str) -> Path:
+    """A folder the user typed: ``~`` expanded; a relative path is taken under the data root."""
+    path = Path(text.strip()).expanduser()
+    return (path if path.is_absolute() else paths.data_root() / path).resolve()
+
+
+def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
+    """The config with every stage's root as the trainer will read it: typed roots made absolute, and empty
+    imagefolder roots set to the chosen image folder (so the check, the YAML and the launch all agree)."""
+    stages = []
+    for stage in config.get("stages", []):
+        stage = dict(stage)
+        if isinstance(stage.get("root"), str) and stage["root"].strip():
+            stage["root"] = str(absolute_root(stage["root"]))
+        elif stage.get("dataset") == "imagefolder" and images is not None:
+            stage["root"] = str(images)
+        stages.append(stage)
+    return {**config, "stages": stages}
+
+
+def show_problems(config: dict[str, Any], images: Path | None = None) -> bool:
+    """Show the first config error next to its row and column, any data missing where a stage will read it, and
+    the data report of every image folder a stage uses (``images`` has its own above); True if all is well."""
     error = validate(config)
     if error:
         row, column = where_the_error_is(error)
         where = f"Row {row}" + (f", column **{column}**" if column else "") + ": " if row else ""
         st.error(f"{where}{error}", icon=":material/error:")
-    missing = missing_datasets(config)
-    for name in missing:
-        download_box(name)
-    return error is None and not missing
+        return False
+    pipeline = parse_config(config, base_dir=CONFIG_DIR, check_data=False)
+    missing = missing_data(pipeline)
+    for name, root, folder in missing:
+        if folder != images:  # a chosen image folder that is missing already says so above
+            missing_box(name, root, folder)
+    reports_ok = True
+    for root, options in image_folders(pipeline):
+        if Path(root) == images and not options:
+            reports_ok &= folder_report(root, "{}", common.folder_version(Path(root)))[1] is None
+            continue
+        with st.expander(f"Data report of {root}" + (f" with {options}" if options else ""), expanded=True):
+            reports_ok &= show_folder_report(Path(root), options)
+    return not missing and reports_ok
 
 
-def missing_datasets(config: dict[str, Any]) -> list[str]:
-    names = dict.fromkeys(s.get("dataset") for s in config.get("stages", []) if s.get("dataset") in DATASETS)
-    return [n for n in names if (folder := dataset_path(n, paths.data_root())) is not None and not folder.is_dir()]
+def missing_data(pipeline: PipelineConfig) -> list[tuple[str, str, Path]]:
+    """(data set, root, folder) of every stage whose data is not where the trainer will look for it."""
+    found: dict[Path, tuple[str, str, Path]] = {}
+    for stage in pipeline.stages:
+        folder = dataset_path(stage.dataset, stage.root)
+        if folder is not None and not folder.is_dir():
+            found.setdefault(folder, (stage.dataset, str(stage.root), folder))
+    return list(found.values())
 
 
-def download_box(name: str) -> None:
+def image_folders(pipeline: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The distinct (root, options) of the pipeline's imagefolder stages whose folder exists."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for stage in pipeline.stages:
+        if stage.dataset == "imagefolder" and Path(str(stage.root)).is_dir():
+            key = f"{stage.root}|{json.dumps(stage.options, sort_keys=True)}"
+            found.setdefault(key, (str(stage.root), stage.options))
+    return list(found.values())
+
+
+def missing_box(name: str, root: str, folder: Path) -> None:
     info = DATASETS[name]
-    st.warning(f"**{info.title}** is not on this machine (looked for {dataset_path(name, paths.data_root())}).",
-               icon=":material/cloud_off:")
-    if st.button(f"Download {info.title}", key=f"download-{name}", icon=":material/download:"):
-        download_with_progress(name)
+    if info.folder == OWN_FOLDER:
+        st.error(f"There is no folder {folder}: set the stage's root to your image folder.",
+                 icon=":material/folder_off:")
+        return
+    st.warning(f"**{info.title}** is not on this machine (looked for {folder}).", icon=":material/cloud_off:")
+    if st.button(f"Download {info.title}", key=f"download-{name}-{root}", icon=":material/download:"):
+        download_with_progress(name, root)
 
 
-def download_with_progress(name: str) -> None:
+def download_with_progress(name: str, root: str) -> None:
     """Run core.datasets.download in a worker thread and draw its progress from this script thread."""
     seen: dict[str, Any] = {"done": 0, "total": None, "error": None}
 
     def work() -> None:
         try:
-            download(name, paths.data_root(), progress=lambda d, t: seen.update(done=d, total=t))
+            download(name, root, progress=lambda d, t: seen.update(done=d, total=t))
         except Exception as exc:  # noqa: BLE001 - shown below as a sentence
             seen["error"] = exc
 
@@ -173,6 +236,83 @@ def download_with_progress(name: str) -> None:
         raise seen["error"]
     bar.progress(1.0, text=f"{name} is ready.")
     st.rerun()
+
+
+def images_section(config: dict[str, Any]) -> Path | None:
+    """Your own images: a folder or an uploaded .zip; returns the folder after showing its data report. Open
+    when a stage reads an image folder or one is chosen."""
+    wanted = any(s.get("dataset") == "imagefolder" for s in config.get("stages", []))
+    chosen = bool(st.session_state.get("images_folder") or st.session_state.get("images_zip"))
+    with st.expander("Your own images: a folder, or a .zip of class folders", expanded=wanted or chosen,
+                     icon=":material/photo_library:"):
+        return _images_body()
+
+
+def _images_body() -> Path | None:
+    st.caption("One folder of images per class (or train/ and val/ folders of class folders); the class names are "
+               "the folder names. Stages whose data set is **imagefolder** and whose root is empty use this folder; "
+               f"**{IMAGES}** under Start from is a pipeline with one such stage.")
+    source = st.segmented_control("Images from", IMAGE_SOURCES, default=IMAGE_SOURCES[0], key="images_from")
+    folder = uploaded_folder() if source == IMAGE_SOURCES[1] else typed_folder()
+    if folder is not None:
+        show_folder_report(folder, {})
+    return folder
+
+
+def typed_folder() -> Path | None:
+    text = st.text_input("Image folder", key="images_folder", placeholder="/path/to/my-images",
+                         help=f"An absolute path, or a path under the data root ({paths.data_root()}).")
+    return absolute_root(text) if text.strip() else None
+
+
+def uploaded_folder() -> Path | None:
+    """The folder an uploaded .zip was unpacked into (once per upload), or None with the refusal shown."""
+    upload = st.file_uploader("A .zip of class folders", type=["zip"], key="images_zip",
+                              help=f"Unpacked under {paths.uploads_dir()}; only image files are kept. Up to "
+                                   f"{MAX_UPLOAD_MB} MB: point at a folder for larger sets.")
+    if upload is None:
+        return None
+    unpacked = st.session_state.setdefault("unpacked_zips", {})
+    if upload.file_id not in unpacked:
+        with st.spinner(f"Unpacking {upload.name}..."):
+            try:
+                found = unpack_image_zip(upload, upload.name)
+                unpacked[upload.file_id] = {"folder": str(found.folder), "images": found.images,
+                                            "skipped": found.skipped}
+            except ArchiveError as exc:
+                unpacked[upload.file_id] = {"error": str(exc)}
+    entry = unpacked[upload.file_id]
+    if "error" in entry:
+        st.error(entry["error"], icon=":material/block:")
+        return None
+    st.success(f"Unpacked {entry['images']} images from {upload.name} into {entry['folder']}.")
+    if entry["skipped"]:
+        st.warning(describe_skipped(entry["skipped"]))
+    return Path(entry["folder"])
+
+
+def show_folder_report(folder: Path, options: dict[str, Any]) -> bool:
+    """The data report of an image folder (as `python -m train data imagefolder` prints it); False on an error."""
+    report, error = folder_report(str(folder), json.dumps(options, sort_keys=True), common.folder_version(folder))
+    if error is not None:
+        st.error(error, icon=":material/error:")
+        return False
+    all_images = report["splits"]["all"]
+    ratio = all_images["imbalance_ratio"]
+    st.markdown(f"**Data report**: {report['classes']} classes, {all_images['images']} images, imbalance "
+                f"{'n/a' if ratio is None else f'{ratio:.1f}x'} (largest class / smallest).")
+    st.code(format_report(report), language=None)
+    st.dataframe(pd.DataFrame(class_rows(report)), hide_index=True, width="stretch", height=240)
+    return True
+
+
+@st.cache_data(show_spinner="Reading the image folder...", max_entries=16)
+def folder_report(root: str, options: str, version: tuple[str, int, int]) -> tuple[dict[str, Any] | None, str | None]:
+    """(report, None) or (None, the sentence saying why the folder cannot be used); ``version`` keys the cache."""
+    try:
+        return summarize("imagefolder", root, json.loads(options)), None
+    except UserError as exc:
+        return None, str(exc)
 
 
 def launch_section(config: dict[str, Any], ready: bool) -> None:
@@ -242,7 +382,9 @@ def body() -> None:
     st.caption("A pipeline trains in stages; each stage starts from the previous stage's best model "
                "(init = previous) with a new head. Edit the rows, then Launch.")
     config = pipeline_editor()
-    ready = show_problems(config)
+    images = images_section(config)
+    config = with_roots(config, images)
+    ready = show_problems(config, images)
     if ready:
         st.success(f"The pipeline is valid: {len(config['stages'])} stage(s).", icon=":material/check:")
     with st.expander("The pipeline as YAML"):

@@ -41,6 +41,57 @@ def write_jpeg(path: Path, seed: int, size: tuple[int, int] = (24, 16), gray: bo
     return path
 
 
+IMAGEFOLDER_SIZES = {"cat": 5, "dog": 4, "owl": 3}  # flat layout, or the train/ folders of the split layout
+IMAGEFOLDER_VAL_SIZES = {"cat": 2, "dog": 1, "owl": 1}  # the val/ folders of the split layout
+IMAGE_FORMATS = {"jpg": "JPEG", "PNG": "PNG", "webp": "WEBP", "bmp": "BMP", "gif": "GIF", "TIFF": "TIFF",
+                 "jpeg": "JPEG"}  # suffix (some upper case) -> Pillow format: every format ResLens reads
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (24, 16)) -> Path:
+    """A small noisy RGB image in the format its suffix names (see ``IMAGE_FORMATS``)."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    image.save(path, IMAGE_FORMATS[path.suffix[1:]])
+    return path
+
+
+def _class_images(folder: Path, sizes: dict[str, int], seed: int) -> None:
+    """``folder/<class>/<class>_<i>.<suffix>``, suffixes cycling through every format, plus files that are
+    not images (a text file, a hidden image, a .DS_Store) that a loader must skip."""
+    suffixes, written = list(IMAGE_FORMATS), 0
+    for k, (name, n) in enumerate(sizes.items()):
+        for i in range(n):
+            write_image(folder / name / f"{name}_{i}.{suffixes[written % len(suffixes)]}", seed + 100 * k + i)
+            written += 1
+        (folder / name / "notes.txt").write_text("not an image\n")
+        (folder / name / ".DS_Store").write_bytes(b"\0\1")
+        write_image(folder / name / f".hidden_{name}.jpg", seed + 100 * k + 99)
+
+
+def make_imagefolder(root: Path, layout: str = "flat", sizes: dict[str, int] | None = None,
+                     val_sizes: dict[str, int] | None = None) -> Path:
+    """An image folder of your own: ``root/<class>/*`` (``layout="flat"``) or ``root/train/<class>/*`` plus
+    ``root/val/<class>/*`` (``layout="split"``); returns ``root``, the value to pass as imagefolder's root."""
+    if layout == "flat":
+        _class_images(root, sizes or IMAGEFOLDER_SIZES, 0)
+    else:
+        _class_images(root / "train", sizes or IMAGEFOLDER_SIZES, 0)
+        _class_images(root / "val", val_sizes or IMAGEFOLDER_VAL_SIZES, 5000)
+    return root
+
+
+def zip_folder(folder: Path, archive: Path, prefix: str = "") -> Path:
+    """``archive``: every file under ``folder`` (hidden ones too), stored as ``prefix + relative path``."""
+    import zipfile
+
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, prefix + path.relative_to(folder).as_posix())
+    return archive
+
+
 def _caltech_tree(categories: Path, sizes: dict[str, int], name: str) -> None:
     for k, (folder, n) in enumerate(sizes.items()):
         prefix = folder.split(".")[0] + "_" if name == "256" else "image_"

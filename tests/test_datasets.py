@@ -159,9 +159,9 @@ def test_tinyimagenet_train_and_val_layouts(tmp_path):
 def test_tinyimagenet_malformed_annotations_are_a_clear_error(tmp_path):
     root = make_tinyimagenet(tmp_path)
     (root / "tiny-imagenet-200" / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn00000000\t0\t0\t1\t1\n")
-    with pytest.raises(DatasetError, match="does not name a class of wnids.txt"):
+    with pytest.raises(DatasetError, match=r"does not name a class \(a folder of train/\)"):
         class_counts("tinyimagenet", root, "val")
-    shutil.rmtree(root / "tiny-imagenet-200" / "train" / TINY_WNIDS[0])
+    shutil.rmtree(root / "tiny-imagenet-200" / "train" / TINY_WNIDS[0] / "images")
     with pytest.raises(DatasetError, match=f"{TINY_WNIDS[0]}/images is missing"):
         open_dataset("tinyimagenet", root, "train")
 

@@ -6,8 +6,9 @@ starting from ``init`` (``scratch``, ``imagenet``, ``previous`` = the previous s
 checkpoint, or a checkpoint path). Every key but ``stages[*].dataset`` has a default
 (``STAGE_DEFAULTS``, ``PIPELINE_DEFAULTS``).
 
-Paths: a stage's ``root`` of ``null`` means the data root (``--data-root`` or ``RESLENS_DATA``);
-a relative ``root`` or ``init`` path is resolved against the folder of the config file.
+Paths: a stage's ``root`` of ``null`` means the data root (``--data-root`` or ``RESLENS_DATA``), except for
+``imagefolder``, whose root is the image folder itself and must be given; a relative ``root`` or ``init``
+path is resolved against the folder of the config file.
 
 Overrides (``--set KEY=VALUE``, value parsed as YAML): ``arch=resnet18``, ``stages.2.epochs=3``
 (stages numbered from 1, as in error messages), ``stages.finetune.lr=0.01`` (by name), or a stage
@@ -267,21 +268,32 @@ def _check_options(label: str, s: StageConfig) -> None:
 
 
 def _check_data_present(label: str, s: StageConfig) -> None:
-    from core.datasets import DATASETS, DatasetMissing, class_counts
+    from core.datasets import DATASETS, OWN_FOLDER, DatasetError, DatasetMissing, class_counts
 
-    if DATASETS[s.dataset].folder is None:
+    folder = DATASETS[s.dataset].folder
+    if folder is None:
         return
-    if not Path(str(s.root)).is_dir():
+    if folder != OWN_FOLDER and not Path(str(s.root)).is_dir():
         raise ConfigError(f"{label}: root {s.root} does not exist; download {s.dataset} there or set root.")
     try:
         class_counts(s.dataset, s.root, "train", **s.options)
-    except DatasetMissing as exc:
+    except (DatasetMissing, DatasetError) as exc:
         raise ConfigError(f"{label}: {exc}") from None
+
+
+def _is_own_folder(name: str) -> bool:
+    """Whether the data set's root is its own folder (imagefolder) rather than the parent of a named one."""
+    from core.datasets import DATASETS, OWN_FOLDER
+
+    return DATASETS[name].folder == OWN_FOLDER
 
 
 def _resolve_paths(
     i: int, s: StageConfig, label: str, base: Path, data_root: str | Path | None, check_data: bool
 ) -> None:
+    if s.root is None and _is_own_folder(s.dataset):
+        raise ConfigError(f"{label}: root is required for dataset {s.dataset}: the folder that holds your images "
+                          "(one folder per class, or train/ and val/ folders of class folders).")
     if s.root is None:
         s.root = str(Path(data_root).resolve() if data_root is not None else paths.data_root())
     else:

@@ -1,7 +1,9 @@
 """`python -m train data NAME --root DIR [--json] [--download]`: what a data set holds on disk.
 
 Prints the classes, images per split, the smallest and largest class, the imbalance ratio
-(largest/smallest) and how many images are grayscale (read from each file's header; no pixel is decoded).
+(largest/smallest) and how many images are grayscale (read from each file's header; no pixel is decoded),
+plus notes on how the files were read (the split of an image folder, a Tiny ImageNet wnids.txt that
+disagrees with its train folders). For ``imagefolder`` the root is the image folder itself.
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "F"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=list(DATASETS), help="data set to describe")
-    parser.add_argument("--root", default=None, help="folder holding the data set (default: $RESLENS_DATA)")
+    parser.add_argument("--root", default=None, help="folder holding the data set (default: $RESLENS_DATA); "
+                                                      "for imagefolder, the image folder itself (required)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--download", action="store_true", help="download the data set first if it is missing")
-    parser.add_argument("--val-fraction", type=float, default=None, help="Caltech: share of each class held out")
-    parser.add_argument("--train-per-class", type=int, default=None, help="Caltech: N train images per class")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the Caltech split / synthetic sets")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="Caltech, imagefolder: share of each class held out")
+    parser.add_argument("--train-per-class", type=int, default=None,
+                        help="Caltech, imagefolder: N train images per class")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the Caltech/imagefolder split, synthetic sets")
     parser.add_argument("--include-clutter", action="store_true", default=None,
                         help="Caltech-256: count 257.clutter as a class")
 
@@ -66,7 +71,7 @@ def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> di
     return {"name": name, "title": info.title, "description": info.description,
             "path": str(path) if path else None, "options": options, "classes": len(first.classes),
             "class_names": first.classes, "class_labels": class_labels, "splits": splits,
-            "not_classes": dict(getattr(first, "excluded", {}))}
+            "not_classes": dict(getattr(first, "excluded", {})), "notes": list(getattr(first, "notes", []))}
 
 
 def _scan_headers(ds: LabeledImages) -> dict[str, Any]:
@@ -102,6 +107,13 @@ def _combined(splits: dict[str, dict[str, Any]], labels: dict[str, str]) -> dict
     return _split_summary(counts, scan, labels)
 
 
+def class_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per class: its name, label and images per split (the report's class counts as a table)."""
+    splits = report["splits"]
+    return [{"class": name, "label": label, **{split: splits[split]["class_counts"][name] for split in splits}}
+            for name, label in zip(report["class_names"], report["class_labels"])]
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable report."""
     lines = [f"{report['title']} ({report['name']})" + (f" at {report['path']}" if report["path"] else ""),
@@ -114,6 +126,7 @@ def format_report(report: dict[str, Any]) -> str:
         listed = ", ".join(f"{folder} ({n} images)" for folder, n in excluded.items())
         total = report["splits"]["all"]["images"] + sum(excluded.values())
         lines += ["", f"not classes: {listed}; {total} images on disk in all"]
+    lines += [""] + [f"note: {note}" for note in report["notes"]] if report["notes"] else []
     unreadable = report["splits"]["all"]["unreadable"]
     if unreadable:
         lines += ["", f"unreadable images: {len(unreadable)}"] + [f"  {u}" for u in unreadable[:10]]

@@ -1,0 +1,265 @@
+"""Unpack a user's ``.zip`` of class folders safely into a folder of its own, ready as an ``imagefolder`` root.
+
+``unpack_image_zip(source, name)`` writes under ``<data root>/uploads/<safe name>/`` (or ``-2``, ``-3`` ... when
+taken) and returns an ``Unpacked``. It refuses the whole archive, with one sentence, when a member would leave
+that folder (an absolute path, ``..``, a drive letter), is a symbolic link or encrypted, or when the archive
+looks like a zip bomb: too many members, a member or a total over ``ZipLimits`` (the sizes the archive declares
+are checked first, and the bytes really written are counted while extracting), or a member that expands more
+than ``max_ratio`` times. Only image files (``core.images.is_image_name`` whose header Pillow reads) are kept;
+the others are skipped and listed by name. A refused archive leaves nothing behind: members are extracted into
+a hidden temporary folder that is renamed into place only once the result is a valid image folder.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Union
+
+from core import paths
+from core.errors import UserError
+from core.images import MAX_FILE_BYTES, ImageError, is_image_name, read_header
+
+ZipSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
+CHUNK = 1 << 20
+_SYMLINK = 0o120000
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ArchiveError(UserError, ValueError):
+    """An archive that is refused, in one sentence naming the archive and the reason."""
+
+
+@dataclass(frozen=True)
+class ZipLimits:
+    """What an uploaded archive may hold (uncompressed sizes)."""
+
+    max_members: int = 50_000
+    max_total_bytes: int = 4 << 30
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_ratio: float = 100.0  # uncompressed / compressed size of one member ...
+    ratio_floor_bytes: int = 1 << 20  # ... checked for members larger than this (tiny files compress well)
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """Where the images went: ``folder`` is the imagefolder root (inside ``target``, the folder created)."""
+
+    folder: Path
+    target: Path
+    images: int
+    skipped: list[str] = field(default_factory=list)  # "name (why)" of every member not kept
+
+
+def upload_name(filename: str) -> str:
+    """A safe folder name from an uploaded file's name: ``"My Pets (2).zip"`` -> ``"My-Pets-2"``."""
+    stem = PurePosixPath(filename.replace("\\", "/")).name
+    stem = stem[:-4] if stem.lower().endswith(".zip") else stem
+    cleaned = _UNSAFE_CHARS.sub("-", stem).strip("-._")[:60]
+    return cleaned or "upload"
+
+
+def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str] | None = None,
+                     limits: ZipLimits = ZipLimits()) -> Unpacked:
+    """Check, extract and validate an archive of class folders (see the module docstring); ``name`` is the
+    uploaded file's name, used in messages and for the folder."""
+    parent = Path(parent) if parent is not None else paths.uploads_dir()
+    made_parent = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=parent))
+    try:
+        with _open_zip(source, name) as archive:
+            members, skipped = _plan(archive, name, limits)
+            unreadable = _extract(archive, members, work, name, limits)
+        inner = _dataset_folder(work)
+        _check_image_folder(inner, work, name)
+        target = _claim(work, parent, upload_name(name))
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if made_parent:
+            _remove_if_empty(parent)
+        raise
+    return Unpacked(target / inner.relative_to(work), target, len(members) - len(unreadable), skipped + unreadable)
+
+
+def describe_skipped(skipped: list[str], shown: int = 8) -> str:
+    """One sentence naming the members that were not kept: ``"Skipped 2 files: a.txt (not an image), ..."``."""
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"Skipped {len(skipped)} file{'s' * (len(skipped) != 1)}: {', '.join(skipped[:shown])}{more}."
+
+
+def _open_zip(source: ZipSource, name: str) -> zipfile.ZipFile:
+    data = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
+    try:
+        return zipfile.ZipFile(data)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise ArchiveError(f"{name} is not a readable .zip archive ({exc}).") from None
+
+
+Member = tuple[zipfile.ZipInfo, str]  # a member to extract and its path inside the target folder
+
+
+def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[Member], list[str]]:
+    """The members to extract and the skipped names, from what the archive declares."""
+    infos = archive.infolist()
+    if len(infos) > limits.max_members:
+        raise ArchiveError(f"{name} holds {len(infos)} entries; at most {limits.max_members} are accepted.")
+    members: list[Member] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    total = 0
+    for info in infos:
+        relative = _member_path(info, name)
+        if info.is_dir() or not relative:
+            continue
+        if _hidden(relative):
+            skipped.append(f"{info.filename} (hidden)")
+            continue
+        if not is_image_name(relative):
+            skipped.append(f"{info.filename} (not an image)")
+            continue
+        _check_declared(info, name, limits)
+        if relative in seen:
+            raise ArchiveError(f"{name} lists {info.filename} more than once.")
+        seen.add(relative)
+        total += info.file_size
+        if total > limits.max_total_bytes:
+            raise ArchiveError(f"{name} would unpack to more than {_size(limits.max_total_bytes)} of images; "
+                               "split it, or point at a folder instead.")
+        members.append((info, relative))
+    if not members:
+        raise ArchiveError(f"{name} holds no image files (JPEG, PNG, WebP, BMP, GIF or TIFF in class folders).")
+    return members, skipped
+
+
+def _member_path(info: zipfile.ZipInfo, name: str) -> str:
+    """The member's path inside the target folder, or an ``ArchiveError`` when it could lead outside it."""
+    raw = info.filename
+    text = raw.replace("\\", "/")
+    if "\0" in text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        raise ArchiveError(f"{name} holds {raw!r}, an absolute path; archives that write outside their folder "
+                           "are refused.")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ArchiveError(f"{name} holds {raw!r}, which climbs out with '..'; archives that write outside "
+                           "their folder are refused.")
+    if (info.external_attr >> 16) & 0o170000 == _SYMLINK:
+        raise ArchiveError(f"{name} holds {raw!r}, a symbolic link; archives with links are refused.")
+    if info.flag_bits & 0x1:
+        raise ArchiveError(f"{name} holds {raw!r}, which is encrypted; ResLens cannot read encrypted archives.")
+    return "/".join(parts)
+
+
+def _hidden(relative: str) -> bool:
+    """A hidden file or one in a hidden folder or macOS's ``__MACOSX`` resource forks."""
+    return any(p.startswith(".") or p == "__MACOSX" for p in relative.split("/"))
+
+
+def _check_declared(info: zipfile.ZipInfo, name: str, limits: ZipLimits) -> None:
+    if info.file_size > limits.max_file_bytes:
+        raise ArchiveError(f"{name} holds {info.filename}, {_size(info.file_size)} unpacked; "
+                           f"files over {_size(limits.max_file_bytes)} are refused.")
+    if info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
+        ratio = info.file_size / max(info.compress_size, 1)
+        raise ArchiveError(f"{name} holds {info.filename}, which expands {ratio:.0f} times (more than "
+                           f"{limits.max_ratio:.0f}); it looks like a zip bomb and is refused.")
+
+
+def _size(n: int) -> str:
+    """``512`` -> ``"512 bytes"``, ``1536`` -> ``"1.5 KB"``, ``50 << 20`` -> ``"50.0 MB"``."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _extract(archive: zipfile.ZipFile, members: list[Member], work: Path, name: str,
+             limits: ZipLimits) -> list[str]:
+    """Write every planned member under ``work``, counting real bytes; returns the unreadable ones (removed)."""
+    total, unreadable = 0, []
+    for info, relative in members:
+        target = paths.resolve_inside(work, relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        total += _copy_member(archive, info, target, name, min(info.file_size, limits.max_file_bytes),
+                              limits.max_total_bytes - total)
+        try:
+            read_header(target)
+        except ImageError:
+            target.unlink()
+            unreadable.append(f"{info.filename} (not a readable image)")
+    return unreadable
+
+
+def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str, allowed: int,
+                 left: int) -> int:
+    """Stream one member to ``target``; refuse it as soon as it writes more than it declared or than is left."""
+    written = 0
+    try:
+        with archive.open(info) as src, open(target, "xb") as dst:
+            while chunk := src.read(CHUNK):
+                written += len(chunk)
+                if written > allowed or written > left:
+                    raise ArchiveError(f"{name} holds {info.filename}, which unpacks to more bytes than it "
+                                       "declares or than the size limit; it is refused.")
+                dst.write(chunk)
+    except FileExistsError:
+        raise ArchiveError(f"{name} lists {info.filename} more than once.") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise ArchiveError(f"{name} is damaged or uses an unsupported compression ({info.filename}: {exc}).") \
+            from None
+    return written
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX"]
+
+
+def _dataset_folder(work: Path) -> Path:
+    """The folder holding the class folders: wrapper folders (``pets/`` around ``pets/cat``...) are stepped into."""
+    folder = work
+    while True:
+        dirs = _visible_dirs(folder)
+        loose = any(p.is_file() for p in folder.iterdir())
+        if loose or len(dirs) != 1 or not _visible_dirs(dirs[0]):
+            return folder
+        folder = dirs[0]
+
+
+def _check_image_folder(folder: Path, work: Path, name: str) -> None:
+    """Refuse an archive whose images do not form an image folder (the sentence names paths in the archive)."""
+    from core.datasets import DatasetError, class_counts
+
+    try:
+        class_counts("imagefolder", folder, "train")
+    except DatasetError as exc:
+        raise ArchiveError(str(exc).replace(str(work), name)) from None
+
+
+def _claim(work: Path, parent: Path, stem: str) -> Path:
+    """Rename ``work`` to ``parent/stem`` (or ``stem-2``, ``stem-3``... when taken); returns the new path."""
+    n = 1
+    while True:
+        target = parent / (stem if n == 1 else f"{stem}-{n}")
+        if not target.exists():
+            try:
+                os.rename(work, target)
+                return target
+            except OSError:
+                pass  # taken between the check and the rename: try the next name
+        n += 1
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass

@@ -1,0 +1,166 @@
+"""`dataset: imagefolder` (your own folder of class folders, either layout) and Tiny ImageNet's cut wnids.txt:
+the loader, config validation, the data report, and a training stage on each layout."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from core import datasets
+from core.datasets import DatasetError, DatasetMissing, class_counts, open_dataset, split_files
+from core.run_store import RunStore
+from tests.data_fixtures import (IMAGEFOLDER_SIZES, IMAGEFOLDER_VAL_SIZES, TINY_VAL, TINY_WNIDS, make_imagefolder,
+                                 make_tinyimagenet)
+from train.cli import main
+from train.config import ConfigError, parse_config
+
+CLASSES = sorted(IMAGEFOLDER_SIZES)
+
+
+# ------------------------------------------------------------------ the loader
+
+
+def test_flat_folder_is_split_per_class_by_the_caltech_hash(tmp_path):
+    root = make_imagefolder(tmp_path / "pets")
+    train, val = (open_dataset("imagefolder", root, split) for split in ("train", "val"))
+    assert train.classes == val.classes == CLASSES and train.class_labels == CLASSES
+    for name, n in IMAGEFOLDER_SIZES.items():
+        files = sorted((root / name).glob(f"{name}_*"))  # the images, not notes.txt / .DS_Store / .hidden_*
+        assert len(files) == n
+        mine = {split: [p for p, t in zip(ds.files, ds.targets) if ds.classes[t] == name]
+                for split, ds in (("train", train), ("val", val))}
+        assert mine == {split: split_files(files, name, split) for split in ("train", "val")}
+    assert all(p.name.split("_")[0] in CLASSES and not p.name.startswith(".") for p in train.files + val.files)
+    assert {p.suffix for p in train.files + val.files} == {".jpg", ".PNG", ".webp", ".bmp", ".gif", ".TIFF", ".jpeg"}
+    assert all(train[i][0].mode == "RGB" for i in range(len(train)))  # every format decodes
+    assert class_counts("imagefolder", root, "train", train_per_class=1) == dict.fromkeys(CLASSES, 1)
+    assert "hash" in train.notes[0]
+
+
+def test_train_and_val_folders_are_the_split(tmp_path):
+    root = make_imagefolder(tmp_path / "pets", "split")
+    (root / "test" / "unlabelled").mkdir(parents=True)
+    assert class_counts("imagefolder", root, "train") == IMAGEFOLDER_SIZES
+    assert class_counts("imagefolder", root, "val") == IMAGEFOLDER_VAL_SIZES
+    val = open_dataset("imagefolder", root, "val")
+    assert all(root / "val" in p.parents for p in val.files) and val.excluded == {"test": 0}
+    with pytest.raises(DatasetError, match="own train/ and val/ folders, so the split option val_fraction"):
+        class_counts("imagefolder", root, "train", val_fraction=0.3)
+    (root / "val" / "emu").mkdir()
+    shutil.copy(next((root / "val" / "cat").glob("cat_0.*")), root / "val" / "emu" / "emu.jpg")
+    with pytest.raises(DatasetError, match=r"val/emu is not a class: there is no .*train/emu"):
+        class_counts("imagefolder", root, "val")
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("none", DatasetError, "needs a root: the folder that holds your images"),
+    ("absent", DatasetMissing, "There is no folder .*absent; the root of imagefolder must be"),
+    ("empty", DatasetError, r"needs at least two class folders with images \(none found\): expected one folder"),
+    ("one class", DatasetError, r"\(only 'cat' found\)"),
+    ("loose images", DatasetError, "5 images lie directly in it, outside any class folder"),
+    ("train only", DatasetError, "has a train/ folder of classes but no val/ folder"),
+])
+def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_path, case, error, message):
+    root = {"none": None, "absent": tmp_path / "absent"}.get(case, tmp_path / "set")
+    if case == "empty":
+        (tmp_path / "set" / "notes").mkdir(parents=True)
+    elif case == "one class":
+        make_imagefolder(tmp_path / "set", sizes={"cat": 3})
+    elif case == "loose images":
+        make_imagefolder(tmp_path / "set", sizes={"cat": 5})
+        root = tmp_path / "set" / "cat"
+    elif case == "train only":
+        make_imagefolder(tmp_path / "set", "split")
+        shutil.rmtree(tmp_path / "set" / "val")
+    with pytest.raises(error, match=message):
+        class_counts("imagefolder", root)
+
+
+def test_imagefolder_has_nothing_to_download(tmp_path):
+    with pytest.raises(DatasetError, match="your own images; there is nothing to download"):
+        datasets.download("imagefolder", tmp_path)
+
+
+# ------------------------------------------------------------------ config and the data report
+
+
+def _stage(**keys):
+    return {"stages": [{"dataset": "imagefolder", **keys}]}
+
+
+def test_config_needs_the_folder_itself_as_root(tmp_path):
+    with pytest.raises(ConfigError, match="stage 1: root is required for dataset imagefolder: the folder"):
+        parse_config(_stage(), check_data=False)
+    with pytest.raises(ConfigError, match="stage 1: There is no folder"):
+        parse_config(_stage(root=str(tmp_path / "absent")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="stage 1: .*needs at least two class folders"):
+        parse_config(_stage(root="empty"), base_dir=tmp_path)
+    make_imagefolder(tmp_path / "pets")
+    stage = parse_config(_stage(root="pets", options={"seed": 3}), base_dir=tmp_path).stages[0]
+    assert stage.root == str((tmp_path / "pets").resolve())  # relative to the config's folder, not a parent
+
+
+def test_data_report_of_both_layouts(tmp_path, capsys):
+    flat, split = make_imagefolder(tmp_path / "flat"), make_imagefolder(tmp_path / "split", "split")
+    assert main(["data", "imagefolder", "--root", str(split), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == str(split.resolve()) and report["class_names"] == CLASSES
+    assert report["splits"]["val"]["class_counts"] == IMAGEFOLDER_VAL_SIZES
+    assert report["splits"]["train"]["imbalance_ratio"] == 1.67  # cat 5 / owl 3
+    assert main(["data", "imagefolder", "--root", str(flat), "--val-fraction", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "classes: 3" in out and "note: Split: by a hash of seed/class/file (50% of each class held out" in out
+    assert main(["data", "imagefolder"]) == 2
+    assert "needs a root" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ Tiny ImageNet's cut wnids.txt
+
+
+def test_tinyimagenet_wnids_that_disagree_with_train_folders_are_said_once(tmp_path, caplog):
+    root = make_tinyimagenet(tmp_path)
+    (root / "tiny-imagenet-200" / "wnids.txt").write_text(f"{TINY_WNIDS[0]}\n")  # cut, as in the real copy
+    with caplog.at_level(logging.WARNING, logger="reslens.datasets"):
+        train = open_dataset("tinyimagenet", root, "train")
+        val_counts = class_counts("tinyimagenet", root, "val")
+        class_counts("tinyimagenet", root, "train")
+    assert train.classes == sorted(TINY_WNIDS)  # the train folders, not the one line of wnids.txt
+    assert val_counts == {w: sum(1 for _, v in TINY_VAL if v == w) for w in sorted(TINY_WNIDS)}
+    said = [r.getMessage() for r in caplog.records if "wnids.txt" in r.getMessage()]
+    assert said == [f"{root / 'tiny-imagenet-200' / 'wnids.txt'} lists 1 classes but "
+                    f"{root / 'tiny-imagenet-200' / 'train'} has 3 class folders; ResLens uses the train folders "
+                    "as the classes."]
+    assert train.notes == said
+
+
+def test_tinyimagenet_wnids_that_agree_say_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="reslens.datasets"):
+        assert open_dataset("tinyimagenet", make_tinyimagenet(tmp_path)).notes == []
+    assert not caplog.records
+
+
+# ------------------------------------------------------------------ a training stage on each layout
+
+
+def tiny_stage(root) -> dict:
+    return {"name": "mine", "arch": "resnet18", "seed": 0, "stages": [{
+        "name": "s1", "dataset": "imagefolder", "root": str(root), "epochs": 1, "batch_size": 4, "image_size": 32,
+        "lr": 0.01, "warmup_epochs": 0}]}
+
+
+@pytest.mark.parametrize("layout", ["flat", "split"])
+def test_a_stage_trains_on_an_image_folder(tmp_path, layout):
+    from tests.test_engine import run_tiny
+
+    root = make_imagefolder(tmp_path / "pets", layout)
+    assert run_tiny(tiny_stage(root), name="mine") == "finished"
+    store = RunStore()
+    assert store.stages("mine")[0]["class_names"] == CLASSES
+    result = store.class_results("mine", 0)
+    val = class_counts("imagefolder", root, "val")
+    assert result["val_counts"] == [val[c] for c in CLASSES] and result["classes"] == CLASSES
+    assert all(root in Path(w["source"]).parents for w in store.misclassified("mine", 0))
