@@ -35,6 +35,8 @@ from core.images import load_image
 from core.paths import data_root
 
 SPLITS = ("train", "val")
+# options every data set accepts; they concern how images are read (the image cache applies them)
+COMMON_OPTIONS: dict[str, Any] = {"skip_unreadable": False}
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 Progress = Callable[[int, "int | None"], None]
 
@@ -240,14 +242,15 @@ def _prepare(name: str, root: str | Path | None, split: str,
     info = get_info(name)
     if split not in SPLITS:
         raise DatasetError(f"Unknown split {split!r} for {name}; choose 'train' or 'val'.")
-    unknown = sorted(set(options) - set(info.options))
+    unknown = sorted(set(options) - set(info.options) - set(COMMON_OPTIONS))
     if unknown:
-        accepted = ", ".join(info.options) or "none"
+        accepted = ", ".join([*info.options, *COMMON_OPTIONS])
         raise DatasetError(f"Data set {name} has no option {unknown[0]!r} (its options: {accepted}).")
     base = _root(root)
     if info.folder and not (base / info.folder).exists():
         raise DatasetMissing(_missing_message(info, base))
-    return info, base, {**info.options, **options}
+    own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
+    return info, base, {**info.options, **own}
 
 
 def _missing_message(info: DatasetInfo, root: Path) -> str:
