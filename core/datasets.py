@@ -340,7 +340,14 @@ def _caltech256_listing(root: Path, split: str, include_clutter: bool = False, *
 # ---------------------------------------------------------------- Tiny ImageNet
 
 
+def _require_file(path: Path) -> None:
+    """Refuse a FIFO, device or folder where a data file belongs (reading a FIFO would block forever)."""
+    if path.exists() and not path.is_file():
+        raise DatasetError(f"{path} is not a regular file (a folder, pipe or device).")
+
+
 def _read_lines(path: Path) -> list[str]:
+    _require_file(path)
     if not path.is_file():
         raise DatasetError(f"{path} is missing: the Tiny ImageNet folder is incomplete.")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -407,6 +414,7 @@ def _text(value: Any) -> Any:
 
 
 def _read_cifar_pickle(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    _require_file(path)
     try:
         with path.open("rb") as fh:
             raw = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
