@@ -233,8 +233,8 @@ def cache_problem(path: Path, shape: tuple[int, ...]) -> str | None:
         return "the file is missing"
     try:
         pixels = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as exc:
-        return f"unreadable: {exc}"
+    except Exception as exc:  # noqa: BLE001 - numpy raises many kinds (ValueError, EOFError, tokenize errors)
+        return f"unreadable: {type(exc).__name__}"
     if pixels.dtype != np.uint8 or tuple(pixels.shape) != tuple(shape):
         return f"holds {pixels.dtype} {tuple(pixels.shape)} instead of uint8 {tuple(shape)}"
     if path.stat().st_size != side.get("bytes") or side.get("shape") != list(shape):
