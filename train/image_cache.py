@@ -43,7 +43,7 @@ from train.signals import ignore_in_worker
 
 CACHE_VERSION = 2
 FINGERPRINT_BYTES = 64 << 20  # rows hashed by the fingerprint: every row of caches up to 64 MB, else a spread
-SPACE_MARGIN = 64 << 20  # left free after a build, so the run store can still record what happened
+SPACE_MARGIN = 4 << 20  # left free after a build, so the run store can still record what happened
 
 
 class CacheError(UserError):
