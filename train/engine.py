@@ -6,8 +6,8 @@ linear warm-up, optional head-only epochs first), validates after every epoch (p
 and confusion matrix into the store) and writes ``last.pt`` (every epoch) and ``best.pt`` (best
 ``val_acc``) atomically under ``<run dir>/stage<k>-<name>/``.
 
-Faults: SIGTERM/SIGINT finish the current step, save ``last.pt`` (mid-epoch position included)
-and mark the run ``stopped``; a NaN/inf loss marks it ``failed``; after any crash, ``resume``
+Faults: SIGTERM/SIGINT/SIGHUP (to the trainer or its whole process group, see train/signals.py)
+finish the current step, save ``last.pt`` (mid-epoch position included) and mark the run ``stopped``; a NaN/inf loss marks it ``failed``; after any crash, ``resume``
 continues from the newest ``last.pt`` and deletes store rows written after it, so metrics are
 never lost or duplicated. Under ``torchrun`` only rank 0 writes the store and checkpoints.
 """
