@@ -89,6 +89,8 @@ def test_unreadable_images_fail_by_default_and_can_be_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     plain_train = 18  # 3 classes x 8 images, 2 of each held out for val
     assert f"Skipped unreadable image {broken}." in err
+    assert f"Skipped unreadable image {broken}." in (_open(root, options={"skip_unreadable": True}) and
+                                                      capsys.readouterr().err)  # listed again when reused
     val = _open(root, "val", {"skip_unreadable": True})
     assert len(skipping) + len(val) == plain_train + 6
     kept = [skipping.source(i) for i in range(len(skipping))] + [val.source(i) for i in range(len(val))]

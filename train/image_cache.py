@@ -126,12 +126,13 @@ def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers:
     sweep_stale_builds()
     problem = cache_problem(path, shape) if path.exists() else "missing"
     if problem is None:
-        return CachedSplit(path, _read_side(path)["skipped"])
-    if problem != "missing":
-        print(f"Image cache {path} is damaged ({problem}); rebuilding it.", file=sys.stderr, flush=True)
-    skip = bool((description.get("options") or {}).get("skip_unreadable"))
-    skipped = _build(dataset, size, path, shape, workers, skip, check, description)
-    for i in skipped:
+        skipped = list(_read_side(path).get("skipped", []))
+    else:
+        if problem != "missing":
+            print(f"Image cache {path} is damaged ({problem}); rebuilding it.", file=sys.stderr, flush=True)
+        skip = bool((description.get("options") or {}).get("skip_unreadable"))
+        skipped = _build(dataset, size, path, shape, workers, skip, check, description)
+    for i in skipped:  # in every run's log, not only the one that built the cache
         print(f"Skipped unreadable image {sources[i]}.", file=sys.stderr, flush=True)
     return CachedSplit(path, skipped)
 
@@ -174,14 +175,17 @@ def _what(description: dict[str, Any]) -> str:
     return f"{description.get('dataset', 'the data set')} ({description.get('split', '?')})"
 
 
+def _no_space(folder: Path, needed: int, description: dict[str, Any]) -> CacheError:
+    return CacheError(
+        f"Not enough disk space to build the image cache of {_what(description)}: it needs {human_bytes(needed)} in "
+        f"{folder}, which has {human_bytes(shutil.disk_usage(folder).free)} free; free some space or point "
+        "RESLENS_HOME at a larger disk."
+    )
+
+
 def _check_space(folder: Path, needed: int, description: dict[str, Any]) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed + SPACE_MARGIN:
-        raise CacheError(
-            f"Not enough disk space to build the image cache of {_what(description)}: it needs "
-            f"{human_bytes(needed + SPACE_MARGIN)} in {folder}, which has {human_bytes(free)} free; free some space "
-            "or point RESLENS_HOME at a larger disk."
-        )
+    if shutil.disk_usage(folder).free < needed + SPACE_MARGIN:
+        raise _no_space(folder, needed + SPACE_MARGIN, description)
 
 
 def _reserve(fd: int, needed: int, folder: Path, description: dict[str, Any]) -> None:
@@ -189,15 +193,10 @@ def _reserve(fd: int, needed: int, folder: Path, description: dict[str, Any]) ->
     try:
         os.posix_fallocate(fd, 0, needed)
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
-                return
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(folder, needed, description) from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # else: a file system without fallocate
             raise
-        raise CacheError(
-            f"Not enough disk space to build the image cache of {_what(description)}: it needs "
-            f"{human_bytes(needed)} in {folder}, which has {human_bytes(shutil.disk_usage(folder).free)} free; "
-            "free some space or point RESLENS_HOME at a larger disk."
-        ) from exc
 
 
 def _side(path: Path) -> Path:
