@@ -123,7 +123,6 @@ HALF_WRITER = textwrap.dedent("""
         time.sleep(600)
     core.checkpoints.torch.save = stuck_save
 
-    real_item = image_cache._Decoded.__getitem__
     def stuck_item(self, index):
         started.wait()
         time.sleep(600)
