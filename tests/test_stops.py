@@ -113,6 +113,43 @@ def test_a_stop_to_the_process_group_saves_and_resume_continues_exactly(tmp_path
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
 
 
+def test_closing_the_terminal_stops_the_run_like_sigterm(tmp_path):
+    """A real closed terminal: the trainer's stdout and stderr are a pty whose other end goes away (writes
+    then fail with EIO), and the process group gets SIGHUP, as a terminal emulator's exit does."""
+    import pty
+
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(2,), num_workers=2))
+    marker, go = tmp_path / "paused", tmp_path / "go"
+    master, slave = pty.openpty()
+    trainer = subprocess.Popen([sys.executable, "-c", PAUSE, str(marker), str(go), "step:2", "run", str(path),
+                                "--run-name", "tty"], cwd=REPO, env=one_thread_env(), stdin=slave, stdout=slave,
+                               stderr=slave, start_new_session=True)
+    os.close(slave)
+    os.set_blocking(master, False)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # drain the progress bar so the trainer never blocks on a full pty
+            assert trainer.poll() is None and time.monotonic() < deadline, "the trainer never reached step 2"
+            try:
+                os.read(master, 65536)
+            except OSError:
+                pass
+            time.sleep(0.02)
+    finally:
+        os.close(master)  # the terminal is gone
+    os.killpg(trainer.pid, signal.SIGHUP)
+    try:
+        trainer.wait(timeout=120)
+    finally:
+        if not _group_gone(trainer.pid):
+            os.killpg(trainer.pid, signal.SIGKILL)
+    assert _group_gone(trainer.pid) and trainer.returncode == 1  # `stopped` (no worker left to wait for)
+    run = RunStore().get_run("tty")
+    assert run["state"] == "stopped", run
+    last = load_checkpoint(paths.run_dir("tty") / "stage1-s1" / "last.pt")
+    assert (last["epoch"], last["batches_done"], last["step"]) == (0, 2, 2)
+
+
 def test_a_stop_during_the_image_cache_build_is_a_clean_stop(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,), num_workers=2))
     trainer, marker, go = _start(tmp_path, "build", "run", str(path), "--run-name", "cb", "--quiet")

@@ -36,7 +36,7 @@ from core.tempfiles import sweep_stale
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
-from train.signals import StopFlag, ignore_in_worker
+from train.signals import StopFlag, worker_init_fn
 
 HEARTBEAT_S = 2.0
 STEP_FLUSH_S = 2.0
@@ -210,6 +210,9 @@ class Display:
         self.last = 0.0
 
     def start_epoch(self, label: str, steps: int) -> None:
+        self._safely(self._start_epoch, label, steps)
+
+    def _start_epoch(self, label: str, steps: int) -> None:
         self.close()
         if self.enabled and self.tty:
             from tqdm import tqdm
@@ -218,7 +221,17 @@ class Display:
         elif self.enabled:
             print(f"{label}: {steps} steps", flush=True)
 
+    def _safely(self, show: Callable[..., None], *args: Any) -> None:
+        """Show something; a terminal that went away (EIO, EPIPE) ends the display, never the run."""
+        try:
+            show(*args)
+        except OSError:
+            self.enabled, self.bar = False, None
+
     def step(self, progress: Progress, loss: float) -> None:
+        self._safely(self._step, progress, loss)
+
+    def _step(self, progress: Progress, loss: float) -> None:
         if not self.enabled:
             return
         ips = f"{progress.images_per_s:.1f}" if progress.images_per_s else "?"
@@ -232,13 +245,16 @@ class Display:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.close()
-            print(text, flush=True)
+            self._safely(self._message, text)
+
+    def _message(self, text: str) -> None:
+        self.close()
+        print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+            bar, self.bar = self.bar, None
+            self._safely(bar.close)
 
 
 def _has_tqdm() -> bool:
@@ -425,7 +441,7 @@ class Trainer:
         drop_last = len(sampler) >= stage.batch_size
         loader = DataLoader(data.train, batch_size=stage.batch_size, sampler=sampler, drop_last=drop_last,
                             num_workers=stage.num_workers, pin_memory=self.ctx.device.type == "cuda",
-                            persistent_workers=stage.num_workers > 0, worker_init_fn=ignore_in_worker)
+                            persistent_workers=stage.num_workers > 0, worker_init_fn=worker_init_fn())
         return loader, sampler
 
     # -- one epoch

@@ -2,17 +2,21 @@
 
 A process manager (``timeout``, ``docker stop``, systemd, ``kill -- -PGID``) or a closed terminal signals the
 whole process group, DataLoader workers included. Workers therefore ignore the stop signals
-(``ignore_in_worker``, their ``worker_init_fn``): the main process decides, finishes its step, saves
-``last.pt`` and shuts its workers down. While a checkpoint is written (``StopFlag.held``) a signal is only
+(``worker_init_fn()``): the main process decides, finishes its step, saves ``last.pt`` and shuts its
+workers down (at exit it tells any worker still alive to leave, with ``LEAVE_SIGNAL``). While a checkpoint is written (``StopFlag.held``) a signal is only
 recorded, never acted on inside ``torch.save``. Commands other than training turn SIGTERM/SIGHUP into
 ``Terminated`` (``raise_on_stop``), so their clean-up runs and they exit with one line.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # noqa: F401 - imported first, so its exit handler runs after ours
+import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -25,10 +29,39 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+LEAVE_SIGNAL = signal.SIGUSR1  # what a trainer sends its workers at exit (they ignore SIGTERM)
+_leave_registered = threading.Lock()
+
+
 def ignore_in_worker(worker_id: int = 0) -> None:
-    """``worker_init_fn`` for DataLoaders: a worker leaves stop signals to the main process."""
+    """In a DataLoader worker: leave stop signals to the main process; leave when it says so (``LEAVE_SIGNAL``)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(LEAVE_SIGNAL, _leave)
+
+
+def _leave(signum: int, frame: Any) -> None:
+    os._exit(0)
+
+
+def worker_init_fn() -> Callable[[int], None]:
+    """The ``worker_init_fn`` for a DataLoader of this process (``ignore_in_worker``).
+
+    multiprocessing ends daemonic workers at exit with SIGTERM, which these workers ignore, and torch shuts
+    them down only when its iterator is freed (an exception's traceback can keep it alive): so this process,
+    at exit and before multiprocessing joins them, tells every worker still alive to leave.
+    """
+    if _leave_registered.acquire(blocking=False):
+        atexit.register(_workers_leave)  # after multiprocessing.util's own: atexit runs it first
+    return ignore_in_worker
+
+
+def _workers_leave() -> None:
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, LEAVE_SIGNAL)
+        except (ProcessLookupError, TypeError):
+            pass
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
