@@ -5,6 +5,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (see 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import pickle
 import shutil
@@ -55,7 +56,7 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "format_version": FORMAT_VERSION}
-    sweep_stale(path.parent, ".*.tmp")
+    sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")  # only our own kind: the folder may be anyone's
     fd, tmp = locked_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

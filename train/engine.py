@@ -339,7 +339,7 @@ class Trainer:
         self.stop.install()  # first: a stop asked for while checkpoints are read is not lost
         try:
             if self.ctx.is_main:  # temporary files of writers that died (SIGKILL, power loss)
-                sweep_stale(paths.run_dir(self.run_name), ".*.tmp", recursive=True)
+                sweep_stale(paths.run_dir(self.run_name), ".*.pt.*.tmp", recursive=True)
                 sweep_stale_builds()
             point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
             self.progress.total_steps = self._stage_steps(self.config.stages)
