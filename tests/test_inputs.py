@@ -15,6 +15,7 @@ from core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from core.datasets import DatasetError, open_dataset
 from core.images import ImageError, load_image
 from core.models import Preprocessing
+from core.samples import load_source
 from tests.data_fixtures import make_cifar100, write_jpeg
 from train.cli import main
 
@@ -33,6 +34,8 @@ def test_a_fifo_is_not_an_image(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ImageError, match=r"x\.jpg is not a regular file"):
         load_image(fifo)
+    with pytest.raises(ImageError, match=r"x\.jpg is not a regular file"):  # the app's path (misclassified samples)
+        load_source(str(fifo))
 
 
 def test_explain_refuses_a_fifo_image_and_writes_the_others(tmp_path, capsys):
