@@ -5,9 +5,10 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (see 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import pickle
-import tempfile
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.models import Preprocessing, build_model
+from core.tempfiles import locked_temp, sweep_stale
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "num_classes", "class_names", "preprocessing", "model")
@@ -46,36 +48,73 @@ class CheckpointInfo:
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` atomically: a temporary file in the same folder, fsync, then rename.
+    """Write ``payload`` to ``path`` atomically: a locked temporary file in the same folder, fsync, then rename.
 
-    A crash or a full disk during the write leaves the previous file at ``path`` untouched.
+    A crash or a full disk during the write leaves the previous file at ``path`` untouched; temporary
+    files that a dead writer left in the folder are removed first (``core.tempfiles``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "format_version": FORMAT_VERSION}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")  # only our own kind: the folder may be anyone's
+    fd, tmp = locked_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+            os.replace(tmp, path)  # while the lock is held: a sweeper never sees an unowned temporary file
     except BaseException as exc:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            why = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        tmp.unlink(missing_ok=True)
+        why = _write_failure(exc, path.parent)
+        if why is not None:
             raise CheckpointError(f"Could not save checkpoint {path}: {why}; the previous checkpoint is intact.") from exc
         raise
     return path
 
 
+def _write_failure(exc: BaseException, folder: Path) -> str | None:
+    """Why writing failed, for OSErrors and torch's writer errors (whose cause is an OSError); else None."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    for error in chain:
+        if isinstance(error, OSError):
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return f"the disk is full ({_free(folder)} free in {folder})"
+            return error.strerror or str(error)
+    if isinstance(chain[0], RuntimeError) and "unexpected pos" in str(chain[0]):  # torch's writer came up short
+        return f"the file could not be written in full ({_free(folder)} free in {folder})"
+    return None
+
+
+def _free(folder: Path) -> str:
+    try:
+        return human_bytes(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown space"
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KB`` (powers of 1024)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a ResLens checkpoint with ``weights_only=True``; any problem is a ``CheckpointError``."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} is not a regular file (a folder, pipe or device).")
     if path.stat().st_size == 0:
         raise CheckpointError(f"Checkpoint {path} is an empty file.")
+    _check_archive(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -85,9 +124,28 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
                 "and ResLens loads only plain weight files."
             ) from exc
         raise CheckpointError(f"Checkpoint {path} is not a readable PyTorch file (truncated or corrupt).") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError, KeyError,
+            TypeError, AttributeError) as exc:
         raise CheckpointError(f"Checkpoint {path} is not a readable PyTorch file (truncated or corrupt).") from exc
     return _validated(path, data)
+
+
+def _check_archive(path: Path) -> None:
+    """Read the zip directory before anything is unpacked: PyTorch stores records uncompressed, so a
+    compressed record, or records adding up to more than the file holds, mean a forged file (a zip bomb)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(
+            f"Checkpoint {path} is not a readable PyTorch file (truncated or corrupt, or another kind of file)."
+        ) from exc
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise CheckpointError(f"Checkpoint {path} was refused: its record {packed[0]} is compressed, which PyTorch "
+                              "never writes (the file may unpack to far more memory than its size).")
+    if sum(r.file_size for r in records) > path.stat().st_size:
+        raise CheckpointError(f"Checkpoint {path} was refused: its records claim more data than the file holds.")
 
 
 def _validated(path: Path, data: Any) -> dict[str, Any]:

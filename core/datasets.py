@@ -44,6 +44,8 @@ from core.images import is_image_name, load_image
 from core.paths import data_root
 
 SPLITS = ("train", "val")
+# options every data set accepts; they concern how images are read (the image cache applies them)
+COMMON_OPTIONS: dict[str, Any] = {"skip_unreadable": False}
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 Progress = Callable[[int, "int | None"], None]
 OWN_FOLDER = "."  # DatasetInfo.folder of a set whose root is its own folder (imagefolder)
@@ -261,10 +263,11 @@ def _prepare(name: str, root: str | Path | None, split: str,
     info = get_info(name)
     if split not in SPLITS:
         raise DatasetError(f"Unknown split {split!r} for {name}; choose 'train' or 'val'.")
-    unknown = sorted(set(options) - set(info.options))
+    unknown = sorted(set(options) - set(info.options) - set(COMMON_OPTIONS))
     if unknown:
-        accepted = ", ".join(info.options) or "none"
+        accepted = ", ".join([*info.options, *COMMON_OPTIONS])
         raise DatasetError(f"Data set {name} has no option {unknown[0]!r} (its options: {accepted}).")
+    own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
     if info.folder == OWN_FOLDER:
         base = _own_root(info, root)
         if not base.is_dir():
@@ -274,7 +277,7 @@ def _prepare(name: str, root: str | Path | None, split: str,
         base = _root(root)
         if info.folder and not (base / info.folder).exists():
             raise DatasetMissing(_missing_message(info, base))
-    return info, base, {**info.options, **options}
+    return info, base, {**info.options, **own}
 
 
 def _own_root(info: DatasetInfo, root: str | Path | None) -> Path:
@@ -372,7 +375,14 @@ def _caltech256_listing(root: Path, split: str, include_clutter: bool = False, *
 # ---------------------------------------------------------------- Tiny ImageNet
 
 
+def _require_file(path: Path) -> None:
+    """Refuse a FIFO, device or folder where a data file belongs (reading a FIFO would block forever)."""
+    if path.exists() and not path.is_file():
+        raise DatasetError(f"{path} is not a regular file (a folder, pipe or device).")
+
+
 def _read_lines(path: Path) -> list[str]:
+    _require_file(path)
     if not path.is_file():
         raise DatasetError(f"{path} is missing: the Tiny ImageNet folder is incomplete.")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -535,6 +545,7 @@ def _text(value: Any) -> Any:
 
 
 def _read_cifar_pickle(path: Path, keys: tuple[str, ...]) -> dict[str, Any]:
+    _require_file(path)
     try:
         with path.open("rb") as fh:
             raw = _NumpyOnlyUnpickler(fh, encoding="bytes").load()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -91,7 +92,10 @@ def _open_source(source: ImageSource, label: str) -> str | BinaryIO:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            size = path.stat().st_size
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+                raise ImageError(f"{label} is not a regular file (a folder, pipe or device); give an image file.")
+            size = info.st_size
             with path.open("rb") as fh:
                 head = fh.read(64)
         except OSError as exc:

@@ -45,18 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from core.errors import UserError
+    from train.signals import Terminated, raise_on_stop
 
     args = build_parser().parse_args(argv)
     try:
-        status = int(args._run(args) or 0)
-        sys.stdout.flush()  # a closed pipe (`| head`) shows here, not at exit
-        return status
+        with raise_on_stop():  # SIGTERM/SIGHUP end a command cleanly (the trainer has its own stop handling)
+            status = int(args._run(args) or 0)
+            sys.stdout.flush()  # a closed pipe (`| head`) shows here, not at exit
+            return status
     except BrokenPipeError:
         _discard_stdout()
         return 1
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"stopped by {exc}; nothing was left half-written", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.run_store import ACTIVE_STATES, METRIC_COLUMNS, RunStore, RunStoreError, pid_alive
+from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError
 
 EXPORT_KEYS = ("kind", "stage", "stage_name", "epoch", "step", "time")
 
@@ -111,12 +111,11 @@ def resume(args: argparse.Namespace) -> int:
 
 
 def _check_resumable(row: dict[str, Any]) -> None:
-    name = row["name"]
+    from train.jobs import refuse_live_trainer
+
     if row["state"] == "finished":
-        raise RunStoreError(f"Run {name!r} has already finished; there is nothing to resume.")
-    others = row.get("pid") not in (None, os.getpid()) and pid_alive(row.get("pid"))
-    if row["state"] in ACTIVE_STATES and others:
-        raise RunStoreError(f"Run {name!r} is still {row['state']} (process {row['pid']}); stop it first.")
+        raise RunStoreError(f"Run {row['name']!r} has already finished; there is nothing to resume.")
+    refuse_live_trainer(row, own_pid=os.getpid())
 
 
 # ---------------------------------------------------------------------- list

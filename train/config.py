@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,7 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("none", "light", "strong"),
     "imbalance": ("none", "weighted_loss", "class_balanced", "weighted_sampler"),
 }
-_TRAIN_LAYERS = re.compile(r"^(all|head|from:layer[1-4])$")
+_TRAIN_LAYERS = re.compile(r"all|head|from:layer[1-4]")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -51,8 +52,67 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
+MAX_YAML_DEPTH = 32  # nesting levels; a pipeline needs 4
+MAX_YAML_NODES = 20_000  # values after every alias is expanded (billion laughs)
+MAX_SEED = 2**31 - 1
+MAX_EPOCHS = 100_000
+
+
+class YamlTooComplex(yaml.YAMLError):
+    """A document nested too deeply or expanding (through aliases) into too many values."""
+
+
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    """Parse config text (SafeLoader, numbers as YAML 1.2 reads them) within depth and size limits."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Raise ``YamlTooComplex`` when ``root`` is deeper than the limit or expands to too many values."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise YamlTooComplex(f"it is nested more than {MAX_YAML_DEPTH} levels deep")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_YAML_NODES + 1  # a node that contains itself never finishes expanding
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_YAML_NODES:
+                raise YamlTooComplex(f"it expands to more than {MAX_YAML_NODES} values (too many aliases)")
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
+
+
+def _compose_node_limited(self: Any, parent: Any, index: Any) -> Any:
+    """PyYAML composes recursively: refuse deep nesting before Python's recursion limit is hit."""
+    self._depth = getattr(self, "_depth", 0) + 1
+    try:
+        if self._depth > MAX_YAML_DEPTH:
+            raise YamlTooComplex(f"it is nested more than {MAX_YAML_DEPTH} levels deep")
+        return yaml.composer.Composer.compose_node(self, parent, index)
+    finally:
+        self._depth -= 1
+
+
+_YamlLoader.compose_node = _compose_node_limited  # type: ignore[method-assign]
 
 
 class ConfigError(UserError):
@@ -132,6 +192,8 @@ def load_config(
         raise ConfigError(f"Config file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Config file {path} cannot be read ({type(exc).__name__}: {exc}).") from None
+    except YamlTooComplex as exc:
+        raise ConfigError(f"Config file {path} was refused: {exc}.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -200,6 +262,8 @@ def _validate_pipeline(config: PipelineConfig) -> None:
         raise ConfigError(f"the config: arch must be one of {', '.join(ARCHS)}, got {config.arch!r}.")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         raise ConfigError(f"the config: seed must be an integer, got {config.seed!r}.")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ConfigError(f"the config: seed must be between 0 and {MAX_SEED}, got {config.seed!r}.")
     for key in ("compile", "amp", "channels_last"):
         if not isinstance(getattr(config, key), bool):
             raise ConfigError(f"the config: {key} must be true or false, got {getattr(config, key)!r}.")
@@ -210,20 +274,22 @@ def _number(label: str, key: str, value: Any, integer: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{label}: {key} must be {kind}, got {value!r}.")
+    if not math.isfinite(value):
+        raise ConfigError(f"{label}: {key} must be a finite number, got {value!r}.")
     return value
 
 
 def _validate_stage(i: int, s: StageConfig, label: str) -> None:
     ranges = {  # key: (low, low inclusive, high, high inclusive, integer)
-        "epochs": (1, True, None, False, True),
-        "batch_size": (1, True, None, False, True),
+        "epochs": (1, True, MAX_EPOCHS, True, True),
+        "batch_size": (1, True, 65_536, True, True),
         "image_size": (16, True, 1024, True, True),
-        "lr": (0, False, None, False, False),
+        "lr": (0, False, 1_000, True, False),
         "momentum": (0, True, 1, False, False),
-        "weight_decay": (0, True, None, False, False),
-        "warmup_epochs": (0, True, None, False, False),
+        "weight_decay": (0, True, 1, True, False),
+        "warmup_epochs": (0, True, MAX_EPOCHS, True, False),
         "label_smoothing": (0, True, 1, False, False),
-        "freeze_epochs": (0, True, None, False, True),
+        "freeze_epochs": (0, True, MAX_EPOCHS, True, True),
         "cb_beta": (0, True, 1, False, False),
         "num_workers": (0, True, 64, True, True),
     }
@@ -236,7 +302,7 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
     for key, allowed in CHOICES.items():
         if getattr(s, key) not in allowed:
             raise ConfigError(f"{label}: {key} must be one of {', '.join(allowed)}, got {getattr(s, key)!r}.")
-    if not isinstance(s.train_layers, str) or not _TRAIN_LAYERS.match(s.train_layers):
+    if not isinstance(s.train_layers, str) or not _TRAIN_LAYERS.fullmatch(s.train_layers):
         raise ConfigError(f"{label}: train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
     if s.warmup_epochs > s.epochs:
         raise ConfigError(f"{label}: warmup_epochs ({s.warmup_epochs}) cannot exceed epochs ({s.epochs}).")
@@ -253,18 +319,41 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
 def _check_dataset(label: str, name: Any) -> None:
     from core.datasets import DATASETS
 
+    if not isinstance(name, str):
+        raise ConfigError(f"{label}: dataset must be the name of one data set, got {name!r}.")
     if name not in DATASETS:
         raise ConfigError(f"{label}: unknown dataset {name!r}; known data sets are {', '.join(sorted(DATASETS))}.")
 
 
 def _check_options(label: str, s: StageConfig) -> None:
-    from core.datasets import DATASETS
+    from core.datasets import COMMON_OPTIONS, DATASETS
 
-    accepted = DATASETS[s.dataset].options
+    accepted = {**DATASETS[s.dataset].options, **COMMON_OPTIONS}
     unknown = sorted(set(s.options) - set(accepted))
     if unknown:
         names = ", ".join(accepted) or "none"
         raise ConfigError(f"{label}: data set {s.dataset} has no option {unknown[0]!r} (its options: {names}).")
+    for key, value in s.options.items():
+        _check_option(label, key, value, accepted[key])
+
+
+def _check_option(label: str, key: str, value: Any, default: Any) -> None:
+    """An option value is a scalar of its default's type (any number where the default is a number or None)."""
+    if value is None:
+        return
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not isinstance(value, bool) or not isinstance(default, bool):
+            raise ConfigError(f"{label}: options.{key} must be {_kind(default)}, got {value!r}.")
+        return
+    if isinstance(default, (int, float)) or default is None:
+        _number(label, f"options.{key}", value, integer=default is None or isinstance(default, int))
+        return
+    if not isinstance(value, type(default)):
+        raise ConfigError(f"{label}: options.{key} must be {_kind(default)}, got {value!r}.")
+
+
+def _kind(default: Any) -> str:
+    return "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
 
 
 def _check_data_present(label: str, s: StageConfig) -> None:
@@ -329,6 +418,8 @@ def apply_overrides(raw: Any, overrides: Iterable[str]) -> Any:
             raise ConfigError(f"Override {item!r} must look like KEY=VALUE, e.g. stages.2.epochs=3.")
         try:
             value = parse_yaml(text)
+        except YamlTooComplex as exc:
+            raise ConfigError(f"Override {item!r} was refused: {exc}.") from None
         except yaml.YAMLError:
             raise ConfigError(f"Override {item!r}: the value is not valid YAML.") from None
         _apply_one(raw, key.strip(), value, item)

@@ -129,7 +129,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [""] + [f"note: {note}" for note in report["notes"]] if report["notes"] else []
     unreadable = report["splits"]["all"]["unreadable"]
     if unreadable:
-        lines += ["", f"unreadable images: {len(unreadable)}"] + [f"  {u}" for u in unreadable[:10]]
+        lines += ["", f"unreadable images: {len(unreadable)} (a run stops on them; a stage with options: "
+                      "{skip_unreadable: true} leaves them out and lists them in its log)"]
+        lines += [f"  {u}" for u in unreadable[:10]]
     return "\n".join(lines)
 
 

@@ -6,8 +6,8 @@ linear warm-up, optional head-only epochs first), validates after every epoch (p
 and confusion matrix into the store) and writes ``last.pt`` (every epoch) and ``best.pt`` (best
 ``val_acc``) atomically under ``<run dir>/stage<k>-<name>/``.
 
-Faults: SIGTERM/SIGINT finish the current step, save ``last.pt`` (mid-epoch position included)
-and mark the run ``stopped``; a NaN/inf loss marks it ``failed``; after any crash, ``resume``
+Faults: SIGTERM/SIGINT/SIGHUP (to the trainer or its whole process group, see train/signals.py)
+finish the current step, save ``last.pt`` (mid-epoch position included) and mark the run ``stopped``; a NaN/inf loss marks it ``failed``; after any crash, ``resume``
 continues from the newest ``last.pt`` and deletes store rows written after it, so metrics are
 never lost or duplicated. Under ``torchrun`` only rank 0 writes the store and checkpoints.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -33,9 +32,11 @@ from core.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from core.errors import UserError
 from core.models import Preprocessing, build_model
 from core.run_store import RunStore
+from core.tempfiles import sweep_stale
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
-from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split
+from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
+from train.signals import StopFlag, worker_init_fn
 
 HEARTBEAT_S = 2.0
 STEP_FLUSH_S = 2.0
@@ -143,17 +144,21 @@ class StageData:
     preprocessing: Preprocessing
 
 
-def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int) -> StageData:
-    """Both splits, decoded once into the image cache (rank 0 builds it, other ranks wait)."""
+def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int,
+                    check: Callable[[], None] | None = None) -> StageData:
+    """Both splits, decoded once into the image cache (rank 0 builds it, other ranks wait).
+
+    ``check`` runs after every batch a build decodes (it raises to stop the build).
+    """
     pre = Preprocessing.for_size(stage.image_size)
 
     def open_split(split: str, augment: str, build: bool) -> tuple[CachedImages, Any]:
         return open_cached_split(stage.dataset, stage.root, split, stage.options, pre.resize,
-                                 augmentation(augment, stage.image_size), workers, build=build)
+                                 augmentation(augment, stage.image_size), workers, build=build, check=check)
 
     if not ctx.is_main:
         ddp.barrier(ctx)  # rank 0 is building the cache
-    (train, raw_train), (val, raw_val) = (open_split("train", stage.augment, ctx.is_main),
+    (train, raw_train), (val, _) = (open_split("train", stage.augment, ctx.is_main),
                                           open_split("val", "none", ctx.is_main))
     if ctx.is_main:
         ddp.barrier(ctx)
@@ -161,7 +166,7 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int) -> StageDat
     counts = [0] * len(classes)
     for t in train.targets:
         counts[t] += 1
-    return StageData(train, val, classes, counts, raw_val.source, pre)
+    return StageData(train, val, classes, counts, val.source, pre)
 
 
 # ------------------------------------------------------------------- progress
@@ -205,6 +210,9 @@ class Display:
         self.last = 0.0
 
     def start_epoch(self, label: str, steps: int) -> None:
+        self._safely(self._start_epoch, label, steps)
+
+    def _start_epoch(self, label: str, steps: int) -> None:
         self.close()
         if self.enabled and self.tty:
             from tqdm import tqdm
@@ -213,7 +221,17 @@ class Display:
         elif self.enabled:
             print(f"{label}: {steps} steps", flush=True)
 
+    def _safely(self, show: Callable[..., None], *args: Any) -> None:
+        """Show something; a terminal that went away (EIO, EPIPE) ends the display, never the run."""
+        try:
+            show(*args)
+        except OSError:
+            self.enabled, self.bar = False, None
+
     def step(self, progress: Progress, loss: float) -> None:
+        self._safely(self._step, progress, loss)
+
+    def _step(self, progress: Progress, loss: float) -> None:
         if not self.enabled:
             return
         ips = f"{progress.images_per_s:.1f}" if progress.images_per_s else "?"
@@ -227,13 +245,16 @@ class Display:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.close()
-            print(text, flush=True)
+            self._safely(self._message, text)
+
+    def _message(self, text: str) -> None:
+        self.close()
+        print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+            bar, self.bar = self.bar, None
+            self._safely(bar.close)
 
 
 def _has_tqdm() -> bool:
@@ -278,30 +299,6 @@ class Heartbeat(threading.Thread):
         self.join(timeout=5)
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGINT (main thread only); checked after each step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous.clear()
-
-
 # ------------------------------------------------------------------- trainer
 @dataclass
 class ResumePoint:
@@ -341,6 +338,9 @@ class Trainer:
         """Train every remaining stage; raises StopRequested, TrainingFailed or the underlying error."""
         self.stop.install()  # first: a stop asked for while checkpoints are read is not lost
         try:
+            if self.ctx.is_main:  # temporary files of writers that died (SIGKILL, power loss)
+                sweep_stale(paths.run_dir(self.run_name), ".*.pt.*.tmp", recursive=True)
+                sweep_stale_builds()
             point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
             self.progress.total_steps = self._stage_steps(self.config.stages)
             self.progress.done_steps = self._steps_done(point)
@@ -349,6 +349,11 @@ class Trainer:
         finally:
             self.stop.restore()
             self.display.close()
+
+    def _check_stop(self) -> None:
+        """Between batches of an image-cache build: a stop ends the build (its partial file is removed)."""
+        if self.stop.requested:
+            raise StopRequested()
 
     def _stage_steps(self, stages: list[StageConfig]) -> int:
         """Optimizer steps of whole ``stages`` (counted from file lists, nothing decoded)."""
@@ -371,7 +376,7 @@ class Trainer:
         torch.manual_seed(self.config.seed * 1000 + index)
         workers = stage.num_workers
         self.display.message(f"{label}: preparing {stage.dataset} (decoded once into the image cache)")
-        data = load_stage_data(stage, self.ctx, workers)
+        data = load_stage_data(stage, self.ctx, workers, check=None if self.ctx.enabled else self._check_stop)
         model = self._build_model(index, stage, data, checkpoint)
         train_loader, sampler = self._train_loader(stage, data)
         per_epoch = steps_per_epoch(len(sampler), stage.batch_size)
@@ -383,6 +388,8 @@ class Trainer:
             scheduler.load_state_dict(checkpoint["scheduler"])
             start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
             best = checkpoint["metrics"].get("best_val_acc")
+        else:
+            best = self._kept_best(index, stage)
         step = start_epoch * per_epoch + batches_done
         self.store.upsert_stage(self.run_name, index, stage.name, stage.dataset, stage.epochs, data.classes)
         self.store.truncate_after(self.run_name, index, start_epoch, step=step)
@@ -391,6 +398,26 @@ class Trainer:
         for epoch in range(start_epoch, stage.epochs):
             self._run_epoch(state, epoch, batches_done if epoch == start_epoch else 0)
         self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
+
+    def _kept_best(self, index: int, stage: StageConfig) -> float | None:
+        """The accuracy to beat when a stage restarts but an earlier attempt's ``best.pt`` is there (its
+        ``last.pt`` was lost): that ``best.pt`` is only replaced by a better epoch."""
+        path = stage_dir(self.run_name, index, stage) / "best.pt"
+        if not self.ctx.is_main or not path.is_file():
+            return None
+        try:
+            kept = load_checkpoint(path)
+        except UserError:
+            return None  # unreadable: the restarted stage writes a new one
+        accuracy = (kept.get("metrics") or {}).get("val_acc")
+        if kept.get("config_hash") != self.config.stage_hash(index) or accuracy is None:
+            return None
+        print(f"{stage_label(index, stage)}: last.pt is missing, so the stage restarts from epoch 1; its best.pt "
+              f"(epoch {kept.get('epoch')}, val acc {accuracy:.3f}) is kept until an epoch beats it.",
+              file=sys.stderr, flush=True)
+        self.store.update_stage(self.run_name, index, best_path=str(path), best_val_acc=accuracy,
+                                best_epoch=kept.get("epoch"))
+        return float(accuracy)
 
     def _build_model(self, index: int, stage: StageConfig, data: StageData,
                      checkpoint: dict[str, Any] | None) -> nn.Module:
@@ -414,7 +441,7 @@ class Trainer:
         drop_last = len(sampler) >= stage.batch_size
         loader = DataLoader(data.train, batch_size=stage.batch_size, sampler=sampler, drop_last=drop_last,
                             num_workers=stage.num_workers, pin_memory=self.ctx.device.type == "cuda",
-                            persistent_workers=stage.num_workers > 0)
+                            persistent_workers=stage.num_workers > 0, worker_init_fn=worker_init_fn())
         return loader, sampler
 
     # -- one epoch
@@ -542,7 +569,8 @@ class Trainer:
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
             "run_name": self.run_name, "dataset": st.stage.dataset,
         }
-        return save_checkpoint(stage_dir(self.run_name, st.index, st.stage) / f"{kind}.pt", payload)
+        with self.stop.held():  # a stop signal is acted on after the write, never inside torch.save
+            return save_checkpoint(stage_dir(self.run_name, st.index, st.stage) / f"{kind}.pt", payload)
 
 
 @dataclass
@@ -696,7 +724,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     counts = class_counts(name, root, "train", **options)
     result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()))
     result["loss"] = preds.loss
-    wrong = evaluation.misclassified(preds, classes, labeled.source, MISCLASSIFIED_KEPT)
+    wrong = evaluation.misclassified(preds, classes, cached.source, MISCLASSIFIED_KEPT)
     found = Evaluation(str(Path(path).resolve()), name, split, result, wrong)
     if store is not None:
         found.id = store.add_evaluation(found.checkpoint, name, split, result, wrong, run=info.run_name)

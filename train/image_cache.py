@@ -8,16 +8,25 @@ uint8). Later epochs and later runs memory-map that file. ``CachedImages`` then 
 uint8 tensors per sample; normalisation happens on the device, batch-wise (``Normalizer``).
 
 The cache key covers the data set name, root, split, options, size and the list of image sources;
-editing an image file in place without renaming it is not detected (delete the cache folder then).
+editing an image file in place without renaming it is not detected (delete the cache folder then: runs
+that are training keep their memory maps and finish). A side file ``<key>.json`` records the shape, size
+and a fingerprint of the pixels; a cache file that is truncated, damaged, swapped or overwritten is rebuilt
+with one line saying so. Before a build the space it needs is checked and reserved (``posix_fallocate``), so a
+full disk is one sentence (``CacheError``), never a SIGBUS; partial files of dead builders are swept.
+With ``options.skip_unreadable`` images that cannot be decoded are left out and listed instead of failing.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
-import tempfile
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +35,19 @@ from torchvision import transforms
 from torchvision.transforms import v2
 
 from core import paths
+from core.checkpoints import human_bytes
+from core.errors import UserError
+from core.images import ImageError
+from core.tempfiles import locked_temp, sweep_stale
+from train.signals import worker_init_fn
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+FINGERPRINT_BYTES = 64 << 20  # rows hashed by the fingerprint: every row of caches up to 64 MB, else a spread
+SPACE_MARGIN = 4 << 20  # left free after a build, so the run store can still record what happened
+
+
+class CacheError(UserError):
+    """The image cache cannot be built (no space, ...); the message says what, how much and where."""
 
 
 def cache_dir() -> Path:
@@ -43,10 +63,11 @@ def cache_key(description: dict[str, Any], sources: Sequence[str]) -> str:
 
 
 class _Decoded(Dataset):
-    """``dataset`` items as uint8 (3, size, size) tensors: short side resized to ``size``, centre-cropped."""
+    """``dataset`` items as ``(uint8 (3, size, size) tensor, readable)``: short side resized to ``size``,
+    centre-cropped; with ``skip_unreadable`` an image that cannot be decoded is a blank row, not an error."""
 
-    def __init__(self, dataset: Any, size: int) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Any, size: int, skip_unreadable: bool = False) -> None:
+        self.dataset, self.size, self.skip_unreadable = dataset, size, skip_unreadable
         self.prepare = transforms.Compose([
             transforms.Resize(size, antialias=True), transforms.CenterCrop(size), transforms.PILToTensor(),
         ])
@@ -54,41 +75,172 @@ class _Decoded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.prepare(self.dataset.load_raw(index))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
+        try:
+            return self.prepare(self.dataset.load_raw(index)), True
+        except ImageError:
+            if not self.skip_unreadable:
+                raise
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
 
 
-def decode_all(dataset: Any, size: int, out: np.ndarray, workers: int = 0) -> None:
-    """Fill ``out`` (N x 3 x size x size uint8) with every image of ``dataset``, in order."""
-    loader = DataLoader(_Decoded(dataset, size), batch_size=64, num_workers=workers)
-    start = 0
-    for batch in loader:
+def decode_all(dataset: Any, size: int, out: np.ndarray, workers: int = 0, skip_unreadable: bool = False,
+               check: Callable[[], None] | None = None) -> list[int]:
+    """Fill ``out`` (N x 3 x size x size uint8) with every image of ``dataset``, in order; return the indices
+    of the unreadable images skipped (``skip_unreadable``). ``check`` runs after every batch (it may raise
+    to stop the build)."""
+    loader = DataLoader(_Decoded(dataset, size, skip_unreadable), batch_size=32, num_workers=workers,
+                        worker_init_fn=worker_init_fn())
+    start, skipped = 0, []
+    for batch, readable in loader:
         out[start:start + len(batch)] = batch.numpy()
+        skipped += [start + i for i in torch.nonzero(~readable).flatten().tolist()]
         start += len(batch)
+        if check is not None:
+            check()
+    return skipped
 
 
-def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers: int = 0,
-                  build: bool = True) -> Path:
-    """The path of the cached uint8 array of ``dataset`` at ``size``, building it when missing.
+@dataclass
+class CachedSplit:
+    """A built cache file and what its side file says about it."""
 
-    With ``build=False`` the file must already exist (another DDP rank built it).
+    path: Path
+    skipped: list[int]
+
+
+def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers: int = 0, build: bool = True,
+                  check: Callable[[], None] | None = None) -> CachedSplit:
+    """The cached uint8 array of ``dataset`` at ``size``, built when missing or damaged (one line says so).
+
+    With ``build=False`` the file must already exist (another DDP rank built it). ``description`` may hold
+    ``options.skip_unreadable``: images that cannot be decoded are then left out (and listed) instead of
+    failing the build.
     """
     sources = [dataset.source(i) for i in range(len(dataset))]
     path = cache_dir() / f"{cache_key({**description, 'size': size}, sources)}.npy"
-    if path.is_file() or not build:
-        return path
+    shape = (len(dataset), 3, size, size)
+    if not build:
+        return CachedSplit(path, _read_side(path).get("skipped", []))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".npy", dir=path.parent)
-    os.close(fd)
+    sweep_stale_builds()
+    problem = cache_problem(path, shape) if path.exists() else "missing"
+    if problem is None:
+        skipped = list(_read_side(path).get("skipped", []))
+    else:
+        if problem != "missing":
+            print(f"Image cache {path} is damaged ({problem}); rebuilding it.", file=sys.stderr, flush=True)
+        skip = bool((description.get("options") or {}).get("skip_unreadable"))
+        skipped = _build(dataset, size, path, shape, workers, skip, check, description)
+    for i in skipped:  # in every run's log, not only the one that built the cache
+        print(f"Skipped unreadable image {sources[i]}.", file=sys.stderr, flush=True)
+    return CachedSplit(path, skipped)
+
+
+def sweep_stale_builds() -> list[Path]:
+    """Remove partial cache files whose builder died (SIGKILL, power loss); live builds keep theirs."""
+    return sweep_stale(cache_dir(), ".build-*.npy")
+
+
+def _build(dataset: Any, size: int, path: Path, shape: tuple[int, ...], workers: int, skip: bool,
+           check: Callable[[], None] | None, description: dict[str, Any]) -> list[int]:
+    header = _header_bytes(shape)
+    needed = header + int(np.prod(shape))
+    _check_space(path.parent, needed, description)
+    fd, tmp = locked_temp(path.parent, prefix=".build-", suffix=".npy")
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(dataset), 3, size, size))
-        decode_all(dataset, size, out, workers)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # sparse until written
+        _reserve(fd, needed, path.parent, description)
+        skipped = decode_all(dataset, size, out, workers, skip, check)
         out.flush()
+        side = {"shape": list(shape), "dtype": "uint8", "bytes": needed, "fingerprint": _fingerprint(out),
+                "skipped": skipped}
         del out
+        _side(path).write_text(json.dumps(side))
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+        tmp.unlink(missing_ok=True)
+        os.close(fd)
+    return skipped
+
+
+def _header_bytes(shape: tuple[int, ...]) -> int:
+    """Size of the ``.npy`` header ``open_memmap`` writes for a uint8 array of ``shape``."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    return len(buffer.getvalue())
+
+
+def _what(description: dict[str, Any]) -> str:
+    return f"{description.get('dataset', 'the data set')} ({description.get('split', '?')})"
+
+
+def _no_space(folder: Path, needed: int, description: dict[str, Any]) -> CacheError:
+    return CacheError(
+        f"Not enough disk space to build the image cache of {_what(description)}: it needs {human_bytes(needed)} in "
+        f"{folder}, which has {human_bytes(shutil.disk_usage(folder).free)} free; free some space or point "
+        "RESLENS_HOME at a larger disk."
+    )
+
+
+def _check_space(folder: Path, needed: int, description: dict[str, Any]) -> None:
+    if shutil.disk_usage(folder).free < needed + SPACE_MARGIN:
+        raise _no_space(folder, needed + SPACE_MARGIN, description)
+
+
+def _reserve(fd: int, needed: int, folder: Path, description: dict[str, Any]) -> None:
+    """Allocate every block now: writing a memory map on a full disk is a SIGBUS, not an error."""
+    try:
+        os.posix_fallocate(fd, 0, needed)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(folder, needed, description) from exc
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # else: a file system without fallocate
+            raise
+
+
+def _side(path: Path) -> Path:
+    """The side file holding a cache file's shape, fingerprint and skipped images."""
+    return path.with_suffix(".json")
+
+
+def _read_side(path: Path) -> dict[str, Any]:
+    try:
+        side = json.loads(_side(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return side if isinstance(side, dict) else {}
+
+
+def _fingerprint(pixels: np.ndarray) -> str:
+    """A hash of every row (or, for caches over ``FINGERPRINT_BYTES``, of rows spread evenly over the file)."""
+    n = len(pixels)
+    row = pixels[0].nbytes if n else 1
+    count = max(1, min(n, FINGERPRINT_BYTES // row))
+    digest = hashlib.blake2b(digest_size=16)
+    for i in np.unique(np.linspace(0, max(0, n - 1), count).astype(np.int64)) if n else []:
+        digest.update(np.ascontiguousarray(pixels[i]).data)
+    return digest.hexdigest()
+
+
+def cache_problem(path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the cache file at ``path`` cannot be used for an array of ``shape`` (None when it can)."""
+    side = _read_side(path)
+    if not side:
+        return "its description file is missing or unreadable"
+    if not path.is_file():
+        return "the file is missing"
+    try:
+        pixels = np.load(path, mmap_mode="r")
+    except Exception as exc:  # noqa: BLE001 - numpy raises many kinds (ValueError, EOFError, tokenize errors)
+        return f"unreadable: {type(exc).__name__}"
+    if pixels.dtype != np.uint8 or tuple(pixels.shape) != tuple(shape):
+        return f"holds {pixels.dtype} {tuple(pixels.shape)} instead of uint8 {tuple(shape)}"
+    if path.stat().st_size != side.get("bytes") or side.get("shape") != list(shape):
+        return "its size differs from the one recorded when it was built"
+    if _fingerprint(pixels) != side.get("fingerprint"):
+        return "its pixels differ from the ones recorded when it was built"
+    return None
 
 
 def augmentation(kind: str, image_size: int) -> v2.Transform:
@@ -107,14 +259,21 @@ def augmentation(kind: str, image_size: int) -> v2.Transform:
 class CachedImages(Dataset):
     """Items ``(uint8 (3, image_size, image_size) tensor, target)`` read from a cached array.
 
-    The array is memory-mapped lazily in each process, so DataLoader workers share the page cache.
+    The array is memory-mapped when the object is made: the mapping keeps the file's data even if the
+    cache folder is deleted mid-run, and forked DataLoader workers share it. ``rows`` are the rows used
+    (all but skipped unreadable images); ``source(i)`` names where item ``i`` came from.
     """
 
-    def __init__(self, path: str | os.PathLike[str], targets: Sequence[int], transform: Any) -> None:
+    def __init__(self, path: str | os.PathLike[str], targets: Sequence[int], transform: Any,
+                 rows: Sequence[int] | None = None, source: Callable[[int], str] | None = None) -> None:
         self.path = Path(path)
-        self.targets = list(targets)
+        self.rows = list(range(len(targets)) if rows is None else rows)
+        self.targets = [targets[r] for r in self.rows]
         self.transform = transform
+        self._source = source
         self._pixels: np.ndarray | None = None
+        if self.path.exists():
+            self.pixels()
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -124,11 +283,14 @@ class CachedImages(Dataset):
             self._pixels = np.load(self.path, mmap_mode="r")
         return self._pixels
 
+    def source(self, index: int) -> str:
+        return self._source(self.rows[index]) if self._source is not None else f"{self.path}:{self.rows[index]}"
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.array(self.pixels()[index]))
+        image = torch.from_numpy(np.array(self.pixels()[self.rows[index]]))
         return self.transform(image), self.targets[index]
 
-    def __getstate__(self) -> dict[str, Any]:  # workers reopen the memory map
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers reopen the memory map
         return {**self.__dict__, "_pixels": None}
 
 
@@ -147,11 +309,17 @@ class Normalizer(torch.nn.Module):
 
 
 def open_cached_split(name: str, root: str | None, split: str, options: dict[str, Any], size: int,
-                      transform: Any, workers: int = 0, build: bool = True) -> tuple[CachedImages, Any]:
-    """``(CachedImages, the underlying LabeledImages)`` for one split of a registered data set."""
+                      transform: Any, workers: int = 0, build: bool = True,
+                      check: Callable[[], None] | None = None) -> tuple[CachedImages, Any]:
+    """``(CachedImages, the underlying LabeledImages)`` for one split of a registered data set.
+
+    ``check`` runs after every decoded batch of a build (it may raise to stop it).
+    """
     from core.datasets import open_dataset
 
     dataset = open_dataset(name, root, split, **options)
     description = {"dataset": name, "root": str(root), "split": split, "options": options}
-    path = cached_pixels(dataset, size, description, workers, build)
-    return CachedImages(path, dataset.targets, transform), dataset
+    cached = cached_pixels(dataset, size, description, workers, build, check)
+    skipped = set(cached.skipped)
+    rows = [i for i in range(len(dataset)) if i not in skipped]
+    return CachedImages(cached.path, dataset.targets, transform, rows, dataset.source), dataset

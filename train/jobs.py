@@ -104,12 +104,23 @@ def resume(name: str, device: str | None = None) -> None:
         raise RunStoreError(f"Run {name!r} is still {run['state']}; stop it before resuming.")
     if run["state"] == "finished":
         raise RunStoreError(f"Run {name!r} has already finished; there is nothing to resume.")
-    if run["stored_state"] in ACTIVE_STATES and pid_alive(run.get("pid")):
-        raise RunStoreError(f"Run {name!r} has a live trainer (pid {run['pid']}) that stopped reporting; "
-                            "stop it before resuming.")
+    refuse_live_trainer(run)
     store.set_state(name, "queued")
     args = ["resume", name] + (["--device", device] if device else [])
     _spawn(name, args, store)
+
+
+def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None) -> None:
+    """Raise ``RunStoreError`` when a live process other than ``own_pid`` still owns the run (even one that
+    stopped reporting, e.g. paused with SIGSTOP): resuming would start a second trainer on the same files.
+
+    The one liveness check of ``resume`` for both the app and the command line (which passes its own pid:
+    the app records the pid of the ``resume`` process it starts).
+    """
+    pid = run.get("pid")
+    if run["stored_state"] in ACTIVE_STATES and pid not in (None, own_pid) and pid_alive(pid):
+        raise RunStoreError(f"Run {run['name']!r} has a live trainer (pid {pid}) that may have stopped "
+                            "reporting; stop it before resuming.")
 
 
 def _spawn(name: str, args: list[str], store: RunStore) -> subprocess.Popen:

@@ -1,0 +1,114 @@
+"""Issue 11: a damaged image cache is rebuilt with one line, a deleted one does not fail a run, a dead
+builder's partial file is swept, unreadable images can be skipped."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from core import paths
+from core.images import ImageError
+from core.run_store import RunStore
+from tests.data_fixtures import make_caltech101
+from tests.test_engine import TINY_SIZES, one_thread, run_tiny, tiny_config  # noqa: F401
+from train.engine import Trainer
+from train.image_cache import augmentation, cache_dir, open_cached_split
+
+
+def _open(root, split="train", options=None):
+    cached, _ = open_cached_split("caltech101", str(root), split, options or {}, 37, augmentation("none", 32))
+    return cached
+
+
+def _damage_truncate(path, other):
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def _damage_zero(path, other):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+def _damage_header(path, other):
+    data = bytearray(path.read_bytes())
+    data[10:40] = b"{'descr': '<f8', 'shape': (9,"
+    path.write_bytes(bytes(data))
+
+
+def _damage_swap(path, other):
+    shutil.copyfile(other, path)  # the val split's cache under the train split's name
+
+
+def _damage_noise(path, other):
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    start = len(data) // 2
+    data[start:start + 3000] = rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_zero, _damage_header, _damage_swap, _damage_noise],
+                         ids=["truncated", "zeroed", "header", "swapped", "noise"])
+def test_a_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage, capsys):
+    root = make_caltech101(tmp_path, TINY_SIZES)
+    first = _open(root)
+    good = np.array(first.pixels())
+    other = _open(root, "val").path
+    del first
+    capsys.readouterr()
+    damage(first_path := _open(root).path, other)
+    again = _open(root)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"Image cache {first_path} is damaged (" in err and "rebuilding it" in err
+    assert np.array_equal(np.array(again.pixels()), good)
+    assert [len(again)] == [18] and again[0][0].shape == (3, 32, 32)
+
+
+def test_deleting_the_cache_mid_run_does_not_fail_it(tmp_path, monkeypatch):
+    real_after = Trainer._after_step
+
+    def after_step(self, st, epoch, loss, lr, images):
+        real_after(self, st, epoch, loss, lr, images)
+        if st.step == 1:
+            shutil.rmtree(cache_dir())  # what the cache's docstring tells users to do
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    assert run_tiny(tiny_config(tmp_path, epochs=(2,))) == "finished"
+    assert [m["epoch"] for m in RunStore().metrics("tiny")] == [1, 2]
+
+
+def test_unreadable_images_fail_by_default_and_can_be_skipped(tmp_path, capsys):
+    from train.data_report import format_report, summarize
+
+    root = make_caltech101(tmp_path, TINY_SIZES)
+    broken = root / "caltech101" / "101_ObjectCategories" / "ant" / "image_0009.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a JPEG")
+    with pytest.raises(ImageError, match="image_0009.jpg"):
+        _open(root)
+    skipping = _open(root, options={"skip_unreadable": True})
+    err = capsys.readouterr().err
+    plain_train = 18  # 3 classes x 8 images, 2 of each held out for val
+    assert f"Skipped unreadable image {broken}." in err
+    assert f"Skipped unreadable image {broken}." in (_open(root, options={"skip_unreadable": True}) and
+                                                      capsys.readouterr().err)  # listed again when reused
+    val = _open(root, "val", {"skip_unreadable": True})
+    assert len(skipping) + len(val) == plain_train + 6
+    kept = [skipping.source(i) for i in range(len(skipping))] + [val.source(i) for i in range(len(val))]
+    assert str(broken) not in kept and len(set(kept)) == len(kept) == 24
+    classes = ["ant", "bee", "cat"]
+    assert all(f"/{classes[t]}/" in skipping.source(i) for i, t in enumerate(skipping.targets))  # still aligned
+    report = format_report(summarize("caltech101", root, {}))
+    assert "unreadable images: 1" in report and "skip_unreadable" in report and "image_0009.jpg" in report
+
+
+def test_a_run_with_skip_unreadable_lists_and_skips_them(tmp_path, capsys):
+    raw = tiny_config(tmp_path, epochs=(1,), options={"skip_unreadable": True})
+    broken = tmp_path / "caltech101" / "101_ObjectCategories" / "bee" / "image_0009.jpg"
+    broken.write_bytes(b"garbage")
+    assert run_tiny(raw) == "finished"
+    assert f"Skipped unreadable image {broken}." in capsys.readouterr().err
+    strict = tiny_config(tmp_path, epochs=(1,))
+    with pytest.raises(ImageError, match="image_0009.jpg"):
+        run_tiny(strict, name="strict")
+    assert RunStore().get_run("strict")["state"] == "failed"
+    assert paths.run_dir("strict").is_dir()
