@@ -100,9 +100,12 @@ def run_pipeline(key: str, scale: str, args: argparse.Namespace, store: RunStore
         print(f"[{key}] {run} already finished: reusing it", flush=True)
         return Outcome(key, run)
     command = [sys.executable, "-m", "train", "resume" if run in known and not args.fresh else "run"]
-    command += [run] if command[-1] == "resume" else [
-        f"train/configs/{config}", "--run-name", run, "--data-root", str(args.data_root),
-        *[x for o in overrides(scale) if o.split(".")[1] in _stage_names(config) for x in ("--set", o)]]
+    if command[-1] == "resume":
+        command.append(run)
+    else:
+        names = _stage_names(config)  # overrides only for the stages this pipeline has
+        sets = [x for o in overrides(scale) if o.split(".")[1] in names for x in ("--set", o)]
+        command += [f"train/configs/{config}", "--run-name", run, "--data-root", str(args.data_root), *sets]
     if args.device and command[3] == "run":
         command += ["--device", args.device]
     print(f"[{key}] {' '.join(command[1:])}", flush=True)
