@@ -36,6 +36,7 @@ from core.run_store import RunStore
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split
+from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
 
 HEARTBEAT_S = 2.0
 STEP_FLUSH_S = 2.0
@@ -368,10 +369,10 @@ class Trainer:
     def _run_stage(self, index: int, checkpoint: dict[str, Any] | None) -> None:
         stage = self.config.stages[index]
         label = stage_label(index, stage)
-        torch.manual_seed(self.config.seed * 1000 + index)
         workers = stage.num_workers
         self.display.message(f"{label}: preparing {stage.dataset} (decoded once into the image cache)")
         data = load_stage_data(stage, self.ctx, workers)
+        torch.manual_seed(self.config.seed * 1000 + index)  # after the cache: building it draws random numbers
         model = self._build_model(index, stage, data, checkpoint)
         train_loader, sampler = self._train_loader(stage, data)
         per_epoch = steps_per_epoch(len(sampler), stage.batch_size)
@@ -379,15 +380,21 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, per_epoch))
         start_epoch, batches_done, best = 0, 0, None
         if checkpoint is not None:
+            start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
+            expected = {**sampler.state_dict(), "epoch": start_epoch, "start": batches_done * stage.batch_size}
+            problem = resume_mismatch(checkpoint, self.config.stage_hash(index), expected)
+            if problem:
+                raise TrainingFailed(f"{label} cannot resume: {problem}; start a new run instead.")
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
-            start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
             best = checkpoint["metrics"].get("best_val_acc")
         step = start_epoch * per_epoch + batches_done
         self.store.upsert_stage(self.run_name, index, stage.name, stage.dataset, stage.epochs, data.classes)
         self.store.truncate_after(self.run_name, index, start_epoch, step=step)
         state = _StageState(index, stage, label, data, model, optimizer, scheduler, sampler, train_loader,
                             per_epoch, step, best, self.channels_last)
+        if checkpoint is not None:
+            state.load_trainer_state(checkpoint.get("trainer_state") or {})
         for epoch in range(start_epoch, stage.epochs):
             self._run_epoch(state, epoch, batches_done if epoch == start_epoch else 0)
         self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
@@ -410,11 +417,13 @@ class Trainer:
         if stage.imbalance == "weighted_sampler":
             weights = [1.0 / data.train_counts[t] for t in data.train.targets]
         sampler = ddp.ShardedSampler(len(data.train), self.config.seed, self.ctx.rank, self.ctx.world,
-                                     weights=weights)
+                                     weights=weights, seeded=True)
         drop_last = len(sampler) >= stage.batch_size
-        loader = DataLoader(data.train, batch_size=stage.batch_size, sampler=sampler, drop_last=drop_last,
-                            num_workers=stage.num_workers, pin_memory=self.ctx.device.type == "cuda",
-                            persistent_workers=stage.num_workers > 0)
+        # augmentation draws from per-sample seeds; the loader's own generator keeps the global RNG untouched
+        loader = DataLoader(SeededItems(data.train), batch_size=stage.batch_size, sampler=sampler,
+                            drop_last=drop_last, num_workers=stage.num_workers,
+                            pin_memory=self.ctx.device.type == "cuda", persistent_workers=stage.num_workers > 0,
+                            generator=torch.Generator().manual_seed(self.config.seed))
         return loader, sampler
 
     # -- one epoch
@@ -426,11 +435,11 @@ class Trainer:
         self.store.heartbeat(self.run_name, **self.progress.fields())
         self.display.start_epoch(f"{st.label} epoch {epoch + 1}/{st.stage.epochs}",
                                  st.steps_per_epoch - skip_batches)
-        started = time.monotonic()
+        started, carried = time.monotonic(), st.totals[2]
         totals = self._train_steps(st, train_model, epoch, skip_batches)
         elapsed = time.monotonic() - started
         self._flush_steps(st.index, epoch + 1, force=True)
-        metrics = self._validate(st, epoch, totals, elapsed)
+        metrics = self._validate(st, epoch, totals, elapsed, carried)
         self._end_epoch(st, epoch, metrics)
         if self.stop.requested:
             raise StopRequested()
@@ -438,7 +447,6 @@ class Trainer:
     def _train_steps(self, st: "_StageState", model: nn.Module, epoch: int, batch_index: int) -> list[float]:
         """Train one (rest of an) epoch; returns summed [loss*n, correct, n] over all ranks."""
         criterion = nn.CrossEntropyLoss(weight=st.weights(self.ctx.device), label_smoothing=st.stage.label_smoothing)
-        loss_sum = correct = seen = 0.0
         for images, labels in st.loader:
             images = st.normalize(images.to(self.ctx.device, non_blocking=True))
             labels = labels.to(self.ctx.device, non_blocking=True)
@@ -446,8 +454,6 @@ class Trainer:
                 logits = model(images)
                 loss = criterion(logits.float(), labels)
             value, stop = self._agree(loss.detach(), len(labels))
-            if stop:  # this batch is not applied; resume starts with it
-                self._save_stop(st, epoch, batch_index)
             if not math.isfinite(value):
                 self._diverged(st, epoch, value)
             lr = st.optimizer.param_groups[0]["lr"]
@@ -456,11 +462,14 @@ class Trainer:
             st.scheduler.step()
             batch_index += 1
             st.step += 1
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += float((logits.argmax(1) == labels).sum())
-            seen += len(labels)
+            st.totals[0] += float(loss.detach()) * len(labels)
+            st.totals[1] += float((logits.argmax(1) == labels).sum())
+            st.totals[2] += len(labels)
             self._after_step(st, epoch, value, lr, len(labels) * self.ctx.world)
-        return ddp.all_sum(self.ctx, [loss_sum, correct, seen])
+            if stop and batch_index < st.steps_per_epoch:  # this step is applied; resume starts after it
+                self._save_stop(st, epoch, batch_index)
+        totals, st.totals = st.totals, [0.0, 0.0, 0.0]
+        return ddp.all_sum(self.ctx, totals)
 
     def _agree(self, loss: torch.Tensor, n: int) -> tuple[float, bool]:
         """The mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
@@ -495,12 +504,15 @@ class Trainer:
         ddp.barrier(self.ctx)
         raise StopRequested()
 
-    def _validate(self, st: "_StageState", epoch: int, totals: list[float], elapsed: float) -> dict[str, Any]:
+    def _validate(self, st: "_StageState", epoch: int, totals: list[float], elapsed: float,
+                  carried: float = 0.0) -> dict[str, Any]:
+        """Epoch metrics (``carried``: images of this epoch trained before a resume, not timed here)."""
         loss_sum, correct, seen = totals
+        timed = seen - carried * self.ctx.world
         metrics: dict[str, Any] = {
             "train_loss": loss_sum / seen if seen else None, "train_acc": correct / seen if seen else None,
             "lr": st.last_lr, "epoch_time_s": elapsed,
-            "images_per_s": seen / elapsed if elapsed > 0 and seen else None,
+            "images_per_s": timed / elapsed if elapsed > 0 and timed > 0 else None,
         }
         if not self.ctx.is_main:
             return metrics
@@ -533,15 +545,22 @@ class Trainer:
         ddp.barrier(self.ctx)
 
     def _save(self, st: "_StageState", kind: str, epoch: int, batches_done: int, metrics: dict[str, Any]) -> Path:
+        """``best.pt`` holds the weights only; ``last.pt`` also everything a resume needs (optimizer,
+        scheduler, sampler position, ``trainer_state``: RNG states, the epoch's running totals, extra state)."""
         payload = {
             "arch": self.config.arch, "num_classes": len(st.data.classes), "class_names": st.data.classes,
             "preprocessing": st.data.preprocessing.to_dict(), "model": st.model.state_dict(),
-            "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
-            "sampler": st.sampler.state_dict(), "epoch": epoch, "batches_done": batches_done, "step": st.step,
+            "epoch": epoch, "batches_done": batches_done, "step": st.step,
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
             "run_name": self.run_name, "dataset": st.stage.dataset,
         }
+        if kind == "last":
+            payload.update(
+                optimizer=st.optimizer.state_dict(), scheduler=st.scheduler.state_dict(),
+                sampler={**st.sampler.state_dict(), "epoch": epoch, "start": batches_done * st.stage.batch_size},
+                trainer_state=st.trainer_state(),
+            )
         return save_checkpoint(stage_dir(self.run_name, st.index, st.stage) / f"{kind}.pt", payload)
 
 
@@ -563,10 +582,35 @@ class _StageState:
     best: float | None
     channels_last: bool = False
     last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch's [loss*n, correct, n]
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
     _normalize: Normalizer | None = None
+    _restored: dict[str, Any] = field(default_factory=dict)  # trainer_state entries waiting for their object
+
+    def stateful(self) -> dict[str, Any]:
+        """Objects (with ``state_dict``/``load_state_dict``) whose state a resume needs, by name."""
+        return {"scaler": self._scaler} if self._scaler is not None else {}
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What ``last.pt`` keeps besides model, optimizer and scheduler for an exact resume."""
+        state = {"rng": rng_state(), "epoch_totals": list(self.totals), "last_lr": self.last_lr}
+        return {**state, **{name: obj.state_dict() for name, obj in self.stateful().items()}}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        """Put back ``trainer_state``; entries of objects not built yet (the scaler) wait for them."""
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        self.totals = [float(v) for v in state.get("epoch_totals", self.totals)]
+        self.last_lr = state.get("last_lr", self.last_lr)
+        self._restored = {k: v for k, v in state.items() if k not in ("rng", "epoch_totals", "last_lr")}
+        self._load_restored()
+
+    def _load_restored(self) -> None:
+        for name, obj in self.stateful().items():
+            if name in self._restored:
+                obj.load_state_dict(self._restored.pop(name))
 
     def wrapped(self, prefixes: tuple[str, ...] | None, ctx: ddp.Dist, compile_model: bool) -> nn.Module:
         """The module to train this epoch: frozen layers set, wrapped in DDP/compiled when asked."""
@@ -594,6 +638,7 @@ class _StageState:
         if self._scaler is None:
             fp16 = loss.is_cuda and not torch.cuda.is_bf16_supported()
             self._scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+            self._load_restored()
         self._scaler.scale(loss).backward()
         self._scaler.step(self.optimizer)
         self._scaler.update()
