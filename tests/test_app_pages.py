@@ -73,7 +73,7 @@ def test_train_shows_a_config_error_next_to_its_row_and_column_and_blocks_launch
     at.session_state[editor_key] = {"edited_rows": {0: {"lr": -0.5}}, "added_rows": [], "deleted_rows": []}
     at.run()
     errors = [e.value for e in at.error]
-    assert any(e.startswith("Row 1, column **lr**: stage 1") and "lr must be > 0" in e for e in errors), errors
+    assert any(e.startswith("Row 1, column **learning rate**: stage 1") and "lr must be > 0" in e for e in errors), errors
     assert next(b for b in at.button if b.label == "Launch").disabled
 
 

@@ -1,0 +1,103 @@
+"""The Train page's pipeline editor (issue 12): typed values kept exactly or refused with row, column and
+reason; rows numbered from 1; pipelines opened and saved as YAML; hidden columns findable; speed switches."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests import app_fixtures as fx
+from tests.test_app_pages import open_page
+
+EDITOR = "stages-demo.yaml"
+
+
+def edit(at, edited=None, added=None):
+    at.session_state[EDITOR] = {"edited_rows": edited or {}, "added_rows": added or [], "deleted_rows": []}
+    return at.run()
+
+
+def launch_disabled(at) -> bool:
+    return next(b for b in at.button if b.label == "Launch").disabled
+
+
+def shown_yaml(at) -> dict:
+    return yaml.safe_load(next(c.value for c in at.code if "stages:" in c.value))
+
+
+def test_the_table_cannot_change_a_typed_value_and_numbers_rows_from_1():
+    at = open_page("pages/train.py")
+    table = at.dataframe[0]
+    columns = json.loads(table.proto.columns)
+    for key in ("epochs", "batch_size", "image_size", "lr"):
+        assert columns[key]["type_config"] == {"type": "text"}, key  # no rounding, clamping or step
+    assert not any(k in c for c in columns.values() for k in ("required", "min_value", "max_value", "step"))
+    assert list(table.value.index) == [1, 2]
+
+
+@pytest.mark.parametrize("cell, typed, column, reason", [
+    ("epochs", "2.5", "epochs", "epochs must be an integer, got 2.5."),
+    ("epochs", "0", "epochs", "epochs must be >= 1, got 0."),
+    ("image_size", "5000", "image size", "image_size must be <= 1024, got 5000."),
+    ("batch_size", "100000", "batch size", "batch_size must be <= 8192, got 100000."),
+    ("lr", "fast", "learning rate", "lr must be a number, got 'fast'."),
+])
+def test_a_value_that_cannot_run_is_refused_with_row_column_and_reason(cell, typed, column, reason):
+    at = edit(open_page("pages/train.py"), edited={1: {cell: typed}})
+    assert [e.value for e in at.error] == [f"Row 2, column **{column}**: stage 2 (finetune): {reason}"]
+    assert launch_disabled(at) and not at.success
+
+
+def test_a_new_row_without_a_data_set_is_refused_not_dropped():
+    at = edit(open_page("pages/train.py"), added=[{"name": "extra"}])
+    assert [e.value for e in at.error] == [
+        "Row 3, column **data set**: stage 3 (extra): the row has no data set; choose a data set or delete the row."]
+    assert launch_disabled(at) and not any("is valid" in s.value for s in at.success)
+
+
+def test_typed_values_are_kept_exactly():
+    at = edit(open_page("pages/train.py"), edited={0: {"lr": "5e-4", "epochs": "3"}, 1: {"warmup_epochs": "0.25"}})
+    assert not at.error
+    stages = shown_yaml(at)["stages"]
+    assert (stages[0]["lr"], stages[0]["epochs"], stages[1]["warmup_epochs"]) == (0.0005, 3, 0.25)
+    assert "The pipeline is valid: 2 stage(s)." in [s.value for s in at.success]
+
+
+def test_hidden_columns_are_findable():
+    at = open_page("pages/train.py")
+    assert any("hidden columns" in c.value for c in at.caption)
+    assert "optimizer" not in at.dataframe[0].proto.column_order
+    at.toggle(key="all_columns").set_value(True).run()
+    shown = list(at.dataframe[0].proto.column_order)
+    assert {"optimizer", "schedule", "augment", "freeze_epochs", "root"} <= set(shown)
+
+
+def test_speed_switches_go_into_the_pipeline():
+    at = open_page("pages/train.py")
+    assert shown_yaml(at)["compile"] is False
+    at.toggle(key="compile-demo.yaml").set_value(True).run()
+    at.toggle(key="amp-demo.yaml").set_value(False).run()
+    config = shown_yaml(at)
+    assert (config["compile"], config["amp"], config["channels_last"]) == (True, False, True)
+
+
+def test_a_pipeline_file_opens_and_saves_back():
+    raw = {"name": "mine", "arch": "resnet18", "seed": 3,
+           "stages": [{"name": "only", "dataset": "shapes", "epochs": 2, "lr": 0.0005}]}
+    at = open_page("pages/train.py")
+    at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
+    at.file_uploader(key="pipeline_file").set_value(("mine.yaml", yaml.safe_dump(raw).encode(), "application/yaml"))
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    config = shown_yaml(at)
+    assert (config["name"], config["arch"], config["seed"]) == ("mine", "resnet18", 3)
+    assert [(s["name"], s["epochs"], s["lr"]) for s in config["stages"]] == [("only", 2, 0.0005)]
+    assert [b.label for b in at.get("download_button")] == ["Save as YAML"]
+
+
+def test_a_file_that_is_not_a_pipeline_is_one_sentence():
+    at = open_page("pages/train.py")
+    at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
+    at.file_uploader(key="pipeline_file").set_value(("x.yaml", b"just: text\n", "application/yaml")).run()
+    assert [e.value for e in at.error] == ["x.yaml is not a pipeline: it needs a 'stages' list."]
