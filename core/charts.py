@@ -109,7 +109,7 @@ def curves_figure(
                             line=dict(color=line_colour, dash=dash), connectgaps=True)
         names = list((stage_names or {}).get(run, []))
         for start, stage in stage_boundaries(frame, x):
-            text = names[stage] if stage < len(names) else f"stage {stage}"
+            text = names[stage] if stage < len(names) else f"stage {stage + 1}"
             fig.add_vline(x=start - 0.5 if x_column == "epoch" else start, line_dash="dot", line_color="grey",
                           annotation_text=text, annotation_position="top left")
     fig.update_layout(title=title, xaxis_title="epoch (through the pipeline)" if x_column == "epoch" else "step",

@@ -32,7 +32,11 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
     run = a.selectbox("Run", runs, index=with_stages, key="classes_run")
     stages = store.stages(run)
     if not stages:
-        st.info(f"Run {run} has not started a stage yet.")
+        row = store.get_run(run)
+        if row["state"] == "failed":
+            st.error(f"Run {run} failed before its first stage: {row.get('error') or 'see its log on the Train page'}")
+        else:
+            st.info(f"Run {run} has not started a stage yet.")
         return None, [], None
     stage = b.selectbox("Stage", range(len(stages)), index=len(stages) - 1,
                         format_func=lambda i: f"{i + 1}: {stages[i]['name']} ({stages[i]['dataset']})")

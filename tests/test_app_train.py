@@ -101,3 +101,11 @@ def test_a_file_that_is_not_a_pipeline_is_one_sentence():
     at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
     at.file_uploader(key="pipeline_file").set_value(("x.yaml", b"just: text\n", "application/yaml")).run()
     assert [e.value for e in at.error] == ["x.yaml is not a pipeline: it needs a 'stages' list."]
+
+
+def test_classes_says_why_a_failed_run_has_no_results():
+    fx.failed_run()
+    at = open_page("pages/classes.py")
+    at.selectbox(key="classes_run").set_value("demo-failed").run()
+    assert [e.value for e in at.error] == [
+        "Run demo-failed failed before its first stage: The loss became NaN at epoch 2; lower the learning rate."]

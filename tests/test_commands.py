@@ -32,7 +32,7 @@ def test_run_list_and_export(finished, capsys):
     assert main(["export", "tiny", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     epochs = [r for r in rows if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [1, 2] and [r["stage"] for r in epochs] == [0, 0]
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["stage"] for r in epochs] == [1, 1]  # from 1
     assert {"train_loss", "val_loss", "val_acc", "val_balanced_acc", "lr", "step"} <= set(epochs[0])
     assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert all("val_acc" not in r for r in rows if r["kind"] == "step")
@@ -99,3 +99,14 @@ def test_resume_of_finished_run_is_refused(finished, capsys):
 def test_list_without_runs(capsys):
     assert main(["list"]) == 0
     assert "No runs yet" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
+    """`python -m train data shapes --json | head`: the reader went away; exit 141 without a traceback."""
+    class ClosedPipe(io.TextIOWrapper):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    target = open(tmp_path / "out", "wb")
+    monkeypatch.setattr("sys.stdout", ClosedPipe(target))
+    assert main(["data", "shapes", "--json"]) == 141

@@ -170,11 +170,12 @@ def export(args: argparse.Namespace) -> int:
 
 
 def export_rows(store: RunStore, name: str) -> list[dict[str, Any]]:
-    """Flat rows: kind, stage, stage_name, epoch, step, time and every metric that has a value."""
+    """Flat rows: kind, stage (numbered from 1), stage_name, epoch, step, time and every metric that has a value."""
     names = {s["idx"]: s["name"] for s in store.stages(name)}
     rows = []
     for r in store.all_metrics(name):
         row = {k: names.get(r["stage"]) if k == "stage_name" else r[k] for k in EXPORT_KEYS}
+        row["stage"] = r["stage"] + 1
         row.update({k: r[k] for k in METRIC_COLUMNS if r.get(k) is not None})
         rows.append(row)
     return rows
