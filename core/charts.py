@@ -132,15 +132,6 @@ def format_eta(seconds: float | None) -> str:
     return f"{s} s"
 
 
-def stage_eta(epoch_times: Sequence[float], completed: int, epochs: int, into_epoch_s: float = 0.0) -> float | None:
-    """Seconds left in a stage: mean epoch time so far times the epochs left, less the time already spent in
-    the current epoch (None before the first epoch has finished)."""
-    times = [t for t in epoch_times if t is not None and math.isfinite(t) and t > 0]
-    if not times:
-        return None
-    return max(0.0, float(np.mean(times)) * max(0, epochs - completed) - max(0.0, into_epoch_s))
-
-
 def progress_fraction(done: int | None, total: int | None) -> float:
     """done/total clamped to [0, 1]; 0 when unknown."""
     if not done or not total or total <= 0:

@@ -36,25 +36,36 @@ def stage_names(run: dict[str, Any]) -> list[str]:
     return [s.get("name") or f"stage{i + 1}" for i, s in enumerate(stages)]
 
 
-def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
-    """Progress bar and ETA of the running stage (from its epochs) and of the whole pipeline (heartbeat)."""
-    import time
+def eta_text(seconds: float | None) -> str:
+    """The trainer's ETA, or 'estimating...' until its step time is steady."""
+    return "estimating..." if seconds is None else charts.format_eta(seconds)
 
+
+def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
+    """Progress bars with the trainer's ETAs (heartbeat): the running stage's and the whole pipeline's."""
     index = run.get("stage")
     speed = f", {run['images_per_s']:.0f} images/s" if run.get("images_per_s") else ""
     st.markdown(f"**{run['name']}** · {common.badge(run['state'])}{speed}")
     total = max(len(stage_names(run)), len(stages))
     if index is not None and index < len(stages):
         stage = stages[index]
-        frame = common.store().metrics_frame(run["name"], "epoch", stage=index)
-        into = time.time() - float(frame["time"].max()) if not frame.empty else 0.0
-        eta = charts.stage_eta(frame["epoch_time_s"].tolist(), stage["completed_epochs"], stage["epochs"], into)
         st.progress(charts.progress_fraction(stage["completed_epochs"], stage["epochs"]),
                     text=f"Stage {index + 1} of {total} ({stage['name']}): epoch {run.get('epoch') or 1} "
-                         f"of {stage['epochs']}; ETA {charts.format_eta(eta)}")
+                         f"of {stage['epochs']}; ETA {eta_text(run.get('stage_eta_s'))}")
     st.progress(charts.progress_fraction(run.get("done_steps"), run.get("total_steps")),
                 text=f"Pipeline: step {run.get('done_steps') or 0} of {run.get('total_steps') or '?'}; "
-                     f"ETA {charts.format_eta(run.get('eta_s'))}")
+                     f"ETA {eta_text(run.get('eta_s'))}")
+    gpu_line(run)
+
+
+def gpu_line(run: dict[str, Any]) -> None:
+    """Memory and utilisation of the run's GPU, as its trainer last reported them (only when it has one)."""
+    for gpu in run.get("gpu") or []:
+        used, total = gpu.get("memory_used"), gpu.get("memory_total")
+        parts = [f"memory {used / 2**30:.1f} of {total / 2**30:.0f} GiB"] if used is not None and total else []
+        if gpu.get("utilization") is not None:
+            parts.append(f"utilisation {gpu['utilization']:.0f}%")
+        st.caption(f"GPU {gpu.get('index', 0)} ({gpu.get('name', 'CUDA')}): {' · '.join(parts)}")
 
 
 def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None:

@@ -109,3 +109,17 @@ def test_classes_says_why_a_failed_run_has_no_results():
     at.selectbox(key="classes_run").set_value("demo-failed").run()
     assert [e.value for e in at.error] == [
         "Run demo-failed failed before its first stage: The loss became NaN at epoch 2; lower the learning rate."]
+
+
+def test_monitor_says_estimating_and_shows_the_gpu_only_when_there_is_one():
+    from core.run_store import RunStore
+
+    fx.running_run()
+    at = open_page("pages/monitor.py")
+    assert not any("GPU" in c.value for c in at.caption)
+    RunStore().heartbeat("demo-live", eta_s=None, stage_eta_s=None, gpu=[
+        {"index": 0, "name": "Test GPU", "memory_used": 10 * 2**30, "memory_total": 16 * 2**30, "utilization": 87}])
+    at = open_page("pages/monitor.py")
+    stage_bar, pipeline_bar = at.get("progress")
+    assert stage_bar.proto.text.endswith("ETA estimating...") and pipeline_bar.proto.text.endswith("ETA estimating...")
+    assert "GPU 0 (Test GPU): memory 10.0 of 16 GiB · utilisation 87%" in [c.value for c in at.caption]

@@ -66,13 +66,6 @@ def test_format_eta_and_progress():
     assert charts.progress_fraction(30, 20) == 1.0
 
 
-def test_stage_eta_from_epoch_times():
-    assert charts.stage_eta([], 0, 4) is None
-    assert charts.stage_eta([20.0, 40.0], 2, 5) == 90.0  # 3 epochs left at 30 s
-    assert charts.stage_eta([30.0], 1, 4, into_epoch_s=10.0) == 80.0
-    assert charts.stage_eta([30.0], 4, 4) == 0.0
-
-
 def _result():
     confusion = np.array([[8, 2, 0], [1, 3, 0], [0, 4, 0]])
     return class_result(["cat", "dog", "eel"], confusion, train_counts=[100, 40, 4])

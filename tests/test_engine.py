@@ -77,6 +77,8 @@ def test_two_stage_run_records_everything(tmp_path, monkeypatch):
     assert all(m["val_acc"] is not None and m["val_balanced_acc"] is not None and m["images_per_s"] for m in epochs)
     steps = store.metrics("tiny", "step", stage=0)
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # 18 train images / batch 6 = 3 steps per epoch
+    times = [m["time"] for m in steps]  # when each step ran, before its epoch's row
+    assert times == sorted(times) and len(set(times)) == 6 and times[-1] <= epochs[1]["time"]
     stages = store.stages("tiny")
     assert [s["class_names"] for s in stages] == [["ant", "bee", "cat"]] * 2
     stage1 = paths.run_dir("tiny") / "stage1-s1"

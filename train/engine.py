@@ -36,6 +36,7 @@ from core.run_store import RunStore
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split
+from train.progress import Progress, StageWork, gpu_usage
 from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
 
 HEARTBEAT_S = 2.0
@@ -166,36 +167,6 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int) -> StageDat
 
 
 # ------------------------------------------------------------------- progress
-@dataclass
-class Progress:
-    """Shared between the loop, the heartbeat thread and the display."""
-
-    stage: int = 0
-    epoch: int = 0
-    step: int = 0
-    done_steps: int = 0
-    total_steps: int = 0
-    images_per_s: float | None = None
-    eta_s: float | None = None
-    _window: list[tuple[float, int]] = field(default_factory=list)
-
-    def advance(self, images: int) -> None:
-        """One optimizer step of ``images`` images: update rate (last ~50 steps) and ETA."""
-        self.done_steps += 1
-        now = time.monotonic()
-        self._window = (self._window + [(now, images)])[-50:]
-        if len(self._window) > 1:
-            span = now - self._window[0][0]
-            imgs = sum(n for _, n in self._window[1:])
-            self.images_per_s = imgs / span if span > 0 else None
-            per_step = span / (len(self._window) - 1)
-            self.eta_s = max(0, self.total_steps - self.done_steps) * per_step
-
-    def fields(self) -> dict[str, Any]:
-        return {"stage": self.stage, "epoch": self.epoch, "step": self.step, "done_steps": self.done_steps,
-                "total_steps": self.total_steps, "images_per_s": self.images_per_s, "eta_s": self.eta_s}
-
-
 class Display:
     """A tqdm bar on a terminal; otherwise a plain progress line every ``every_s`` seconds (for log files)."""
 
@@ -262,15 +233,16 @@ class _NoStore:
 class Heartbeat(threading.Thread):
     """Writes ``progress`` to the run store every ``HEARTBEAT_S`` seconds until stopped."""
 
-    def __init__(self, store: RunStore, run_name: str, progress: Progress) -> None:
+    def __init__(self, store: RunStore, run_name: str, progress: Progress, device: torch.device | None = None) -> None:
         super().__init__(name="reslens-heartbeat", daemon=True)
-        self.store, self.run_name, self.progress = store, run_name, progress
+        self.store, self.run_name, self.progress, self.device = store, run_name, progress, device
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(HEARTBEAT_S):
             try:
-                self.store.heartbeat(self.run_name, **self.progress.fields())
+                gpu = gpu_usage(self.device)
+                self.store.heartbeat(self.run_name, **self.progress.fields(), **({"gpu": gpu} if gpu else {}))
             except Exception:  # noqa: BLE001 - a busy store must not kill training; the next beat retries
                 pass
 
@@ -343,27 +315,26 @@ class Trainer:
         self.stop.install()  # first: a stop asked for while checkpoints are read is not lost
         try:
             point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
-            self.progress.total_steps = self._stage_steps(self.config.stages)
-            self.progress.done_steps = self._steps_done(point)
+            plan = self._plan()
+            done = sum(w.steps for w in plan[: point.stage]) + (point.checkpoint or {}).get("step", 0)
+            self.progress.set_plan(plan, done)
             for i in range(point.stage, len(self.config.stages)):
                 self._run_stage(i, point.checkpoint if i == point.stage else None)
         finally:
             self.stop.restore()
             self.display.close()
 
-    def _stage_steps(self, stages: list[StageConfig]) -> int:
-        """Optimizer steps of whole ``stages`` (counted from file lists, nothing decoded)."""
+    def _plan(self) -> list[StageWork]:
+        """Every stage's work, for progress and ETA (counted from file lists, nothing decoded)."""
         from core.datasets import class_counts
 
-        total = 0
-        for s in stages:
-            per_rank = -(-sum(class_counts(s.dataset, s.root, "train", **s.options).values()) // self.ctx.world)
-            total += s.epochs * steps_per_epoch(per_rank, s.batch_size)
-        return total
-
-    def _steps_done(self, point: ResumePoint) -> int:
-        before = self._stage_steps(self.config.stages[: point.stage])
-        return before + (point.checkpoint or {}).get("step", 0)
+        plan = []
+        for s in self.config.stages:
+            train = sum(class_counts(s.dataset, s.root, "train", **s.options).values())
+            val = sum(class_counts(s.dataset, s.root, "val", **s.options).values())
+            steps = s.epochs * steps_per_epoch(-(-train // self.ctx.world), s.batch_size)
+            plan.append(StageWork(steps, s.epochs, float(s.batch_size * s.image_size ** 2), val, train))
+        return plan
 
     # -- one stage
     def _run_stage(self, index: int, checkpoint: dict[str, Any] | None) -> None:
@@ -431,7 +402,7 @@ class Trainer:
         prefixes = trainable_prefixes(st.stage.train_layers, head_only=epoch < st.stage.freeze_epochs)
         train_model = st.wrapped(prefixes, self.ctx, self.config.compile)
         st.sampler.set_epoch(epoch, start=skip_batches * st.stage.batch_size)
-        self.progress.stage, self.progress.epoch, self.progress.step = st.index, epoch + 1, st.step
+        self.progress.start_epoch(st.index, epoch + 1, st.step)
         self.store.heartbeat(self.run_name, **self.progress.fields())
         self.display.start_epoch(f"{st.label} epoch {epoch + 1}/{st.stage.epochs}",
                                  st.steps_per_epoch - skip_batches)
@@ -484,9 +455,8 @@ class Trainer:
         )
 
     def _after_step(self, st: "_StageState", epoch: int, loss: float, lr: float, images: int) -> None:
-        self.progress.advance(images)
-        self.progress.step = st.step
-        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr})
+        self.progress.advance(images, st.step)
+        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time()})
         st.last_lr = lr
         self._flush_steps(st.index, epoch + 1)
         self.display.step(self.progress, loss)
@@ -517,7 +487,9 @@ class Trainer:
         if not self.ctx.is_main:
             return metrics
         loader = DataLoader(st.data.val, batch_size=max(st.stage.batch_size, 64), num_workers=0)
+        started = time.monotonic()
         preds = evaluation.predict(st.model, loader, self.ctx.device, prepare=st.normalize, autocast_dtype=self.amp)
+        self.progress.validated(time.monotonic() - started)
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
@@ -669,7 +641,7 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
     main_store: Any = trainer.store
     main_store.set_state(run_name, "running", pid=os.getpid())
     main_store.heartbeat(run_name, device=f"{ctx.device} x{ctx.world}" if ctx.enabled else str(ctx.device))
-    beat = Heartbeat(store, run_name, trainer.progress) if (store is not None and ctx.is_main) else None
+    beat = Heartbeat(store, run_name, trainer.progress, ctx.device) if (store is not None and ctx.is_main) else None
     if beat is not None:
         beat.start()
     try:
