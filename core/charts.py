@@ -112,12 +112,33 @@ def curves_figure(
             text = names[stage] if stage < len(names) else f"stage {stage + 1}"
             fig.add_vline(x=start - 0.5 if x_column == "epoch" else start, line_dash="dot", line_color="grey",
                           annotation_text=text, annotation_position="top left")
+    rows = legend_rows(sum(t.showlegend is not False for t in fig.data))
     fig.update_layout(title=title, xaxis_title="epoch (through the pipeline)" if x_column == "epoch" else "step",
-                      margin=dict(l=10, r=10, t=40 if title else 20, b=10), height=340,
-                      legend=dict(orientation="h", yanchor="top", y=-0.3, x=0), hovermode="x unified")
+                      margin=dict(l=10, r=10, t=40 if title else 20, b=LEGEND_ROW_PX * (rows + 2)),
+                      height=300 + LEGEND_ROW_PX * rows, hovermode="x unified",
+                      # the legend sits at the bottom of the figure, under the axis title, in a margin sized for it
+                      legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, x=0))
     if log_y:
         fig.update_yaxes(type="log")
     return fig
+
+
+LEGEND_ROW_PX = 22
+
+
+def legend_rows(entries: int, per_row: int = 2) -> int:
+    """Rows a horizontal legend of ``entries`` takes in a half-width panel (two 'run · metric' labels a row)."""
+    return -(-entries // per_row)
+
+
+def nice_log_ticks(low: float, high: float) -> list[float]:
+    """Tick values 1, 2, 5 x 10^k between ``low`` and ``high`` (a log axis that reads '10 20 50 100')."""
+    if not (low > 0 and high >= low):
+        return []
+    ticks = []
+    for power in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        ticks += [m * 10.0 ** power for m in (1, 2, 5) if low <= m * 10.0 ** power <= high]
+    return ticks
 
 
 def format_eta(seconds: float | None) -> str:
@@ -178,7 +199,11 @@ def accuracy_vs_size_figure(frame: pd.DataFrame) -> go.Figure:
                         line=dict(dash="dash", color="grey"), hoverinfo="skip")
     fig.update_layout(xaxis_title=f"{size_col} (log scale)", yaxis_title="accuracy", showlegend=False,
                       height=340, margin=dict(l=10, r=10, t=20, b=10))
-    fig.update_xaxes(type="log")
+    sizes = data[size_col].clip(lower=1)
+    ticks = nice_log_ticks(float(sizes.min()), float(sizes.max())) if len(sizes) else []
+    if len(ticks) < 2 and len(sizes):  # a narrow range: label its ends as well
+        ticks = sorted({*ticks, float(sizes.min()), float(sizes.max())})
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     fig.update_yaxes(tickformat=".0%", range=[-0.02, 1.02])
     return fig
 

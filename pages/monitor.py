@@ -11,13 +11,14 @@ from pages import common
 common.setup("Monitor")
 
 LIVE_REFRESH_S = 2.0
-EPOCH_PANELS = (
-    ("Loss", ("train_loss", "val_loss"), False),
-    ("Accuracy", ("train_acc", "val_acc", "val_balanced_acc"), False),
-    ("Learning rate", ("lr",), False),
-    ("Throughput (images/s)", ("images_per_s",), False),
+EPOCH_PANELS = (  # (title, metrics, log y, rows): the learning rate changes every step, so it is drawn per step
+    ("Loss", ("train_loss", "val_loss"), False, "epoch"),
+    ("Accuracy", ("train_acc", "val_acc", "val_balanced_acc"), False, "epoch"),
+    ("Learning rate (per step)", ("lr",), False, "step"),
+    ("Throughput (images/s)", ("images_per_s",), False, "epoch"),
 )
-STEP_PANELS = (("Training loss per step", ("train_loss",), False), ("Learning rate per step", ("lr",), False))
+STEP_PANELS = (("Training loss per step", ("train_loss",), False, "step"),
+               ("Learning rate per step", ("lr",), False, "step"))
 
 
 def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
@@ -80,10 +81,13 @@ def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None
         st.info("No metrics yet: the first ones appear after the first steps of training.")
         return
     kind = "step" if per_step else "epoch"
+    by_kind = {kind: frames}
     names = {r["name"]: stage_names(r) for r in runs}
     cols = st.columns(2)
-    for i, (title, metrics, log_y) in enumerate(STEP_PANELS if per_step else EPOCH_PANELS):
-        fig = charts.curves_figure(frames, metrics, x_column="step" if per_step else "epoch",
+    for i, (title, metrics, log_y, rows) in enumerate(STEP_PANELS if per_step else EPOCH_PANELS):
+        if rows not in by_kind:
+            by_kind[rows] = {r["name"]: store.metrics_frame(r["name"], rows) for r in runs}
+        fig = charts.curves_figure(by_kind[rows], metrics, x_column=rows,
                                    smoothing=smoothing, stage_names=names, title=title, log_y=log_y)
         cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart-{kind}-{i}")
 

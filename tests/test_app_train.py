@@ -18,6 +18,17 @@ def edit(at, edited=None, added=None):
     return at.run()
 
 
+def plotly_array(value) -> list:
+    """A data array of a plotly JSON spec (plain list, or plotly's base64 typed array)."""
+    if isinstance(value, dict):
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
 def launch_disabled(at) -> bool:
     return next(b for b in at.button if b.label == "Launch").disabled
 
@@ -123,3 +134,19 @@ def test_monitor_says_estimating_and_shows_the_gpu_only_when_there_is_one():
     stage_bar, pipeline_bar = at.get("progress")
     assert stage_bar.proto.text.endswith("ETA estimating...") and pipeline_bar.proto.text.endswith("ETA estimating...")
     assert "GPU 0 (Test GPU): memory 10.0 of 16 GiB · utilisation 87%" in [c.value for c in at.caption]
+
+
+def test_monitor_draws_the_learning_rate_of_a_one_epoch_run_per_step():
+    from core.run_store import RunStore
+
+    store = RunStore()
+    store.create_run("short", {"name": "short", "stages": [{"dataset": "shapes"}]})
+    store.upsert_stage("short", 0, "only", "shapes", epochs=1)
+    store.log_steps("short", 0, 1, [{"step": s, "train_loss": 1.0, "lr": 0.1 * (1 - s / 5)} for s in range(1, 6)])
+    store.log_epoch("short", 0, 1, step=5, train_loss=1.0, val_acc=0.5, lr=0.0)
+    store.set_state("short", "finished")
+    at = open_page("pages/monitor.py")
+    figures = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    lr = next(f for f in figures if f["layout"]["title"]["text"].startswith("Learning rate"))
+    ys = [y for trace in lr["data"] for y in plotly_array(trace["y"])]
+    assert len(ys) == 5 and max(ys) == pytest.approx(0.08)  # every step, not only the final 0
