@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.evaluation import per_class_f1, per_class_precision
+
 METRIC_LABELS = {
     "train_loss": "train loss",
     "val_loss": "validation loss",
@@ -164,16 +166,24 @@ def progress_fraction(done: int | None, total: int | None) -> float:
 
 
 def per_class_frame(result: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per class: train and validation counts, correct, accuracy (NaN where no validation image)."""
+    """One row per class: train and validation counts, correct, accuracy (= recall), precision and F1 (NaN where
+    unknown; results stored before precision was recorded get it from their confusion matrix)."""
     classes = list(result["classes"])
     train = result.get("train_counts")
-    accuracy = [np.nan if a is None else a for a in result["per_class_acc"]]
+    precision = result.get("precision") or per_class_precision(result["confusion"])
+    f1 = result.get("f1") or per_class_f1(precision, result["per_class_acc"])
+
+    def column(values: Sequence[float | None]) -> np.ndarray:
+        return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
     return pd.DataFrame({
         "class": classes,
         "train images": np.asarray(train, dtype=float) if train is not None else np.full(len(classes), np.nan),
         "val images": np.asarray(result["val_counts"], dtype=float),
         "correct": np.asarray(result["correct"], dtype=float),
-        "accuracy": np.asarray(accuracy, dtype=float),
+        "accuracy": column(result["per_class_acc"]),
+        "precision": column(precision),
+        "F1": column(f1),
     })
 
 def imbalance_ratio(counts: Sequence[float]) -> float:
@@ -243,8 +253,9 @@ def confusion_figure(
         for k, i in enumerate(idx):
             z[k, k] = np.nan
     top = np.nanmax(z) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
+    counts = dict(text=sub.astype(int).astype(str), texttemplate="%{text}") if len(idx) <= COUNTS_UP_TO else {}
     fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=top, hoverongaps=False,
+        z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=top, hoverongaps=False, **counts,
         customdata=np.dstack([sub, share]),
         hovertemplate="true: %{y}<br>predicted: %{x}<br>count: %{customdata[0]:.0f}"
                       "<br>share of true class: %{customdata[1]:.1%}<extra></extra>",
@@ -255,6 +266,9 @@ def confusion_figure(
                       xaxis=dict(title="predicted", tickangle=-60, showticklabels=len(idx) <= 60),
                       yaxis=dict(title="true", autorange="reversed", showticklabels=len(idx) <= 60))
     return fig
+
+
+COUNTS_UP_TO = 30  # classes in a confusion matrix whose cells print their counts
 
 
 def probabilities_frame(probabilities: Sequence[float], class_names: Sequence[str], k: int = 5) -> pd.DataFrame:

@@ -150,3 +150,21 @@ def test_monitor_draws_the_learning_rate_of_a_one_epoch_run_per_step():
     lr = next(f for f in figures if f["layout"]["title"]["text"].startswith("Learning rate"))
     ys = [y for trace in lr["data"] for y in plotly_array(trace["y"])]
     assert len(ys) == 5 and max(ys) == pytest.approx(0.08)  # every step, not only the final 0
+
+
+def test_classes_shows_precision_f1_top5_and_counts_on_demand():
+    from core.evaluation import class_result
+    from core.run_store import RunStore
+
+    fx.finished_run()
+    stored = RunStore().class_results("demo-done", 1)
+    RunStore().save_class_results("demo-done", 1, 3, class_result(stored["classes"], stored["confusion"],
+                                                                  stored["train_counts"], top5_acc=0.97))
+    at = open_page("pages/classes.py")
+    assert {m.label: m.value for m in at.metric}["Top-5 accuracy"] == "97.0%"
+    assert {"precision", "F1"} <= set(at.dataframe[0].value.columns)
+    matrix = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]
+    assert matrix["colorbar"]["title"]["text"] == "share" and matrix["texttemplate"] == "%{text}"
+    at.toggle(key="confusion_normalised").set_value(False).run()
+    matrix = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]
+    assert matrix["colorbar"]["title"]["text"] == "count"

@@ -214,14 +214,18 @@ def evaluate(args: argparse.Namespace) -> int:
     found = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.device,
                                 args.batch_size, store=RunStore())
     r = found.result
+    top5 = f", top-5 accuracy {r['top5_acc']:.4f}" if r.get("top5_acc") is not None else ""
     print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images): "
-          f"accuracy {r['accuracy']:.4f}, balanced accuracy {r['balanced_acc']:.4f} [evaluation {found.id}]")
-    print(f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'ACC':>6}")
+          f"accuracy {r['accuracy']:.4f}, balanced accuracy {r['balanced_acc']:.4f}{top5} [evaluation {found.id}]")
+    print(f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'RECALL':>6} {'PRECIS':>6} {'F1':>6}")
     order = sorted(range(len(r["classes"])), key=lambda i: (r["per_class_acc"][i] is None, r["per_class_acc"][i]))
+
+    def f(value: float | None) -> str:
+        return "-" if value is None else format(value, ".3f")
+
     for i in order:
-        acc = r["per_class_acc"][i]
         print(f"{r['classes'][i][:30]:30} {r['train_counts'][i]:>6} {r['val_counts'][i]:>5} {r['correct'][i]:>7} "
-              f"{'-' if acc is None else format(acc, '.3f'):>6}")
+              f"{f(r['per_class_acc'][i]):>6} {f(r['precision'][i]):>6} {f(r['f1'][i]):>6}")
     pairs = confused_pairs(r["confusion"], r["classes"], args.top)
     if pairs:
         print("Most confused (true -> predicted):")

@@ -491,7 +491,7 @@ class Trainer:
         preds = evaluation.predict(st.model, loader, self.ctx.device, prepare=st.normalize, autocast_dtype=self.amp)
         self.progress.validated(time.monotonic() - started)
         confusion = preds.confusion(len(st.data.classes))
-        result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts)
+        result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts, preds.top5_accuracy)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
         self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
@@ -711,7 +711,8 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
                                autocast_dtype=autocast_dtype(target))
     counts = class_counts(name, root, "train", **options)
-    result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()))
+    result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()),
+                                     preds.top5_accuracy)
     result["loss"] = preds.loss
     wrong = evaluation.misclassified(preds, classes, labeled.source, MISCLASSIFIED_KEPT)
     found = Evaluation(str(Path(path).resolve()), name, split, result, wrong)
