@@ -357,6 +357,18 @@ class RunStore:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self._write(f"UPDATE stages SET {cols} WHERE run = ? AND idx = ?", (*fields.values(), name, index))
 
+    def checkpoint_index(self) -> dict[str, dict[str, Any]]:
+        """Every checkpoint path the stages record -> ``{"run", "stage", "epoch", "acc"}`` (``acc`` for best.pt)."""
+        found: dict[str, dict[str, Any]] = {}
+        for r in self._read("SELECT run, idx, last_path, best_path, best_val_acc, best_epoch, completed_epochs"
+                            " FROM stages"):
+            if r["last_path"]:
+                found[r["last_path"]] = {"run": r["run"], "stage": r["idx"], "epoch": r["completed_epochs"]}
+            if r["best_path"]:
+                found[r["best_path"]] = {"run": r["run"], "stage": r["idx"], "epoch": r["best_epoch"],
+                                         "acc": r["best_val_acc"]}
+        return found
+
     def stages(self, name: str) -> list[dict[str, Any]]:
         """The stages of run ``name`` in order; ``class_names`` is a list."""
         rows = self._read("SELECT * FROM stages WHERE run = ? ORDER BY idx", (name,))

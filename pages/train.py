@@ -231,6 +231,8 @@ def _jobs(was_live: bool) -> None:
     runs = common.store().list_runs()
     if was_live and not any(common.is_live(r) for r in runs):
         st.rerun(scope="app")  # the last live run ended: stop refreshing
+    if "deleted" in st.session_state:
+        st.success(st.session_state.pop("deleted"), icon=":material/delete:")
     if not runs:
         st.caption("No runs yet: launch one above.")
         return
@@ -250,7 +252,7 @@ def job_controls(run: dict[str, Any]) -> None:
     elif state == "interrupted":
         st.warning("The trainer stopped without saying so (killed, or the machine restarted). Resume continues "
                    "from the last completed epoch.")
-    left, middle, right = st.columns([1, 1, 4])
+    left, middle, third, right = st.columns([1, 1, 1, 3])
     if left.button("Stop", key=f"stop-{name}", disabled=not common.is_live(run), icon=":material/stop:"):
         jobs.stop(name)
         st.toast(f"Asked {name} to stop; it saves and stops at the next step.")
@@ -260,8 +262,26 @@ def job_controls(run: dict[str, Any]) -> None:
         jobs.resume(name)
         st.toast(f"{name} resumes from its last completed epoch.")
         st.rerun(scope="app")
+    delete_control(third, run)
+    with st.expander("Config of this run"):
+        st.code(run.get("config_yaml") or yaml.safe_dump(run["config"], sort_keys=False), language="yaml")
     st.caption(f"Last lines of {jobs.log_path(name)}")
     st.code(jobs.tail_log(name, 30) or "(no log yet)", language=None)
+
+
+def delete_control(column: Any, run: dict[str, Any]) -> None:
+    """A Delete button that asks first (with the space it frees); a live run cannot be deleted."""
+    from train import jobs
+
+    name = run["name"]
+    with column.popover("Delete", icon=":material/delete:", disabled=common.is_live(run)):
+        st.markdown(f"Delete **{name}** for good: its checkpoints, log and metrics "
+                    f"({jobs.format_bytes(jobs.disk_usage(name))} on disk)?")
+        if st.button("Delete for good", key=f"delete-{name}", type="primary"):
+            freed = jobs.delete(name)
+            st.session_state["deleted"] = f"Deleted run {name}; freed {jobs.format_bytes(freed)}."
+            st.session_state.pop("selected_run", None)
+            st.rerun(scope="app")
 
 
 def body() -> None:

@@ -168,3 +168,43 @@ def test_classes_shows_precision_f1_top5_and_counts_on_demand():
     at.toggle(key="confusion_normalised").set_value(False).run()
     matrix = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]
     assert matrix["colorbar"]["title"]["text"] == "count"
+
+
+def test_runs_table_has_date_duration_data_sets_and_the_config_one_click_away():
+    fx.finished_run()
+    at = open_page("pages/train.py")
+    table = at.dataframe[-1].value
+    assert {"started", "duration", "data sets", "device", "best val accuracy"} <= set(table.columns)
+    assert table["data sets"].tolist() == ["shapes → shapes-lt"]
+    assert any(e.label == "Config of this run" for e in at.expander)
+
+
+def test_checkpoint_labels_say_stage_epoch_accuracy_and_date():
+    from core.run_store import RunStore
+    from pages import common
+
+    best = fx.finished_run()
+    RunStore().update_stage("demo-done", 1, best_epoch=2, best_val_acc=0.65)
+    label = common.checkpoint_label(best)
+    assert label.startswith("demo-done / stage2-finetune / best.pt · epoch 2 · 65.0% · 20"), label
+
+
+def test_delete_asks_then_frees_the_space():
+    from core import paths
+    from core.run_store import RunStore
+
+    fx.finished_run()
+    at = open_page("pages/train.py")
+    assert any("Delete **demo-done** for good" in m.value for m in at.markdown)
+    at.button(key="delete-demo-done").click().run()
+    assert not RunStore().has_run("demo-done") and not paths.run_dir("demo-done").exists()
+    assert any(s.value.startswith("Deleted run demo-done; freed ") for s in at.success)
+
+
+def test_a_live_run_cannot_be_deleted():
+    from core.run_store import RunStoreError
+    from train import jobs
+
+    fx.running_run()
+    with pytest.raises(RunStoreError, match="still running; stop it before deleting it"):
+        jobs.delete("demo-live")

@@ -110,3 +110,18 @@ def test_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
     target = open(tmp_path / "out", "wb")
     monkeypatch.setattr("sys.stdout", ClosedPipe(target))
     assert main(["data", "shapes", "--json"]) == 141
+
+
+def test_delete_asks_and_reports_the_space_freed(finished, capsys, monkeypatch):
+    folder = paths.run_dir("tiny")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert main(["delete", "tiny"]) == 1 and folder.exists()
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["delete", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "Deleted run tiny." in out and f"Freed {size / 1e6:.1f} MB." in out
+    assert not folder.exists() and not RunStore().has_run("tiny")
+    assert main(["delete", "tiny", "--yes"]) == 2  # unknown now: one sentence
+    assert "There is no run named 'tiny'" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from typing import Callable
 
 # module -> the commands it provides (kept here so `--help` lists them without importing torch)
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "train.commands": ("run", "resume", "list", "export", "eval"),
+    "train.commands": ("run", "resume", "list", "export", "eval", "delete"),
     "train.data_report": ("data",),
     "train.explain_cmd": ("explain",),
 }

@@ -193,6 +193,35 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+# -------------------------------------------------------------------- delete
+def add_delete_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_names", metavar="RUN", nargs="+")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+
+def delete(args: argparse.Namespace) -> int:
+    """Delete runs for good (checkpoints, log, metrics), after a confirmation; says how much space was freed."""
+    from train import jobs
+
+    store = RunStore()
+    for name in args.run_names:
+        store.get_run(name)  # every name known before anything goes
+    sizes = {name: jobs.disk_usage(name) for name in args.run_names}
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError("Deleting runs needs a confirmation: answer on a terminal, or add --yes.")
+        listed = ", ".join(f"{n} ({jobs.format_bytes(s)})" for n, s in sizes.items())
+        if input(f"Delete {listed} with all their checkpoints and metrics? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("Nothing deleted.")
+            return 1
+    freed = 0
+    for name in args.run_names:
+        freed += jobs.delete(name)
+        print(f"Deleted run {name}.")
+    print(f"Freed {jobs.format_bytes(freed)}.")
+    return 0
+
+
 # ---------------------------------------------------------------------- eval
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a ResLens checkpoint (.pt)")
@@ -240,4 +269,5 @@ COMMANDS = {
     "list": (add_list_arguments, list_runs),
     "export": (add_export_arguments, export),
     "eval": (add_eval_arguments, evaluate),
+    "delete": (add_delete_arguments, delete),
 }
