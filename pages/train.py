@@ -13,13 +13,13 @@ import yaml
 from core import paths
 from core.datasets import DATASETS, dataset_path, download
 from pages import common
-from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, parse_config, parse_yaml, stage_rows,
+from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, RETENTION, ConfigError, parse_config, parse_yaml, stage_rows,
                           stages_from_rows)
 
 common.setup("Train")
 
 CONFIG_DIR = paths.REPO_ROOT / "train" / "configs"
-EDITED = ["name", "dataset", "epochs", "batch_size", "image_size", "lr", "init", "imbalance"]
+EDITED = ["name", "dataset", "epochs", "batch_size", "image_size", "lr", "init", "imbalance", "patience"]
 EMPTY = "(empty pipeline)"
 UPLOADED = "(the file opened below)"
 LIVE_REFRESH_S = 2.0
@@ -107,9 +107,16 @@ def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
     seed = raw.get("seed", PIPELINE_DEFAULTS["seed"])
     top["seed"] = int(right.number_input("Seed", value=int(seed) if isinstance(seed, int) else 0, step=1,
                                          key=f"seed-{source}"))
-    for column, (key, label, help_text) in zip(st.columns(len(SWITCHES)), SWITCHES):
+    columns = st.columns(len(SWITCHES) + 1)
+    for column, (key, label, help_text) in zip(columns, SWITCHES):
         top[key] = column.toggle(label, value=bool(raw.get(key, PIPELINE_DEFAULTS[key])), key=f"{key}-{source}",
                                  help=help_text)
+    kept = raw.get("retention", PIPELINE_DEFAULTS["retention"])
+    top["retention"] = columns[-1].selectbox(
+        "Keep checkpoints of", RETENTION, index=RETENTION.index(kept) if kept in RETENTION else 0,
+        key=f"retention-{source}", format_func=lambda r: {"all": "every stage", "final": "the final stage"}[r],
+        help="'the final stage': once the run has finished, earlier stages' checkpoints are deleted (their "
+             "metrics stay).")
     every = st.toggle("Show every column", key="all_columns",
                       help="The table also holds " + ", ".join(column_label(k) for k in hidden_columns()) + ".")
     if not every:
@@ -142,6 +149,9 @@ def column_config(frame: pd.DataFrame) -> dict[str, Any]:
     for key, allowed in CHOICES.items():
         config[key] = st.column_config.SelectboxColumn(column_label(key), options=list(allowed))
     config["lr"] = st.column_config.TextColumn(column_label("lr"), help="e.g. 0.1 or 5e-4")
+    config["patience"] = st.column_config.TextColumn(
+        "patience", help="Early stopping: end the stage after this many epochs without a better validation "
+                         "balanced accuracy (0: off).")
     return config
 
 

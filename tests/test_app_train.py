@@ -208,3 +208,11 @@ def test_a_live_run_cannot_be_deleted():
     fx.running_run()
     with pytest.raises(RunStoreError, match="still running; stop it before deleting it"):
         jobs.delete("demo-live")
+
+
+def test_patience_and_retention_reach_the_pipeline():
+    at = edit(open_page("pages/train.py"), edited={1: {"patience": "3"}})
+    assert "patience" in at.dataframe[0].proto.column_order
+    at.selectbox(key="retention-demo.yaml").set_value("final").run()
+    config = shown_yaml(at)
+    assert config["stages"][1]["patience"] == 3 and config["retention"] == "final"

@@ -84,11 +84,12 @@ def test_two_stage_run_records_everything(tmp_path, monkeypatch):
     stage1 = paths.run_dir("tiny") / "stage1-s1"
     assert inits == ["scratch", str(stage1 / "best.pt")]
     last = load_checkpoint(stage1 / "last.pt")
-    assert all(k in last for k in REQUIRED_KEYS + ("optimizer", "scheduler", "sampler", "config_hash"))
+    assert all(k in last for k in REQUIRED_KEYS + ("config_hash",))
+    assert not {"optimizer", "scheduler", "trainer_state"} & set(last)  # a finished stage never resumes
     assert (last["epoch"], last["batches_done"], last["class_names"]) == (2, 0, ["ant", "bee", "cat"])
     assert stages[0]["best_path"] == str(stage1 / "best.pt") and stages[0]["best_val_acc"] is not None
     best = load_checkpoint(stage1 / "best.pt")  # weights only: no optimizer state doubling its size
-    assert not {"optimizer", "scheduler", "trainer_state"} & set(best) and "trainer_state" in last
+    assert not {"optimizer", "scheduler", "trainer_state"} & set(best)
     result = store.class_results("tiny", 1)
     assert result["epoch"] == 2 and sum(result["val_counts"]) == 6 and len(result["confusion"]) == 3
     assert store.class_result_epochs("tiny", 0) == [1, 2]
@@ -208,6 +209,34 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
     with pytest.raises(TrainingFailed, match=r"sample order differs \(seed 0 \(now 7\)\)"):
         run_tiny({**raw, "seed": 7}, resume=True)
     assert RunStore().get_run("tiny")["state"] == "failed"
+
+
+def test_early_stopping_ends_a_stage_without_gain_and_resume_moves_on(tmp_path, monkeypatch):
+    real = engine.evaluation.class_result
+
+    def flat(*args, **kwargs):  # validation balanced accuracy that never improves
+        return {**real(*args, **kwargs), "balanced_acc": 0.5}
+
+    monkeypatch.setattr(engine.evaluation, "class_result", flat)
+    raw = tiny_config(tmp_path, epochs=(4, 1))
+    raw["stages"][0]["patience"] = 2
+    assert run_tiny(raw) == "finished"
+    store = RunStore()
+    assert [(m["stage"], m["epoch"]) for m in store.metrics("tiny", "epoch")] == [(0, 1), (0, 2), (0, 3), (1, 1)]
+    last = load_checkpoint(paths.run_dir("tiny") / "stage1-s1" / "last.pt")
+    assert last["stopped_early"] and last["epoch"] == 3 and "optimizer" not in last
+    assert engine.find_resume_point(parse_config(raw), "tiny").stage == 2
+    assert store.stages("tiny")[0]["completed_epochs"] == 3
+
+
+def test_retention_final_keeps_only_the_last_stages_checkpoints(tmp_path):
+    raw = {**tiny_config(tmp_path, epochs=(1, 1)), "retention": "final"}
+    assert run_tiny(raw) == "finished"
+    run = paths.run_dir("tiny")
+    assert not list((run / "stage1-s1").glob("*.pt"))
+    assert sorted(p.name for p in (run / "stage2-s2").glob("*.pt")) == ["best.pt", "last.pt"]
+    first = RunStore().stages("tiny")[0]
+    assert first["best_path"] is None and first["last_path"] is None and first["best_val_acc"] is not None
 
 
 def test_resume_point_skips_finished_stages(tmp_path):

@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("none", "light", "strong"),
     "imbalance": ("none", "weighted_loss", "class_balanced", "weighted_sampler"),
 }
+RETENTION = ("all", "final")
 _TRAIN_LAYERS = re.compile(r"^(all|head|from:layer[1-4])$")
 
 
@@ -91,6 +92,7 @@ class StageConfig:
     cb_beta: float = 0.999
     init: str = "scratch"
     num_workers: int = 0
+    patience: int = 0  # early stopping: end the stage after this many epochs without a better balanced accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,6 +109,7 @@ class PipelineConfig:
     compile: bool = False
     amp: bool = True
     channels_last: bool = True
+    retention: str = "all"  # all: keep every stage's checkpoints; final: once finished, only the last stage's
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +215,8 @@ def _validate_pipeline(config: PipelineConfig) -> None:
     for key in ("compile", "amp", "channels_last"):
         if not isinstance(getattr(config, key), bool):
             raise ConfigError(f"the config: {key} must be true or false, got {getattr(config, key)!r}.")
+    if config.retention not in RETENTION:
+        raise ConfigError(f"the config: retention must be one of {', '.join(RETENTION)}, got {config.retention!r}.")
 
 
 def _number(i: int, label: str, key: str, value: Any, integer: bool = False) -> float:
@@ -241,6 +246,7 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         "freeze_epochs": (0, True, None, False, True),
         "cb_beta": (0, True, 1, False, False),
         "num_workers": (0, True, 64, True, True),
+        "patience": (0, True, None, False, True),
     }
     for key, (low, low_inc, high, high_inc, integer) in ranges.items():
         value = _number(i, label, key, getattr(s, key), integer)

@@ -289,7 +289,7 @@ def find_resume_point(config: PipelineConfig, run_name: str) -> ResumePoint:
         if not last.is_file():
             return ResumePoint(i)
         ckpt = load_checkpoint(last)
-        if ckpt["epoch"] < stage.epochs or ckpt.get("batches_done", 0):
+        if (ckpt["epoch"] < stage.epochs and not ckpt.get("stopped_early")) or ckpt.get("batches_done", 0):
             return ResumePoint(i, ckpt)
     return ResumePoint(len(config.stages))
 
@@ -368,7 +368,11 @@ class Trainer:
             state.load_trainer_state(checkpoint.get("trainer_state") or {})
         for epoch in range(start_epoch, stage.epochs):
             self._run_epoch(state, epoch, batches_done if epoch == start_epoch else 0)
-        self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
+            if state.stopped_early:
+                break
+        self.progress.finish_stage(index)
+        if not state.stopped_early:
+            self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
 
     def _build_model(self, index: int, stage: StageConfig, data: StageData,
                      checkpoint: dict[str, Any] | None) -> nn.Module:
@@ -504,6 +508,8 @@ class Trainer:
         improved = val_acc is not None and (st.best is None or val_acc > st.best)
         if improved:
             st.best = val_acc
+        st.stopped_early = ddp.broadcast(self.ctx, st.early_stop(metrics.get("val_balanced_acc"))) \
+            and epoch + 1 < st.stage.epochs
         if self.ctx.is_main:
             summary = {**metrics, "best_val_acc": st.best}
             fields: dict[str, Any] = {}
@@ -514,6 +520,9 @@ class Trainer:
             fields.update(last_path=str(last), completed_epochs=epoch + 1)
             self.store.update_stage(self.run_name, st.index, **fields)
             self.display.message(_epoch_line(st.label, epoch + 1, st.stage.epochs, metrics))
+            if st.stopped_early:
+                self.display.message(f"{st.label} stops early after epoch {epoch + 1}: validation balanced "
+                                     f"accuracy has not improved for {st.stage.patience} epoch(s).")
         ddp.barrier(self.ctx)
 
     def _save(self, st: "_StageState", kind: str, epoch: int, batches_done: int, metrics: dict[str, Any]) -> Path:
@@ -525,9 +534,10 @@ class Trainer:
             "epoch": epoch, "batches_done": batches_done, "step": st.step,
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
-            "run_name": self.run_name, "dataset": st.stage.dataset,
+            "run_name": self.run_name, "dataset": st.stage.dataset, "stopped_early": st.stopped_early,
         }
-        if kind == "last":
+        stage_done = batches_done == 0 and (epoch >= st.stage.epochs or st.stopped_early)
+        if kind == "last" and not stage_done:  # a finished stage never resumes: its last.pt keeps the weights only
             payload.update(
                 optimizer=st.optimizer.state_dict(), scheduler=st.scheduler.state_dict(),
                 sampler={**st.sampler.state_dict(), "epoch": epoch, "start": batches_done * st.stage.batch_size},
@@ -555,6 +565,9 @@ class _StageState:
     channels_last: bool = False
     last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
     totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch's [loss*n, correct, n]
+    best_balanced: float | None = None  # early stopping: the best validation balanced accuracy so far
+    stale_epochs: int = 0  # epochs since it last improved
+    stopped_early: bool = False
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
@@ -567,7 +580,8 @@ class _StageState:
 
     def trainer_state(self) -> dict[str, Any]:
         """What ``last.pt`` keeps besides model, optimizer and scheduler for an exact resume."""
-        state = {"rng": rng_state(), "epoch_totals": list(self.totals), "last_lr": self.last_lr}
+        state = {"rng": rng_state(), "epoch_totals": list(self.totals), "last_lr": self.last_lr,
+                 "early_stopping": {"best": self.best_balanced, "stale": self.stale_epochs}}
         return {**state, **{name: obj.state_dict() for name, obj in self.stateful().items()}}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
@@ -576,8 +590,19 @@ class _StageState:
             set_rng_state(state["rng"])
         self.totals = [float(v) for v in state.get("epoch_totals", self.totals)]
         self.last_lr = state.get("last_lr", self.last_lr)
-        self._restored = {k: v for k, v in state.items() if k not in ("rng", "epoch_totals", "last_lr")}
+        early = state.get("early_stopping") or {}
+        self.best_balanced, self.stale_epochs = early.get("best"), int(early.get("stale", 0))
+        own = ("rng", "epoch_totals", "last_lr", "early_stopping")
+        self._restored = {k: v for k, v in state.items() if k not in own}
         self._load_restored()
+
+    def early_stop(self, balanced: float | None) -> bool:
+        """Record an epoch's validation balanced accuracy; True when ``patience`` epochs passed without a gain."""
+        if balanced is not None and (self.best_balanced is None or balanced > self.best_balanced):
+            self.best_balanced, self.stale_epochs = balanced, 0
+        else:
+            self.stale_epochs += 1
+        return bool(self.stage.patience) and self.stale_epochs >= self.stage.patience
 
     def _load_restored(self) -> None:
         for name, obj in self.stateful().items():
@@ -663,6 +688,10 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
         if beat is not None:
             beat.stop()
     main_store.set_state(run_name, "finished")
+    if ctx.is_main:
+        from train.retention import apply_retention
+
+        apply_retention(config, run_name, main_store)
     trainer.display.message(f"Run {run_name} finished.")
     return "finished"
 

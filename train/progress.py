@@ -73,6 +73,10 @@ class Progress:
         self._last = now
         self._update_eta()
 
+    def finish_stage(self, stage: int) -> None:
+        """Stage ``stage`` is over (maybe early): count all its steps as done."""
+        self.done_steps = max(self.done_steps, sum(w.steps for w in self.plan[: stage + 1]))
+
     def validated(self, seconds: float) -> None:
         """A validation pass of the running stage took ``seconds``."""
         self._val_s = seconds
