@@ -268,6 +268,19 @@ def confusion_figure(
     return fig
 
 
+def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None) -> go.Figure:
+    """The learning-rate range test: smoothed loss against learning rate (log x), the suggestion marked."""
+    fig = go.Figure(go.Scatter(x=list(lrs), y=list(losses), mode="lines", name="smoothed training loss",
+                               hovertemplate="lr %{x:.2e}<br>loss %{y:.4f}<extra></extra>"))
+    if suggestion is not None:
+        fig.add_vline(x=suggestion, line_dash="dash", line_color="#d62728",
+                      annotation_text=f"suggested {suggestion:.1e}", annotation_position="top left")
+    fig.update_layout(xaxis_title="learning rate (log scale)", yaxis_title="training loss (smoothed)", height=320,
+                      margin=dict(l=10, r=10, t=30, b=10), showlegend=False)
+    fig.update_xaxes(type="log", exponentformat="e")
+    return fig
+
+
 COUNTS_UP_TO = 30  # classes in a confusion matrix whose cells print their counts
 
 

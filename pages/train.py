@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 import yaml
 
-from core import paths
+from core import charts, paths
 from core.datasets import DATASETS, dataset_path, download
 from pages import common
 from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, RETENTION, ConfigError, parse_config, parse_yaml, stage_rows,
@@ -279,6 +279,36 @@ def job_controls(run: dict[str, Any]) -> None:
     st.code(jobs.tail_log(name, 30) or "(no log yet)", language=None)
 
 
+def lr_find_section(config: dict[str, Any], ready: bool) -> None:
+    """The learning-rate range test on one stage of the pipeline above, with its plot and suggestion."""
+    with st.expander("Find a learning rate (range test)"):
+        st.caption("Trains a throw-away copy of a stage's model for a few steps while the learning rate grows "
+                   "from 1e-6 to 1, and suggests the rate where the loss falls fastest "
+                   "(also `python -m train lr-find CONFIG --stage N`).")
+        stages = config.get("stages") or []
+        left, right = st.columns(2)
+        index = left.selectbox("Stage", range(len(stages)), key="lr_find_stage",
+                               format_func=lambda i: f"{i + 1}: {stages[i].get('name') or ''}")
+        steps = right.number_input("Steps", 10, 500, 100, step=10, key="lr_find_steps")
+        if st.button("Find a learning rate", disabled=not ready or index is None, icon=":material/search:"):
+            from train.lr_find import lr_range_test
+
+            bar = st.progress(0.0, text="Range test...")
+            result = lr_range_test(parse_config(config, base_dir=CONFIG_DIR), index, int(steps),
+                                   on_step=lambda done, total: bar.progress(done / total, text=f"step {done}"))
+            bar.empty()
+            st.session_state["lr_find"] = (index, result)
+        found = st.session_state.get("lr_find")
+        if found is not None:
+            stage, result = found
+            st.plotly_chart(charts.lr_find_figure(result.lrs, result.losses, result.suggestion), width="stretch")
+            if result.suggestion is None:
+                st.warning("The loss did not fall over this range: try more steps.")
+            else:
+                st.success(f"Suggested learning rate for stage {stage + 1}: **{result.suggestion:.2e}** "
+                           "(type it into the learning rate column).")
+
+
 def delete_control(column: Any, run: dict[str, Any]) -> None:
     """A Delete button that asks first (with the space it frees); a live run cannot be deleted."""
     from train import jobs
@@ -305,6 +335,7 @@ def body() -> None:
     with st.expander("The pipeline as YAML"):
         st.code(yaml.safe_dump(config, sort_keys=False), language="yaml")
     save_button(config)
+    lr_find_section(config, ready)
     launch_section(config, ready)
     st.header("Jobs")
     job_list()

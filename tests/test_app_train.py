@@ -216,3 +216,23 @@ def test_patience_and_retention_reach_the_pipeline():
     at.selectbox(key="retention-demo.yaml").set_value("final").run()
     config = shown_yaml(at)
     assert config["stages"][1]["patience"] == 3 and config["retention"] == "final"
+
+
+def test_learning_rate_button_runs_the_range_test_and_plots_it(monkeypatch):
+    from train import lr_find
+
+    asked = []
+
+    def fake(config, stage, steps, **kwargs):
+        asked.append((config.stages[stage].name, steps))
+        return lr_find.LRFindResult([1e-5, 1e-3, 1e-1], [2.0, 1.2, 5.0], 1e-3)
+
+    monkeypatch.setattr(lr_find, "lr_range_test", fake)
+    at = open_page("pages/train.py")
+    at.selectbox(key="lr_find_stage").set_value(1).run()
+    next(b for b in at.button if b.label == "Find a learning rate").click().run()
+    assert asked == [("finetune", 100)]
+    assert "Suggested learning rate for stage 2: **1.00e-03** (type it into the learning rate column)." in [
+        s.value for s in at.success]
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["xaxis"]["type"] == "log"

@@ -125,3 +125,22 @@ def test_delete_asks_and_reports_the_space_freed(finished, capsys, monkeypatch):
     assert not folder.exists() and not RunStore().has_run("tiny")
     assert main(["delete", "tiny", "--yes"]) == 2  # unknown now: one sentence
     assert "There is no run named 'tiny'" in capsys.readouterr().err
+
+
+def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
+    from train.config import load_config
+    from train.lr_find import lr_range_test, suggest
+
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,)))
+    result = lr_range_test(load_config(path), steps=8, start=1e-4, end=1.0, device="cpu")
+    assert 3 <= len(result.lrs) == len(result.losses) <= 8
+    assert result.lrs[0] == pytest.approx(1e-4) and result.lrs == sorted(result.lrs)
+    csv_path = tmp_path / "lr.csv"
+    code = main(["lr-find", str(path), "--steps", "6", "--start", "1e-4", "--end", "1", "--csv", str(csv_path)])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and ("Suggested learning rate" in out) == (code == 0)
+    assert csv_path.read_text().startswith("lr,loss\n")
+    assert suggest([1e-3, 1e-2, 1e-1, 1.0], [2.0, 1.9, 1.0, 3.0]) == pytest.approx(1e-1)  # steepest fall
+    assert suggest([1e-3, 1e-2, 1e-1], [1.0, 1.5, 2.0]) is None  # never falls
+    assert main(["lr-find", str(path), "--stage", "2"]) == 2
+    assert "--stage must be between 1 and 1" in capsys.readouterr().err

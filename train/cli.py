@@ -16,6 +16,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "train.commands": ("run", "resume", "list", "export", "eval", "delete"),
     "train.data_report": ("data",),
     "train.explain_cmd": ("explain",),
+    "train.lr_find": ("lr-find",),
 }
 
 
