@@ -86,7 +86,7 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        average = SMOOTHING * average + (1 - SMOOTHING) * float(loss)
+        average = SMOOTHING * average + (1 - SMOOTHING) * float(loss.detach())
         smoothed = average / (1 - SMOOTHING ** (i + 1))
         if not math.isfinite(smoothed) or smoothed > BLOW_UP * best:
             break
