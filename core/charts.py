@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.evaluation import per_class_f1, per_class_precision
+
 METRIC_LABELS = {
     "train_loss": "train loss",
     "val_loss": "validation loss",
@@ -109,15 +111,36 @@ def curves_figure(
                             line=dict(color=line_colour, dash=dash), connectgaps=True)
         names = list((stage_names or {}).get(run, []))
         for start, stage in stage_boundaries(frame, x):
-            text = names[stage] if stage < len(names) else f"stage {stage}"
+            text = names[stage] if stage < len(names) else f"stage {stage + 1}"
             fig.add_vline(x=start - 0.5 if x_column == "epoch" else start, line_dash="dot", line_color="grey",
                           annotation_text=text, annotation_position="top left")
+    rows = legend_rows(sum(t.showlegend is not False for t in fig.data))
     fig.update_layout(title=title, xaxis_title="epoch (through the pipeline)" if x_column == "epoch" else "step",
-                      margin=dict(l=10, r=10, t=40 if title else 20, b=10), height=340,
-                      legend=dict(orientation="h", yanchor="top", y=-0.3, x=0), hovermode="x unified")
+                      margin=dict(l=10, r=10, t=40 if title else 20, b=LEGEND_ROW_PX * (rows + 2)),
+                      height=300 + LEGEND_ROW_PX * rows, hovermode="x unified",
+                      # the legend sits at the bottom of the figure, under the axis title, in a margin sized for it
+                      legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, x=0))
     if log_y:
         fig.update_yaxes(type="log")
     return fig
+
+
+LEGEND_ROW_PX = 22
+
+
+def legend_rows(entries: int, per_row: int = 2) -> int:
+    """Rows a horizontal legend of ``entries`` takes in a half-width panel (two 'run · metric' labels a row)."""
+    return -(-entries // per_row)
+
+
+def nice_log_ticks(low: float, high: float) -> list[float]:
+    """Tick values 1, 2, 5 x 10^k between ``low`` and ``high`` (a log axis that reads '10 20 50 100')."""
+    if not (low > 0 and high >= low):
+        return []
+    ticks = []
+    for power in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        ticks += [m * 10.0 ** power for m in (1, 2, 5) if low <= m * 10.0 ** power <= high]
+    return ticks
 
 
 def format_eta(seconds: float | None) -> str:
@@ -132,15 +155,6 @@ def format_eta(seconds: float | None) -> str:
     return f"{s} s"
 
 
-def stage_eta(epoch_times: Sequence[float], completed: int, epochs: int, into_epoch_s: float = 0.0) -> float | None:
-    """Seconds left in a stage: mean epoch time so far times the epochs left, less the time already spent in
-    the current epoch (None before the first epoch has finished)."""
-    times = [t for t in epoch_times if t is not None and math.isfinite(t) and t > 0]
-    if not times:
-        return None
-    return max(0.0, float(np.mean(times)) * max(0, epochs - completed) - max(0.0, into_epoch_s))
-
-
 def progress_fraction(done: int | None, total: int | None) -> float:
     """done/total clamped to [0, 1]; 0 when unknown."""
     if not done or not total or total <= 0:
@@ -152,16 +166,24 @@ def progress_fraction(done: int | None, total: int | None) -> float:
 
 
 def per_class_frame(result: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per class: train and validation counts, correct, accuracy (NaN where no validation image)."""
+    """One row per class: train and validation counts, correct, accuracy (= recall), precision and F1 (NaN where
+    unknown; results stored before precision was recorded get it from their confusion matrix)."""
     classes = list(result["classes"])
     train = result.get("train_counts")
-    accuracy = [np.nan if a is None else a for a in result["per_class_acc"]]
+    precision = result.get("precision") or per_class_precision(result["confusion"])
+    f1 = result.get("f1") or per_class_f1(precision, result["per_class_acc"])
+
+    def column(values: Sequence[float | None]) -> np.ndarray:
+        return np.asarray([np.nan if v is None else v for v in values], dtype=float)
+
     return pd.DataFrame({
         "class": classes,
         "train images": np.asarray(train, dtype=float) if train is not None else np.full(len(classes), np.nan),
         "val images": np.asarray(result["val_counts"], dtype=float),
         "correct": np.asarray(result["correct"], dtype=float),
-        "accuracy": np.asarray(accuracy, dtype=float),
+        "accuracy": column(result["per_class_acc"]),
+        "precision": column(precision),
+        "F1": column(f1),
     })
 
 def imbalance_ratio(counts: Sequence[float]) -> float:
@@ -187,7 +209,11 @@ def accuracy_vs_size_figure(frame: pd.DataFrame) -> go.Figure:
                         line=dict(dash="dash", color="grey"), hoverinfo="skip")
     fig.update_layout(xaxis_title=f"{size_col} (log scale)", yaxis_title="accuracy", showlegend=False,
                       height=340, margin=dict(l=10, r=10, t=20, b=10))
-    fig.update_xaxes(type="log")
+    sizes = data[size_col].clip(lower=1)
+    ticks = nice_log_ticks(float(sizes.min()), float(sizes.max())) if len(sizes) else []
+    if len(ticks) < 2 and len(sizes):  # a narrow range: label its ends as well
+        ticks = sorted({*ticks, float(sizes.min()), float(sizes.max())})
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
     fig.update_yaxes(tickformat=".0%", range=[-0.02, 1.02])
     return fig
 
@@ -227,8 +253,9 @@ def confusion_figure(
         for k, i in enumerate(idx):
             z[k, k] = np.nan
     top = np.nanmax(z) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
+    counts = dict(text=sub.astype(int).astype(str), texttemplate="%{text}") if len(idx) <= COUNTS_UP_TO else {}
     fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=top, hoverongaps=False,
+        z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=top, hoverongaps=False, **counts,
         customdata=np.dstack([sub, share]),
         hovertemplate="true: %{y}<br>predicted: %{x}<br>count: %{customdata[0]:.0f}"
                       "<br>share of true class: %{customdata[1]:.1%}<extra></extra>",
@@ -239,6 +266,22 @@ def confusion_figure(
                       xaxis=dict(title="predicted", tickangle=-60, showticklabels=len(idx) <= 60),
                       yaxis=dict(title="true", autorange="reversed", showticklabels=len(idx) <= 60))
     return fig
+
+
+def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None) -> go.Figure:
+    """The learning-rate range test: smoothed loss against learning rate (log x), the suggestion marked."""
+    fig = go.Figure(go.Scatter(x=list(lrs), y=list(losses), mode="lines", name="smoothed training loss",
+                               hovertemplate="lr %{x:.2e}<br>loss %{y:.4f}<extra></extra>"))
+    if suggestion is not None:
+        fig.add_vline(x=suggestion, line_dash="dash", line_color="#d62728",
+                      annotation_text=f"suggested {suggestion:.1e}", annotation_position="top left")
+    fig.update_layout(xaxis_title="learning rate (log scale)", yaxis_title="training loss (smoothed)", height=320,
+                      margin=dict(l=10, r=10, t=30, b=10), showlegend=False)
+    fig.update_xaxes(type="log", exponentformat="e")
+    return fig
+
+
+COUNTS_UP_TO = 30  # classes in a confusion matrix whose cells print their counts
 
 
 def probabilities_frame(probabilities: Sequence[float], class_names: Sequence[str], k: int = 5) -> pd.DataFrame:

@@ -43,6 +43,21 @@ def accuracy(confusion: np.ndarray) -> float:
     return float(np.trace(confusion) / total) if total else 0.0
 
 
+def per_class_precision(confusion: np.ndarray) -> list[float | None]:
+    """Correct / predicted as the class; None for a class never predicted."""
+    confusion = np.asarray(confusion)
+    predicted = confusion.sum(axis=0)
+    return [float(confusion[i, i] / n) if n else None for i, n in enumerate(predicted)]
+
+
+def per_class_f1(precision: Sequence[float | None], recall: Sequence[float | None]) -> list[float | None]:
+    """Harmonic mean of precision and recall per class (0 when both are 0; None when either is unknown)."""
+    out: list[float | None] = []
+    for p, r in zip(precision, recall):
+        out.append(None if p is None or r is None else (2 * p * r / (p + r) if p + r else 0.0))
+    return out
+
+
 def confused_pairs(confusion: np.ndarray, classes: Sequence[str], top: int = 10) -> list[dict[str, Any]]:
     """The ``top`` off-diagonal cells, largest first: true, predicted, count and rate (of the true class)."""
     confusion = np.asarray(confusion)
@@ -60,19 +75,24 @@ def confused_pairs(confusion: np.ndarray, classes: Sequence[str], top: int = 10)
     return pairs
 
 
-def class_result(classes: Sequence[str], confusion: np.ndarray,
-                 train_counts: Sequence[int] | None = None) -> dict[str, Any]:
-    """The per-class record the run store keeps (JSON-ready)."""
+def class_result(classes: Sequence[str], confusion: np.ndarray, train_counts: Sequence[int] | None = None,
+                 top5_acc: float | None = None) -> dict[str, Any]:
+    """The per-class record the run store keeps (JSON-ready): counts, recall (``per_class_acc``), precision,
+    F1, the confusion matrix, accuracy, balanced accuracy and, when given, top-5 accuracy."""
     confusion = np.asarray(confusion)
+    recall, precision = per_class_accuracy(confusion), per_class_precision(confusion)
     return {
         "classes": list(classes),
         "train_counts": [int(c) for c in train_counts] if train_counts is not None else None,
         "val_counts": [int(c) for c in confusion.sum(axis=1)],
         "correct": [int(c) for c in np.diag(confusion)],
-        "per_class_acc": per_class_accuracy(confusion),
+        "per_class_acc": recall,
+        "precision": precision,
+        "f1": per_class_f1(precision, recall),
         "confusion": confusion.astype(int).tolist(),
         "accuracy": accuracy(confusion),
         "balanced_acc": balanced_accuracy(confusion),
+        "top5_acc": top5_acc,
     }
 
 
@@ -84,9 +104,14 @@ class Predictions:
     predicted: np.ndarray
     confidence: np.ndarray
     loss: float
+    in_top5: np.ndarray | None = None  # whether the true class is among the 5 most likely (all of them if fewer)
 
     def confusion(self, num_classes: int) -> np.ndarray:
         return confusion_matrix(self.targets, self.predicted, num_classes)
+
+    @property
+    def top5_accuracy(self) -> float | None:
+        return float(self.in_top5.mean()) if self.in_top5 is not None and len(self.in_top5) else None
 
 
 @torch.no_grad()
@@ -98,7 +123,7 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
     model.eval()
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
-    targets, predicted, confidence, loss_sum = [], [], [], 0.0
+    targets, predicted, confidence, top5, loss_sum = [], [], [], [], 0.0
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -110,13 +135,14 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
         loss_sum += float(criterion(logits, labels)) * len(labels)
         probs = logits.softmax(dim=1)
         conf, pred = probs.max(dim=1)
+        top5.append((logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1).cpu())
         targets.append(labels.cpu())
         predicted.append(pred.cpu())
         confidence.append(conf.cpu())
     n = sum(len(t) for t in targets)
     cat = (lambda xs: torch.cat(xs).numpy()) if n else (lambda xs: np.zeros(0))
     return Predictions(cat(targets).astype(np.int64), cat(predicted).astype(np.int64),
-                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"))
+                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"), cat(top5).astype(bool))
 
 
 def misclassified(predictions: Predictions, classes: Sequence[str], source: Callable[[int], str],

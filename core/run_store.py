@@ -50,6 +50,10 @@ EPOCH_METRICS = (
     "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc", "lr", "images_per_s", "epoch_time_s",
 )
 METRIC_COLUMNS = tuple(dict.fromkeys(STEP_METRICS + EPOCH_METRICS))
+PROGRESS_FIELDS = ("stage", "epoch", "step", "done_steps", "total_steps", "eta_s", "stage_eta_s", "images_per_s",
+                   "device", "gpu")
+# columns added after the first schema: added to older stores when they are opened
+_ADDED_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT"}}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -217,6 +221,7 @@ class RunStore:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             conn.execute("PRAGMA journal_mode=WAL")
         if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            self._add_columns(conn)
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -229,6 +234,18 @@ class RunStore:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._add_columns(conn)
+
+    def _add_columns(self, conn: sqlite3.Connection) -> None:
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+            for column, kind in columns.items():
+                if column not in have:
+                    try:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    except sqlite3.OperationalError as exc:  # another process added it first
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
@@ -275,13 +292,15 @@ class RunStore:
     def heartbeat(self, name: str, **progress: Any) -> None:
         """Record that the trainer is alive, with optional progress fields.
 
-        Progress fields: ``stage``, ``epoch``, ``step``, ``done_steps``, ``total_steps``,
-        ``eta_s``, ``images_per_s``, ``device``.
+        Progress fields (``PROGRESS_FIELDS``): ``stage``, ``epoch``, ``step``, ``done_steps``, ``total_steps``,
+        ``eta_s`` (pipeline), ``stage_eta_s`` (running stage), ``images_per_s``, ``device``, ``gpu`` (a list
+        of per-GPU dicts, stored as JSON).
         """
-        allowed = {"stage", "epoch", "step", "done_steps", "total_steps", "eta_s", "images_per_s", "device"}
-        unknown = set(progress) - allowed
+        unknown = set(progress) - set(PROGRESS_FIELDS)
         if unknown:
             raise ValueError(f"unknown progress fields {sorted(unknown)}")
+        if "gpu" in progress:
+            progress["gpu"] = None if progress["gpu"] is None else json.dumps(progress["gpu"])
         now = time.time()
         self._update_run(name, heartbeat=now, updated=now, **progress)
 
@@ -338,6 +357,18 @@ class RunStore:
         cols = ", ".join(f"{k} = ?" for k in fields)
         self._write(f"UPDATE stages SET {cols} WHERE run = ? AND idx = ?", (*fields.values(), name, index))
 
+    def checkpoint_index(self) -> dict[str, dict[str, Any]]:
+        """Every checkpoint path the stages record -> ``{"run", "stage", "epoch", "acc"}`` (``acc`` for best.pt)."""
+        found: dict[str, dict[str, Any]] = {}
+        for r in self._read("SELECT run, idx, last_path, best_path, best_val_acc, best_epoch, completed_epochs"
+                            " FROM stages"):
+            if r["last_path"]:
+                found[r["last_path"]] = {"run": r["run"], "stage": r["idx"], "epoch": r["completed_epochs"]}
+            if r["best_path"]:
+                found[r["best_path"]] = {"run": r["run"], "stage": r["idx"], "epoch": r["best_epoch"],
+                                         "acc": r["best_val_acc"]}
+        return found
+
     def stages(self, name: str) -> list[dict[str, Any]]:
         """The stages of run ``name`` in order; ``class_names`` is a list."""
         rows = self._read("SELECT * FROM stages WHERE run = ? ORDER BY idx", (name,))
@@ -347,7 +378,8 @@ class RunStore:
 
     # ---------------------------------------------------------------- metrics
     def log_steps(self, name: str, stage: int, epoch: int, rows: Iterable[dict[str, Any]]) -> None:
-        """Write per-step rows, each ``{"step": int, "train_loss": float, "lr": float}``, in one transaction."""
+        """Write per-step rows, each ``{"step": int, "train_loss": float, "lr": float}`` plus optionally the
+        ``time`` the step ran (default: now), in one transaction."""
         self._write_many(self._metric_upsert(name, "step", stage, epoch, r["step"], r) for r in rows)
 
     def log_epoch(self, name: str, stage: int, epoch: int, step: int = 0, **metrics: float | None) -> None:
@@ -358,11 +390,11 @@ class RunStore:
         self, name: str, kind: str, stage: int, epoch: int, step: int, values: dict[str, Any]
     ) -> tuple[str, list[Any]]:
         allowed = STEP_METRICS if kind == "step" else EPOCH_METRICS
-        metrics = {k: v for k, v in values.items() if k != "step"}
+        metrics = {k: v for k, v in values.items() if k not in ("step", "time")}
         if set(metrics) - set(allowed):
             raise ValueError(f"unknown {kind} metrics {sorted(set(metrics) - set(allowed))}")
         cols = ["run", "kind", "stage", "epoch", "step", "time", *metrics]
-        params = [name, kind, int(stage), int(epoch), int(step), time.time(),
+        params = [name, kind, int(stage), int(epoch), int(step), float(values.get("time") or time.time()),
                   *(None if v is None else float(v) for v in metrics.values())]
         sql = f"INSERT OR REPLACE INTO metrics ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
         return sql, params
@@ -515,6 +547,7 @@ def _check_state(state: str) -> None:
 def _run_view(row: dict[str, Any], best: float | None) -> dict[str, Any]:
     view = dict(row)
     view["config"] = json.loads(view.pop("config_json"))
+    view["gpu"] = json.loads(view["gpu"]) if view.get("gpu") else None
     view["stored_state"] = row["state"]
     view["state"] = resolve_state(row)
     view["best_val_acc"] = best

@@ -32,7 +32,11 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
     run = a.selectbox("Run", runs, index=with_stages, key="classes_run")
     stages = store.stages(run)
     if not stages:
-        st.info(f"Run {run} has not started a stage yet.")
+        row = store.get_run(run)
+        if row["state"] == "failed":
+            st.error(f"Run {run} failed before its first stage: {row.get('error') or 'see its log on the Train page'}")
+        else:
+            st.info(f"Run {run} has not started a stage yet.")
         return None, [], None
     stage = b.selectbox("Stage", range(len(stages)), index=len(stages) - 1,
                         format_func=lambda i: f"{i + 1}: {stages[i]['name']} ({stages[i]['dataset']})")
@@ -57,8 +61,11 @@ def pick_evaluation() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
 
 
 def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
-    cols = st.columns(5)
+    cols = st.columns(6)
     cols[0].metric("Accuracy", f"{result['accuracy']:.1%}", help="Correct images / all validation images.")
+    top5 = result.get("top5_acc")
+    cols[5].metric("Top-5 accuracy", "n/a" if top5 is None else f"{top5:.1%}",
+                   help="Images whose true class is among the model's 5 most likely classes.")
     cols[1].metric("Balanced accuracy", f"{result['balanced_acc']:.1%}",
                    delta=f"{result['balanced_acc'] - result['accuracy']:+.1%} vs accuracy", delta_color="off",
                    help="Mean of the per-class accuracies: every class counts the same, however small.")
@@ -72,9 +79,14 @@ def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
 def class_table(frame: pd.DataFrame) -> None:
     query = st.text_input("Search classes", placeholder="part of a class name")
     shown = frame[frame["class"].str.contains(query, case=False, regex=False)] if query else frame
+    share = {"format": "percent", "min_value": 0, "max_value": 1}
     st.dataframe(shown.sort_values(["accuracy", "class"]), hide_index=True, width="stretch", height=320,
-                 column_config={"accuracy": st.column_config.ProgressColumn(format="percent", min_value=0,
-                                                                            max_value=1)})
+                 column_config={
+                     "accuracy": st.column_config.ProgressColumn("recall (accuracy)", **share,
+                                                                 help="Correct / images of the class."),
+                     "precision": st.column_config.ProgressColumn(**share, help="Correct / images predicted as it."),
+                     "F1": st.column_config.ProgressColumn(**share, help="Harmonic mean of precision and recall."),
+                 })
 
 
 def confusion_view(result: dict[str, Any]) -> None:
@@ -87,11 +99,16 @@ def confusion_view(result: dict[str, Any]) -> None:
         st.dataframe(pairs, hide_index=True, width="stretch",
                      column_config={"rate": st.column_config.NumberColumn("share of true class", format="percent")})
     n = len(classes)
-    left, right = st.columns([3, 1])
-    top = left.slider("Classes in the matrix (most confused first)", 2, n, min(n, 20)) if n > 2 else n
+    left, middle, right = st.columns([3, 1, 1])
+    top = left.slider("Classes in the matrix (most confused first)", 2, n, min(n, 20),
+                      help="At 101 or 257 classes, the most confused ones as a sub-matrix; drag on the chart to "
+                           "zoom, hover a cell for its classes and count.") if n > 2 else n
+    normalize = middle.toggle("Row-normalised", value=True, key="confusion_normalised",
+                              help="On: each row as shares of the true class. Off: image counts.")
     diagonal = right.toggle("Show correct (diagonal)", help="Off: the colours span the errors only.")
     indices = charts.most_confused_classes(confusion, top) if top < n else None
-    st.plotly_chart(charts.confusion_figure(confusion, classes, indices, diagonal=diagonal), width="stretch")
+    st.plotly_chart(charts.confusion_figure(confusion, classes, indices, normalize=normalize, diagonal=diagonal),
+                    width="stretch")
 
 
 def gallery(samples: list[dict[str, Any]], checkpoint: Path | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from datetime import datetime
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -84,18 +85,25 @@ def badge(state: str) -> str:
 
 
 def runs_table(runs: list[dict[str, Any]]) -> None:
-    """Every run with its state, stage, epoch (as the store numbers it, from 1), best accuracy and error."""
+    """Every run: state, start date, duration, data sets, stage and epoch (from 1), device, best accuracy, error.
+    The config of the run chosen below is one click away (its expander)."""
     import pandas as pd
+
+    from core.charts import format_eta
 
     st.dataframe(pd.DataFrame([{
         "run": r["name"], "state": badge(r["state"]),
+        "started": datetime.fromtimestamp(r["created"]),
+        "duration": format_eta(r["updated"] - r["created"]) if r.get("updated") else "",
+        "data sets": " → ".join(s.get("dataset", "?") for s in (r.get("config") or {}).get("stages") or []),
         "stage": None if r.get("stage") is None else r["stage"] + 1,
         "epoch": r.get("epoch"),
         "best val accuracy": r.get("best_val_acc"),
         "device": r.get("device") or "",
         "error": r.get("error") or "",
     } for r in runs]), hide_index=True, width="stretch",
-        column_config={"best val accuracy": st.column_config.NumberColumn(format="percent")})
+        column_config={"best val accuracy": st.column_config.NumberColumn(format="percent"),
+                       "started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")})
 
 
 def find_checkpoints() -> list[Path]:
@@ -112,15 +120,30 @@ def find_checkpoints() -> list[Path]:
 
 
 def checkpoint_label(path: Path) -> str:
-    """'demo-1 / stage2-finetune / best.pt' for a file under the home folder."""
+    """'demo-1 / stage2-finetune / best.pt · epoch 6 · 95.0% · 2026-12-01 10:42' for a file under the home
+    folder: where it is, then its epoch and validation accuracy (from the run store) and its date."""
     try:
         rel = path.relative_to(paths.runs_dir())
     except ValueError:
         try:
             rel = path.relative_to(paths.reslens_home())
         except ValueError:
-            return str(path)
-    return " / ".join(rel.parts)
+            rel = None
+    parts = [" / ".join(rel.parts) if rel is not None else str(path)]
+    known = _stage_checkpoints().get(str(path))
+    if known:
+        parts += [f"epoch {known['epoch']}"] + ([f"{known['acc']:.1%}"] if known.get("acc") is not None else [])
+    try:
+        parts.append(f"{datetime.fromtimestamp(path.stat().st_mtime):%Y-%m-%d %H:%M}")
+    except OSError:
+        pass
+    return " · ".join(parts)
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def _stage_checkpoints() -> dict[str, dict[str, Any]]:
+    """Checkpoint path -> its epoch and accuracy, for every stage in the store (best.pt and last.pt)."""
+    return store().checkpoint_index()
 
 
 def is_live(run: dict[str, Any]) -> bool:

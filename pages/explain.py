@@ -40,7 +40,8 @@ def pick_checkpoint() -> Path | None:
         if st.button("Go to Home", icon=":material/home:"):
             st.switch_page("app.py")
         return None
-    return st.selectbox("Checkpoint", found, format_func=common.checkpoint_label, key="explain_checkpoint",
+    labels = {path: common.checkpoint_label(path) for path in found}  # read once: the store changes as runs train
+    return st.selectbox("Checkpoint", found, format_func=labels.__getitem__, key="explain_checkpoint",
                         help="Any checkpoint under the ResLens home folder, newest first.")
 
 

@@ -12,13 +12,14 @@ from pages import common
 common.setup("Monitor")
 
 LIVE_REFRESH_S = 2.0
-EPOCH_PANELS = (
-    ("Loss", ("train_loss", "val_loss"), False),
-    ("Accuracy", ("train_acc", "val_acc", "val_balanced_acc"), False),
-    ("Learning rate", ("lr",), False),
-    ("Throughput (images/s)", ("images_per_s",), False),
+EPOCH_PANELS = (  # (title, metrics, log y, rows): the learning rate changes every step, so it is drawn per step
+    ("Loss", ("train_loss", "val_loss"), False, "epoch"),
+    ("Accuracy", ("train_acc", "val_acc", "val_balanced_acc"), False, "epoch"),
+    ("Learning rate (per step)", ("lr",), False, "step"),
+    ("Throughput (images/s)", ("images_per_s",), False, "epoch"),
 )
-STEP_PANELS = (("Training loss per step", ("train_loss",), False), ("Learning rate per step", ("lr",), False))
+STEP_PANELS = (("Training loss per step", ("train_loss",), False, "step"),
+               ("Learning rate per step", ("lr",), False, "step"))
 
 
 def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
@@ -31,25 +32,36 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     return st.multiselect("Runs (several overlay for comparison)", names, default=default, key="monitor_pick")
 
 
-def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
-    """Progress bar and ETA of the running stage (from its epochs) and of the whole pipeline (heartbeat)."""
-    import time
+def eta_text(seconds: float | None) -> str:
+    """The trainer's ETA, or 'estimating...' until its step time is steady."""
+    return "estimating..." if seconds is None else charts.format_eta(seconds)
 
+
+def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
+    """Progress bars with the trainer's ETAs (heartbeat): the running stage's and the whole pipeline's."""
     index = run.get("stage")
     speed = f", {run['images_per_s']:.0f} images/s" if run.get("images_per_s") else ""
     st.markdown(f"**{run['name']}** · {common.badge(run['state'])}{speed}")
     total = max(len(stage_names(run.get("config"))), len(stages))
     if index is not None and index < len(stages):
         stage = stages[index]
-        frame = common.store().metrics_frame(run["name"], "epoch", stage=index)
-        into = time.time() - float(frame["time"].max()) if not frame.empty else 0.0
-        eta = charts.stage_eta(frame["epoch_time_s"].tolist(), stage["completed_epochs"], stage["epochs"], into)
         st.progress(charts.progress_fraction(stage["completed_epochs"], stage["epochs"]),
                     text=f"Stage {index + 1} of {total} ({stage['name']}): epoch {run.get('epoch') or 1} "
-                         f"of {stage['epochs']}; ETA {charts.format_eta(eta)}")
+                         f"of {stage['epochs']}; ETA {eta_text(run.get('stage_eta_s'))}")
     st.progress(charts.progress_fraction(run.get("done_steps"), run.get("total_steps")),
                 text=f"Pipeline: step {run.get('done_steps') or 0} of {run.get('total_steps') or '?'}; "
-                     f"ETA {charts.format_eta(run.get('eta_s'))}")
+                     f"ETA {eta_text(run.get('eta_s'))}")
+    gpu_line(run)
+
+
+def gpu_line(run: dict[str, Any]) -> None:
+    """Memory and utilisation of the run's GPU, as its trainer last reported them (only when it has one)."""
+    for gpu in run.get("gpu") or []:
+        used, total = gpu.get("memory_used"), gpu.get("memory_total")
+        parts = [f"memory {used / 2**30:.1f} of {total / 2**30:.0f} GiB"] if used is not None and total else []
+        if gpu.get("utilization") is not None:
+            parts.append(f"utilisation {gpu['utilization']:.0f}%")
+        st.caption(f"GPU {gpu.get('index', 0)} ({gpu.get('name', 'CUDA')}): {' · '.join(parts)}")
 
 
 def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None:
@@ -64,10 +76,13 @@ def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None
         st.info("No metrics yet: the first ones appear after the first steps of training.")
         return
     kind = "step" if per_step else "epoch"
+    by_kind = {kind: frames}
     names = {r["name"]: stage_names(r.get("config")) for r in runs}
     cols = st.columns(2)
-    for i, (title, metrics, log_y) in enumerate(STEP_PANELS if per_step else EPOCH_PANELS):
-        fig = charts.curves_figure(frames, metrics, x_column="step" if per_step else "epoch",
+    for i, (title, metrics, log_y, rows) in enumerate(STEP_PANELS if per_step else EPOCH_PANELS):
+        if rows not in by_kind:
+            by_kind[rows] = {r["name"]: store.metrics_frame(r["name"], rows) for r in runs}
+        fig = charts.curves_figure(by_kind[rows], metrics, x_column=rows,
                                    smoothing=smoothing, stage_names=names, title=title, log_y=log_y)
         cols[i % 2].plotly_chart(fig, width="stretch", key=f"chart-{kind}-{i}")
 

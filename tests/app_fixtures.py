@@ -97,8 +97,8 @@ def running_run(name: str = "demo-live") -> None:
     store.log_epoch(name, 0, 1, step=5, train_loss=2.0, val_loss=2.1, val_acc=0.3, val_balanced_acc=0.25,
                     lr=0.05, images_per_s=80.0, epoch_time_s=20.0)
     store.update_stage(name, 0, completed_epochs=1)
-    store.heartbeat(name, stage=0, epoch=2, step=9, done_steps=9, total_steps=20, eta_s=42.0, images_per_s=80.0,
-                    device="cpu")
+    store.heartbeat(name, stage=0, epoch=2, step=9, done_steps=9, total_steps=20, eta_s=42.0, stage_eta_s=30.0,
+                    images_per_s=80.0, device="cpu")
 
 
 def failed_run(name: str = "demo-failed", error: str = "The loss became NaN at epoch 2; lower the learning rate.") -> None:

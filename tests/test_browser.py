@@ -53,3 +53,30 @@ def test_upload_an_image_and_see_predictions_and_overlay(server, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "explain.png").stat().st_size > 10_000
+
+
+def test_train_monitor_and_classes_controls_in_a_real_browser(server, tmp_path):
+    """Issue 12's controls as a person meets them: editor switches and hidden columns, YAML save, the range test,
+    run management with Delete and the config; the Classes page's top-5, precision/F1 and count toggle."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server}/train")
+            for text in ("Mixed precision (amp)", "channels_last", "torch.compile", "Show every column",
+                         "Save as YAML", "Find a learning rate (range test)", "Config of this run"):
+                expect(page.get_by_text(text, exact=True).first).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_text("hidden columns", exact=False).first).to_be_visible(timeout=WAIT_MS)
+            page.get_by_role("button", name="Delete").first.click()
+            expect(page.get_by_text("Delete for good")).to_be_visible(timeout=WAIT_MS)
+            page.screenshot(path=str(tmp_path / "train.png"), full_page=True)
+            page.goto(f"{server}/classes")
+            expect(page.get_by_text("Top-5 accuracy")).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_text("Row-normalised")).to_be_visible(timeout=WAIT_MS)
+            page.goto(f"{server}/monitor")
+            expect(page.get_by_text("Learning rate (per step)").first).to_be_visible(timeout=WAIT_MS)
+            assert page.get_by_test_id("stException").count() == 0
+        finally:
+            browser.close()

@@ -66,13 +66,6 @@ def test_format_eta_and_progress():
     assert charts.progress_fraction(30, 20) == 1.0
 
 
-def test_stage_eta_from_epoch_times():
-    assert charts.stage_eta([], 0, 4) is None
-    assert charts.stage_eta([20.0, 40.0], 2, 5) == 90.0  # 3 epochs left at 30 s
-    assert charts.stage_eta([30.0], 1, 4, into_epoch_s=10.0) == 80.0
-    assert charts.stage_eta([30.0], 4, 4) == 0.0
-
-
 def _result():
     confusion = np.array([[8, 2, 0], [1, 3, 0], [0, 4, 0]])
     return class_result(["cat", "dog", "eel"], confusion, train_counts=[100, 40, 4])
@@ -138,3 +131,21 @@ def test_confusion_view_stays_readable_at_257_classes():
     full = charts.confusion_figure(confusion, classes)
     assert np.asarray(full.data[0].z).shape == (n, n)
     assert full.layout.xaxis.showticklabels is False and full.layout.height <= 900  # hover names the cells
+
+
+def test_legend_of_many_runs_gets_its_own_room_below_the_axis_title():
+    frames = {run: _frame([(0, 0, 0, .1), (0, 1, 0, .2)]).assign(train_acc=.3, val_balanced_acc=.1)
+              for run in ("a", "b", "c")}
+    fig = charts.curves_figure(frames, ["train_acc", "val_acc", "val_balanced_acc"], title="Accuracy")
+    legend = fig.layout.legend
+    assert (legend.yref, legend.yanchor, legend.y) == ("container", "bottom", 0)  # pinned to the figure's bottom
+    rows = charts.legend_rows(9)
+    assert fig.layout.margin.b >= charts.LEGEND_ROW_PX * (rows + 2)  # the legend's rows plus the axis title
+
+
+def test_log_axis_of_class_sizes_reads_as_round_numbers():
+    frame = pd.DataFrame({"class": list("abcd"), "train images": [9.0, 30.0, 60.0, 240.0],
+                          "val images": [2.0] * 4, "correct": [1.0] * 4, "accuracy": [.5, .6, .7, .8]})
+    axis = charts.accuracy_vs_size_figure(frame).layout.xaxis
+    assert list(axis.tickvals) == [10, 20, 50, 100, 200] and list(axis.ticktext) == ["10", "20", "50", "100", "200"]
+    assert charts.nice_log_ticks(1, 9) == [1, 2, 5]

@@ -32,7 +32,7 @@ def test_run_list_and_export(finished, capsys):
     assert main(["export", "tiny", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     epochs = [r for r in rows if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [1, 2] and [r["stage"] for r in epochs] == [0, 0]
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["stage"] for r in epochs] == [1, 1]  # from 1
     assert {"train_loss", "val_loss", "val_acc", "val_balanced_acc", "lr", "step"} <= set(epochs[0])
     assert [r["step"] for r in rows if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
     assert all("val_acc" not in r for r in rows if r["kind"] == "step")
@@ -99,3 +99,48 @@ def test_resume_of_finished_run_is_refused(finished, capsys):
 def test_list_without_runs(capsys):
     assert main(["list"]) == 0
     assert "No runs yet" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
+    """`python -m train data shapes --json | head`: the reader went away; exit 141 without a traceback."""
+    class ClosedPipe(io.TextIOWrapper):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    target = open(tmp_path / "out", "wb")
+    monkeypatch.setattr("sys.stdout", ClosedPipe(target))
+    assert main(["data", "shapes", "--json"]) == 141
+
+
+def test_delete_asks_and_reports_the_space_freed(finished, capsys, monkeypatch):
+    folder = paths.run_dir("tiny")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert main(["delete", "tiny"]) == 1 and folder.exists()
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["delete", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "Deleted run tiny." in out and f"Freed {size / 1e6:.1f} MB." in out
+    assert not folder.exists() and not RunStore().has_run("tiny")
+    assert main(["delete", "tiny", "--yes"]) == 2  # unknown now: one sentence
+    assert "There is no run named 'tiny'" in capsys.readouterr().err
+
+
+def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
+    from train.config import load_config
+    from train.lr_find import lr_range_test, suggest
+
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,)))
+    result = lr_range_test(load_config(path), steps=8, start=1e-4, end=1.0, device="cpu")
+    assert 3 <= len(result.lrs) == len(result.losses) <= 8
+    assert result.lrs[0] == pytest.approx(1e-4) and result.lrs == sorted(result.lrs)
+    csv_path = tmp_path / "lr.csv"
+    code = main(["lr-find", str(path), "--steps", "6", "--start", "1e-4", "--end", "1", "--csv", str(csv_path)])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and ("Suggested learning rate" in out) == (code == 0)
+    assert csv_path.read_text().startswith("lr,loss\n")
+    assert suggest([1e-3, 1e-2, 1e-1, 1.0], [2.0, 1.9, 1.0, 3.0]) == pytest.approx(1e-1)  # steepest fall
+    assert suggest([1e-3, 1e-2, 1e-1], [1.0, 1.5, 2.0]) is None  # never falls
+    assert main(["lr-find", str(path), "--stage", "2"]) == 2
+    assert "--stage must be between 1 and 1" in capsys.readouterr().err

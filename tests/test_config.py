@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import ConfigError, apply_overrides, load_config, parse_config
+from train.config import ConfigError, apply_overrides, load_config, parse_config, stage_rows, stages_from_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,6 +47,29 @@ def test_bad_stage_values_get_one_sentence(finetune, message):
         parse_config(two_stages(**finetune))
     assert str(info.value).startswith(message)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("finetune, field", [
+    ({"lr": -0.1}, "lr"), ({"dataset": "imagenet22k"}, "dataset"), ({"lerning_rate": 0.1}, "lerning_rate"),
+    ({"name": "pretrain"}, "name"), ({"init": "missing.pt"}, "init"), ({"warmup_epochs": 9}, "warmup_epochs"),
+])
+def test_config_errors_carry_the_stage_and_field(finetune, field):
+    with pytest.raises(ConfigError) as info:
+        parse_config(two_stages(**finetune))
+    assert (info.value.stage, info.value.field) == (1, field)
+
+
+def test_stage_table_rows_round_trip_and_keep_typed_values():
+    stages = two_stages(lr=5e-4, options={"seed": 3})["stages"]
+    assert parse_config({"stages": stages_from_rows(stage_rows(stages))}).to_dict()["stages"] == \
+        parse_config({"stages": stages}).to_dict()["stages"]
+    typed = stages_from_rows([{"dataset": "shapes", "epochs": "2.5", "lr": "1e-3", "batch_size": "4.0", "root": " "}])
+    assert typed == [{"dataset": "shapes", "epochs": 2.5, "lr": 0.001, "batch_size": 4}]
+    with pytest.raises(ConfigError) as info:
+        stages_from_rows([{"dataset": "shapes"}, {"options": "{not json"}])
+    assert (info.value.stage, info.value.field) == (1, "options")
+    with pytest.raises(ConfigError, match=r"^stage 2: the row is empty; choose a data set or delete the row\.$"):
+        stages_from_rows([{"dataset": "shapes"}, {"name": None, "epochs": ""}])
 
 
 def test_missing_root_named(tmp_path):

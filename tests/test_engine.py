@@ -77,14 +77,19 @@ def test_two_stage_run_records_everything(tmp_path, monkeypatch):
     assert all(m["val_acc"] is not None and m["val_balanced_acc"] is not None and m["images_per_s"] for m in epochs)
     steps = store.metrics("tiny", "step", stage=0)
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]  # 18 train images / batch 6 = 3 steps per epoch
+    times = [m["time"] for m in steps]  # when each step ran, before its epoch's row
+    assert times == sorted(times) and len(set(times)) == 6 and times[-1] <= epochs[1]["time"]
     stages = store.stages("tiny")
     assert [s["class_names"] for s in stages] == [["ant", "bee", "cat"]] * 2
     stage1 = paths.run_dir("tiny") / "stage1-s1"
     assert inits == ["scratch", str(stage1 / "best.pt")]
     last = load_checkpoint(stage1 / "last.pt")
-    assert all(k in last for k in REQUIRED_KEYS + ("optimizer", "scheduler", "sampler", "config_hash"))
+    assert all(k in last for k in REQUIRED_KEYS + ("config_hash",))
+    assert not {"optimizer", "scheduler", "trainer_state"} & set(last)  # a finished stage never resumes
     assert (last["epoch"], last["batches_done"], last["class_names"]) == (2, 0, ["ant", "bee", "cat"])
     assert stages[0]["best_path"] == str(stage1 / "best.pt") and stages[0]["best_val_acc"] is not None
+    best = load_checkpoint(stage1 / "best.pt")  # weights only: no optimizer state doubling its size
+    assert not {"optimizer", "scheduler", "trainer_state"} & set(best)
     result = store.class_results("tiny", 1)
     assert result["epoch"] == 2 and sum(result["val_counts"]) == 6 and len(result["confusion"]) == 3
     assert store.class_result_epochs("tiny", 0) == [1, 2]
@@ -120,13 +125,118 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     store = RunStore()
     assert store.get_run("tiny")["state"] == "stopped"
     last = load_checkpoint(paths.run_dir("tiny") / "stage1-s1" / "last.pt")
-    assert (last["epoch"], last["batches_done"], last["step"]) == (1, 1, 4)
+    assert (last["epoch"], last["batches_done"], last["step"]) == (1, 2, 5)  # the step under way is applied
     assert signal.getsignal(signal.SIGTERM) is not engine.StopFlag._handle  # handlers restored
     monkeypatch.setattr(Trainer, "_after_step", real_after)
     assert run_tiny(raw, resume=True) == "finished"
     epochs = store.metrics("tiny", "epoch")
     assert [(m["stage"], m["epoch"]) for m in epochs] == [(0, 1), (0, 2), (1, 1)]
     assert [m["step"] for m in store.metrics("tiny", "step", stage=0)] == [1, 2, 3, 4, 5, 6]
+
+
+TIMED = ("time", "images_per_s", "epoch_time_s")
+
+
+def run_record(name: str, raw: dict) -> dict:
+    """Everything a run produced that must not depend on being stopped: metric rows, per-class results, weights."""
+    store = RunStore()
+    rows = {kind: [{k: v for k, v in r.items() if k not in TIMED} for r in store.metrics(name, kind)]
+            for kind in ("step", "epoch")}
+    classes = [store.class_results(name, s["idx"], e) for s in store.stages(name)
+               for e in store.class_result_epochs(name, s["idx"])]
+    weights = {}
+    for i, stage in enumerate(raw["stages"]):
+        for kind in ("best", "last"):
+            ckpt = load_checkpoint(paths.run_dir(name) / f"stage{i + 1}-{stage['name']}" / f"{kind}.pt")
+            weights[(i, kind)] = ckpt["model"]
+    return {"rows": rows, "classes": [{k: v for k, v in c.items() if k != "time"} for c in classes],
+            "weights": weights}
+
+
+def assert_same_run(a: dict, b: dict) -> None:
+    assert a["rows"] == b["rows"]  # floats compared exactly
+    assert a["classes"] == b["classes"]
+    assert a["weights"].keys() == b["weights"].keys()
+    for key, state in a["weights"].items():
+        other = b["weights"][key]
+        assert state.keys() == other.keys()
+        assert all(torch.equal(state[k], other[k]) for k in state), key
+
+
+@pytest.mark.parametrize("stop_step, workers", [(5, 0), (3, 1)], ids=["mid-epoch", "epoch-boundary"])
+def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers):
+    """SIGTERM mid-epoch (after step 5 of 3-step epochs) or during an epoch's last step, then resume in a
+    process whose random generators have moved on: the same metrics and weights, bit for bit."""
+    import random
+
+    import numpy as np
+
+    raw = tiny_config(tmp_path, epochs=(3, 2), augment="strong", num_workers=workers, label_smoothing=0.1)
+    raw["stages"][1]["imbalance"] = "weighted_sampler"
+    assert run_tiny(raw, "whole") == "finished"
+    whole = run_record("whole", raw)
+    real_after = Trainer._after_step
+
+    def after_step(self, st, epoch, loss, lr, images):
+        real_after(self, st, epoch, loss, lr, images)
+        if st.index == 0 and st.step == stop_step - 1:  # the stop lands during the next step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    assert run_tiny(raw, "cut") == "stopped"
+    last = load_checkpoint(paths.run_dir("cut") / "stage1-s1" / "last.pt")
+    assert (last["epoch"], last["batches_done"]) == ((1, 2) if stop_step == 5 else (1, 0))
+    monkeypatch.setattr(Trainer, "_after_step", real_after)
+    torch.manual_seed(12345), random.seed(12345), np.random.seed(12345)  # a fresh process would differ too
+    assert run_tiny(raw, "cut", resume=True) == "finished"
+    assert_same_run(whole, run_record("cut", raw))
+
+
+def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
+    raw = tiny_config(tmp_path, epochs=(2,))
+    real_after = Trainer._after_step
+
+    def stop_after_first(self, st, epoch, loss, lr, images):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_after_step", stop_after_first)
+    assert run_tiny(raw) == "stopped"
+    monkeypatch.setattr(Trainer, "_after_step", real_after)
+    changed = {**raw, "stages": [{**raw["stages"][0], "lr": 0.02}]}
+    with pytest.raises(TrainingFailed, match=r"^stage 1 \(s1\) cannot resume: its checkpoint was written for a "
+                                             r"different stage configuration; start a new run instead\.$"):
+        run_tiny(changed, resume=True)
+    with pytest.raises(TrainingFailed, match=r"sample order differs \(seed 0 \(now 7\)\)"):
+        run_tiny({**raw, "seed": 7}, resume=True)
+    assert RunStore().get_run("tiny")["state"] == "failed"
+
+
+def test_early_stopping_ends_a_stage_without_gain_and_resume_moves_on(tmp_path, monkeypatch):
+    real = engine.evaluation.class_result
+
+    def flat(*args, **kwargs):  # validation balanced accuracy that never improves
+        return {**real(*args, **kwargs), "balanced_acc": 0.5}
+
+    monkeypatch.setattr(engine.evaluation, "class_result", flat)
+    raw = tiny_config(tmp_path, epochs=(4, 1))
+    raw["stages"][0]["patience"] = 2
+    assert run_tiny(raw) == "finished"
+    store = RunStore()
+    assert [(m["stage"], m["epoch"]) for m in store.metrics("tiny", "epoch")] == [(0, 1), (0, 2), (0, 3), (1, 1)]
+    last = load_checkpoint(paths.run_dir("tiny") / "stage1-s1" / "last.pt")
+    assert last["stopped_early"] and last["epoch"] == 3 and "optimizer" not in last
+    assert engine.find_resume_point(parse_config(raw), "tiny").stage == 2
+    assert store.stages("tiny")[0]["completed_epochs"] == 3
+
+
+def test_retention_final_keeps_only_the_last_stages_checkpoints(tmp_path):
+    raw = {**tiny_config(tmp_path, epochs=(1, 1)), "retention": "final"}
+    assert run_tiny(raw) == "finished"
+    run = paths.run_dir("tiny")
+    assert not list((run / "stage1-s1").glob("*.pt"))
+    assert sorted(p.name for p in (run / "stage2-s2").glob("*.pt")) == ["best.pt", "last.pt"]
+    first = RunStore().stages("tiny")[0]
+    assert first["best_path"] is None and first["last_path"] is None and first["best_val_acc"] is not None
 
 
 def test_resume_point_skips_finished_stages(tmp_path):

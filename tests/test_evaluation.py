@@ -69,3 +69,21 @@ def test_predict_and_misclassified():
     wrong = ev.misclassified(preds, CLASSES, source=lambda i: f"img{i}.jpg")
     assert [w["source"] for w in wrong] == ["img3.jpg", "img1.jpg"]  # most confident mistake first
     assert wrong[0]["true"] == "dog" and wrong[0]["predicted"] == "cat" and wrong[0]["confidence"] > 0.99
+
+
+def test_precision_recall_f1_and_top5():
+    import torch
+
+    from core.evaluation import class_result, predict
+
+    confusion = np.array([[3, 1, 0], [0, 2, 2], [0, 0, 0]])
+    r = class_result(["a", "b", "c"], confusion, top5_acc=0.9)
+    assert r["per_class_acc"] == [0.75, 0.5, None]  # recall
+    assert r["precision"] == [1.0, 2 / 3, 0.0]
+    assert r["f1"] == [pytest.approx(2 * 0.75 / 1.75), pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)), None]
+    assert r["top5_acc"] == 0.9
+
+    logits = torch.tensor([[9.0] + [0.0] * 6, [0, 9, 8, 7, 6, 5, 4.0], [9, 8, 7, 6, 5, 4, 3.0]])
+    model = torch.nn.Identity()
+    preds = predict(model, [(logits, torch.tensor([0, 6, 4]))])  # 0: top-1; 6: ranked 7th; 4: ranked 5th
+    assert preds.in_top5.tolist() == [True, False, True] and preds.top5_accuracy == pytest.approx(2 / 3)

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # argv: MARKER GO WHERE (step:N | build) then the CLI's own arguments. At WHERE it writes MARKER, then waits
 # for the signal (training step) or for GO (inside the image-cache build, possibly in a DataLoader worker).
+# The trainer reads the stop flag as the next step starts, applies that step and then saves: a signal held
+# at step:1 is saved as 2 batches done.
 PAUSE = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
@@ -95,7 +97,7 @@ def _finish(process: subprocess.Popen) -> tuple[int, str]:
 def test_a_stop_to_the_process_group_saves_and_resume_continues_exactly(tmp_path, sig):
     raw = tiny_config(tmp_path, epochs=(2,), num_workers=2)  # 3 steps per epoch, two DataLoader workers
     path = write_config(tmp_path, raw)
-    trainer, marker, _ = _start(tmp_path, "step:2", "run", str(path), "--run-name", "pg", "--quiet")
+    trainer, marker, _ = _start(tmp_path, "step:1", "run", str(path), "--run-name", "pg", "--quiet")
     _wait_for(marker, trainer)
     os.killpg(trainer.pid, sig)  # the trainer and its workers, as `kill -- -PGID` or a closed terminal
     code, err = _finish(trainer)
@@ -121,7 +123,7 @@ def test_closing_the_terminal_stops_the_run_like_sigterm(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=(2,), num_workers=2))
     marker, go = tmp_path / "paused", tmp_path / "go"
     master, slave = pty.openpty()
-    trainer = subprocess.Popen([sys.executable, "-c", PAUSE, str(marker), str(go), "step:2", "run", str(path),
+    trainer = subprocess.Popen([sys.executable, "-c", PAUSE, str(marker), str(go), "step:1", "run", str(path),
                                 "--run-name", "tty"], cwd=REPO, env=one_thread_env(), stdin=slave, stdout=slave,
                                stderr=slave, start_new_session=True)
     os.close(slave)
@@ -191,7 +193,7 @@ def test_a_second_ctrl_c_during_the_stop_save_lands_after_the_write(tmp_path, mo
 
     def after_step(self, st, epoch, loss, lr, images):
         real_after(self, st, epoch, loss, lr, images)
-        if st.step == 2:
+        if st.step == 1:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: stop after this step
 
     def save(obj, handle, *args, **kwargs):

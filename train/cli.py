@@ -14,10 +14,11 @@ from typing import Callable
 
 # module -> the commands it provides (kept here so `--help` lists them without importing torch)
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "train.commands": ("run", "resume", "list", "export", "eval"),
+    "train.commands": ("run", "resume", "list", "export", "eval", "delete"),
     "train.data_report": ("data",),
     "train.explain_cmd": ("explain",),
     "train.compare_cmd": ("compare",),
+    "train.lr_find": ("lr-find",),
 }
 
 
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
             status = int(args._run(args) or 0)
             sys.stdout.flush()  # a closed pipe (`| head`) shows here, not at exit
             return status
-    except BrokenPipeError:
+    except BrokenPipeError:  # `... | head` stopped reading: not an error worth a traceback
         _discard_stdout()
-        return 1
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

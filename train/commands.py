@@ -169,11 +169,12 @@ def export(args: argparse.Namespace) -> int:
 
 
 def export_rows(store: RunStore, name: str) -> list[dict[str, Any]]:
-    """Flat rows: kind, stage, stage_name, epoch, step, time and every metric that has a value."""
+    """Flat rows: kind, stage (numbered from 1), stage_name, epoch, step, time and every metric that has a value."""
     names = {s["idx"]: s["name"] for s in store.stages(name)}
     rows = []
     for r in store.all_metrics(name):
         row = {k: names.get(r["stage"]) if k == "stage_name" else r[k] for k in EXPORT_KEYS}
+        row["stage"] = r["stage"] + 1
         row.update({k: r[k] for k in METRIC_COLUMNS if r.get(k) is not None})
         rows.append(row)
     return rows
@@ -189,6 +190,35 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+# -------------------------------------------------------------------- delete
+def add_delete_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_names", metavar="RUN", nargs="+")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+
+def delete(args: argparse.Namespace) -> int:
+    """Delete runs for good (checkpoints, log, metrics), after a confirmation; says how much space was freed."""
+    from train import jobs
+
+    store = RunStore()
+    for name in args.run_names:
+        store.get_run(name)  # every name known before anything goes
+    sizes = {name: jobs.disk_usage(name) for name in args.run_names}
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError("Deleting runs needs a confirmation: answer on a terminal, or add --yes.")
+        listed = ", ".join(f"{n} ({jobs.format_bytes(s)})" for n, s in sizes.items())
+        if input(f"Delete {listed} with all their checkpoints and metrics? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("Nothing deleted.")
+            return 1
+    freed = 0
+    for name in args.run_names:
+        freed += jobs.delete(name)
+        print(f"Deleted run {name}.")
+    print(f"Freed {jobs.format_bytes(freed)}.")
+    return 0
 
 
 # ---------------------------------------------------------------------- eval
@@ -212,14 +242,18 @@ def evaluate(args: argparse.Namespace) -> int:
     found = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.device,
                                 args.batch_size, store=RunStore())
     r = found.result
+    top5 = f", top-5 accuracy {r['top5_acc']:.4f}" if r.get("top5_acc") is not None else ""
     print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images): "
-          f"accuracy {r['accuracy']:.4f}, balanced accuracy {r['balanced_acc']:.4f} [evaluation {found.id}]")
-    print(f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'ACC':>6}")
+          f"accuracy {r['accuracy']:.4f}, balanced accuracy {r['balanced_acc']:.4f}{top5} [evaluation {found.id}]")
+    print(f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'RECALL':>6} {'PRECIS':>6} {'F1':>6}")
     order = sorted(range(len(r["classes"])), key=lambda i: (r["per_class_acc"][i] is None, r["per_class_acc"][i]))
+
+    def f(value: float | None) -> str:
+        return "-" if value is None else format(value, ".3f")
+
     for i in order:
-        acc = r["per_class_acc"][i]
         print(f"{r['classes'][i][:30]:30} {r['train_counts'][i]:>6} {r['val_counts'][i]:>5} {r['correct'][i]:>7} "
-              f"{'-' if acc is None else format(acc, '.3f'):>6}")
+              f"{f(r['per_class_acc'][i]):>6} {f(r['precision'][i]):>6} {f(r['f1'][i]):>6}")
     pairs = confused_pairs(r["confusion"], r["classes"], args.top)
     if pairs:
         print("Most confused (true -> predicted):")
@@ -234,4 +268,5 @@ COMMANDS = {
     "list": (add_list_arguments, list_runs),
     "export": (add_export_arguments, export),
     "eval": (add_eval_arguments, evaluate),
+    "delete": (add_delete_arguments, delete),
 }

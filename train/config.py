@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("none", "light", "strong"),
     "imbalance": ("none", "weighted_loss", "class_balanced", "weighted_sampler"),
 }
+RETENTION = ("all", "final")
 _TRAIN_LAYERS = re.compile(r"all|head|from:layer[1-4]")
 
 
@@ -116,7 +117,14 @@ _YamlLoader.compose_node = _compose_node_limited  # type: ignore[method-assign]
 
 
 class ConfigError(UserError):
-    """A pipeline config that cannot run, explained in one sentence naming the stage and field."""
+    """A pipeline config that cannot run, explained in one sentence naming the stage and field.
+
+    ``stage`` (index from 0) and ``field`` (a stage key) say where the problem is when it is in a stage.
+    """
+
+    def __init__(self, message: str, stage: int | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.stage, self.field = stage, field
 
 
 @dataclass
@@ -144,6 +152,7 @@ class StageConfig:
     cb_beta: float = 0.999
     init: str = "scratch"
     num_workers: int = 0
+    patience: int = 0  # early stopping: end the stage after this many epochs without a better balanced accuracy
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +169,7 @@ class PipelineConfig:
     compile: bool = False
     amp: bool = True
     channels_last: bool = True
+    retention: str = "all"  # all: keep every stage's checkpoints; final: once finished, only the last stage's
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,6 +188,7 @@ class PipelineConfig:
 
 
 STAGE_DEFAULTS = {f.name: f.default for f in fields(StageConfig) if f.name not in ("dataset", "options")}
+PIPELINE_DEFAULTS = {f.name: f.default for f in fields(PipelineConfig) if f.name not in ("stages", "source")}
 PIPELINE_KEYS = {f.name for f in fields(PipelineConfig)} - {"source"}
 
 
@@ -233,10 +244,10 @@ def stage_label(index: int, stage: StageConfig | dict[str, Any] | None = None) -
 def _parse_stage(i: int, raw: Any, base: Path, data_root: str | Path | None, check_data: bool) -> StageConfig:
     label = stage_label(i, raw if isinstance(raw, dict) else None)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{label}: each stage must be a mapping of keys, got {type(raw).__name__}.")
-    _check_keys(raw, {f.name for f in fields(StageConfig)}, label)
+        raise ConfigError(f"{label}: each stage must be a mapping of keys, got {type(raw).__name__}.", stage=i)
+    _check_keys(raw, {f.name for f in fields(StageConfig)}, label, stage=i)
     if "dataset" not in raw:
-        raise ConfigError(f"{label}: 'dataset' is required.")
+        raise ConfigError(f"{label}: 'dataset' is required.", stage=i, field="dataset")
     values = {**raw}
     values.setdefault("name", f"stage{i + 1}")
     if values.get("options") is None:
@@ -247,10 +258,11 @@ def _parse_stage(i: int, raw: Any, base: Path, data_root: str | Path | None, che
     return stage
 
 
-def _check_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
+def _check_keys(raw: dict[str, Any], allowed: set[str], where: str, stage: int | None = None) -> None:
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}.")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}.",
+                          stage=stage, field=unknown[0] if stage is not None else None)
 
 
 def _validate_pipeline(config: PipelineConfig) -> None:
@@ -267,22 +279,30 @@ def _validate_pipeline(config: PipelineConfig) -> None:
     for key in ("compile", "amp", "channels_last"):
         if not isinstance(getattr(config, key), bool):
             raise ConfigError(f"the config: {key} must be true or false, got {getattr(config, key)!r}.")
+    if config.retention not in RETENTION:
+        raise ConfigError(f"the config: retention must be one of {', '.join(RETENTION)}, got {config.retention!r}.")
 
 
-def _number(label: str, key: str, value: Any, integer: bool = False) -> float:
+def _number(i: int, label: str, key: str, value: Any, integer: bool = False) -> float:
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{label}: {key} must be {kind}, got {value!r}.")
+        raise ConfigError(f"{label}: {key} must be {kind}, got {value!r}.", stage=i, field=key)
     if not math.isfinite(value):
-        raise ConfigError(f"{label}: {key} must be a finite number, got {value!r}.")
+        raise ConfigError(f"{label}: {key} must be a finite number, got {value!r}.", stage=i, field=key)
     return value
 
 
+MAX_BATCH_SIZE = 8192  # per process; larger batches do not fit any GPU at ResNet sizes
+
+
 def _validate_stage(i: int, s: StageConfig, label: str) -> None:
+    def fail(key: str, text: str) -> ConfigError:
+        return ConfigError(f"{label}: {text}", stage=i, field=key)
+
     ranges = {  # key: (low, low inclusive, high, high inclusive, integer)
         "epochs": (1, True, MAX_EPOCHS, True, True),
-        "batch_size": (1, True, 65_536, True, True),
+        "batch_size": (1, True, MAX_BATCH_SIZE, True, True),
         "image_size": (16, True, 1024, True, True),
         "lr": (0, False, 1_000, True, False),
         "momentum": (0, True, 1, False, False),
@@ -292,82 +312,88 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         "freeze_epochs": (0, True, MAX_EPOCHS, True, True),
         "cb_beta": (0, True, 1, False, False),
         "num_workers": (0, True, 64, True, True),
+        "patience": (0, True, None, False, True),
     }
     for key, (low, low_inc, high, high_inc, integer) in ranges.items():
-        value = _number(label, key, getattr(s, key), integer)
+        value = _number(i, label, key, getattr(s, key), integer)
         if value < low or (value == low and not low_inc):
-            raise ConfigError(f"{label}: {key} must be {'>=' if low_inc else '>'} {low}, got {value!r}.")
+            raise fail(key, f"{key} must be {'>=' if low_inc else '>'} {low}, got {value!r}.")
         if high is not None and (value > high or (value == high and not high_inc)):
-            raise ConfigError(f"{label}: {key} must be {'<=' if high_inc else '<'} {high}, got {value!r}.")
+            raise fail(key, f"{key} must be {'<=' if high_inc else '<'} {high}, got {value!r}.")
     for key, allowed in CHOICES.items():
         if getattr(s, key) not in allowed:
-            raise ConfigError(f"{label}: {key} must be one of {', '.join(allowed)}, got {getattr(s, key)!r}.")
+            raise fail(key, f"{key} must be one of {', '.join(allowed)}, got {getattr(s, key)!r}.")
     if not isinstance(s.train_layers, str) or not _TRAIN_LAYERS.fullmatch(s.train_layers):
-        raise ConfigError(f"{label}: train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
+        raise fail("train_layers", f"train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
     if s.warmup_epochs > s.epochs:
-        raise ConfigError(f"{label}: warmup_epochs ({s.warmup_epochs}) cannot exceed epochs ({s.epochs}).")
+        raise fail("warmup_epochs", f"warmup_epochs ({s.warmup_epochs}) cannot exceed epochs ({s.epochs}).")
     if not isinstance(s.options, dict):
-        raise ConfigError(f"{label}: options must be a mapping, got {s.options!r}.")
+        raise fail("options", f"options must be a mapping, got {s.options!r}.")
     if not isinstance(s.init, str) or not s.init:
-        raise ConfigError(f"{label}: init must be scratch, imagenet, previous or a checkpoint path.")
+        raise fail("init", "init must be scratch, imagenet, previous or a checkpoint path.")
     if s.init == "previous" and i == 0:
-        raise ConfigError(f"{label}: init 'previous' needs an earlier stage; use scratch, imagenet or a path.")
-    _check_dataset(label, s.dataset)
-    _check_options(label, s)
+        raise fail("init", "init 'previous' needs an earlier stage; use scratch, imagenet or a path.")
+    _check_dataset(i, label, s.dataset)
+    _check_options(i, label, s)
 
 
-def _check_dataset(label: str, name: Any) -> None:
+def _check_dataset(i: int, label: str, name: Any) -> None:
     from core.datasets import DATASETS
 
     if not isinstance(name, str):
-        raise ConfigError(f"{label}: dataset must be the name of one data set, got {name!r}.")
+        raise ConfigError(f"{label}: dataset must be the name of one data set, got {name!r}.",
+                          stage=i, field="dataset")
     if name not in DATASETS:
-        raise ConfigError(f"{label}: unknown dataset {name!r}; known data sets are {', '.join(sorted(DATASETS))}.")
+        raise ConfigError(f"{label}: unknown dataset {name!r}; known data sets are {', '.join(sorted(DATASETS))}.",
+                          stage=i, field="dataset")
 
 
-def _check_options(label: str, s: StageConfig) -> None:
+def _check_options(i: int, label: str, s: StageConfig) -> None:
     from core.datasets import COMMON_OPTIONS, DATASETS
 
     accepted = {**DATASETS[s.dataset].options, **COMMON_OPTIONS}
     unknown = sorted(set(s.options) - set(accepted))
     if unknown:
         names = ", ".join(accepted) or "none"
-        raise ConfigError(f"{label}: data set {s.dataset} has no option {unknown[0]!r} (its options: {names}).")
+        raise ConfigError(f"{label}: data set {s.dataset} has no option {unknown[0]!r} (its options: {names}).",
+                          stage=i, field="options")
     for key, value in s.options.items():
-        _check_option(label, key, value, accepted[key])
+        _check_option(i, label, key, value, accepted[key])
 
 
-def _check_option(label: str, key: str, value: Any, default: Any) -> None:
+def _check_option(i: int, label: str, key: str, value: Any, default: Any) -> None:
     """An option value is a scalar of its default's type (any number where the default is a number or None)."""
     if value is None:
         return
+    wrong = ConfigError(f"{label}: options.{key} must be {_kind(default)}, got {value!r}.", stage=i, field="options")
     if isinstance(default, bool) or isinstance(value, bool):
         if not isinstance(value, bool) or not isinstance(default, bool):
-            raise ConfigError(f"{label}: options.{key} must be {_kind(default)}, got {value!r}.")
+            raise wrong
         return
     if isinstance(default, (int, float)) or default is None:
-        _number(label, f"options.{key}", value, integer=default is None or isinstance(default, int))
+        _number(i, label, f"options.{key}", value, integer=default is None or isinstance(default, int))
         return
     if not isinstance(value, type(default)):
-        raise ConfigError(f"{label}: options.{key} must be {_kind(default)}, got {value!r}.")
+        raise wrong
 
 
 def _kind(default: Any) -> str:
     return "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
 
 
-def _check_data_present(label: str, s: StageConfig) -> None:
+def _check_data_present(i: int, label: str, s: StageConfig) -> None:
     from core.datasets import DATASETS, OWN_FOLDER, DatasetError, DatasetMissing, class_counts
 
     folder = DATASETS[s.dataset].folder
     if folder is None:
         return
     if folder != OWN_FOLDER and not Path(str(s.root)).is_dir():
-        raise ConfigError(f"{label}: root {s.root} does not exist; download {s.dataset} there or set root.")
+        raise ConfigError(f"{label}: root {s.root} does not exist; download {s.dataset} there or set root.",
+                          stage=i, field="root")
     try:
         class_counts(s.dataset, s.root, "train", **s.options)
     except (DatasetMissing, DatasetError) as exc:
-        raise ConfigError(f"{label}: {exc}") from None
+        raise ConfigError(f"{label}: {exc}", stage=i, field="root") from None
 
 
 def _is_own_folder(name: str) -> bool:
@@ -382,17 +408,17 @@ def _resolve_paths(
 ) -> None:
     if s.root is None and _is_own_folder(s.dataset):
         raise ConfigError(f"{label}: root is required for dataset {s.dataset}: the folder that holds your images "
-                          "(one folder per class, or train/ and val/ folders of class folders).")
+                          "(one folder per class, or train/ and val/ folders of class folders).", stage=i, field="root")
     if s.root is None:
         s.root = str(Path(data_root).resolve() if data_root is not None else paths.data_root())
     else:
         s.root = str((base / Path(s.root).expanduser()).resolve())
     if check_data:
-        _check_data_present(label, s)
+        _check_data_present(i, label, s)
     if s.init not in ("scratch", "imagenet", "previous"):
         init = (base / Path(s.init).expanduser()).resolve()
         if check_data and not init.is_file():
-            raise ConfigError(f"{label}: init checkpoint {init} does not exist.")
+            raise ConfigError(f"{label}: init checkpoint {init} does not exist.", stage=i, field="init")
         s.init = str(init)
 
 
@@ -402,10 +428,76 @@ def _check_stage_names(stages: list[StageConfig]) -> None:
         try:
             paths.safe_name(str(s.name))
         except ValueError:
-            raise ConfigError(f"{stage_label(i)}: name {s.name!r} must be letters, digits, '.', '_' or '-'.") from None
+            raise ConfigError(f"{stage_label(i)}: name {s.name!r} must be letters, digits, '.', '_' or '-'.",
+                              stage=i, field="name") from None
         if s.name in seen:
-            raise ConfigError(f"{stage_label(i, s)}: name {s.name!r} is used by an earlier stage.")
+            raise ConfigError(f"{stage_label(i, s)}: name {s.name!r} is used by an earlier stage.",
+                              stage=i, field="name")
         seen.add(s.name)
+
+
+# ------------------------------------------------------------------ the stage table
+TEXT_KEYS = ("name", "dataset", "root", "init", "train_layers", *CHOICES)  # cells that are plain words
+
+
+def stage_rows(stages: list[dict[str, Any]]) -> list[dict[str, str | None]]:
+    """A pipeline's stages as table rows of text cells (every stage key; defaults filled in, options as JSON)."""
+    columns = ["name", "dataset", *[k for k in STAGE_DEFAULTS if k != "name"], "options"]
+    rows = []
+    for stage in stages:
+        values = {**STAGE_DEFAULTS, **stage}
+        rows.append({k: _cell_text(k, values.get(k)) for k in columns})
+    return rows
+
+
+def _cell_text(key: str, value: Any) -> str | None:
+    if key == "options":
+        return json.dumps(value or {})
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)  # 0.0005, 1e-05, true: YAML reads them back
+
+
+def stages_from_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stage dicts from table rows, keeping every typed value exactly (text read as a YAML scalar: ``2.5`` stays
+    2.5 and is then refused for epochs); a blank cell means the default. A row with no data set, or a cell that
+    cannot be read, is a ``ConfigError`` with the row's stage index and the field."""
+    stages = []
+    for i, row in enumerate(rows):
+        stage: dict[str, Any] = {}
+        for key, cell in row.items():
+            if _blank(cell):
+                continue
+            stage[key] = _cell_value(i, key, cell)
+        if "dataset" not in stage:
+            what = "is empty" if not stage else "has no data set"
+            raise ConfigError(f"{stage_label(i, stage)}: the row {what}; choose a data set or delete the row.",
+                              stage=i, field="dataset")
+        stages.append(stage)
+    return stages
+
+
+def _blank(cell: Any) -> bool:
+    return cell is None or (isinstance(cell, float) and math.isnan(cell)) or (isinstance(cell, str) and not cell.strip())
+
+
+def _cell_value(i: int, key: str, cell: Any) -> Any:
+    if hasattr(cell, "item"):  # numpy scalars from a numeric column
+        cell = cell.item()
+    if not isinstance(cell, str):
+        value = cell
+    elif key in TEXT_KEYS:
+        return cell.strip()
+    else:
+        try:
+            value = parse_yaml(cell)
+        except yaml.YAMLError:
+            raise ConfigError(f"{stage_label(i)}: {key} {cell!r} cannot be read as "
+                              f"{'JSON' if key == 'options' else 'a value'}.", stage=i, field=key) from None
+    default = STAGE_DEFAULTS.get(key)
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
+        return int(value)  # 4.0 is exactly 4
+    return value
 
 
 # ------------------------------------------------------------------ overrides

@@ -97,11 +97,14 @@ class ShardedSampler(Sampler[int]):
     """Seeded per-epoch order of ``n`` indices (shuffled, or drawn with ``weights``), this rank's share.
 
     Every rank yields ``len(self)`` indices; ``start`` skips the first indices of the shard (resume).
+    With ``seeded``, it yields ``(index, seed)`` pairs instead, the seed derived from (seed, epoch,
+    position in the epoch's order) for ``train.reproducible.SeededItems``.
     """
 
     def __init__(self, n: int, seed: int = 0, rank: int = 0, world: int = 1, shuffle: bool = True,
-                 weights: Sequence[float] | None = None) -> None:
+                 weights: Sequence[float] | None = None, seeded: bool = False) -> None:
         self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.seeded = seeded
         self.weights = torch.as_tensor(weights, dtype=torch.double) if weights is not None else None
         self.epoch, self.start = 0, 0
         self.per_rank = -(-n // world)  # ceil: pad by repeating, as DistributedSampler does
@@ -117,12 +120,18 @@ class ShardedSampler(Sampler[int]):
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         return torch.cat([order, order[: total - self.n]]) if total > self.n else order
 
-    def __iter__(self) -> Iterator[int]:
-        shard = self._order()[self.rank::self.world]
-        return iter(shard[self.start:].tolist())
+    def __iter__(self) -> Iterator[Any]:
+        shard = self._order()[self.rank::self.world][self.start:].tolist()
+        if not self.seeded:
+            return iter(shard)
+        from train.reproducible import sample_seed
+
+        first = self.start * self.world + self.rank
+        return iter((index, sample_seed(self.seed, self.epoch, first + k * self.world))
+                    for k, index in enumerate(shard))
 
     def __len__(self) -> int:
         return self.per_rank - self.start
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "start": self.start}
+        return {"seed": self.seed, "epoch": self.epoch, "start": self.start, "n": self.n, "world": self.world}

@@ -7,9 +7,9 @@ and confusion matrix into the store) and writes ``last.pt`` (every epoch) and ``
 ``val_acc``) atomically under ``<run dir>/stage<k>-<name>/``.
 
 Faults: SIGTERM/SIGINT/SIGHUP (to the trainer or its whole process group, see train/signals.py)
-finish the current step, save ``last.pt`` (mid-epoch position included) and mark the run ``stopped``; a NaN/inf loss marks it ``failed``; after any crash, ``resume``
-continues from the newest ``last.pt`` and deletes store rows written after it, so metrics are
-never lost or duplicated. Under ``torchrun`` only rank 0 writes the store and checkpoints.
+finish the current step, save ``last.pt`` (mid-epoch position included) and mark the run ``stopped``;
+a NaN/inf loss marks it ``failed``; after any crash, ``resume`` continues from the newest ``last.pt``
+and deletes store rows written after it, so metrics are never lost or duplicated. Under ``torchrun`` only rank 0 writes the store and checkpoints.
 """
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ from core.tempfiles import sweep_stale
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
+from train.progress import Progress, StageWork, gpu_usage
+from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
 from train.signals import StopFlag, worker_init_fn
 
 HEARTBEAT_S = 2.0
@@ -170,36 +172,6 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int,
 
 
 # ------------------------------------------------------------------- progress
-@dataclass
-class Progress:
-    """Shared between the loop, the heartbeat thread and the display."""
-
-    stage: int = 0
-    epoch: int = 0
-    step: int = 0
-    done_steps: int = 0
-    total_steps: int = 0
-    images_per_s: float | None = None
-    eta_s: float | None = None
-    _window: list[tuple[float, int]] = field(default_factory=list)
-
-    def advance(self, images: int) -> None:
-        """One optimizer step of ``images`` images: update rate (last ~50 steps) and ETA."""
-        self.done_steps += 1
-        now = time.monotonic()
-        self._window = (self._window + [(now, images)])[-50:]
-        if len(self._window) > 1:
-            span = now - self._window[0][0]
-            imgs = sum(n for _, n in self._window[1:])
-            self.images_per_s = imgs / span if span > 0 else None
-            per_step = span / (len(self._window) - 1)
-            self.eta_s = max(0, self.total_steps - self.done_steps) * per_step
-
-    def fields(self) -> dict[str, Any]:
-        return {"stage": self.stage, "epoch": self.epoch, "step": self.step, "done_steps": self.done_steps,
-                "total_steps": self.total_steps, "images_per_s": self.images_per_s, "eta_s": self.eta_s}
-
-
 class Display:
     """A tqdm bar on a terminal; otherwise a plain progress line every ``every_s`` seconds (for log files)."""
 
@@ -282,15 +254,16 @@ class _NoStore:
 class Heartbeat(threading.Thread):
     """Writes ``progress`` to the run store every ``HEARTBEAT_S`` seconds until stopped."""
 
-    def __init__(self, store: RunStore, run_name: str, progress: Progress) -> None:
+    def __init__(self, store: RunStore, run_name: str, progress: Progress, device: torch.device | None = None) -> None:
         super().__init__(name="reslens-heartbeat", daemon=True)
-        self.store, self.run_name, self.progress = store, run_name, progress
+        self.store, self.run_name, self.progress, self.device = store, run_name, progress, device
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(HEARTBEAT_S):
             try:
-                self.store.heartbeat(self.run_name, **self.progress.fields())
+                gpu = gpu_usage(self.device)
+                self.store.heartbeat(self.run_name, **self.progress.fields(), **({"gpu": gpu} if gpu else {}))
             except Exception:  # noqa: BLE001 - a busy store must not kill training; the next beat retries
                 pass
 
@@ -313,7 +286,7 @@ def find_resume_point(config: PipelineConfig, run_name: str) -> ResumePoint:
         if not last.is_file():
             return ResumePoint(i)
         ckpt = load_checkpoint(last)
-        if ckpt["epoch"] < stage.epochs or ckpt.get("batches_done", 0):
+        if (ckpt["epoch"] < stage.epochs and not ckpt.get("stopped_early")) or ckpt.get("batches_done", 0):
             return ResumePoint(i, ckpt)
     return ResumePoint(len(config.stages))
 
@@ -342,8 +315,9 @@ class Trainer:
                 sweep_stale(paths.run_dir(self.run_name), ".*.pt.*.tmp", recursive=True)
                 sweep_stale_builds()
             point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
-            self.progress.total_steps = self._stage_steps(self.config.stages)
-            self.progress.done_steps = self._steps_done(point)
+            plan = self._plan()
+            done = sum(w.steps for w in plan[: point.stage]) + (point.checkpoint or {}).get("step", 0)
+            self.progress.set_plan(plan, done)
             for i in range(point.stage, len(self.config.stages)):
                 self._run_stage(i, point.checkpoint if i == point.stage else None)
         finally:
@@ -355,28 +329,26 @@ class Trainer:
         if self.stop.requested:
             raise StopRequested()
 
-    def _stage_steps(self, stages: list[StageConfig]) -> int:
-        """Optimizer steps of whole ``stages`` (counted from file lists, nothing decoded)."""
+    def _plan(self) -> list[StageWork]:
+        """Every stage's work, for progress and ETA (counted from file lists, nothing decoded)."""
         from core.datasets import class_counts
 
-        total = 0
-        for s in stages:
-            per_rank = -(-sum(class_counts(s.dataset, s.root, "train", **s.options).values()) // self.ctx.world)
-            total += s.epochs * steps_per_epoch(per_rank, s.batch_size)
-        return total
-
-    def _steps_done(self, point: ResumePoint) -> int:
-        before = self._stage_steps(self.config.stages[: point.stage])
-        return before + (point.checkpoint or {}).get("step", 0)
+        plan = []
+        for s in self.config.stages:
+            train = sum(class_counts(s.dataset, s.root, "train", **s.options).values())
+            val = sum(class_counts(s.dataset, s.root, "val", **s.options).values())
+            steps = s.epochs * steps_per_epoch(-(-train // self.ctx.world), s.batch_size)
+            plan.append(StageWork(steps, s.epochs, float(s.batch_size * s.image_size ** 2), val, train))
+        return plan
 
     # -- one stage
     def _run_stage(self, index: int, checkpoint: dict[str, Any] | None) -> None:
         stage = self.config.stages[index]
         label = stage_label(index, stage)
-        torch.manual_seed(self.config.seed * 1000 + index)
         workers = stage.num_workers
         self.display.message(f"{label}: preparing {stage.dataset} (decoded once into the image cache)")
         data = load_stage_data(stage, self.ctx, workers, check=None if self.ctx.enabled else self._check_stop)
+        torch.manual_seed(self.config.seed * 1000 + index)  # after the cache: building it draws random numbers
         model = self._build_model(index, stage, data, checkpoint)
         train_loader, sampler = self._train_loader(stage, data)
         per_epoch = steps_per_epoch(len(sampler), stage.batch_size)
@@ -384,9 +356,13 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, per_epoch))
         start_epoch, batches_done, best = 0, 0, None
         if checkpoint is not None:
+            start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
+            expected = {**sampler.state_dict(), "epoch": start_epoch, "start": batches_done * stage.batch_size}
+            problem = resume_mismatch(checkpoint, self.config.stage_hash(index), expected)
+            if problem:
+                raise TrainingFailed(f"{label} cannot resume: {problem}; start a new run instead.")
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
-            start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
             best = checkpoint["metrics"].get("best_val_acc")
         else:
             best = self._kept_best(index, stage)
@@ -395,9 +371,15 @@ class Trainer:
         self.store.truncate_after(self.run_name, index, start_epoch, step=step)
         state = _StageState(index, stage, label, data, model, optimizer, scheduler, sampler, train_loader,
                             per_epoch, step, best, self.channels_last)
+        if checkpoint is not None:
+            state.load_trainer_state(checkpoint.get("trainer_state") or {})
         for epoch in range(start_epoch, stage.epochs):
             self._run_epoch(state, epoch, batches_done if epoch == start_epoch else 0)
-        self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
+            if state.stopped_early:
+                break
+        self.progress.finish_stage(index)
+        if not state.stopped_early:
+            self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
 
     def _kept_best(self, index: int, stage: StageConfig) -> float | None:
         """The accuracy to beat when a stage restarts but an earlier attempt's ``best.pt`` is there (its
@@ -437,11 +419,13 @@ class Trainer:
         if stage.imbalance == "weighted_sampler":
             weights = [1.0 / data.train_counts[t] for t in data.train.targets]
         sampler = ddp.ShardedSampler(len(data.train), self.config.seed, self.ctx.rank, self.ctx.world,
-                                     weights=weights)
+                                     weights=weights, seeded=True)
         drop_last = len(sampler) >= stage.batch_size
-        loader = DataLoader(data.train, batch_size=stage.batch_size, sampler=sampler, drop_last=drop_last,
-                            num_workers=stage.num_workers, pin_memory=self.ctx.device.type == "cuda",
-                            persistent_workers=stage.num_workers > 0, worker_init_fn=worker_init_fn())
+        # augmentation draws from per-sample seeds; the loader's own generator keeps the global RNG untouched
+        loader = DataLoader(SeededItems(data.train), batch_size=stage.batch_size, sampler=sampler,
+                            drop_last=drop_last, num_workers=stage.num_workers,
+                            pin_memory=self.ctx.device.type == "cuda", persistent_workers=stage.num_workers > 0,
+                            generator=torch.Generator().manual_seed(self.config.seed), worker_init_fn=worker_init_fn())
         return loader, sampler
 
     # -- one epoch
@@ -449,15 +433,15 @@ class Trainer:
         prefixes = trainable_prefixes(st.stage.train_layers, head_only=epoch < st.stage.freeze_epochs)
         train_model = st.wrapped(prefixes, self.ctx, self.config.compile)
         st.sampler.set_epoch(epoch, start=skip_batches * st.stage.batch_size)
-        self.progress.stage, self.progress.epoch, self.progress.step = st.index, epoch + 1, st.step
+        self.progress.start_epoch(st.index, epoch + 1, st.step)
         self.store.heartbeat(self.run_name, **self.progress.fields())
         self.display.start_epoch(f"{st.label} epoch {epoch + 1}/{st.stage.epochs}",
                                  st.steps_per_epoch - skip_batches)
-        started = time.monotonic()
+        started, carried = time.monotonic(), st.totals[2]
         totals = self._train_steps(st, train_model, epoch, skip_batches)
         elapsed = time.monotonic() - started
         self._flush_steps(st.index, epoch + 1, force=True)
-        metrics = self._validate(st, epoch, totals, elapsed)
+        metrics = self._validate(st, epoch, totals, elapsed, carried)
         self._end_epoch(st, epoch, metrics)
         if self.stop.requested:
             raise StopRequested()
@@ -465,7 +449,6 @@ class Trainer:
     def _train_steps(self, st: "_StageState", model: nn.Module, epoch: int, batch_index: int) -> list[float]:
         """Train one (rest of an) epoch; returns summed [loss*n, correct, n] over all ranks."""
         criterion = nn.CrossEntropyLoss(weight=st.weights(self.ctx.device), label_smoothing=st.stage.label_smoothing)
-        loss_sum = correct = seen = 0.0
         for images, labels in st.loader:
             images = st.normalize(images.to(self.ctx.device, non_blocking=True))
             labels = labels.to(self.ctx.device, non_blocking=True)
@@ -473,8 +456,6 @@ class Trainer:
                 logits = model(images)
                 loss = criterion(logits.float(), labels)
             value, stop = self._agree(loss.detach(), len(labels))
-            if stop:  # this batch is not applied; resume starts with it
-                self._save_stop(st, epoch, batch_index)
             if not math.isfinite(value):
                 self._diverged(st, epoch, value)
             lr = st.optimizer.param_groups[0]["lr"]
@@ -483,11 +464,14 @@ class Trainer:
             st.scheduler.step()
             batch_index += 1
             st.step += 1
-            loss_sum += float(loss.detach()) * len(labels)
-            correct += float((logits.argmax(1) == labels).sum())
-            seen += len(labels)
+            st.totals[0] += float(loss.detach()) * len(labels)
+            st.totals[1] += float((logits.argmax(1) == labels).sum())
+            st.totals[2] += len(labels)
             self._after_step(st, epoch, value, lr, len(labels) * self.ctx.world)
-        return ddp.all_sum(self.ctx, [loss_sum, correct, seen])
+            if stop and batch_index < st.steps_per_epoch:  # this step is applied; resume starts after it
+                self._save_stop(st, epoch, batch_index)
+        totals, st.totals = st.totals, [0.0, 0.0, 0.0]
+        return ddp.all_sum(self.ctx, totals)
 
     def _agree(self, loss: torch.Tensor, n: int) -> tuple[float, bool]:
         """The mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
@@ -502,9 +486,8 @@ class Trainer:
         )
 
     def _after_step(self, st: "_StageState", epoch: int, loss: float, lr: float, images: int) -> None:
-        self.progress.advance(images)
-        self.progress.step = st.step
-        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr})
+        self.progress.advance(images, st.step)
+        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time()})
         st.last_lr = lr
         self._flush_steps(st.index, epoch + 1)
         self.display.step(self.progress, loss)
@@ -522,19 +505,24 @@ class Trainer:
         ddp.barrier(self.ctx)
         raise StopRequested()
 
-    def _validate(self, st: "_StageState", epoch: int, totals: list[float], elapsed: float) -> dict[str, Any]:
+    def _validate(self, st: "_StageState", epoch: int, totals: list[float], elapsed: float,
+                  carried: float = 0.0) -> dict[str, Any]:
+        """Epoch metrics (``carried``: images of this epoch trained before a resume, not timed here)."""
         loss_sum, correct, seen = totals
+        timed = seen - carried * self.ctx.world
         metrics: dict[str, Any] = {
             "train_loss": loss_sum / seen if seen else None, "train_acc": correct / seen if seen else None,
             "lr": st.last_lr, "epoch_time_s": elapsed,
-            "images_per_s": seen / elapsed if elapsed > 0 and seen else None,
+            "images_per_s": timed / elapsed if elapsed > 0 and timed > 0 else None,
         }
         if not self.ctx.is_main:
             return metrics
         loader = DataLoader(st.data.val, batch_size=max(st.stage.batch_size, 64), num_workers=0)
+        started = time.monotonic()
         preds = evaluation.predict(st.model, loader, self.ctx.device, prepare=st.normalize, autocast_dtype=self.amp)
+        self.progress.validated(time.monotonic() - started)
         confusion = preds.confusion(len(st.data.classes))
-        result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts)
+        result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts, preds.top5_accuracy)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
         self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
@@ -547,6 +535,8 @@ class Trainer:
         improved = val_acc is not None and (st.best is None or val_acc > st.best)
         if improved:
             st.best = val_acc
+        st.stopped_early = ddp.broadcast(self.ctx, st.early_stop(metrics.get("val_balanced_acc"))) \
+            and epoch + 1 < st.stage.epochs
         if self.ctx.is_main:
             summary = {**metrics, "best_val_acc": st.best}
             fields: dict[str, Any] = {}
@@ -557,18 +547,29 @@ class Trainer:
             fields.update(last_path=str(last), completed_epochs=epoch + 1)
             self.store.update_stage(self.run_name, st.index, **fields)
             self.display.message(_epoch_line(st.label, epoch + 1, st.stage.epochs, metrics))
+            if st.stopped_early:
+                self.display.message(f"{st.label} stops early after epoch {epoch + 1}: validation balanced "
+                                     f"accuracy has not improved for {st.stage.patience} epoch(s).")
         ddp.barrier(self.ctx)
 
     def _save(self, st: "_StageState", kind: str, epoch: int, batches_done: int, metrics: dict[str, Any]) -> Path:
+        """``best.pt`` holds the weights only; ``last.pt`` also everything a resume needs (optimizer,
+        scheduler, sampler position, ``trainer_state``: RNG states, the epoch's running totals, extra state)."""
         payload = {
             "arch": self.config.arch, "num_classes": len(st.data.classes), "class_names": st.data.classes,
             "preprocessing": st.data.preprocessing.to_dict(), "model": st.model.state_dict(),
-            "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
-            "sampler": st.sampler.state_dict(), "epoch": epoch, "batches_done": batches_done, "step": st.step,
+            "epoch": epoch, "batches_done": batches_done, "step": st.step,
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
-            "run_name": self.run_name, "dataset": st.stage.dataset,
+            "run_name": self.run_name, "dataset": st.stage.dataset, "stopped_early": st.stopped_early,
         }
+        stage_done = batches_done == 0 and (epoch >= st.stage.epochs or st.stopped_early)
+        if kind == "last" and not stage_done:  # a finished stage never resumes: its last.pt keeps the weights only
+            payload.update(
+                optimizer=st.optimizer.state_dict(), scheduler=st.scheduler.state_dict(),
+                sampler={**st.sampler.state_dict(), "epoch": epoch, "start": batches_done * st.stage.batch_size},
+                trainer_state=st.trainer_state(),
+            )
         with self.stop.held():  # a stop signal is acted on after the write, never inside torch.save
             return save_checkpoint(stage_dir(self.run_name, st.index, st.stage) / f"{kind}.pt", payload)
 
@@ -591,10 +592,50 @@ class _StageState:
     best: float | None
     channels_last: bool = False
     last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch's [loss*n, correct, n]
+    best_balanced: float | None = None  # early stopping: the best validation balanced accuracy so far
+    stale_epochs: int = 0  # epochs since it last improved
+    stopped_early: bool = False
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
     _normalize: Normalizer | None = None
+    _restored: dict[str, Any] = field(default_factory=dict)  # trainer_state entries waiting for their object
+
+    def stateful(self) -> dict[str, Any]:
+        """Objects (with ``state_dict``/``load_state_dict``) whose state a resume needs, by name."""
+        return {"scaler": self._scaler} if self._scaler is not None else {}
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What ``last.pt`` keeps besides model, optimizer and scheduler for an exact resume."""
+        state = {"rng": rng_state(), "epoch_totals": list(self.totals), "last_lr": self.last_lr,
+                 "early_stopping": {"best": self.best_balanced, "stale": self.stale_epochs}}
+        return {**state, **{name: obj.state_dict() for name, obj in self.stateful().items()}}
+
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
+        """Put back ``trainer_state``; entries of objects not built yet (the scaler) wait for them."""
+        if "rng" in state:
+            set_rng_state(state["rng"])
+        self.totals = [float(v) for v in state.get("epoch_totals", self.totals)]
+        self.last_lr = state.get("last_lr", self.last_lr)
+        early = state.get("early_stopping") or {}
+        self.best_balanced, self.stale_epochs = early.get("best"), int(early.get("stale", 0))
+        own = ("rng", "epoch_totals", "last_lr", "early_stopping")
+        self._restored = {k: v for k, v in state.items() if k not in own}
+        self._load_restored()
+
+    def early_stop(self, balanced: float | None) -> bool:
+        """Record an epoch's validation balanced accuracy; True when ``patience`` epochs passed without a gain."""
+        if balanced is not None and (self.best_balanced is None or balanced > self.best_balanced):
+            self.best_balanced, self.stale_epochs = balanced, 0
+        else:
+            self.stale_epochs += 1
+        return bool(self.stage.patience) and self.stale_epochs >= self.stage.patience
+
+    def _load_restored(self) -> None:
+        for name, obj in self.stateful().items():
+            if name in self._restored:
+                obj.load_state_dict(self._restored.pop(name))
 
     def wrapped(self, prefixes: tuple[str, ...] | None, ctx: ddp.Dist, compile_model: bool) -> nn.Module:
         """The module to train this epoch: frozen layers set, wrapped in DDP/compiled when asked."""
@@ -622,6 +663,7 @@ class _StageState:
         if self._scaler is None:
             fp16 = loss.is_cuda and not torch.cuda.is_bf16_supported()
             self._scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+            self._load_restored()
         self._scaler.scale(loss).backward()
         self._scaler.step(self.optimizer)
         self._scaler.update()
@@ -652,7 +694,7 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
     main_store: Any = trainer.store
     main_store.set_state(run_name, "running", pid=os.getpid())
     main_store.heartbeat(run_name, device=f"{ctx.device} x{ctx.world}" if ctx.enabled else str(ctx.device))
-    beat = Heartbeat(store, run_name, trainer.progress) if (store is not None and ctx.is_main) else None
+    beat = Heartbeat(store, run_name, trainer.progress, ctx.device) if (store is not None and ctx.is_main) else None
     if beat is not None:
         beat.start()
     try:
@@ -674,6 +716,10 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
         if beat is not None:
             beat.stop()
     main_store.set_state(run_name, "finished")
+    if ctx.is_main:
+        from train.retention import apply_retention
+
+        apply_retention(config, run_name, main_store)
     trainer.display.message(f"Run {run_name} finished.")
     return "finished"
 
@@ -722,7 +768,8 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
                                autocast_dtype=autocast_dtype(target))
     counts = class_counts(name, root, "train", **options)
-    result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()))
+    result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()),
+                                     preds.top5_accuracy)
     result["loss"] = preds.loss
     wrong = evaluation.misclassified(preds, classes, cached.source, MISCLASSIFIED_KEPT)
     found = Evaluation(str(Path(path).resolve()), name, split, result, wrong)

@@ -8,6 +8,7 @@ the app sees the run at once; the trainer takes the row over when it starts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,3 +191,32 @@ def tail_log(name: str, lines: int = 40) -> str:
     for line in data.rstrip("\n").split("\n"):
         kept.append(line.rstrip("\r").rsplit("\r", 1)[-1])
     return "\n".join(kept)
+
+
+def disk_usage(name: str) -> int:
+    """Bytes the run's folder takes (checkpoints, log, config)."""
+    folder = paths.run_dir(name)
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def format_bytes(size: int) -> str:
+    """'190.2 MB', '1.5 GB', '12 KB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if unit != "KB" else f"{size / scale:.0f} {unit}"
+    return f"{size} bytes"
+
+
+def delete(name: str) -> int:
+    """Delete run ``name`` for good: its folder and everything the store holds about it; returns the bytes freed.
+
+    A queued or running run is refused (stop it first); so is a name the store does not know.
+    """
+    store = RunStore()
+    run = store.get_run(name)
+    if run["state"] in ACTIVE_STATES:
+        raise RunStoreError(f"Run {name!r} is still {run['state']}; stop it before deleting it.")
+    freed = disk_usage(name)
+    store.delete_run(name)
+    shutil.rmtree(paths.run_dir(name), ignore_errors=True)
+    return freed

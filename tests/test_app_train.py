@@ -1,0 +1,238 @@
+"""The Train page's pipeline editor (issue 12): typed values kept exactly or refused with row, column and
+reason; rows numbered from 1; pipelines opened and saved as YAML; hidden columns findable; speed switches."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests import app_fixtures as fx
+from tests.test_app_pages import open_page
+
+EDITOR = "stages-demo.yaml"
+
+
+def edit(at, edited=None, added=None):
+    at.session_state[EDITOR] = {"edited_rows": edited or {}, "added_rows": added or [], "deleted_rows": []}
+    return at.run()
+
+
+def plotly_array(value) -> list:
+    """A data array of a plotly JSON spec (plain list, or plotly's base64 typed array)."""
+    if isinstance(value, dict):
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
+def launch_disabled(at) -> bool:
+    return next(b for b in at.button if b.label == "Launch").disabled
+
+
+def shown_yaml(at) -> dict:
+    return yaml.safe_load(next(c.value for c in at.code if "stages:" in c.value))
+
+
+def test_the_table_cannot_change_a_typed_value_and_numbers_rows_from_1():
+    at = open_page("pages/train.py")
+    table = at.dataframe[0]
+    columns = json.loads(table.proto.columns)
+    for key in ("epochs", "batch_size", "image_size", "lr"):
+        assert columns[key]["type_config"] == {"type": "text"}, key  # no rounding, clamping or step
+    assert not any(k in c for c in columns.values() for k in ("required", "min_value", "max_value", "step"))
+    assert list(table.value.index) == [1, 2]
+
+
+@pytest.mark.parametrize("cell, typed, column, reason", [
+    ("epochs", "2.5", "epochs", "epochs must be an integer, got 2.5."),
+    ("epochs", "0", "epochs", "epochs must be >= 1, got 0."),
+    ("image_size", "5000", "image size", "image_size must be <= 1024, got 5000."),
+    ("batch_size", "100000", "batch size", "batch_size must be <= 8192, got 100000."),
+    ("lr", "fast", "learning rate", "lr must be a number, got 'fast'."),
+])
+def test_a_value_that_cannot_run_is_refused_with_row_column_and_reason(cell, typed, column, reason):
+    at = edit(open_page("pages/train.py"), edited={1: {cell: typed}})
+    assert [e.value for e in at.error] == [f"Row 2, column **{column}**: stage 2 (finetune): {reason}"]
+    assert launch_disabled(at) and not at.success
+
+
+def test_a_new_row_without_a_data_set_is_refused_not_dropped():
+    at = edit(open_page("pages/train.py"), added=[{"name": "extra"}])
+    assert [e.value for e in at.error] == [
+        "Row 3, column **data set**: stage 3 (extra): the row has no data set; choose a data set or delete the row."]
+    assert launch_disabled(at) and not any("is valid" in s.value for s in at.success)
+
+
+def test_typed_values_are_kept_exactly():
+    at = edit(open_page("pages/train.py"), edited={0: {"lr": "5e-4", "epochs": "3"}, 1: {"warmup_epochs": "0.25"}})
+    assert not at.error
+    stages = shown_yaml(at)["stages"]
+    assert (stages[0]["lr"], stages[0]["epochs"], stages[1]["warmup_epochs"]) == (0.0005, 3, 0.25)
+    assert "The pipeline is valid: 2 stage(s)." in [s.value for s in at.success]
+
+
+def test_hidden_columns_are_findable():
+    at = open_page("pages/train.py")
+    assert any("hidden columns" in c.value for c in at.caption)
+    assert "optimizer" not in at.dataframe[0].proto.column_order
+    at.toggle(key="all_columns").set_value(True).run()
+    shown = list(at.dataframe[0].proto.column_order)
+    assert {"optimizer", "schedule", "augment", "freeze_epochs", "root"} <= set(shown)
+
+
+def test_speed_switches_go_into_the_pipeline():
+    at = open_page("pages/train.py")
+    assert shown_yaml(at)["compile"] is False
+    at.toggle(key="compile-demo.yaml").set_value(True).run()
+    at.toggle(key="amp-demo.yaml").set_value(False).run()
+    config = shown_yaml(at)
+    assert (config["compile"], config["amp"], config["channels_last"]) == (True, False, True)
+
+
+def test_a_pipeline_file_opens_and_saves_back():
+    raw = {"name": "mine", "arch": "resnet18", "seed": 3,
+           "stages": [{"name": "only", "dataset": "shapes", "epochs": 2, "lr": 0.0005}]}
+    at = open_page("pages/train.py")
+    at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
+    at.file_uploader(key="pipeline_file").set_value(("mine.yaml", yaml.safe_dump(raw).encode(), "application/yaml"))
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    config = shown_yaml(at)
+    assert (config["name"], config["arch"], config["seed"]) == ("mine", "resnet18", 3)
+    assert [(s["name"], s["epochs"], s["lr"]) for s in config["stages"]] == [("only", 2, 0.0005)]
+    assert [b.label for b in at.get("download_button")] == ["Save as YAML"]
+
+
+def test_a_file_that_is_not_a_pipeline_is_one_sentence():
+    at = open_page("pages/train.py")
+    at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
+    at.file_uploader(key="pipeline_file").set_value(("x.yaml", b"just: text\n", "application/yaml")).run()
+    assert [e.value for e in at.error] == ["x.yaml is not a pipeline: it needs a 'stages' list."]
+
+
+def test_classes_says_why_a_failed_run_has_no_results():
+    fx.failed_run()
+    at = open_page("pages/classes.py")
+    at.selectbox(key="classes_run").set_value("demo-failed").run()
+    assert [e.value for e in at.error] == [
+        "Run demo-failed failed before its first stage: The loss became NaN at epoch 2; lower the learning rate."]
+
+
+def test_monitor_says_estimating_and_shows_the_gpu_only_when_there_is_one():
+    from core.run_store import RunStore
+
+    fx.running_run()
+    at = open_page("pages/monitor.py")
+    assert not any("GPU" in c.value for c in at.caption)
+    RunStore().heartbeat("demo-live", eta_s=None, stage_eta_s=None, gpu=[
+        {"index": 0, "name": "Test GPU", "memory_used": 10 * 2**30, "memory_total": 16 * 2**30, "utilization": 87}])
+    at = open_page("pages/monitor.py")
+    stage_bar, pipeline_bar = at.get("progress")
+    assert stage_bar.proto.text.endswith("ETA estimating...") and pipeline_bar.proto.text.endswith("ETA estimating...")
+    assert "GPU 0 (Test GPU): memory 10.0 of 16 GiB · utilisation 87%" in [c.value for c in at.caption]
+
+
+def test_monitor_draws_the_learning_rate_of_a_one_epoch_run_per_step():
+    from core.run_store import RunStore
+
+    store = RunStore()
+    store.create_run("short", {"name": "short", "stages": [{"dataset": "shapes"}]})
+    store.upsert_stage("short", 0, "only", "shapes", epochs=1)
+    store.log_steps("short", 0, 1, [{"step": s, "train_loss": 1.0, "lr": 0.1 * (1 - s / 5)} for s in range(1, 6)])
+    store.log_epoch("short", 0, 1, step=5, train_loss=1.0, val_acc=0.5, lr=0.0)
+    store.set_state("short", "finished")
+    at = open_page("pages/monitor.py")
+    figures = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    lr = next(f for f in figures if f["layout"]["title"]["text"].startswith("Learning rate"))
+    ys = [y for trace in lr["data"] for y in plotly_array(trace["y"])]
+    assert len(ys) == 5 and max(ys) == pytest.approx(0.08)  # every step, not only the final 0
+
+
+def test_classes_shows_precision_f1_top5_and_counts_on_demand():
+    from core.evaluation import class_result
+    from core.run_store import RunStore
+
+    fx.finished_run()
+    stored = RunStore().class_results("demo-done", 1)
+    RunStore().save_class_results("demo-done", 1, 3, class_result(stored["classes"], stored["confusion"],
+                                                                  stored["train_counts"], top5_acc=0.97))
+    at = open_page("pages/classes.py")
+    assert {m.label: m.value for m in at.metric}["Top-5 accuracy"] == "97.0%"
+    assert {"precision", "F1"} <= set(at.dataframe[0].value.columns)
+    matrix = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]
+    assert matrix["colorbar"]["title"]["text"] == "share" and matrix["texttemplate"] == "%{text}"
+    at.toggle(key="confusion_normalised").set_value(False).run()
+    matrix = json.loads(at.get("plotly_chart")[-1].proto.spec)["data"][0]
+    assert matrix["colorbar"]["title"]["text"] == "count"
+
+
+def test_runs_table_has_date_duration_data_sets_and_the_config_one_click_away():
+    fx.finished_run()
+    at = open_page("pages/train.py")
+    table = at.dataframe[-1].value
+    assert {"started", "duration", "data sets", "device", "best val accuracy"} <= set(table.columns)
+    assert table["data sets"].tolist() == ["shapes → shapes-lt"]
+    assert any(e.label == "Config of this run" for e in at.expander)
+
+
+def test_checkpoint_labels_say_stage_epoch_accuracy_and_date():
+    from core.run_store import RunStore
+    from pages import common
+
+    best = fx.finished_run()
+    RunStore().update_stage("demo-done", 1, best_epoch=2, best_val_acc=0.65)
+    label = common.checkpoint_label(best)
+    assert label.startswith("demo-done / stage2-finetune / best.pt · epoch 2 · 65.0% · 20"), label
+
+
+def test_delete_asks_then_frees_the_space():
+    from core import paths
+    from core.run_store import RunStore
+
+    fx.finished_run()
+    at = open_page("pages/train.py")
+    assert any("Delete **demo-done** for good" in m.value for m in at.markdown)
+    at.button(key="delete-demo-done").click().run()
+    assert not RunStore().has_run("demo-done") and not paths.run_dir("demo-done").exists()
+    assert any(s.value.startswith("Deleted run demo-done; freed ") for s in at.success)
+
+
+def test_a_live_run_cannot_be_deleted():
+    from core.run_store import RunStoreError
+    from train import jobs
+
+    fx.running_run()
+    with pytest.raises(RunStoreError, match="still running; stop it before deleting it"):
+        jobs.delete("demo-live")
+
+
+def test_patience_and_retention_reach_the_pipeline():
+    at = edit(open_page("pages/train.py"), edited={1: {"patience": "3"}})
+    assert "patience" in at.dataframe[0].proto.column_order
+    at.selectbox(key="retention-demo.yaml").set_value("final").run()
+    config = shown_yaml(at)
+    assert config["stages"][1]["patience"] == 3 and config["retention"] == "final"
+
+
+def test_learning_rate_button_runs_the_range_test_and_plots_it(monkeypatch):
+    from train import lr_find
+
+    asked = []
+
+    def fake(config, stage, steps, **kwargs):
+        asked.append((config.stages[stage].name, steps))
+        return lr_find.LRFindResult([1e-5, 1e-3, 1e-1], [2.0, 1.2, 5.0], 1e-3)
+
+    monkeypatch.setattr(lr_find, "lr_range_test", fake)
+    at = open_page("pages/train.py")
+    at.selectbox(key="lr_find_stage").set_value(1).run()
+    next(b for b in at.button if b.label == "Find a learning rate").click().run()
+    assert asked == [("finetune", 100)]
+    assert "Suggested learning rate for stage 2: **1.00e-03** (type it into the learning rate column)." in [
+        s.value for s in at.success]
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert figure["layout"]["xaxis"]["type"] == "log"

@@ -1,0 +1,94 @@
+"""Exact resume: randomness that does not depend on where a run was stopped, and the RNG state it saves.
+
+A training sample's augmentation is drawn from its own seed, derived from (pipeline seed, epoch,
+position in the epoch's order): ``SeededItems`` runs the dataset's transform under that seed, in
+the main process or in any DataLoader worker, so a resumed epoch augments its remaining samples
+exactly as the uninterrupted run would have, whatever the number of workers. Everything else that
+draws random numbers in the trainer's process (Python, NumPy, torch CPU and CUDA generators) is
+captured by ``rng_state`` into the checkpoint and put back by ``set_rng_state`` on resume.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+_MASK = (1 << 63) - 1
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The seed of the sample at ``position`` of ``epoch``'s order (a cheap, well-mixed 63-bit hash)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) & _MASK
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & _MASK
+    return x ^ (x >> 32)
+
+
+class SeededItems(Dataset):
+    """``dataset`` indexed by ``(index, seed)`` pairs (``ShardedSampler(seeded=True)`` yields them).
+
+    Each item is produced under ``torch.manual_seed(seed)`` inside a forked RNG, so the caller's
+    generator is left untouched.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:  # targets, classes, ... of the wrapped data set
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator of this process, as plain values a ``weights_only`` checkpoint can hold."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what ``rng_state`` captured (CUDA generators only when they were saved and exist)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_mismatch(checkpoint: dict[str, Any], config_hash: str, sampler: dict[str, Any]) -> str | None:
+    """Why ``checkpoint`` cannot continue this run exactly (its stage config or sample order differ), or None.
+
+    ``sampler`` is the position this run would resume at; only the keys the checkpoint stored are compared.
+    """
+    stored_hash = checkpoint.get("config_hash")
+    if stored_hash is not None and stored_hash != config_hash:
+        return "its checkpoint was written for a different stage configuration"
+    stored = checkpoint.get("sampler") or {}
+    keys = ("seed", "n", "world", "epoch", "start") if "n" in stored else ("seed",)  # older files: seed only
+    differ = [k for k in keys if k in stored and stored[k] != sampler.get(k)]
+    if differ:
+        what = ", ".join(f"{k} {stored[k]} (now {sampler.get(k)})" for k in differ)
+        return f"its checkpoint's sample order differs ({what})"
+    return None
