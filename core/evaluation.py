@@ -5,7 +5,7 @@ The trainer, ``python -m train eval`` and the app's Classes page share these fun
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -84,6 +84,7 @@ class Predictions:
     predicted: np.ndarray
     confidence: np.ndarray
     loss: float
+    logsumexp: np.ndarray = field(default_factory=lambda: np.zeros(0))  # negative energy (core.ood)
 
     def confusion(self, num_classes: int) -> np.ndarray:
         return confusion_matrix(self.targets, self.predicted, num_classes)
@@ -98,7 +99,7 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
     model.eval()
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
-    targets, predicted, confidence, loss_sum = [], [], [], 0.0
+    targets, predicted, confidence, logsumexp, loss_sum = [], [], [], [], 0.0
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -113,10 +114,12 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
         targets.append(labels.cpu())
         predicted.append(pred.cpu())
         confidence.append(conf.cpu())
+        logsumexp.append(logits.logsumexp(dim=1).cpu())
     n = sum(len(t) for t in targets)
     cat = (lambda xs: torch.cat(xs).numpy()) if n else (lambda xs: np.zeros(0))
     return Predictions(cat(targets).astype(np.int64), cat(predicted).astype(np.int64),
-                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"))
+                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"),
+                       cat(logsumexp).astype(np.float64))
 
 
 def misclassified(predictions: Predictions, classes: Sequence[str], source: Callable[[int], str],

@@ -16,6 +16,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "train.commands": ("run", "resume", "list", "export", "eval"),
     "train.data_report": ("data",),
     "train.explain_cmd": ("explain",),
+    "train.ood_cmd": ("ood-thresholds",),
+    "train.export_model": ("export-model",),
 }
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from core import evaluation, paths
+from core import evaluation, ood, paths
 from core.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from core.errors import UserError
 from core.models import Preprocessing, build_model
@@ -509,6 +509,7 @@ class Trainer:
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
+        st.ood = ood.calibrate(preds.confidence, preds.logsumexp)  # saved with the checkpoints of this epoch
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
         self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
         wrong = evaluation.misclassified(preds, st.data.classes, st.data.val_source, MISCLASSIFIED_KEPT)
@@ -540,7 +541,7 @@ class Trainer:
             "sampler": st.sampler.state_dict(), "epoch": epoch, "batches_done": batches_done, "step": st.step,
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
-            "run_name": self.run_name, "dataset": st.stage.dataset,
+            "run_name": self.run_name, "dataset": st.stage.dataset, "ood": st.ood,
         }
         return save_checkpoint(stage_dir(self.run_name, st.index, st.stage) / f"{kind}.pt", payload)
 
@@ -563,6 +564,7 @@ class _StageState:
     best: float | None
     channels_last: bool = False
     last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
+    ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution thresholds (core.ood) of the epoch
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
@@ -661,6 +663,7 @@ class Evaluation:
     result: dict[str, Any]
     misclassified: list[dict[str, Any]]
     id: int | None = None
+    predictions: evaluation.Predictions | None = None
 
 
 def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
@@ -697,7 +700,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()))
     result["loss"] = preds.loss
     wrong = evaluation.misclassified(preds, classes, labeled.source, MISCLASSIFIED_KEPT)
-    found = Evaluation(str(Path(path).resolve()), name, split, result, wrong)
+    found = Evaluation(str(Path(path).resolve()), name, split, result, wrong, predictions=preds)
     if store is not None:
         found.id = store.add_evaluation(found.checkpoint, name, split, result, wrong, run=info.run_name)
     return found
