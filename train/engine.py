@@ -36,6 +36,7 @@ from core.run_store import RunStore
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split
+from train.tensorboard_log import TensorBoardLog
 
 HEARTBEAT_S = 2.0
 STEP_FLUSH_S = 2.0
@@ -335,6 +336,7 @@ class Trainer:
         self.channels_last = config.channels_last and ctx.device.type in ("cuda", "cpu")
         self.step_rows: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
+        self.tb = TensorBoardLog(None)
 
     # -- the whole pipeline
     def run(self, resume: bool = False) -> None:
@@ -344,9 +346,13 @@ class Trainer:
             point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
             self.progress.total_steps = self._stage_steps(self.config.stages)
             self.progress.done_steps = self._steps_done(point)
+            if self.ctx.is_main:  # a resumed run's events after its restart point are discarded (purge_step)
+                self.tb = TensorBoardLog(paths.run_dir(self.run_name) / "tensorboard",
+                                         purge_step=self.progress.done_steps + 1 if resume else None)
             for i in range(point.stage, len(self.config.stages)):
                 self._run_stage(i, point.checkpoint if i == point.stage else None)
         finally:
+            self.tb.close()
             self.stop.restore()
             self.display.close()
 
@@ -391,6 +397,7 @@ class Trainer:
         for epoch in range(start_epoch, stage.epochs):
             self._run_epoch(state, epoch, batches_done if epoch == start_epoch else 0)
         self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
+        self.tb.hparams(stage_dir(self.run_name, index, stage).name, stage.to_dict(), state.best)
 
     def _build_model(self, index: int, stage: StageConfig, data: StageData,
                      checkpoint: dict[str, Any] | None) -> nn.Module:
@@ -478,6 +485,7 @@ class Trainer:
         self.progress.advance(images)
         self.progress.step = st.step
         self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr})
+        self.tb.step(self.progress.done_steps, loss, lr)
         st.last_lr = lr
         self._flush_steps(st.index, epoch + 1)
         self.display.step(self.progress, loss)
@@ -510,6 +518,8 @@ class Trainer:
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
         st.ood = ood.calibrate(preds.confidence, preds.logsumexp)  # saved with the checkpoints of this epoch
+        earlier = sum(s.epochs for s in self.config.stages[: st.index])
+        self.tb.epoch(earlier + epoch + 1, metrics, stage_dir(self.run_name, st.index, st.stage).name, confusion)
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
         self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
         wrong = evaluation.misclassified(preds, st.data.classes, st.data.val_source, MISCLASSIFIED_KEPT)
