@@ -85,6 +85,7 @@ def test_exported_logits_match_the_checkpoint(checkpoint, batch, tmp_path, fmt):
     "torchscript",
     pytest.param("onnx", marks=pytest.mark.skipif(not (HAS_ONNXRUNTIME and HAS_ONNX_EXPORT),
                                                   reason="onnx, onnxscript and onnxruntime are not installed")),
+    pytest.param("safetensors", marks=pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors is not installed")),
 ])
 def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt):
     out = tmp_path / "export"

@@ -84,7 +84,7 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
         _write(model.eval(), example, fmt, target)
     description = model_description(info, load_checkpoint(checkpoint), fmt)
     (folder / "model.json").write_text(json.dumps(description, indent=2))
-    (folder / "predict.py").write_text((TEMPLATES / f"predict_{fmt}.py").read_text())
+    (folder / "predict.py").write_text((TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text())
     return target
 
 

@@ -1,4 +1,5 @@
-"""Classify images with the exported weights (needs torch, torchvision, safetensors and Pillow).
+"""Classify images with the exported model: TorchScript (needs only torch, torchvision and Pillow) or
+safetensors weights (torchvision's architecture named in model.json, plus the safetensors package).
 
     python predict.py IMAGE [IMAGE...]
 """
@@ -9,10 +10,19 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
-from safetensors.torch import load_file
 from torchvision import transforms
 
 HERE = Path(__file__).resolve().parent
+
+
+def load(about: dict) -> torch.nn.Module:
+    if about["format"] == "torchscript":
+        return torch.jit.load(str(HERE / about["file"]))
+    from safetensors.torch import load_file
+
+    model = getattr(torchvision.models, about["arch"])(weights=None, num_classes=about["num_classes"])
+    model.load_state_dict(load_file(str(HERE / about["file"])))
+    return model
 
 
 def main(paths: list[str]) -> None:
@@ -22,9 +32,7 @@ def main(paths: list[str]) -> None:
         transforms.Resize(pre["resize"], antialias=True), transforms.CenterCrop(pre["image_size"]),
         transforms.ToTensor(), transforms.Normalize(pre["mean"], pre["std"]),
     ])
-    model = getattr(torchvision.models, about["arch"])(weights=None, num_classes=about["num_classes"])
-    model.load_state_dict(load_file(str(HERE / about["file"])))
-    model.eval()
+    model = load(about).eval()
     for path in paths:
         with torch.no_grad():
             logits = model(prepare(Image.open(path).convert("RGB")).unsqueeze(0))[0]
