@@ -5,7 +5,7 @@ The trainer, ``python -m train eval`` and the app's Classes page share these fun
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -105,6 +105,7 @@ class Predictions:
     confidence: np.ndarray
     loss: float
     in_top5: np.ndarray | None = None  # whether the true class is among the 5 most likely (all of them if fewer)
+    logsumexp: np.ndarray = field(default_factory=lambda: np.zeros(0))  # negative energy (core.ood)
 
     def confusion(self, num_classes: int) -> np.ndarray:
         return confusion_matrix(self.targets, self.predicted, num_classes)
@@ -123,7 +124,7 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
     model.eval()
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
-    targets, predicted, confidence, top5, loss_sum = [], [], [], [], 0.0
+    targets, predicted, confidence, top5, logsumexp, loss_sum = [], [], [], [], [], 0.0
     for images, labels in loader:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -139,10 +140,12 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
         targets.append(labels.cpu())
         predicted.append(pred.cpu())
         confidence.append(conf.cpu())
+        logsumexp.append(logits.logsumexp(dim=1).cpu())
     n = sum(len(t) for t in targets)
     cat = (lambda xs: torch.cat(xs).numpy()) if n else (lambda xs: np.zeros(0))
     return Predictions(cat(targets).astype(np.int64), cat(predicted).astype(np.int64),
-                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"), cat(top5).astype(bool))
+                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"), cat(top5).astype(bool),
+                       cat(logsumexp).astype(np.float64))
 
 
 def misclassified(predictions: Predictions, classes: Sequence[str], source: Callable[[int], str],

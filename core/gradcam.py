@@ -17,6 +17,19 @@ Methods offered (``METHODS``):
   only scales the map), then ReLU(sum_k w_k A_k). Weighs small, repeated objects more fairly.
 - ``"layercam"`` (Jiang et al., IEEE TIP 2021): ReLU(sum_k ReLU(g_kij) A_kij), a per-position weighting
   that stays sharp and faithful at shallow layers where Grad-CAM's global average blurs.
+- ``"eigencam"`` (Muhammad & Yeasin, IJCNN 2020): ReLU of the activations' projection on their first principal
+  component (positions as samples, channels centred); gradient-free and the same for every class.
+- ``"scorecam"`` (Wang et al., CVPRW 2020, in ``PERTURBATION_METHODS``): gradient-free; each channel, upsampled
+  (bilinear, corners aligned) and min-max scaled, masks the input; the masked images' logits for class c,
+  softmaxed over channels, weight the channels. One extra forward pass per channel: slow on a CPU at wide layers.
+
+Options, as pytorch-grad-cam offers them (and tested against it):
+
+- ``eigen_smooth``: instead of summing the weighted channels, project them on their first principal component
+  (sign chosen to agree with the plain sum; an SVD's sign is otherwise arbitrary), which removes noise.
+- ``aug_smooth``: the mean map over six test-time augmentations (horizontal flip x input scaled by 0.9, 1, 1.1),
+  each map mapped back (flipped) first; the classes explained are those of the unaugmented image.
+- ``normalised=False``: maps keep their magnitude (not min-max scaled), so classes and images can share a scale.
 
 Every map except ``"raw"`` is upsampled to the input size with bilinear interpolation
 (``align_corners=False``) and then min-max normalised per map to [0, 1] (a constant map becomes zeros).
@@ -45,14 +58,19 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 
-METHODS: tuple[str, ...] = ("gradcam", "raw", "counterfactual", "gradcam++", "layercam")
+METHODS: tuple[str, ...] = ("gradcam", "raw", "counterfactual", "gradcam++", "layercam", "eigencam")
+PERTURBATION_METHODS: tuple[str, ...] = ("scorecam",)  # extra forward passes per channel
+ALL_METHODS: tuple[str, ...] = METHODS + PERTURBATION_METHODS
 METHOD_LABELS: dict[str, str] = {
     "gradcam": "Grad-CAM",
     "raw": "Raw signed map",
     "counterfactual": "Counterfactual (against the class)",
     "gradcam++": "Grad-CAM++",
     "layercam": "LayerCAM",
+    "eigencam": "Eigen-CAM",
+    "scorecam": "Score-CAM",
 }
+SCORECAM_BATCH = 64  # masked images per forward pass
 
 
 class GradCAMError(UserError, ValueError):
@@ -243,16 +261,22 @@ def explain(
     *,
     top_k: int = 1,
     methods: str | Sequence[str] = ("gradcam",),
+    eigen_smooth: bool = False,
+    aug_smooth: bool = False,
+    normalised: bool = True,
 ) -> Explanation:
     """Maps for several layers x classes x methods from ONE forward pass and one backward pass per class.
 
     ``images`` is a normalised float batch [B, 3, H, W]; ``layers`` module names as ``named_modules()`` spells
     them; ``targets`` a class per image ([B]), several per image ([B, K]), one class for all, or None for the
-    ``top_k`` highest logits of each image.
+    ``top_k`` highest logits of each image. ``eigen_smooth``, ``aug_smooth`` and ``normalised``: see the module
+    docstring.
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     methods = [methods] if isinstance(methods, str) else list(methods)
     _check_request(model, layers, methods)
+    if aug_smooth:
+        return _aug_smoothed(model, images, layers, targets, top_k, methods, eigen_smooth, normalised)
     modules = dict(model.named_modules())
     capture = _Capture()
     with _preserved(model), _hooks((modules[n], capture.hook(n)) for n in layers):
@@ -268,7 +292,10 @@ def explain(
     for name, grads in zip(layers, gradients):
         acts = capture.activations[name].detach().unsqueeze(1)  # [B, 1, C, h, w]
         result.raw[name] = _weighted(acts, grads.mean(dim=(-2, -1)))
-        result.maps[name] = {m: _method_map(m, acts, grads, result.raw[name], size) for m in methods}
+        scores = _score_weights(model, images, acts[:, 0], chosen) if "scorecam" in methods else None
+        result.maps[name] = {
+            m: _method_map(m, acts, grads, result.raw[name], scores, size, eigen_smooth, normalised) for m in methods
+        }
     return result
 
 
@@ -287,8 +314,8 @@ def _check_request(model: nn.Module, layers: list[str], methods: list[str]) -> N
         if not name or name not in names:
             raise GradCAMError(f"The model has no layer named '{name}'; choose one of supported_layers().")
     for method in methods:
-        if method not in METHODS:
-            raise GradCAMError(f"Unknown method '{method}'; choose one of {', '.join(METHODS)}.")
+        if method not in ALL_METHODS:
+            raise GradCAMError(f"Unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}.")
     if len(set(layers)) != len(layers):
         raise GradCAMError("Each layer can be asked for only once per explanation.")
 
@@ -333,18 +360,89 @@ def _weighted(acts: Tensor, weights: Tensor) -> Tensor:
     return (weights[..., None, None] * acts).sum(dim=2)
 
 
-def _method_map(method: str, acts: Tensor, grads: Tensor, raw: Tensor, size: tuple[int, int]) -> Tensor:
-    if method == "raw":
-        return upsample(raw, size)
-    if method == "gradcam":
-        low = raw.relu()
-    elif method == "counterfactual":
-        low = (-raw).relu()
-    elif method == "gradcam++":
-        low = _weighted(acts, _gradcam_plus_plus_weights(acts, grads)).relu()
-    else:  # layercam
-        low = (grads.relu() * acts).sum(dim=2).relu()
-    return normalise(upsample(low, size))
+def _method_map(method: str, acts: Tensor, grads: Tensor, raw: Tensor, scores: Tensor | None,
+                size: tuple[int, int], eigen_smooth: bool, normalised: bool) -> Tensor:
+    """One method's maps [B, K, H, W] at input size from activations [B, 1, C, h, w] and gradients."""
+    if method == "eigencam":
+        low = _principal_projection(acts).expand(-1, grads.shape[1], -1, -1).relu()
+    else:
+        if eigen_smooth:
+            low = _principal_projection(_channel_terms(method, acts, grads, scores))  # [B, K, h, w]
+        elif method in ("gradcam", "raw", "counterfactual"):
+            low = raw
+        else:
+            low = _channel_terms(method, acts, grads, scores).sum(dim=2)
+        if method == "raw":
+            return upsample(low, size)
+        low = (-low).relu() if method == "counterfactual" else low.relu()
+    maps = upsample(low, size)
+    return normalise(maps) if normalised else maps
+
+
+def _channel_terms(method: str, acts: Tensor, grads: Tensor, scores: Tensor | None) -> Tensor:
+    """The per-channel contributions a method sums (or eigen smoothing projects): [B, K, C, h, w]."""
+    if method == "layercam":
+        return grads.relu() * acts
+    if method == "gradcam++":
+        weights = _gradcam_plus_plus_weights(acts, grads)
+    elif method == "scorecam":
+        weights = scores
+    else:  # gradcam, raw, counterfactual
+        weights = grads.mean(dim=(-2, -1))
+    return weights[..., None, None] * acts
+
+
+def _principal_projection(terms: Tensor) -> Tensor:
+    """[..., C, h, w] -> [..., h, w]: each position's channel vector (centred over positions) projected on the
+    first principal direction, signed so that it agrees with the plain channel sum."""
+    flat = terms.flatten(-2).transpose(-1, -2)  # [..., hw, C]
+    centred = flat - flat.mean(dim=-2, keepdim=True)
+    direction = torch.linalg.svd(centred, full_matrices=False).Vh[..., 0, :]  # [..., C]
+    projection = (centred @ direction.unsqueeze(-1)).squeeze(-1)  # [..., hw]
+    agreement = (projection * flat.sum(dim=-1)).sum(dim=-1, keepdim=True)
+    projection = torch.where(agreement < 0, -projection, projection)
+    return projection.reshape(*terms.shape[:-3], *terms.shape[-2:])
+
+
+def _score_weights(model: nn.Module, images: Tensor, acts: Tensor, targets: Tensor) -> Tensor:
+    """Score-CAM channel weights [B, K, C]: softmax over channels of the target logits of the input masked by
+    each channel (upsampled with aligned corners, min-max scaled with a 1e-8 guard)."""
+    masks = F.interpolate(acts, size=images.shape[-2:], mode="bilinear", align_corners=True)  # [B, C, H, W]
+    low = masks.amin(dim=(-2, -1), keepdim=True)
+    masks = (masks - low) / (masks.amax(dim=(-2, -1), keepdim=True) - low + 1e-8)
+    weights = []
+    with _preserved(model):
+        torch.set_grad_enabled(False)
+        for b in range(images.shape[0]):
+            masked = images[b].unsqueeze(0) * masks[b].unsqueeze(1)  # [C, 3, H, W]
+            logits = torch.cat([model(chunk) for chunk in masked.split(SCORECAM_BATCH)])  # [C, classes]
+            weights.append(logits[:, targets[b]].transpose(0, 1).softmax(dim=-1))  # [K, C]
+    return torch.stack(weights)
+
+
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+
+
+def _aug_smoothed(model: nn.Module, images: Tensor, layers: list[str], targets: int | Sequence[int] | Tensor | None,
+                  top_k: int, methods: list[str], eigen_smooth: bool, normalised: bool) -> Explanation:
+    """The mean over ``AUGMENTATIONS`` of each map (flipped back), from one forward pass of all of them."""
+    with _preserved(model):
+        torch.set_grad_enabled(False)
+        chosen = _resolve_targets(model(images), targets, top_k)  # [B, K], those of the unaugmented images
+    batch = torch.cat([(images.flip(-1) if flip else images) * factor for flip, factor in AUGMENTATIONS])
+    every = explain(model, batch, layers, chosen.repeat(len(AUGMENTATIONS), 1), methods=methods,
+                    eigen_smooth=eigen_smooth, normalised=normalised)
+    n, plain = images.shape[0], AUGMENTATIONS.index((False, 1.0))
+    own = slice(plain * n, (plain + 1) * n)
+    result = Explanation(logits=every.logits[own], targets=every.targets[own])
+    for layer in layers:
+        result.raw[layer] = every.raw[layer][own]
+        result.maps[layer] = {}
+        for method, maps in every.maps[layer].items():
+            parts = [part.flip(-1) if flip else part for part, (flip, _) in zip(maps.split(n), AUGMENTATIONS)]
+            mean = torch.stack(parts).mean(dim=0)
+            result.maps[layer][method] = normalise(mean) if normalised and method != "raw" else mean
+    return result
 
 
 def _gradcam_plus_plus_weights(acts: Tensor, grads: Tensor) -> Tensor:

@@ -1,8 +1,8 @@
 """Cached model work shared by the Explain and Classes pages (not a page itself).
 
-The network runs only when what it depends on changes: predictions are cached per (checkpoint file version,
-image bytes); Grad-CAM maps per (checkpoint, image, layers, method, target class). Opacity and colormap only
-re-render the overlay from the cached maps.
+The network runs only when what it depends on changes: logits are cached per (checkpoint file version, image
+bytes); maps per (checkpoint, image, layers, method, smoothing, target class). Maps are cached unnormalised
+(their magnitude kept), so the colour scale, opacity and colormap only re-render the overlay.
 """
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ from pages import common
 MODEL_LOCK = threading.Lock()
 
 METHODS = {"Grad-CAM": "gradcam", "Grad-CAM++": "gradcam++", "LayerCAM": "layercam",
+           "Score-CAM (gradient-free, slow)": "scorecam", "Eigen-CAM (class-agnostic)": "eigencam",
            "Counterfactual (against the class)": "counterfactual"}
+SMOOTHING = {"Test-time augmentation (flips, brightness)": "aug", "Eigen smoothing (first principal component)": "eigen"}
 
 
 def digest(data: bytes) -> str:
@@ -53,38 +55,59 @@ def _input(checkpoint: Path, image: Image.Image):  # type: ignore[no-untyped-def
     return info.preprocessing.eval_transform()(image).unsqueeze(0)
 
 
+def logits(checkpoint: Path, data: bytes, name: str) -> np.ndarray:
+    """The model's logits for the image (cached)."""
+    return _logits(common.file_version(checkpoint), digest(data), data, name)
+
+
 def predict(checkpoint: Path, data: bytes, name: str) -> np.ndarray:
     """Class probabilities of the image under the checkpoint's model (cached)."""
-    return _predict(common.file_version(checkpoint), digest(data), data, name)
+    values = logits(checkpoint, data, name)
+    exp = np.exp(values - values.max())
+    return exp / exp.sum()
 
 
 @st.cache_data(show_spinner="Running the model...", max_entries=128)
-def _predict(version: tuple[str, int, int], key: str, _data: bytes, name: str) -> np.ndarray:
+def _logits(version: tuple[str, int, int], key: str, _data: bytes, name: str) -> np.ndarray:
     import torch
 
     checkpoint = Path(version[0])
     model, _ = common.load_model(checkpoint)
     batch = _input(checkpoint, image_of(_data, name))
     with MODEL_LOCK, torch.no_grad():
-        logits = model(batch)
-    return logits.softmax(dim=1)[0].numpy()
+        out = model(batch)
+    return out[0].double().numpy()
 
 
-def maps(checkpoint: Path, data: bytes, name: str, layers: tuple[str, ...], method: str, target: int) -> dict[str, np.ndarray]:
-    """Maps at the model's input size, one per layer, for class ``target`` (cached)."""
-    return _maps(common.file_version(checkpoint), digest(data), data, name, layers, method, target)
+def ood_stats(checkpoint: Path) -> dict:
+    """The checkpoint's out-of-distribution thresholds (core.ood), or {} when it has none."""
+    return _ood_stats(common.file_version(checkpoint))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _ood_stats(version: tuple[str, int, int]) -> dict:
+    from core.checkpoints import load_checkpoint
+
+    return dict(load_checkpoint(version[0]).get("ood") or {})
+
+
+def maps(checkpoint: Path, data: bytes, name: str, layers: tuple[str, ...], method: str, target: int,
+         smoothing: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Unnormalised maps at the model's input size, one per layer, for class ``target`` (cached)."""
+    return _maps(common.file_version(checkpoint), digest(data), data, name, layers, method, target, smoothing)
 
 
 @st.cache_data(show_spinner="Computing the maps...", max_entries=128)
 def _maps(version: tuple[str, int, int], key: str, _data: bytes, name: str, layers: tuple[str, ...],
-          method: str, target: int) -> dict[str, np.ndarray]:
+          method: str, target: int, smoothing: tuple[str, ...]) -> dict[str, np.ndarray]:
     from core.gradcam import explain
 
     checkpoint = Path(version[0])
     model, _ = common.load_model(checkpoint)
     batch = _input(checkpoint, image_of(_data, name))
     with MODEL_LOCK:
-        result = explain(model, batch, list(layers), targets=[target], methods=(method,))
+        result = explain(model, batch, list(layers), targets=[target], methods=(method,), normalised=False,
+                         aug_smooth="aug" in smoothing, eigen_smooth="eigen" in smoothing)
     return {layer: result.maps[layer][method][0, 0].numpy() for layer in layers}
 
 
@@ -93,7 +116,8 @@ MIN_SHOWN_SIDE = 320  # small images (64 px data sets) are enlarged so the colou
 
 def overlay_png(checkpoint: Path, image: Image.Image, cam: np.ndarray, colormap: str, opacity: float,
                 label: str = "importance") -> bytes:
-    """The map over the original image (crop mapped back, aspect kept) as PNG bytes, with a colour bar."""
+    """The map (values in [0, 1]) over the original image (crop mapped back, aspect kept) as PNG bytes, with a
+    colour bar."""
     from core.overlay import overlay
 
     _, info = common.load_model(checkpoint)
@@ -125,5 +149,7 @@ def quick_overlay(checkpoint: Path, png: bytes, class_name: str) -> bytes:
     _, info = common.load_model(checkpoint)
     target = info.class_names.index(class_name) if class_name in info.class_names else int(
         np.argmax(predict(checkpoint, png, "sample.png")))
+    from core.cam_scale import own_scale
+
     cam = maps(checkpoint, png, "sample.png", (layer,), "gradcam", target)[layer]
-    return overlay_png(checkpoint, image_of(png, "sample.png"), cam, "jet", 0.5)
+    return overlay_png(checkpoint, image_of(png, "sample.png"), own_scale(cam), "jet", 0.5)

@@ -1,5 +1,6 @@
-"""Explain: where does the model look? Upload images (or pick built-in samples), pick a checkpoint, layers,
-method and class; see the top-5 predictions and the overlays, and download them as PNG."""
+"""Explain: where does the model look? Upload images (or pick built-in samples), pick a checkpoint, layers and
+method; per image, see the top-5 predictions (click one to explain it, or search any class), how far the image
+is from the training data, and the overlays; download them one by one or all together (zip)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,48 +83,121 @@ def pick_layers(layers: list[Any]) -> tuple[str, ...]:
     return tuple(info.name for info in layers if info.name in chosen)
 
 
-def controls(checkpoint: Path, class_names: list[str]) -> dict[str, Any]:
-    """The sidebar: method, layers (by stage, with map resolution), class, colormap and opacity."""
+def controls(checkpoint: Path) -> dict[str, Any]:
+    """The sidebar: method, smoothing, colour scale, colormap, opacity and layers (by stage, with map size)."""
+    from core.cam_scale import SCALES
     from core.overlay import COLORMAPS
 
     layers = cam.layer_choices(checkpoint)
     with st.sidebar:
         st.header("Explanation")
-        method = st.selectbox("Method", list(cam.METHODS), help="Grad-CAM: evidence for the class. Grad-CAM++ "
-                              "and LayerCAM: sharper at shallow layers. Counterfactual: what speaks against it.")
-        target = st.selectbox("Explain the class", [TOP1] + sorted(class_names))
+        method = st.selectbox("Method", list(cam.METHODS), key="explain_method",
+                              help="Grad-CAM: evidence for the class. Grad-CAM++ and LayerCAM: sharper at shallow "
+                              "layers. Score-CAM: no gradients, one forward pass per channel. Eigen-CAM: the "
+                              "activations' main component, the same for every class. Counterfactual: what "
+                              "speaks against the class. BENCHMARKS.md compares how faithful each is.")
+        if cam.METHODS[method] == "scorecam":
+            st.caption("Score-CAM runs the model once per channel of each layer (512 at layer2 of a ResNet-50): "
+                       "seconds on a GPU, up to minutes on a CPU.")
+        smoothing = st.multiselect("Smoothing", list(cam.SMOOTHING), key="explain_smoothing",
+                                   help="As pytorch-grad-cam offers them: the mean map over six flipped and "
+                                   "brightened copies, and/or the first principal component of the weighted "
+                                   "channels instead of their sum. Both reduce noise.")
+        scale = st.radio("Colour scale", list(SCALES), format_func=SCALES.get, key="explain_scale",
+                         help="Own: every map spans the whole colormap, even for a class at 0% probability. "
+                         "Shared: all images' maps of a layer are divided by the largest value among them, so a "
+                         "weak map looks weak.")
         colormap = st.selectbox("Colormap", list(COLORMAPS), index=list(COLORMAPS).index("jet")
-                                if "jet" in COLORMAPS else 0)
-        opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05)
+                                if "jet" in COLORMAPS else 0, key="explain_colormap")
+        opacity = st.slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="explain_opacity")
         chosen = pick_layers(layers)
-    return {"method": cam.METHODS[method], "method_label": method, "layers": chosen, "target": target,
-            "colormap": colormap, "opacity": opacity, "layer_info": {info.name: info for info in layers}}
+    return {"method": cam.METHODS[method], "method_label": method, "layers": chosen, "scale": scale,
+            "smoothing": tuple(cam.SMOOTHING[s] for s in smoothing), "colormap": colormap, "opacity": opacity,
+            "layer_info": {info.name: info for info in layers}}
 
 
-def explain_one(index: int, checkpoint: Path, picked: Picked, class_names: list[str],
-                options: dict[str, Any]) -> None:
+@dataclass
+class Card:
+    """One explained image, waiting for its overlays (drawn once every image's maps are known)."""
+
+    picked: Picked
+    stem: str
+    image: Any  # PIL.Image.Image
+    cells: list[Any]
+    maps: dict[str, Any]  # layer -> unnormalised map at the model's input size
+    class_name: str
+    record: dict[str, Any]
+
+
+def pick_target(key: str, probs: Any, class_names: list[str], column: Any) -> int:
+    """The image's class to explain: a click on a row of its top-5 table, or a class typed in its own box."""
+    top5 = charts.probabilities_frame(probs, class_names, k=5)
+    table_key, box_key = f"top5-{key}", f"target-{key}"
+
+    def clicked() -> None:
+        rows = st.session_state[table_key].selection.rows
+        if rows:
+            st.session_state[box_key] = str(top5["class"].iloc[rows[0]])
+
+    column.dataframe(top5, hide_index=True, width="stretch", key=table_key, on_select=clicked,
+                     selection_mode="single-row",
+                     column_config={"probability": st.column_config.ProgressColumn(format="percent", min_value=0,
+                                                                                   max_value=1)})
+    choice = column.selectbox("Class to explain", [TOP1] + sorted(class_names), key=box_key,
+                              help="Click a row of the table above, or type here to search every class.")
+    return int(probs.argmax()) if choice == TOP1 else class_names.index(choice)
+
+
+def explain_one(index: int, stem: str, checkpoint: Path, picked: Picked, class_names: list[str],
+                options: dict[str, Any]) -> Card | None:
+    """The image's predictions, out-of-distribution verdict and class; its maps, computed (cached)."""
+    from core import ood
+    from core.explain_files import prediction_record
+
     image = cam.image_of(picked.data, picked.name)
+    logits = cam.logits(checkpoint, picked.data, picked.name)
     probs = cam.predict(checkpoint, picked.data, picked.name)
-    target = int(probs.argmax()) if options["target"] == TOP1 else class_names.index(options["target"])
     left, right = st.columns([3, 2])
-    left.dataframe(charts.probabilities_frame(probs, class_names, k=5), hide_index=True, width="stretch",
-                   column_config={"probability": st.column_config.ProgressColumn(format="percent", min_value=0,
-                                                                                 max_value=1)})
+    target = pick_target(f"{index}-{cam.digest(picked.data)[:12]}", probs, class_names, left)
+    verdict = ood.assess(logits, cam.ood_stats(checkpoint))
     right.markdown(f"Explaining **{class_names[target]}** ({probs[target]:.1%}) with {options['method_label']}.")
-    if not options["layers"]:
-        right.caption("Choose at least one layer in the sidebar.")
+    if verdict.level in ("out", "borderline"):
+        right.warning(verdict.sentence, icon=":material/report:" if verdict.level == "out" else ":material/help:")
+    else:
+        right.caption(verdict.sentence)
     cells = grid(1 + len(options["layers"]))
     cells[0].image(image, caption=f"{picked.name} ({image.width}x{image.height})", width="stretch")
     if not options["layers"]:
-        return
-    maps = cam.maps(checkpoint, picked.data, picked.name, options["layers"], options["method"], target)
+        right.caption("Choose at least one layer in the sidebar.")
+        return None
+    maps = cam.maps(checkpoint, picked.data, picked.name, options["layers"], options["method"], target,
+                    options["smoothing"])
+    record = prediction_record(picked.name, probs, class_names, target, 5, method=options["method"],
+                               layers=list(options["layers"]), smoothing=list(options["smoothing"]),
+                               scale=options["scale"], ood={"level": verdict.level, "msp": verdict.msp,
+                                                            "energy": verdict.energy, "sentence": verdict.sentence})
+    return Card(picked, stem, image, cells, maps, class_names[target], record)
+
+
+def draw_overlays(index: int, card: Card, checkpoint: Path, options: dict[str, Any],
+                  scales: dict[Any, float]) -> list[Any]:
+    """Each layer's overlay in its cell with its scale and a PNG download; returns the shown maps."""
+    from core.cam_scale import on_scale, scale_label
+    from core.explain_files import ShownMap
+
     label = "against the class" if options["method"] == "counterfactual" else "importance"
-    for cell, layer in zip(cells[1:], options["layers"]):
-        png = cam.overlay_png(checkpoint, image, maps[layer], options["colormap"], options["opacity"], label)
+    shown = []
+    for cell, layer in zip(card.cells[1:], options["layers"]):
+        scale = scales.get(layer)
+        png = cam.overlay_png(checkpoint, card.image, on_scale(card.maps[layer], scale), options["colormap"],
+                              options["opacity"], label)
+        item = ShownMap(card.stem, layer, options["method"], card.class_name, png, card.maps[layer])
         info = options["layer_info"][layer]
-        cell.image(png, caption=f"{layer} ({info.resolution})", width="stretch")
-        cell.download_button("Download PNG", png, file_name=f"{Path(picked.name).stem}_{layer}.png",
-                             mime="image/png", key=f"dl-{index}-{layer}", icon=":material/download:")
+        cell.image(png, caption=f"{layer} ({info.resolution}) · {scale_label(scale)}", width="stretch")
+        cell.download_button("Download PNG", png, file_name=item.name("png"), mime="image/png",
+                             key=f"dl-{index}-{layer}", icon=":material/download:")
+        shown.append(item)
+    return shown
 
 
 def grid(n: int, per_row: int = 3) -> list[Any]:
@@ -135,18 +209,41 @@ def grid(n: int, per_row: int = 3) -> list[Any]:
 
 
 def body() -> None:
+    from core.cam_scale import shared_scales
+    from core.explain_files import bundle_zip, file_part, unique_stems
+
     st.title("Explain")
-    st.caption("Where does the model look? Grad-CAM highlights the regions that raise the chosen class's score.")
+    st.caption("Where does the model look? Grad-CAM highlights the regions that raise the chosen class's score. "
+               "Click a row of an image's top-5 table to explain that class.")
     checkpoint = pick_checkpoint()
     if checkpoint is None:
         return
     _, info = common.load_model(checkpoint)
     images = pick_images()
-    options = controls(checkpoint, info.class_names)
-    for index, picked in enumerate(images):
+    options = controls(checkpoint)
+    export = st.empty()
+    cards: list[tuple[int, Card]] = []
+    for index, (picked, stem) in enumerate(zip(images, unique_stems([p.name for p in images]))):
         with st.container(border=True), common.shown_errors(f"Explaining {picked.name}"):
             st.subheader(picked.name)
-            explain_one(index, checkpoint, picked, info.class_names, options)
+            card = explain_one(index, stem, checkpoint, picked, info.class_names, options)
+            if card is not None:
+                cards.append((index, card))
+    scales = shared_scales((layer, c.maps[layer]) for _, c in cards for layer in options["layers"]) \
+        if options["scale"] == "shared" else {}
+    shown = []
+    for index, card in cards:
+        with common.shown_errors(f"Drawing {card.picked.name}"):
+            shown += draw_overlays(index, card, checkpoint, options, scales)
+    if shown:
+        about = {"checkpoint": common.checkpoint_label(checkpoint), "method": options["method"],
+                 "scale": options["scale"], "scales": scales}
+        export.download_button(
+            "Download everything (zip)", bundle_zip(shown, [c.record for _, c in cards], about),
+            file_name=f"reslens-{file_part(info.run_name or checkpoint.parent.name)}-{file_part(options['method'])}.zip",
+            mime="application/zip", icon=":material/folder_zip:", key="explain_zip",
+            help="Every overlay shown (PNG), the maps themselves (.npy, before colour scaling) and the "
+                 "predictions (JSON and CSV); names carry image, layer, method and class.")
 
 
 common.run_page(body, "The Explain page")

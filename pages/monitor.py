@@ -116,6 +116,34 @@ def body() -> None:
                              help="Exponential moving average, as in TensorBoard; the raw curve stays faint.")
     live = any(common.is_live(r) for r in runs if r["name"] in names)
     st.fragment(guarded_live_view, run_every=LIVE_REFRESH_S if live else None)(names, per_step, smoothing, live)
+    take_away(names)
+
+
+EXPORT_FORMATS = {"TorchScript (torch only)": "torchscript", "ONNX (onnxruntime)": "onnx",
+                  "safetensors (weights)": "safetensors"}
+
+
+def take_away(names: list[str]) -> None:
+    """Per run with a best checkpoint: the model exported (model + model.json + predict.py) as a zip."""
+    from pathlib import Path
+
+    from train.export_model import export_zip
+
+    store = common.store()
+    best = {n: Path(s["best_path"]) for n in names for s in store.stages(n)[-1:] if s.get("best_path")}
+    best = {n: p for n, p in best.items() if p.is_file()}
+    if not best:
+        return
+    st.subheader("Take the model away")
+    fmt = EXPORT_FORMATS[st.segmented_control("Format", list(EXPORT_FORMATS), default=list(EXPORT_FORMATS)[0],
+                                              key="export_format") or list(EXPORT_FORMATS)[0]]
+    st.caption("The latest stage's best model in eval mode, with model.json (preprocessing and class names) and a "
+               "small predict.py; the same as `python -m train export-model CHECKPOINT --format ...`.")
+    cols = st.columns(min(3, len(best)))
+    for i, (name, path) in enumerate(best.items()):
+        cols[i % len(cols)].download_button(
+            f"Download {name} ({fmt})", lambda p=path: export_zip(p, fmt), file_name=f"{name}-{fmt}.zip",
+            mime="application/zip", icon=":material/download:", key=f"export-{name}", on_click="ignore")
 
 
 def guarded_live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool) -> None:

@@ -1,5 +1,6 @@
-"""The Explain page: uploads (good and broken), built-in samples, predictions and overlays, and caching
-(the model loads once per checkpoint; opacity and colormap never rerun the network)."""
+"""The Explain page: uploads (good and broken), built-in samples, predictions and overlays, caching (the model
+loads once per checkpoint; opacity, colormap and colour scale never rerun the network), a class per image, the
+out-of-distribution verdict, the shared scale, Score-CAM/Eigen-CAM with smoothing, and the zip of everything."""
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,8 @@ def _cards(at: AppTest) -> dict[str, object]:
 def test_builtin_samples_are_explained_with_no_upload(explain_page):
     at = explain_page
     assert len(at.subheader) == 3  # three samples chosen by default
-    # per sample: the original and one overlay (layer4) with its download button
-    assert len(at.image) == 6 and len(at.download_button) == 3
+    # per sample: the original and one overlay (the recommended layer) with its download button; plus the zip
+    assert len(at.image) == 6 and len(at.download_button) == 3 + 1
     assert all(len(df.value) == 5 for df in at.dataframe)  # top-5 predictions
     assert all(abs(df.value["probability"].sum()) <= 1.0 + 1e-6 for df in at.dataframe)
 
@@ -40,8 +41,7 @@ def test_upload_good_and_broken_files_each_get_their_own_answer(explain_page):
     assert len(errors) == 1 and "notes.jpg" in errors[0]
     assert "Traceback" not in errors[0]
     assert any(m.value.startswith("Explaining **") for m in at.markdown)
-    assert len(at.download_button) == 1  # the good file's overlay only
-    assert at.download_button[0].proto.label == "Download PNG"
+    assert [b.proto.label for b in at.download_button] == ["Download everything (zip)", "Download PNG"]
 
 
 def test_two_uploads_with_the_same_name_both_show(explain_page):
@@ -49,7 +49,7 @@ def test_two_uploads_with_the_same_name_both_show(explain_page):
     same = fx.png_bytes(80)
     at.file_uploader[0].set_value([("photo.png", same, "image/png"), ("photo.png", same, "image/png")]).run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert [s.value for s in at.subheader] == ["photo.png", "photo.png"] and len(at.download_button) == 2
+    assert [s.value for s in at.subheader] == ["photo.png", "photo.png"] and len(at.download_button) == 2 + 1
 
 
 def test_sliders_rerender_without_running_the_network(explain_page, monkeypatch):
@@ -82,13 +82,91 @@ def test_sliders_rerender_without_running_the_network(explain_page, monkeypatch)
     at.file_uploader[0].set_value(("square.png", fx.png_bytes(80), "image/png")).run()
     assert calls["explain"] == 1 and calls["load"] == 0  # the model was loaded once, before (cache_resource)
     inputs_before, overlay_before = calls["input"], at.image[1].value
-    at.sidebar.slider[0].set_value(0.9).run()
-    at.sidebar.selectbox[2].set_value("viridis" if "viridis" in at.sidebar.selectbox[2].options else
-                                      at.sidebar.selectbox[2].options[-1]).run()
+    at.slider(key="explain_opacity").set_value(0.9).run()
+    at.selectbox(key="explain_colormap").set_value("viridis").run()
     assert calls["explain"] == 1 and at.image[1].value != overlay_before  # re-rendered from the cached map
+    at.radio(key="explain_scale").set_value("shared").run()
+    assert calls["explain"] == 1 and "shared scale: 1 = " in at.image[1].proto.imgs[0].caption
     assert calls["input"] == inputs_before  # neither prediction nor map ran again
-    assert [m.label.split(" ")[0] for m in at.sidebar.multiselect] == ["stem", "layer1", "layer2", "layer3",
+    assert [m.label.split(" ")[0] for m in at.sidebar.multiselect][1:] == ["stem", "layer1", "layer2", "layer3",
                                                                        "layer4"]  # grouped by stage
     at.multiselect(key="layers-layer3").set_value(["layer3"]).run()
-    assert calls["explain"] == 2 and len(at.download_button) == 2
+    assert calls["explain"] == 2 and len(at.download_button) == 2 + 1
     assert calls["load"] == 0
+
+
+def _class_boxes(at: AppTest) -> list:
+    return [box for box in at.selectbox if box.label == "Class to explain"]
+
+
+def _explaining(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if m.value.startswith("Explaining **")]
+
+
+def test_each_image_has_its_own_class(explain_page):
+    at = explain_page
+    boxes = _class_boxes(at)
+    assert len(boxes) == 3 and all(box.value == "the top-1 prediction" for box in boxes)
+    before = _explaining(at)
+    other = next(c for c in boxes[1].options[1:] if f"**{c}**" not in before[1])
+    boxes[1].set_value(other).run()  # typed / searched in the second image's box only
+    after = _explaining(at)
+    assert not at.exception and after[0] == before[0] and after[2] == before[2]
+    assert after[1].startswith(f"Explaining **{other}**")
+    tables = at.dataframe
+    assert len(tables) == 3 and all(t.proto.selection_mode for t in tables)  # rows can be clicked
+
+
+def test_without_thresholds_the_page_says_how_to_add_them(explain_page):
+    assert any("ood-thresholds" in c.value for c in explain_page.caption)
+
+
+def test_an_image_unlike_the_validation_set_is_flagged_in_words(explain_page):
+    from core import paths
+    from core.checkpoints import load_checkpoint, save_checkpoint
+
+    best = paths.run_dir("demo-done") / "stage2-finetune" / "best.pt"
+    impossible = {"keep": 0.95, "val_images": 10, "msp_threshold": 1.0, "energy_threshold": 1e6,
+                  "msp_quantiles": [1.0] * 101, "energy_quantiles": [1e6] * 101}  # nothing reaches these
+    save_checkpoint(best, {**load_checkpoint(best), "ood": impossible})
+    at = explain_page.run()
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 3 and all(w.startswith("Out of distribution") for w in warnings)
+
+
+def test_score_cam_and_eigen_cam_with_smoothing(explain_page):
+    at = explain_page
+    at.multiselect(key="explain_smoothing").set_value(list(at.multiselect(key="explain_smoothing").options)).run()
+    for label in ("Eigen-CAM (class-agnostic)", "Score-CAM (gradient-free, slow)"):
+        at.selectbox(key="explain_method").set_value(label).run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert len(at.image) == 6 and all(f"with {label}" in m for m in _explaining(at))
+
+
+def test_the_zip_holds_every_map_and_the_predictions(explain_page, monkeypatch):
+    import io
+    import json
+    import zipfile
+
+    import numpy as np
+
+    import core.explain_files
+
+    built = []
+    real = core.explain_files.bundle_zip
+    monkeypatch.setattr(core.explain_files, "bundle_zip", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    at = explain_page
+    at.multiselect(key="layers-layer1").set_value(["layer1"]).run()
+    names = zipfile.ZipFile(io.BytesIO(built[-1])).namelist()
+    bundle = zipfile.ZipFile(io.BytesIO(built[-1]))
+    report = json.loads(bundle.read("predictions.json"))
+    assert len(report["images"]) == 3 and report["method"] == "gradcam"
+    for record in report["images"]:
+        stem = record["image"].rsplit(".", 1)[0].replace("_", "-")  # '_' separates the parts of a name
+        for layer in ("layer1", "layer2"):
+            base = f"maps/{stem}_{layer}_gradcam_{record['explained_class']}"
+            assert f"{base}.png" in names and f"{base}.npy" in names
+            values = np.load(io.BytesIO(bundle.read(f"{base}.npy")))
+            assert values.shape == (64, 64) and values.dtype == np.float32
+    assert bundle.read("predictions.csv").decode().count("\n") == 1 + 3 * 5
+    assert at.download_button(key="explain_zip").proto.label == "Download everything (zip)"

@@ -1,6 +1,7 @@
 """End to end in a real headless Chromium: `streamlit run app.py` on a free loopback port against a temporary
 ResLens home holding a small checkpoint; upload an image through the Explain page's file input and see the
-predictions and an overlay appear. Screenshots are saved in the test's temporary folder."""
+predictions and an overlay appear, click a row of its top-5 table to explain that class, and download the zip of
+everything. Screenshots are saved in the test's temporary folder."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,12 +48,44 @@ def test_upload_an_image_and_see_predictions_and_overlay(server, tmp_path):
             assert overlay.locator("img").evaluate("img => img.naturalWidth") > 96  # a rendered PNG, enlarged
             assert page.get_by_test_id("stException").count() == 0
             page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+            clicked = click_second_row(page, expect)
+            with page.expect_download(timeout=WAIT_MS) as download:
+                page.get_by_role("button", name="Download everything (zip)").click()
+            saved = tmp_path / "everything.zip"
+            download.value.save_as(saved)
             page.goto(server)
             expect(page.get_by_text("Explain an image")).to_be_visible(timeout=WAIT_MS)
             page.screenshot(path=str(tmp_path / "home.png"), full_page=True)
         finally:
             browser.close()
     assert (tmp_path / "explain.png").stat().st_size > 10_000
+    import json
+    import zipfile
+
+    bundle = zipfile.ZipFile(saved)
+    names = bundle.namelist()
+    assert f"maps/red-square_layer2_gradcam_{clicked}.png" in names  # the clicked class, at the recommended layer
+    assert f"maps/red-square_layer2_gradcam_{clicked}.npy" in names
+    assert json.loads(bundle.read("predictions.json"))["images"][0]["explained_class"] == clicked
+    assert "predictions.csv" in names
+
+
+def click_second_row(page, expect) -> str:
+    """Click the second row of the top-5 table (a canvas grid: by position) and return the class now explained,
+    which must differ from the top-1 explained before."""
+    import re
+
+    explaining = page.get_by_text(re.compile(r"^Explaining "))
+    before = explaining.inner_text()
+    table = page.get_by_test_id("stDataFrame")
+    box = table.bounding_box()
+    row_height = 35  # Streamlit's default row height, header included
+    page.mouse.click(box["x"] + 12, box["y"] + row_height * 1.5 + row_height)  # the second row's marker
+    expect(explaining).not_to_have_text(before, timeout=WAIT_MS)
+    after = explaining.inner_text()
+    clicked = re.match(r"Explaining (.+) \(", after).group(1)
+    expect(page.get_by_text(re.compile(r"^Explaining "))).to_have_count(1, timeout=WAIT_MS)
+    return clicked
 
 
 def test_train_monitor_and_classes_controls_in_a_real_browser(server, tmp_path):

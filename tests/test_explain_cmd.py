@@ -1,8 +1,13 @@
-"""`python -m train explain`: overlays per readable image, predictions, clear failures."""
+"""`python -m train explain`: overlays per readable image, several layers in one pass, a class per image, file
+names that never collide, merged predictions, clear failures (in process, and as a user runs it: a subprocess)."""
 from __future__ import annotations
 
+import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,15 +62,16 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_writes_one_overlay_per_readable_image_and_reports_the_broken_one(checkpoint, inputs, tmp_path, capsys):
     out = tmp_path / "out"
     status = main(["explain", str(checkpoint), str(inputs["dog"]), str(inputs["broken"]), str(inputs["cat"]),
-                   "--layer", "layer4", "--out", str(out), "--top-k", "2"])
+                   "--layer", "layer3", "--out", str(out), "--top-k", "2"])
     assert status == 1
     captured = capsys.readouterr()
     assert "broken.jpg" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == ["cat_layer4.png", "dog_layer4.png", "predictions.json"]
-    width, height = _png_size(out / "dog_layer4.png")
-    assert width == 60 and height > 40  # original resolution, colour bar below
-    assert _png_size(out / "cat_layer4.png")[0] == 30
     report = json.loads((out / "predictions.json").read_text())
+    dog, cat = (f"{stem}_layer3_gradcam_{r['explained_class']}.png" for stem, r in zip(("dog", "cat"), report["images"]))
+    assert sorted(p.name for p in out.iterdir()) == sorted([cat, dog, "predictions.json", "predictions.csv"])
+    width, height = _png_size(out / dog)
+    assert width == 60 and height > 40  # original resolution, colour bar below
+    assert _png_size(out / cat)[0] == 30
     assert [Path(r["image"]).name for r in report["images"]] == ["dog.jpg", "cat.png"]
     assert report["failed"][0]["image"].endswith("broken.jpg") and report["failed"][0]["error"]
     for record in report["images"]:
@@ -80,7 +86,7 @@ def test_all_readable_gives_status_zero_and_target_by_name_or_index_is_the_same(
     common = [str(checkpoint), str(inputs["dog"]), "--layer", "layer3.1.bn2", "--method", "gradcam++"]
     assert main(["explain", *common, "--target", "Triangle", "--out", str(by_name)]) == 0
     assert main(["explain", *common, "--target", "2", "--out", str(by_index)]) == 0
-    name = "dog_layer3.1.bn2_gradcampp.png"
+    name = "dog_layer3.1.bn2_gradcampp_triangle.png"
     assert (by_name / name).read_bytes() == (by_index / name).read_bytes()
     record = json.loads((by_name / "predictions.json").read_text())["images"][0]
     assert (record["explained_class"], record["explained_index"]) == ("triangle", 2)
@@ -92,7 +98,8 @@ def test_same_stem_twice_gets_two_files(checkpoint, inputs, tmp_path):
     twin = _write_image(other / "dog.png", 20, 20, 3)
     out = tmp_path / "out"
     assert main(["explain", str(checkpoint), str(inputs["dog"]), str(twin), "--out", str(out)]) == 0
-    assert (out / "dog_layer4.png").exists() and (out / "dog-2_layer4.png").exists()
+    names = sorted(p.name for p in out.glob("*.png"))  # the recommended layer: layer1 (8x8) at 32 px
+    assert len(names) == 2 and names[0].startswith("dog-2_layer1_gradcam_") and names[1].startswith("dog_layer1_")
 
 
 @pytest.mark.parametrize(
@@ -100,7 +107,9 @@ def test_same_stem_twice_gets_two_files(checkpoint, inputs, tmp_path):
     [
         (["--target", "hexagon"], "no class named 'hexagon'"),
         (["--target", "7"], "out of range"),
-        (["--layer", "layer9"], "no layer named 'layer9'"),
+        (["--layer", "layer9"], "no layer 'layer9'; valid layers: conv1, bn1, relu, maxpool, layer1"),
+        (["--layer", "layer4"], "Layer 'layer4' has no single spatial map at 32 px (it is 1x1"),
+        (["--target", "dog.jpg=hexagon"], "no class named 'hexagon'"),
         pytest.param(["--device", "cuda"], "sees no CUDA GPU", marks=pytest.mark.skipif(
             torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
@@ -119,3 +128,50 @@ def test_unloadable_checkpoint_stops_with_a_clear_sentence(inputs, tmp_path, cap
         err = capsys.readouterr().err
         assert status != 0 and str(path) in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_several_layers_take_one_pass(checkpoint, inputs, tmp_path, monkeypatch):
+    import core.gradcam
+    import train.explain_cmd
+
+    calls = []
+    monkeypatch.setattr(train.explain_cmd, "explain", lambda *a, **k: calls.append(a[2]) or core.gradcam.explain(*a, **k))
+    out = tmp_path / "out"
+    assert main(["explain", str(checkpoint), str(inputs["dog"]), str(inputs["cat"]), "--layer", "layer3",
+                 "--layer", "layer2.1.bn2", "--out", str(out)]) == 0
+    assert calls == [["layer3", "layer2.1.bn2"]]  # both images, both layers: one explain call
+    assert len(list(out.glob("dog_layer3_gradcam_*.png"))) == len(list(out.glob("cat_layer2.1.bn2_*.png"))) == 1
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", "explain", *args], cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+
+
+def test_cli_per_image_classes_layers_and_methods_accumulate(checkpoint, inputs, tmp_path):
+    out = tmp_path / "out"
+    first = _cli(str(checkpoint), str(inputs["dog"]), str(inputs["cat"]), "--layer", "layer3", "--layer", "layer2",
+                 "--target", "dog.jpg=triangle", "--target", f"{inputs['cat']}=0", "--npy", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    second = _cli(str(checkpoint), str(inputs["dog"]), "--method", "layercam", "--target", "square", "--layer",
+                  "layer3", "--scale", "shared", "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["cat_layer2_gradcam_circle.png", "cat_layer3_gradcam_circle.png",
+                    "dog_layer2_gradcam_triangle.png", "dog_layer3_gradcam_triangle.png",
+                    "dog_layer3_layercam_square.png"]  # nothing of the first call was overwritten
+    maps = np.load(out / "dog_layer2_gradcam_triangle.npy")
+    assert maps.shape == (32, 32) and maps.dtype == np.float32 and maps.max() > 0
+    report = json.loads((out / "predictions.json").read_text())
+    assert [(Path(r["image"]).name, r["method"], r["explained_class"]) for r in report["images"]] == [
+        ("dog.jpg", "gradcam", "triangle"), ("cat.png", "gradcam", "circle"), ("dog.jpg", "layercam", "square")]
+    assert report["images"][0]["ood"]["level"] == "unknown"  # this checkpoint stores no thresholds
+    rows = list(csv.DictReader(io.StringIO((out / "predictions.csv").read_text())))
+    assert len(rows) == 3 * 3 and {r["explained_class"] for r in rows} == {"triangle", "circle", "square"}
+    assert "(explaining triangle)" in first.stdout
+
+
+def test_cli_unknown_layer_lists_the_valid_ones(checkpoint, inputs, tmp_path):
+    done = _cli(str(checkpoint), str(inputs["dog"]), "--layer", "layer5", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no layer 'layer5'" in done.stderr and "layer3.1.bn2" in done.stderr and "gradcam(" not in done.stderr

@@ -317,3 +317,105 @@ def test_recommended_layer_is_the_deepest_stage_with_a_fine_enough_map(size, exp
 
     model = torchvision.models.resnet18(weights=None)
     assert recommended_layer(supported_layers(model, size)) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eigen-CAM, Score-CAM and the smoothing options against pytorch-grad-cam on the same model and layer
+
+
+@pytest.fixture()
+def oriented_projection(monkeypatch):
+    """pytorch-grad-cam's own 2-D projection, with the sign our engine fixes (agreeing with the channel sum).
+
+    An SVD's principal direction has an arbitrary sign (LAPACK decides); everything else stays the library's."""
+    import numpy as np
+    import pytorch_grad_cam.base_cam
+    import pytorch_grad_cam.eigen_cam
+    import pytorch_grad_cam.layer_cam
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    def oriented(batch):
+        projection = get_2d_projection(batch)
+        agree = (projection * np.nan_to_num(batch).sum(axis=1)).sum(axis=(1, 2))
+        projection[agree < 0] *= -1
+        return projection
+
+    for module in (pytorch_grad_cam.base_cam, pytorch_grad_cam.eigen_cam, pytorch_grad_cam.layer_cam):
+        if hasattr(module, "get_2d_projection"):
+            monkeypatch.setattr(module, "get_2d_projection", oriented)
+
+
+def _library(name: str, model: nn.Module, layer: str, images: torch.Tensor, targets: list[int], **options):
+    import pytorch_grad_cam
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    cam = getattr(pytorch_grad_cam, name)(model=model, target_layers=[dict(model.named_modules())[layer]])
+    if name == "ScoreCAM":
+        cam.batch_size = 64
+    return normalise(torch.from_numpy(cam(images, [ClassifierOutputTarget(t) for t in targets], **options)))
+
+
+def test_eigencam_matches_pytorch_grad_cam(resnet50, reference, images, oriented_projection):
+    ours = explain(resnet50, images, "layer3", [7, 300], methods="eigencam").maps["layer3"]["eigencam"][:, 0]
+    theirs = _library("EigenCAM", reference, "layer3", images, [7, 300])
+    assert theirs.amax() > 0.99 and theirs.std() > 0.05  # a real map
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize(("method", "library_class"), [("gradcam", "GradCAM"), ("layercam", "LayerCAM")])
+def test_eigen_smoothing_matches_pytorch_grad_cam(loud_pair, images, oriented_projection, method, library_class):
+    ours_model, reference = loud_pair
+    ours = explain(ours_model, images, "layer3", [7, 300], methods=method, eigen_smooth=True).maps["layer3"][method]
+    theirs = _library(library_class, reference, "layer3", images, [7, 300], eigen_smooth=True)
+    plain = explain(ours_model, images, "layer3", [7, 300], methods=method).maps["layer3"][method]
+    assert (ours[:, 0] - plain[:, 0]).abs().max() > 0.05  # smoothing changes the map
+    torch.testing.assert_close(ours[:, 0], theirs, rtol=0, atol=2e-3)
+
+
+def test_aug_smoothing_matches_pytorch_grad_cam(loud_pair, images):
+    ours_model, reference = loud_pair
+    result = explain(ours_model, images, "layer3", [7, 300], methods=["gradcam", "gradcam++"], aug_smooth=True)
+    for method, library_class in (("gradcam", "GradCAM"), ("gradcam++", "GradCAMPlusPlus")):
+        theirs = _library(library_class, reference, "layer3", images, [7, 300], aug_smooth=True)
+        torch.testing.assert_close(result.maps["layer3"][method][:, 0], theirs, rtol=0, atol=2e-3)
+    plain = explain(ours_model, images, "layer3", [7, 300])
+    torch.testing.assert_close(result.logits, plain.logits, rtol=1e-3, atol=0.05)  # the unaugmented image's predictions and classes
+    assert result.targets.tolist() == [[7], [300]]
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18(weights=None).eval()
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
+def test_scorecam_matches_pytorch_grad_cam(resnet18, images):
+    """Score-CAM is one forward pass per channel: one image and ResNet-18's layer3 (256 channels) keep this quick."""
+    ours = explain(resnet18, images[:1], "layer3", [300], methods="scorecam").maps["layer3"]["scorecam"][:, 0]
+    theirs = _library("ScoreCAM", resnet18, "layer3", images[:1], [300])
+    assert theirs.std() > 0.05
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)
+
+
+def test_scorecam_and_smoothing_leave_the_model_as_it_was(resnet18, images):
+    model = copy.deepcopy(resnet18).train()
+    before = _snapshot(model)
+    explain(model, images[:1, :, :32, :32], "layer3", methods="scorecam")
+    explain(model, images, ["layer2", "layer3"], methods=["gradcam", "eigencam"], aug_smooth=True, eigen_smooth=True)
+    after = _snapshot(model)
+    assert after["modes"] == before["modes"] and _hook_count(model) == 0
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+
+
+def test_unnormalised_maps_keep_their_magnitude(resnet50, images):
+    """normalised=False: the same map before min-max scaling, so classes can share one scale."""
+    result = explain(resnet50, images, "layer4", [[3, 917]] * 2, methods=["gradcam", "layercam"], normalised=False)
+    for method in ("gradcam", "layercam"):
+        maps = result.maps["layer4"][method]
+        torch.testing.assert_close(normalise(maps), explain(resnet50, images, "layer4", [[3, 917]] * 2,
+                                                            methods=method).maps["layer4"][method])
+    torch.testing.assert_close(result.maps["layer4"]["gradcam"], upsample(result.raw["layer4"].relu(), (64, 64)))

@@ -50,7 +50,7 @@ def test_explain_refuses_a_fifo_image_and_writes_the_others(tmp_path, capsys):
     status = main(["explain", str(checkpoint), str(fifo), str(good), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert status == 1 and "x.jpg is not a regular file" in err and "Traceback" not in err
-    assert (tmp_path / "out" / "good_layer4.png").is_file()
+    assert list((tmp_path / "out").glob("good_*.png"))  # named <image>_<layer>_<method>_<class>.png
 
 
 def test_a_fifo_is_not_a_checkpoint(tmp_path, capsys):

@@ -19,6 +19,8 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "train.explain_cmd": ("explain",),
     "train.compare_cmd": ("compare",),
     "train.lr_find": ("lr-find",),
+    "train.ood_cmd": ("ood-thresholds",),
+    "train.export_model": ("export-model",),
 }
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from core import evaluation, paths
+from core import evaluation, ood, paths
 from core.checkpoints import load_checkpoint, load_weights, save_checkpoint
 from core.errors import UserError
 from core.models import Preprocessing, build_model
@@ -39,6 +39,7 @@ from train.image_cache import CachedImages, Normalizer, augmentation, open_cache
 from train.progress import Progress, StageWork, gpu_usage
 from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
 from train.signals import StopFlag, worker_init_fn
+from train.tensorboard_log import TensorBoardLog
 
 HEARTBEAT_S = 2.0
 STEP_FLUSH_S = 2.0
@@ -305,6 +306,7 @@ class Trainer:
         self.channels_last = config.channels_last and ctx.device.type in ("cuda", "cpu")
         self.step_rows: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
+        self.tb = TensorBoardLog(None)
 
     # -- the whole pipeline
     def run(self, resume: bool = False) -> None:
@@ -318,9 +320,13 @@ class Trainer:
             plan = self._plan()
             done = sum(w.steps for w in plan[: point.stage]) + (point.checkpoint or {}).get("step", 0)
             self.progress.set_plan(plan, done)
+            if self.ctx.is_main:  # a resumed run's events after its restart point are discarded (purge_step)
+                self.tb = TensorBoardLog(paths.run_dir(self.run_name) / "tensorboard",
+                                         purge_step=done + 1 if resume else None)
             for i in range(point.stage, len(self.config.stages)):
                 self._run_stage(i, point.checkpoint if i == point.stage else None)
         finally:
+            self.tb.close()
             self.stop.restore()
             self.display.close()
 
@@ -380,6 +386,7 @@ class Trainer:
         self.progress.finish_stage(index)
         if not state.stopped_early:
             self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
+        self.tb.hparams(stage_dir(self.run_name, index, stage).name, stage.to_dict(), state.best)
 
     def _kept_best(self, index: int, stage: StageConfig) -> float | None:
         """The accuracy to beat when a stage restarts but an earlier attempt's ``best.pt`` is there (its
@@ -488,6 +495,7 @@ class Trainer:
     def _after_step(self, st: "_StageState", epoch: int, loss: float, lr: float, images: int) -> None:
         self.progress.advance(images, st.step)
         self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time()})
+        self.tb.step(self.progress.done_steps, loss, lr)
         st.last_lr = lr
         self._flush_steps(st.index, epoch + 1)
         self.display.step(self.progress, loss)
@@ -524,6 +532,9 @@ class Trainer:
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts, preds.top5_accuracy)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
+        st.ood = ood.calibrate(preds.confidence, preds.logsumexp)  # saved with the checkpoints of this epoch
+        earlier = sum(s.epochs for s in self.config.stages[: st.index])
+        self.tb.epoch(earlier + epoch + 1, metrics, stage_dir(self.run_name, st.index, st.stage).name, confusion)
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
         self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
         wrong = evaluation.misclassified(preds, st.data.classes, st.data.val_source, MISCLASSIFIED_KEPT)
@@ -562,6 +573,7 @@ class Trainer:
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
             "run_name": self.run_name, "dataset": st.stage.dataset, "stopped_early": st.stopped_early,
+            "ood": st.ood,
         }
         stage_done = batches_done == 0 and (epoch >= st.stage.epochs or st.stopped_early)
         if kind == "last" and not stage_done:  # a finished stage never resumes: its last.pt keeps the weights only
@@ -596,6 +608,7 @@ class _StageState:
     best_balanced: float | None = None  # early stopping: the best validation balanced accuracy so far
     stale_epochs: int = 0  # epochs since it last improved
     stopped_early: bool = False
+    ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution thresholds (core.ood) of the epoch
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
@@ -735,6 +748,7 @@ class Evaluation:
     result: dict[str, Any]
     misclassified: list[dict[str, Any]]
     id: int | None = None
+    predictions: evaluation.Predictions | None = None
 
 
 def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
@@ -772,7 +786,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
                                      preds.top5_accuracy)
     result["loss"] = preds.loss
     wrong = evaluation.misclassified(preds, classes, cached.source, MISCLASSIFIED_KEPT)
-    found = Evaluation(str(Path(path).resolve()), name, split, result, wrong)
+    found = Evaluation(str(Path(path).resolve()), name, split, result, wrong, predictions=preds)
     if store is not None:
         found.id = store.add_evaluation(found.checkpoint, name, split, result, wrong, run=info.run_name)
     return found

@@ -1,23 +1,31 @@
-"""`python -m train explain CHECKPOINT IMAGE... --layer L [--target C] [--method M] --out DIR [--top-k 5]`.
+"""`python -m train explain CHECKPOINT IMAGE... [--layer L]... [--method M] [--target [IMAGE=]C]... --out DIR`.
 
-Writes one overlay PNG per readable image, named after it (``dog.jpg`` -> ``dog_layer4.png``; other methods add
-their name: ``dog_layer4_layercam.png``), prints the top-k predictions and writes them to
-``DIR/predictions.json``. An unreadable image is reported with the reason and the others are still written
-(exit status 1 at the end if any failed); a checkpoint that cannot be loaded stops the command (status 2).
+One forward pass per batch serves every ``--layer`` (default: the model's recommended layer). Each overlay is
+named after its image, layer, method and class (``dog_layer2_gradcam_tabby.png``, see core/explain_files.py),
+so later calls with other layers, methods or classes never overwrite earlier ones; ``predictions.json`` and
+``predictions.csv`` gather the records of every call into the folder (a record is replaced only by one for
+the same image, layers, method and class). ``--target`` names a class for every image, or for one image as
+``IMAGE=CLASS``. An unreadable image is reported with the reason and the others are still written (exit
+status 1 at the end if any failed); a checkpoint that cannot be loaded or a bad request stops the command
+(status 2).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from core import ood
+from core.cam_scale import SCALES, on_scale, scale_label, shared_scales
 from core.errors import UserError
-from core.gradcam import METHODS, explain
+from core.explain_files import map_name, npy_bytes, predictions_csv, prediction_record, unique_stems
+from core.gradcam import ALL_METHODS, explain, recommended_layer, supported_layers
 from core.images import ImageError, load_image
 from core.overlay import COLORMAPS, overlay
 
@@ -30,22 +38,35 @@ class ExplainError(UserError, ValueError):
 
 @dataclass
 class Picture:
-    """A readable input: where it came from, the decoded original and the PNG name it gets."""
+    """A readable input: where it came from, the decoded original, its file stem and what was found."""
 
     path: Path
     image: Any  # PIL.Image.Image
     stem: str
+    target: int | None = None
+    logits: np.ndarray | None = None
+    explained: int = 0
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> unnormalised map at input size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a ResLens checkpoint (.pt)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to explain")
-    parser.add_argument("--layer", default="layer4",
-                        help="layer to explain, as named_modules() spells it (default: layer4)")
-    parser.add_argument("--target", default=None,
-                        help="class to explain, by index or name (default: each image's top-1 class)")
-    parser.add_argument("--method", default="gradcam", choices=METHODS, help="map to draw (default: gradcam)")
-    parser.add_argument("--out", required=True, help="folder to write the overlays and predictions.json into")
+    parser.add_argument("--layer", action="append", default=None, metavar="LAYER",
+                        help="layer to explain, as named_modules() spells it; repeat for several (one pass). "
+                             "Default: the recommended layer (the deepest stage with a map of at least 6x6)")
+    parser.add_argument("--target", action="append", default=[], metavar="[IMAGE=]CLASS",
+                        help="class to explain, by name or index, for every image or as IMAGE=CLASS for one; "
+                             "repeatable (default: each image's top-1 class)")
+    parser.add_argument("--method", default="gradcam", choices=ALL_METHODS, help="map to draw (default: gradcam)")
+    parser.add_argument("--aug-smooth", action="store_true",
+                        help="average the map over flips and brightness changes (test-time augmentation)")
+    parser.add_argument("--eigen-smooth", action="store_true",
+                        help="first principal component of the weighted channels instead of their sum")
+    parser.add_argument("--scale", choices=tuple(SCALES), default="own",
+                        help="own: each map stretched to 0-1; shared: one scale per layer over all images")
+    parser.add_argument("--npy", action="store_true", help="also save each map as .npy (float32, input size)")
+    parser.add_argument("--out", required=True, help="folder to write the overlays and predictions into")
     parser.add_argument("--top-k", type=int, default=5, help="predictions to print per image (default: 5)")
     parser.add_argument("--colormap", default="jet", choices=list(COLORMAPS), help="colormap (default: jet)")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1] (default: 0.5)")
@@ -54,28 +75,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write Grad-CAM overlays and predictions for images under a checkpoint's model."""
-    from core.checkpoints import load_model
+    """Write class-activation overlays and predictions for images under a checkpoint's model."""
+    from core.checkpoints import load_checkpoint, load_model
+    from train.distributed import pick_device
 
     if not 0 <= args.opacity <= 1:
         raise ExplainError(f"--opacity must be between 0 and 1, not {args.opacity}.")
-    from train.distributed import pick_device
-
     model, info = load_model(args.checkpoint, device=pick_device(args.device))
-    target = parse_target(args.target, info.class_names)
-    top_k = min(max(1, args.top_k), len(info.class_names))
-    out = _output_folder(args.out)
+    layers = check_layers(model, info.preprocessing.image_size, args.layer)
     pictures, failures = _read_images(args.images)
-    records = []
+    assign_targets(pictures, args.target, info.class_names, args.images)
+    out = _output_folder(args.out)
     for start in range(0, len(pictures), BATCH):
-        records += _explain_batch(model, info, pictures[start : start + BATCH], target, top_k, args, out)
-    report = {"checkpoint": str(args.checkpoint), "layer": args.layer, "method": args.method,
-              "images": records, "failed": failures}
-    (out / "predictions.json").write_text(json.dumps(report, indent=2))
-    print(f"wrote {len(records)} overlay(s) and predictions.json to {out}")
+        _explain_batch(model, info, pictures[start : start + BATCH], layers, args)
+    scales = shared_scales((layer, p.maps[layer]) for p in pictures for layer in layers) if args.scale == "shared" \
+        else {}
+    stats = load_checkpoint(args.checkpoint).get("ood")
+    top_k = min(max(1, args.top_k), len(info.class_names))
+    records = [_write(p, layers, scales, stats, info, top_k, args, out) for p in pictures]
+    _merge_predictions(out, records, failures)
+    print(f"wrote {len(records) * len(layers)} overlay(s) and the predictions to {out}")
     if failures:
         print(f"{len(failures)} of {len(args.images)} image(s) could not be read", file=sys.stderr)
     return 1 if failures else 0
+
+
+def check_layers(model: torch.nn.Module, image_size: int, asked: list[str] | None) -> list[str]:
+    """The layers asked for (default: the recommended one), each checked against the model's layers."""
+    valid = supported_layers(model, image_size)
+    names = [info.name for info in valid]
+    if not asked:
+        return [recommended_layer(valid)]
+    modules = dict(model.named_modules())
+    for layer in asked:
+        if layer not in names:
+            why = (f"Layer '{layer}' has no single spatial map at {image_size} px (it is 1x1, not a feature map, or "
+                   "runs more than once)" if layer in modules and layer else f"The model has no layer '{layer}'")
+            raise ExplainError(f"{why}; valid layers: {', '.join(names)}.")
+    return list(dict.fromkeys(asked))
 
 
 def parse_target(target: str | None, class_names: list[str]) -> int | None:
@@ -97,6 +134,18 @@ def parse_target(target: str | None, class_names: list[str]) -> int | None:
     raise ExplainError(f"The model has no class named '{target}'; its classes are: {shown}.")
 
 
+def assign_targets(pictures: list[Picture], targets: list[str], class_names: list[str], inputs: list[str]) -> None:
+    """``--target CLASS`` for every image, ``--target IMAGE=CLASS`` (path as given, or file name) for one."""
+    for value in targets:
+        image, sep, name = value.rpartition("=")
+        if not (sep and any(image in (raw, Path(raw).name) for raw in inputs)):
+            image, name = "", value  # a class for every image (its name may hold '=')
+        index = parse_target(name, class_names)
+        for picture in pictures:
+            if not image or image in (str(picture.path), picture.path.name):
+                picture.target = index
+
+
 def _output_folder(path: str) -> Path:
     out = Path(path)
     try:
@@ -110,72 +159,85 @@ def _read_images(paths: list[str]) -> tuple[list[Picture], list[dict[str, str]]]
     """Decode every input; the unreadable ones are reported (on stderr and in the result) and skipped."""
     pictures: list[Picture] = []
     failures: list[dict[str, str]] = []
-    stems: set[str] = set()
     for raw in paths:
-        path = Path(raw)
         try:
-            image = load_image(path)
+            pictures.append(Picture(Path(raw), load_image(Path(raw)), ""))
         except ImageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failures.append({"image": raw, "error": str(exc)})
-            continue
-        pictures.append(Picture(path, image, _unique(path.stem, stems)))
+    for picture, stem in zip(pictures, unique_stems([str(p.path) for p in pictures])):
+        picture.stem = stem
     return pictures, failures
 
 
-def _unique(stem: str, taken: set[str]) -> str:
-    """``stem``, or ``stem-2``, ``stem-3``... when two inputs share a name (a/dog.jpg and b/dog.png)."""
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}-{n}"
-    taken.add(name)
-    return name
-
-
-def _explain_batch(model: torch.nn.Module, info: Any, pictures: list[Picture], target: int | None, top_k: int,
-                   args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
+def _explain_batch(model: torch.nn.Module, info: Any, pictures: list[Picture], layers: list[str],
+                   args: argparse.Namespace) -> None:
+    """Logits, explained classes and unnormalised maps of every layer for a batch, from one forward pass."""
     transform = info.preprocessing.eval_transform()
     device = next(model.parameters()).device
     batch = torch.stack([transform(p.image) for p in pictures]).to(device)
-    targets = None if target is None else [target] * len(pictures)
-    result = explain(model, batch, args.layer, targets, methods=args.method)
-    probabilities = result.probabilities.cpu()
-    maps = result.maps[args.layer][args.method][:, 0].cpu().numpy()
-    records = []
+    asked = [p.target for p in pictures]
+    if None in asked and any(t is not None for t in asked):  # a mix: the top-1 classes first
+        with torch.no_grad():
+            top1 = model.eval()(batch).argmax(dim=1).tolist()
+        asked = [t if t is not None else top1[i] for i, t in enumerate(asked)]
+    result = explain(model, batch, layers, None if None in asked else asked, methods=args.method,
+                     aug_smooth=args.aug_smooth, eigen_smooth=args.eigen_smooth, normalised=False)
+    targets = result.targets[:, 0].tolist()
+    logits = result.logits.float().cpu().numpy()
+    maps = {layer: result.maps[layer][args.method][:, 0].float().cpu().numpy() for layer in layers}
     for i, picture in enumerate(pictures):
-        name = _png_name(picture.stem, args.layer, args.method)
-        png = overlay(picture.image, maps[i], info.preprocessing, colormap=args.colormap, opacity=args.opacity,
-                      signed=args.method == "raw")
-        (out / name).write_bytes(png)
-        record = _record(picture, name, probabilities[i], int(result.targets[i, 0]), info.class_names, top_k)
-        _print_record(record)
-        records.append(record)
-    return records
+        picture.logits, picture.explained = logits[i], targets[i]
+        picture.maps = {layer: maps[layer][i] for layer in layers}
 
 
-def _png_name(stem: str, layer: str, method: str) -> str:
-    suffix = "" if method == "gradcam" else f"_{method.replace('++', 'pp')}"
-    return f"{stem}_{layer}{suffix}.png"
-
-
-def _record(picture: Picture, png: str, probabilities: torch.Tensor, explained: int, class_names: list[str],
-            top_k: int) -> dict[str, Any]:
-    top = probabilities.topk(top_k)
-    return {
-        "image": str(picture.path),
-        "overlay": png,
-        "size": list(picture.image.size),
-        "explained_class": class_names[explained],
-        "explained_index": explained,
-        "predictions": [{"class": class_names[int(c)], "index": int(c), "probability": round(float(p), 6)}
-                        for p, c in zip(top.values, top.indices)],
-    }
-
-
-def _print_record(record: dict[str, Any]) -> None:
+def _write(picture: Picture, layers: list[str], scales: dict[Any, float], stats: dict[str, Any] | None, info: Any,
+           top_k: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The overlays (and .npy maps) of one image, and its prediction record."""
+    class_name = info.class_names[picture.explained]
+    signed = args.method == "raw"
+    files = {}
+    for layer in layers:
+        values, scale = picture.maps[layer], scales.get(layer)
+        shown = values if signed else on_scale(values, scale)
+        png = overlay(picture.image, shown, info.preprocessing, colormap=args.colormap, opacity=args.opacity,
+                      signed=signed, scale=scale, label=f"{args.method} ({scale_label(scale)})")
+        files[layer] = map_name(picture.stem, layer, args.method, class_name)
+        (out / files[layer]).write_bytes(png)
+        if args.npy:
+            (out / map_name(picture.stem, layer, args.method, class_name, "npy")).write_bytes(npy_bytes(values))
+    verdict = ood.assess(picture.logits, stats)
+    probabilities = np.exp(picture.logits - picture.logits.max())
+    record = prediction_record(
+        str(picture.path), probabilities / probabilities.sum(), info.class_names, picture.explained, top_k,
+        size=list(picture.image.size), method=args.method, layers=layers, overlays=files,
+        smoothing=[s for s, on in (("aug", args.aug_smooth), ("eigen", args.eigen_smooth)) if on],
+        scale=args.scale, ood={"level": verdict.level, "msp": verdict.msp, "energy": verdict.energy,
+                               "sentence": verdict.sentence})
     ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in record["predictions"])
-    print(f"{record['image']}: {ranked} -> {record['overlay']} (explaining {record['explained_class']})")
+    print(f"{record['image']}: {ranked} -> {', '.join(files.values())} (explaining {class_name})")
+    if verdict.level in ("out", "borderline"):
+        print(f"  {verdict.sentence}")
+    return record
+
+
+def _merge_predictions(out: Path, records: list[dict[str, Any]], failures: list[dict[str, str]]) -> None:
+    """Add this call's records to ``predictions.json`` (same image, layers, method and class replaced) and
+    rewrite ``predictions.csv`` from them."""
+    path = out / "predictions.json"
+    try:
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        earlier = {}
+    key = lambda r: (r.get("image"), tuple(r.get("layers") or ()), r.get("method"), r.get("explained_class"))  # noqa: E731
+    merged = {key(r): r for r in earlier.get("images", []) if isinstance(r, dict)}
+    merged.update({key(r): r for r in records})
+    failed = {f["image"]: f for f in earlier.get("failed", []) if isinstance(f, dict)}
+    failed.update({f["image"]: f for f in failures})
+    for record in records:
+        failed.pop(record["image"], None)
+    path.write_text(json.dumps({"images": list(merged.values()), "failed": list(failed.values())}, indent=2))
+    (out / "predictions.csv").write_text(predictions_csv(merged.values()))
 
 
 COMMANDS = {"explain": (add_arguments, run)}

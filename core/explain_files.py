@@ -1,0 +1,109 @@
+"""Names and bundles of explanation files, shared by the CLI (`python -m train explain`) and the Explain page.
+
+A map's file is named after everything that made it: ``<image>_<layer>_<method>_<class>.<ext>``
+(``dog_layer2_gradcampp_tabby-cat.png``), so maps of other layers, methods or classes never overwrite each
+other. ``bundle_zip`` packs the shown overlays (PNG), the maps themselves (``.npy``, float32 at the model's
+input size, before any colour scaling) and the predictions (JSON and CSV).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PREDICTION_COLUMNS = ("image", "rank", "class", "index", "probability", "explained_class", "ood")
+
+
+def file_part(text: str) -> str:
+    """``text`` made safe inside a file name: '++' -> 'pp', anything but letters, digits, '.', '-' -> '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9.\-]+", "-", str(text).replace("++", "pp")).strip("-.")
+    return cleaned or "x"
+
+
+def map_name(image: str, layer: str, method: str, class_name: str, ext: str = "png") -> str:
+    """``<image stem>_<layer>_<method>_<class>.<ext>``."""
+    return "_".join(file_part(p) for p in (Path(image).stem, layer, method, class_name)) + f".{ext}"
+
+
+def unique_stems(names: Sequence[str]) -> list[str]:
+    """Each name's stem, with ``-2``, ``-3``... added when two inputs share one (a/dog.jpg and b/dog.png)."""
+    taken: set[str] = set()
+    stems = []
+    for raw in names:
+        stem, name, n = Path(raw).stem, Path(raw).stem, 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        stems.append(name)
+    return stems
+
+
+def prediction_record(image: str, probabilities: np.ndarray, class_names: Sequence[str], explained: int,
+                      top_k: int = 5, **extra: Any) -> dict[str, Any]:
+    """One image's top-k predictions and the class explained, JSON-ready; ``extra`` keys are added as they are."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    order = np.argsort(-probabilities, kind="stable")[:top_k]
+    return {
+        "image": image,
+        "explained_class": class_names[explained],
+        "explained_index": int(explained),
+        "predictions": [{"class": class_names[i], "index": int(i), "probability": round(float(probabilities[i]), 6)}
+                        for i in order],
+        **extra,
+    }
+
+
+def predictions_csv(records: Iterable[dict[str, Any]]) -> str:
+    """One row per image and rank: image, rank, class, index, probability, explained class, OOD verdict."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        verdict = (record.get("ood") or {}).get("level", "")
+        for rank, p in enumerate(record["predictions"], start=1):
+            writer.writerow({"image": record["image"], "rank": rank, "class": p["class"], "index": p["index"],
+                             "probability": p["probability"], "explained_class": record["explained_class"],
+                             "ood": verdict})
+    return out.getvalue()
+
+
+@dataclass(frozen=True)
+class ShownMap:
+    """One map as shown: what made it, the overlay PNG and the map's values [H, W] at the model's input size."""
+
+    image: str
+    layer: str
+    method: str
+    class_name: str
+    png: bytes
+    values: np.ndarray
+
+    def name(self, ext: str) -> str:
+        return map_name(self.image, self.layer, self.method, self.class_name, ext)
+
+
+def npy_bytes(values: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(values, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def bundle_zip(maps: Sequence[ShownMap], records: Sequence[dict[str, Any]], about: dict[str, Any] | None = None) -> bytes:
+    """A zip of every map (``maps/<name>.png`` and ``.npy``) plus ``predictions.json`` and ``predictions.csv``."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for shown in maps:
+            bundle.writestr(f"maps/{shown.name('png')}", shown.png)
+            bundle.writestr(f"maps/{shown.name('npy')}", npy_bytes(shown.values))
+        bundle.writestr("predictions.json", json.dumps({**(about or {}), "images": list(records)}, indent=2))
+        bundle.writestr("predictions.csv", predictions_csv(records))
+    return buffer.getvalue()

@@ -1,0 +1,91 @@
+"""Out-of-distribution warning: how unlike the run's validation images an input looks to the model.
+
+Two scores from the logits, higher meaning "more like the training data":
+
+- the maximum softmax probability (MSP, Hendrycks & Gimpel, ICLR 2017);
+- the negative energy ``logsumexp(logits)`` (Liu et al., NeurIPS 2020), which does not saturate the way a
+  softmax does, so a confident-looking prediction on a foreign image can still stand out.
+
+Thresholds come from the run's validation set: the score that ``KEEP`` (95%) of validation images reach
+(``calibrate``). The trainer stores them with ``best.pt`` under the key ``"ood"``;
+``python -m train ood-thresholds CHECKPOINT`` adds them to older checkpoints. ``assess`` places one image
+against them and says it in words.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+KEEP = 0.95  # share of validation images a threshold lets through
+QUANTILES = 101  # stored quantiles of each score: an image's percentile among the validation images
+
+
+def scores(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(maximum softmax probability, logsumexp = negative energy) of logits [N, classes]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    msp = np.exp(top[:, 0] - lse)
+    return msp, lse
+
+
+def calibrate(msp: np.ndarray, logsumexp: np.ndarray, keep: float = KEEP) -> dict[str, Any]:
+    """The checkpoint's ``"ood"`` record from the validation images' scores (plain floats and lists)."""
+    msp, logsumexp = np.asarray(msp, dtype=np.float64), np.asarray(logsumexp, dtype=np.float64)
+    if msp.size == 0:
+        return {}
+    levels = np.linspace(0, 1, QUANTILES)
+    return {
+        "keep": keep,
+        "val_images": int(msp.size),
+        "msp_threshold": float(np.quantile(msp, 1 - keep)),
+        "energy_threshold": float(np.quantile(logsumexp, 1 - keep)),
+        "msp_quantiles": [float(v) for v in np.quantile(msp, levels)],
+        "energy_quantiles": [float(v) for v in np.quantile(logsumexp, levels)],
+    }
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Where one image stands: its scores, their percentiles among validation images, a verdict in words."""
+
+    msp: float
+    energy: float
+    msp_percentile: float | None
+    energy_percentile: float | None
+    level: str  # "in", "borderline", "out" or "unknown" (no thresholds stored)
+    sentence: str
+
+
+def _percentile(value: float, quantiles: list[float]) -> float:
+    """Share (0-100) of validation images whose score is below ``value``, from the stored quantiles."""
+    levels = np.linspace(0, 100, len(quantiles))
+    return float(np.interp(value, quantiles, levels, left=0.0, right=100.0))
+
+
+def assess(logits: np.ndarray, stats: dict[str, Any] | None) -> Assessment:
+    """Place one image's logits [classes] against the checkpoint's thresholds and say it in one sentence."""
+    msp, lse = (float(v[0]) for v in scores(np.asarray(logits)[None]))
+    if not stats:
+        return Assessment(msp, lse, None, None, "unknown",
+                          "No out-of-distribution thresholds are stored with this checkpoint; add them with "
+                          "`python -m train ood-thresholds CHECKPOINT`.")
+    p_msp, p_energy = _percentile(msp, stats["msp_quantiles"]), _percentile(lse, stats["energy_quantiles"])
+    low_msp, low_energy = msp < stats["msp_threshold"], lse < stats["energy_threshold"]
+    share = f"{stats['keep']:.0%}"
+    detail = (f"confidence {msp:.1%} (threshold {stats['msp_threshold']:.1%}, higher than {p_msp:.0f}% of "
+              f"validation images) and energy score {lse:.2f} (threshold {stats['energy_threshold']:.2f}, higher "
+              f"than {p_energy:.0f}% of them)")
+    if low_msp and low_energy:
+        return Assessment(msp, lse, p_msp, p_energy, "out",
+                          f"Out of distribution: this image is unlike the images the model was trained on, "
+                          f"so do not trust the prediction: {detail}; {share} of validation images score higher "
+                          "on both.")
+    if low_msp or low_energy:
+        return Assessment(msp, lse, p_msp, p_energy, "borderline",
+                          f"Possibly out of distribution: one score is lower than {share} of validation images "
+                          f"reach, so treat the prediction with caution: {detail}.")
+    return Assessment(msp, lse, p_msp, p_energy, "in",
+                      f"Looks like the training data: {detail}.")

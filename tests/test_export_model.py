@@ -1,0 +1,125 @@
+"""`python -m train export-model`: each format's logits match the checkpoint's to 1e-4 on the same images,
+model.json carries the preprocessing and class names, predict.py runs on its own (subprocess)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.checkpoints import load_model
+from tests import app_fixtures as fx
+from train.cli import main
+
+HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
+HAS_ONNX_EXPORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
+HAS_SAFETENSORS = importlib.util.find_spec("safetensors") is not None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return fx.make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def batch(checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three real images through the checkpoint's preprocessing, and the checkpoint model's logits."""
+    from PIL import Image
+    import io
+
+    model, info = load_model(checkpoint)
+    transform = info.preprocessing.eval_transform()
+    images = torch.stack([transform(Image.open(io.BytesIO(fx.png_bytes(s, c))).convert("RGB"))
+                          for s, c in ((80, (200, 30, 30)), (50, (20, 200, 40)), (120, (10, 10, 220)))])
+    with torch.no_grad():
+        return images, model(images)
+
+
+def _logits(fmt: str, folder: Path, images: torch.Tensor) -> torch.Tensor:
+    about = json.loads((folder / "model.json").read_text())
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(str(folder / about["file"]))(images)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(folder / about["file"]), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"input": images.numpy()})[0])
+    import torchvision
+    from safetensors.torch import load_file
+
+    model = getattr(torchvision.models, about["arch"])(weights=None, num_classes=about["num_classes"])
+    model.load_state_dict(load_file(str(folder / about["file"])))
+    with torch.no_grad():
+        return model.eval()(images)
+
+
+@pytest.mark.parametrize("fmt", [
+    "torchscript",
+    pytest.param("onnx", marks=pytest.mark.skipif(not (HAS_ONNXRUNTIME and HAS_ONNX_EXPORT), reason=(
+        "ONNX is checked with onnxruntime: pip install onnx onnxscript onnxruntime (requirements-dev.txt)"))),
+    pytest.param("safetensors", marks=pytest.mark.skipif(not HAS_SAFETENSORS, reason=(
+        "pip install safetensors (requirements-dev.txt)"))),
+])
+def test_exported_logits_match_the_checkpoint(checkpoint, batch, tmp_path, fmt):
+    images, expected = batch
+    out = tmp_path / fmt
+    assert main(["export-model", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    about = json.loads((out / "model.json").read_text())
+    assert about["class_names"] == fx.shapes_classes() and about["arch"] == "resnet18"
+    assert about["preprocessing"]["image_size"] == fx.IMAGE_SIZE and len(about["preprocessing"]["mean"]) == 3
+    assert (out / "predict.py").is_file()
+    got = _logits(fmt, out, images)
+    assert got.shape == expected.shape  # a batch of 3 through a model traced with a batch of 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", [
+    "torchscript",
+    pytest.param("onnx", marks=pytest.mark.skipif(not (HAS_ONNXRUNTIME and HAS_ONNX_EXPORT),
+                                                  reason="onnx, onnxscript and onnxruntime are not installed")),
+    pytest.param("safetensors", marks=pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors is not installed")),
+])
+def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt):
+    out = tmp_path / "export"
+    assert main(["export-model", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    image = tmp_path / "red.png"
+    image.write_bytes(fx.png_bytes(80))
+    ran = subprocess.run([sys.executable, str(out / "predict.py"), str(image)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert ran.returncode == 0, ran.stderr
+    _, expected = batch
+    probabilities = expected[0].softmax(0)
+    best = int(probabilities.argmax())
+    assert ran.stdout.startswith(f"{image}: {fx.shapes_classes()[best]} {float(probabilities[best]):.1%}")
+
+
+def test_missing_package_and_bad_folder_are_one_sentence(checkpoint, tmp_path, capsys, monkeypatch):
+    import train.export_model
+
+    monkeypatch.setitem(train.export_model.NEEDS, "onnx", ("no_such_onnx_package",))
+    assert main(["export-model", str(checkpoint), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the Python package(s) no_such_onnx_package: pip install" in err and "Traceback" not in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(blocker / "sub")]) == 2
+    assert "Cannot create the output folder" in capsys.readouterr().err
+
+
+def test_export_zip_holds_the_folder(checkpoint):
+    from train.export_model import export_zip
+
+    import io
+
+    bundle = zipfile.ZipFile(io.BytesIO(export_zip(checkpoint, "torchscript")))
+    assert sorted(bundle.namelist()) == ["model.json", "model.pt", "predict.py"]
+    assert json.loads(bundle.read("model.json"))["format"] == "torchscript"
+    assert np.frombuffer(bundle.read("model.pt")[:2], dtype=np.uint8).tolist() == [0x50, 0x4B]  # a zip archive

@@ -1,0 +1,66 @@
+"""Out-of-distribution scores: thresholds from validation scores, the verdict in words, stored by the trainer
+with its checkpoints, and added to older checkpoints by `python -m train ood-thresholds` (a subprocess)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from core import ood, paths
+from core.checkpoints import load_checkpoint, save_checkpoint
+from tests.app_fixtures import REPO
+from tests.test_engine import one_thread, run_tiny, tiny_config  # noqa: F401
+
+
+def test_scores_are_softmax_maximum_and_logsumexp():
+    logits = np.array([[2.0, 0.0, -1.0], [100.0, 100.0, 100.0]])
+    msp, lse = ood.scores(logits)
+    torch.testing.assert_close(torch.from_numpy(msp), torch.tensor(logits).softmax(1).amax(1))
+    torch.testing.assert_close(torch.from_numpy(lse), torch.tensor(logits).logsumexp(1))  # no overflow at 100
+
+
+def test_thresholds_keep_95_percent_of_validation_images():
+    rng = np.random.default_rng(0)
+    msp, lse = rng.uniform(0.2, 1.0, 1000), rng.normal(8, 2, 1000)
+    stats = ood.calibrate(msp, lse)
+    assert stats["val_images"] == 1000 and stats["keep"] == 0.95
+    assert np.mean(msp >= stats["msp_threshold"]) == pytest.approx(0.95, abs=0.002)
+    assert np.mean(lse >= stats["energy_threshold"]) == pytest.approx(0.95, abs=0.002)
+    assert len(stats["msp_quantiles"]) == ood.QUANTILES and stats["energy_quantiles"] == sorted(stats["energy_quantiles"])
+
+
+def test_verdicts_in_words():
+    rng = np.random.default_rng(1)
+    val_logits = rng.normal(0, 1, (500, 4)) + np.eye(4)[rng.integers(0, 4, 500)] * 8  # confident, large logits
+    stats = ood.calibrate(*ood.scores(val_logits))
+    typical = ood.assess(np.array([9.0, 0.2, -0.5, 0.1]), stats)
+    assert typical.level == "in" and typical.sentence.startswith("Looks like the training data")
+    # a confident-looking but small-logit image: the softmax is high, the energy score gives it away
+    foreign = ood.assess(np.array([6.0, -10.0, -10.0, -10.0]), stats)
+    assert foreign.msp > stats["msp_threshold"] and foreign.level == "borderline" and "caution" in foreign.sentence
+    far = ood.assess(np.array([0.1, 0.0, 0.05, -0.1]), stats)
+    assert far.level == "out" and far.sentence.startswith("Out of distribution")
+    assert far.energy_percentile < 5 and "validation images" in far.sentence
+    unknown = ood.assess(np.array([1.0, 0.0, 0.0, 0.0]), {})
+    assert unknown.level == "unknown" and "ood-thresholds" in unknown.sentence
+
+
+def test_trainer_stores_thresholds_and_the_command_recomputes_them_for_older_checkpoints(tmp_path):
+    assert run_tiny(tiny_config(tmp_path, epochs=(1,))) == "finished"
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    stored = load_checkpoint(best)["ood"]
+    assert stored["val_images"] == 6 and 0 < stored["msp_threshold"] <= 1
+    older = {k: v for k, v in load_checkpoint(best).items() if k != "ood"}  # as written before this feature
+    save_checkpoint(best, older)
+    done = subprocess.run([sys.executable, "-m", "train", "ood-thresholds", str(best)], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "6 validation images" in done.stdout
+    again = load_checkpoint(best)["ood"]
+    assert again["val_images"] == 6
+    assert again["msp_threshold"] == pytest.approx(stored["msp_threshold"], abs=1e-5)
+    assert again["energy_threshold"] == pytest.approx(stored["energy_threshold"], abs=1e-4)

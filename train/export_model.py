@@ -1,0 +1,126 @@
+"""`python -m train export-model CHECKPOINT --format torchscript|onnx|safetensors --out DIR`: take a model away.
+
+Writes into DIR the model in eval mode (``model.pt`` TorchScript, ``model.onnx`` or ``model.safetensors``),
+``model.json`` (architecture, class names, preprocessing: input size, resize, mean, std; and the
+out-of-distribution thresholds when the checkpoint has them) and ``predict.py``, a small example that needs only
+torch/torchvision (TorchScript), torchvision + safetensors (safetensors) or onnxruntime + Pillow + numpy (ONNX).
+ONNX and safetensors need their optional packages (requirements-dev.txt); without them the command says so.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import UserError
+
+FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
+TEMPLATES = Path(__file__).resolve().parent / "export_templates"
+NEEDS = {"onnx": ("onnx", "onnxscript"), "safetensors": ("safetensors",)}
+
+
+class ExportError(UserError, ValueError):
+    """A model that cannot be exported as asked, in one sentence."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a ResLens checkpoint (.pt)")
+    parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="what to export to")
+    parser.add_argument("--out", required=True, help="folder to write the model, model.json and predict.py into")
+
+
+def _check_packages(fmt: str) -> None:
+    import importlib.util
+
+    missing = [name for name in NEEDS.get(fmt, ()) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"Exporting to {fmt} needs the Python package(s) {', '.join(missing)}: "
+                          f"pip install {' '.join(missing)}.")
+
+
+def model_description(info: Any, data: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """What model.json says: how to feed the model and how to read its output."""
+    pre = info.preprocessing
+    return {
+        "format": fmt, "file": FORMATS[fmt], "arch": info.arch, "num_classes": info.num_classes,
+        "class_names": info.class_names,
+        "preprocessing": {"resize": pre.resize, "image_size": pre.image_size, "mean": list(pre.mean),
+                          "std": list(pre.std), "steps": ["RGB", f"resize short side to {pre.resize} (bilinear)",
+                                                          f"centre-crop {pre.image_size}", "scale to [0, 1]",
+                                                          "normalise (x - mean) / std"]},
+        "input": {"name": "input", "shape": ["batch", 3, pre.image_size, pre.image_size], "dtype": "float32",
+                  "layout": "NCHW"},
+        "output": {"name": "logits", "shape": ["batch", info.num_classes], "softmax": "not applied"},
+        "source": {"checkpoint": str(info.path), "run": info.run_name, "stage": info.stage_name,
+                   "epoch": info.epoch, "metrics": info.metrics},
+        "ood": data.get("ood") or None,
+    }
+
+
+def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str]) -> Path:
+    """Export the checkpoint's model as ``fmt`` into ``out``; returns the model file's path."""
+    from core.checkpoints import load_checkpoint, load_model
+
+    if fmt not in FORMATS:
+        raise ExportError(f"Unknown format '{fmt}'; choose one of {', '.join(FORMATS)}.")
+    _check_packages(fmt)
+    model, info = load_model(checkpoint)
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.") from exc
+    target = folder / FORMATS[fmt]
+    example = torch.zeros(1, 3, info.preprocessing.image_size, info.preprocessing.image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice, the ONNX exporter's chatter
+        _write(model.eval(), example, fmt, target)
+    description = model_description(info, load_checkpoint(checkpoint), fmt)
+    (folder / "model.json").write_text(json.dumps(description, indent=2))
+    (folder / "predict.py").write_text((TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text())
+    return target
+
+
+def _write(model: torch.nn.Module, example: torch.Tensor, fmt: str, target: Path) -> None:
+    if fmt == "torchscript":
+        with torch.no_grad():
+            torch.jit.save(torch.jit.trace(model, example), str(target))
+    elif fmt == "onnx":
+        torch.onnx.export(model, (example,), str(target), input_names=["input"], output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True,
+                          external_data=False, verbose=False)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(target))
+
+
+def export_zip(checkpoint: str | os.PathLike[str], fmt: str) -> bytes:
+    """The exported folder as zip bytes (the app's download button)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="reslens-export-") as tmp:
+        export_model(checkpoint, fmt, tmp)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+            for path in sorted(Path(tmp).iterdir()):
+                bundle.write(path, path.name)
+        return buffer.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export a checkpoint's model (TorchScript, ONNX or safetensors) with model.json and predict.py."""
+    target = export_model(args.checkpoint, args.format, args.out)
+    print(f"wrote {target}, model.json and predict.py to {target.parent} "
+          f"(try: python {target.parent / 'predict.py'} IMAGE)")
+    return 0
+
+
+COMMANDS = {"export-model": (add_arguments, run)}

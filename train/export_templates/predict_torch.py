@@ -1,0 +1,46 @@
+"""Classify images with the exported model: TorchScript (needs only torch, torchvision and Pillow) or
+safetensors weights (torchvision's architecture named in model.json, plus the safetensors package).
+
+    python predict.py IMAGE [IMAGE...]
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torchvision import transforms
+
+HERE = Path(__file__).resolve().parent
+
+
+def load(about: dict) -> torch.nn.Module:
+    if about["format"] == "torchscript":
+        return torch.jit.load(str(HERE / about["file"]))
+    from safetensors.torch import load_file
+
+    model = getattr(torchvision.models, about["arch"])(weights=None, num_classes=about["num_classes"])
+    model.load_state_dict(load_file(str(HERE / about["file"])))
+    return model
+
+
+def main(paths: list[str]) -> None:
+    about = json.loads((HERE / "model.json").read_text())
+    pre = about["preprocessing"]
+    prepare = transforms.Compose([
+        transforms.Resize(pre["resize"], antialias=True), transforms.CenterCrop(pre["image_size"]),
+        transforms.ToTensor(), transforms.Normalize(pre["mean"], pre["std"]),
+    ])
+    model = load(about).eval()
+    for path in paths:
+        with torch.no_grad():
+            logits = model(prepare(Image.open(path).convert("RGB")).unsqueeze(0))[0]
+        probabilities = logits.softmax(dim=0)
+        top = probabilities.topk(min(5, len(probabilities)))
+        ranked = ", ".join(f"{about['class_names'][i]} {p:.1%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"{path}: {ranked}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

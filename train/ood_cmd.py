@@ -1,0 +1,46 @@
+"""`python -m train ood-thresholds CHECKPOINT`: add out-of-distribution thresholds to a checkpoint.
+
+The trainer stores them with every checkpoint it writes (see core/ood.py); this computes them for older ones
+on the validation split of the data set the checkpoint was trained on, and rewrites the file atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from core import ood
+from core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a ResLens checkpoint (.pt); rewritten in place")
+    parser.add_argument("--dataset", help="data set name (default: the one the checkpoint was trained on)")
+    parser.add_argument("--root", help="data set root (default: the training root, or the data root)")
+    parser.add_argument("--device", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--batch-size", type=int, default=64)
+
+
+def add_ood_thresholds(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
+                       device: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Compute the thresholds on the validation split and store them in the checkpoint; returns them."""
+    from train.engine import evaluate_checkpoint
+
+    found = evaluate_checkpoint(path, dataset, root, "val", device, batch_size)
+    preds = found.predictions
+    stats = ood.calibrate(preds.confidence, preds.logsumexp) if preds is not None else {}
+    if not stats:
+        raise CheckpointError(f"The validation split of {found.dataset} has no images, so {path} gets no thresholds.")
+    save_checkpoint(path, {**load_checkpoint(path), "ood": stats})
+    return stats
+
+
+def run(args: argparse.Namespace) -> int:
+    """Add out-of-distribution thresholds (from the validation set) to an older checkpoint."""
+    stats = add_ood_thresholds(args.checkpoint, args.dataset, args.root, args.device, args.batch_size)
+    print(f"{args.checkpoint}: {stats['val_images']} validation images; {stats['keep']:.0%} of them have "
+          f"confidence >= {stats['msp_threshold']:.4f} and energy score >= {stats['energy_threshold']:.4f}")
+    return 0
+
+
+COMMANDS = {"ood-thresholds": (add_arguments, run)}
