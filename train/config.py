@@ -34,6 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("cosine", "step", "constant"),
     "augment": ("none", "light", "strong"),
     "imbalance": ("none", "weighted_loss", "class_balanced", "weighted_sampler"),
+    "mix": ("none", "mixup", "cutmix", "both"),
 }
 _TRAIN_LAYERS = re.compile(r"^(all|head|from:layer[1-4])$")
 
@@ -83,6 +84,10 @@ class StageConfig:
     cb_beta: float = 0.999
     init: str = "scratch"
     num_workers: int = 0
+    mix: str = "none"  # MixUp / CutMix of training batches ("both": one of the two per batch)
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); validated and saved
+    tta: bool = False  # validate on each image and its mirror image (logits averaged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -225,6 +230,8 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         "freeze_epochs": (0, True, None, False, True),
         "cb_beta": (0, True, 1, False, False),
         "num_workers": (0, True, 64, True, True),
+        "mix_alpha": (0, False, None, False, False),
+        "ema": (0, True, 1, False, False),
     }
     for key, (low, low_inc, high, high_inc, integer) in ranges.items():
         value = _number(label, key, getattr(s, key), integer)
@@ -235,6 +242,8 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
     for key, allowed in CHOICES.items():
         if getattr(s, key) not in allowed:
             raise ConfigError(f"{label}: {key} must be one of {', '.join(allowed)}, got {getattr(s, key)!r}.")
+    if not isinstance(s.tta, bool):
+        raise ConfigError(f"{label}: tta must be true or false, got {s.tta!r}.")
     if not isinstance(s.train_layers, str) or not _TRAIN_LAYERS.match(s.train_layers):
         raise ConfigError(f"{label}: train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
     if s.warmup_epochs > s.epochs:

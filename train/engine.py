@@ -36,6 +36,7 @@ from core.run_store import RunStore
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split
+from train.recipe import Mixer, batch_mixer, weight_average
 
 HEARTBEAT_S = 2.0
 STEP_FLUSH_S = 2.0
@@ -384,10 +385,14 @@ class Trainer:
             start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
             best = checkpoint["metrics"].get("best_val_acc")
         step = start_epoch * per_epoch + batches_done
+        ema = weight_average(model, stage.ema)
+        if ema is not None and checkpoint is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
         self.store.upsert_stage(self.run_name, index, stage.name, stage.dataset, stage.epochs, data.classes)
         self.store.truncate_after(self.run_name, index, start_epoch, step=step)
         state = _StageState(index, stage, label, data, model, optimizer, scheduler, sampler, train_loader,
-                            per_epoch, step, best, self.channels_last)
+                            per_epoch, step, best, self.channels_last,
+                            mixer=batch_mixer(stage, len(data.classes)), ema=ema)
         for epoch in range(start_epoch, stage.epochs):
             self._run_epoch(state, epoch, batches_done if epoch == start_epoch else 0)
         self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
@@ -442,9 +447,13 @@ class Trainer:
         for images, labels in st.loader:
             images = st.normalize(images.to(self.ctx.device, non_blocking=True))
             labels = labels.to(self.ctx.device, non_blocking=True)
+            targets = labels
+            if st.mixer is not None:  # soft targets; "correct" then counts the larger of the two classes
+                images, targets = st.mixer(images, labels)
+                labels = targets.argmax(1)
             with torch.autocast(self.ctx.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = model(images)
-                loss = criterion(logits.float(), labels)
+                loss = criterion(logits.float(), targets)
             value, stop = self._agree(loss.detach(), len(labels))
             if stop:  # this batch is not applied; resume starts with it
                 self._save_stop(st, epoch, batch_index)
@@ -453,6 +462,8 @@ class Trainer:
             lr = st.optimizer.param_groups[0]["lr"]
             st.optimizer.zero_grad(set_to_none=True)
             st.backward(loss)
+            if st.ema is not None:
+                st.ema.update_parameters(st.model)
             st.scheduler.step()
             batch_index += 1
             st.step += 1
@@ -505,7 +516,8 @@ class Trainer:
         if not self.ctx.is_main:
             return metrics
         loader = DataLoader(st.data.val, batch_size=max(st.stage.batch_size, 64), num_workers=0)
-        preds = evaluation.predict(st.model, loader, self.ctx.device, prepare=st.normalize, autocast_dtype=self.amp)
+        preds = evaluation.predict(st.evaluated, loader, self.ctx.device, prepare=st.normalize,
+                                   autocast_dtype=self.amp, flip=st.stage.tta)
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
@@ -535,13 +547,16 @@ class Trainer:
     def _save(self, st: "_StageState", kind: str, epoch: int, batches_done: int, metrics: dict[str, Any]) -> Path:
         payload = {
             "arch": self.config.arch, "num_classes": len(st.data.classes), "class_names": st.data.classes,
-            "preprocessing": st.data.preprocessing.to_dict(), "model": st.model.state_dict(),
+            "preprocessing": st.data.preprocessing.to_dict(),
+            "model": (st.evaluated if kind == "best" else st.model).state_dict(),
             "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
             "sampler": st.sampler.state_dict(), "epoch": epoch, "batches_done": batches_done, "step": st.step,
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
             "run_name": self.run_name, "dataset": st.stage.dataset,
         }
+        if st.ema is not None and kind == "last":  # best.pt holds the averaged weights as its model
+            payload["ema"] = st.ema.state_dict()
         return save_checkpoint(stage_dir(self.run_name, st.index, st.stage) / f"{kind}.pt", payload)
 
 
@@ -563,6 +578,8 @@ class _StageState:
     best: float | None
     channels_last: bool = False
     last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
+    mixer: Mixer | None = None
+    ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when stage.ema > 0
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
@@ -578,6 +595,11 @@ class _StageState:
             self._wrapped = torch.compile(module) if compile_model else module
             self._prefixes = prefixes
         return self._wrapped
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated and saved as best: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         if self._normalize is None:
@@ -692,7 +714,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     load_weights(model, raw["model"], path)
     normalize = Normalizer(pre.mean, pre.std).to(target)
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
-                               autocast_dtype=autocast_dtype(target))
+                               autocast_dtype=autocast_dtype(target), flip=bool(trained.get("tta")))
     counts = class_counts(name, root, "train", **options)
     result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()))
     result["loss"] = preds.loss
