@@ -687,8 +687,10 @@ class Evaluation:
 
 def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
                         split: str = "val", device: str | None = None, batch_size: int = 64,
-                        store: RunStore | None = None) -> Evaluation:
+                        store: RunStore | None = None, flip: bool | None = None) -> Evaluation:
     """Per-class evaluation of any checkpoint on a split; stored in ``store`` when given.
+
+    ``flip``: test-time flips (logits of each image and its mirror averaged); default: the stage's ``tta``.
 
     The data set (and its root and options) defaults to the one the checkpoint was trained on;
     its classes must match the checkpoint's, or a ``CheckpointError`` says so.
@@ -714,7 +716,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     load_weights(model, raw["model"], path)
     normalize = Normalizer(pre.mean, pre.std).to(target)
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
-                               autocast_dtype=autocast_dtype(target), flip=bool(trained.get("tta")))
+                               autocast_dtype=autocast_dtype(target), flip=bool(trained.get("tta")) if flip is None else flip)
     counts = class_counts(name, root, "train", **options)
     result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()))
     result["loss"] = preds.loss
