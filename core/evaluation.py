@@ -119,8 +119,11 @@ class Predictions:
 def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
             criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
             prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            autocast_dtype: torch.dtype | None = None) -> Predictions:
-    """Run ``model`` (eval mode) over ``loader`` (not shuffled); ``prepare`` maps a batch to model input."""
+            autocast_dtype: torch.dtype | None = None, flip: bool = False) -> Predictions:
+    """Run ``model`` (eval mode) over ``loader`` (not shuffled); ``prepare`` maps a batch to model input.
+
+    ``flip``: test-time augmentation, the logits of each image averaged with those of its mirror image.
+    """
     model.eval()
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
@@ -132,6 +135,8 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
             images = prepare(images)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(images)
+            if flip:
+                logits = (logits.float() + model(images.flip(3)).float()) / 2
         logits = logits.float()
         loss_sum += float(criterion(logits, labels)) * len(labels)
         probs = logits.softmax(dim=1)

@@ -163,15 +163,18 @@ def assert_same_run(a: dict, b: dict) -> None:
         assert all(torch.equal(state[k], other[k]) for k in state), key
 
 
-@pytest.mark.parametrize("stop_step, workers", [(5, 0), (3, 1)], ids=["mid-epoch", "epoch-boundary"])
-def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers):
+@pytest.mark.parametrize("stop_step, workers, recipe", [(5, 0, {}), (3, 1, {}),
+                                                        (5, 0, {"mix": "both", "ema": 0.9, "tta": True})],
+                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-mix-ema-tta"])
+def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers, recipe):
     """SIGTERM mid-epoch (after step 5 of 3-step epochs) or during an epoch's last step, then resume in a
-    process whose random generators have moved on: the same metrics and weights, bit for bit."""
+    process whose random generators have moved on: the same metrics and weights, bit for bit (also with
+    MixUp/CutMix, whose draws come from the restored RNG, and an EMA of the weights, kept in trainer_state)."""
     import random
 
     import numpy as np
 
-    raw = tiny_config(tmp_path, epochs=(3, 2), augment="strong", num_workers=workers, label_smoothing=0.1)
+    raw = tiny_config(tmp_path, epochs=(3, 2), augment="strong", num_workers=workers, label_smoothing=0.1, **recipe)
     raw["stages"][1]["imbalance"] = "weighted_sampler"
     assert run_tiny(raw, "whole") == "finished"
     whole = run_record("whole", raw)
@@ -186,6 +189,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_st
     assert run_tiny(raw, "cut") == "stopped"
     last = load_checkpoint(paths.run_dir("cut") / "stage1-s1" / "last.pt")
     assert (last["epoch"], last["batches_done"]) == ((1, 2) if stop_step == 5 else (1, 0))
+    assert ("ema" in last["trainer_state"]) == bool(recipe)
     monkeypatch.setattr(Trainer, "_after_step", real_after)
     torch.manual_seed(12345), random.seed(12345), np.random.seed(12345)  # a fresh process would differ too
     assert run_tiny(raw, "cut", resume=True) == "finished"

@@ -229,3 +229,31 @@ def test_cli_resume_refuses_a_live_trainer_that_stopped_reporting(tmp_path, monk
     finally:
         os.killpg(trainer.pid, signal.SIGKILL)
         trainer.communicate()
+
+
+STARTING_WORKERS = textwrap.dedent("""
+    import os, signal, sys, time
+    import torch
+    from torch.utils.data import DataLoader
+    from train.signals import StopFlag, ignore_in_worker, start_workers
+
+    def slow_start(worker_id):
+        time.sleep(1.0)  # the stop arrives while the worker is still starting
+        ignore_in_worker(worker_id)
+
+    flag = StopFlag()
+    flag.install()
+    loader = DataLoader(list(range(8)), batch_size=1, num_workers=2, worker_init_fn=slow_start)
+    batches = start_workers(loader)
+    time.sleep(0.3)
+    os.killpg(0, signal.SIGTERM)  # the whole group: this process and both starting workers
+    print(sum(1 for _ in batches), flag.requested)
+""")
+
+
+def test_a_stop_while_workers_start_reaches_only_the_main_process(tmp_path):
+    """A worker forked by start_workers holds the stop signals blocked until it ignores them: a group stop sent
+    before its worker_init_fn ran neither kills it nor is lost by the main process."""
+    done = subprocess.run([sys.executable, "-c", STARTING_WORKERS], cwd=REPO, env=one_thread_env(),
+                          capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert (done.returncode, done.stdout.split()) == (0, ["8", "True"]), done.stderr

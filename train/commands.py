@@ -230,6 +230,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--top", type=int, default=10, help="how many confused pairs to print")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time flips: average each image's logits with its mirror's (default: the stage's tta)")
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -240,7 +242,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
     found = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.device,
-                                args.batch_size, store=RunStore())
+                                args.batch_size, store=RunStore(), flip=args.tta)
     r = found.result
     top5 = f", top-5 accuracy {r['top5_acc']:.4f}" if r.get("top5_acc") is not None else ""
     print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images): "

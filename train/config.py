@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("cosine", "step", "constant"),
     "augment": ("none", "light", "strong"),
     "imbalance": ("none", "weighted_loss", "class_balanced", "weighted_sampler"),
+    "mix": ("none", "mixup", "cutmix", "both"),
 }
 RETENTION = ("all", "final")
 _TRAIN_LAYERS = re.compile(r"all|head|from:layer[1-4]")
@@ -153,6 +154,10 @@ class StageConfig:
     init: str = "scratch"
     num_workers: int = 0
     patience: int = 0  # early stopping: end the stage after this many epochs without a better balanced accuracy
+    mix: str = "none"  # MixUp / CutMix of training batches ("both": one of the two per batch)
+    mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); validated and saved
+    tta: bool = False  # validate on each image and its mirror image (logits averaged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -313,6 +318,8 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         "cb_beta": (0, True, 1, False, False),
         "num_workers": (0, True, 64, True, True),
         "patience": (0, True, None, False, True),
+        "mix_alpha": (0, False, None, False, False),
+        "ema": (0, True, 1, False, False),
     }
     for key, (low, low_inc, high, high_inc, integer) in ranges.items():
         value = _number(i, label, key, getattr(s, key), integer)
@@ -323,6 +330,8 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
     for key, allowed in CHOICES.items():
         if getattr(s, key) not in allowed:
             raise fail(key, f"{key} must be one of {', '.join(allowed)}, got {getattr(s, key)!r}.")
+    if not isinstance(s.tta, bool):
+        raise fail("tta", f"tta must be true or false, got {s.tta!r}.")
     if not isinstance(s.train_layers, str) or not _TRAIN_LAYERS.fullmatch(s.train_layers):
         raise fail("train_layers", f"train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
     if s.warmup_epochs > s.epochs:

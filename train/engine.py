@@ -37,8 +37,9 @@ from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
+from train.recipe import Mixer, batch_mixer, weight_average
 from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
-from train.signals import StopFlag, worker_init_fn
+from train.signals import StopFlag, start_workers, worker_init_fn
 from train.tensorboard_log import TensorBoardLog
 
 HEARTBEAT_S = 2.0
@@ -376,7 +377,8 @@ class Trainer:
         self.store.upsert_stage(self.run_name, index, stage.name, stage.dataset, stage.epochs, data.classes)
         self.store.truncate_after(self.run_name, index, start_epoch, step=step)
         state = _StageState(index, stage, label, data, model, optimizer, scheduler, sampler, train_loader,
-                            per_epoch, step, best, self.channels_last)
+                            per_epoch, step, best, self.channels_last,
+                            mixer=batch_mixer(stage, len(data.classes)), ema=weight_average(model, stage.ema))
         if checkpoint is not None:
             state.load_trainer_state(checkpoint.get("trainer_state") or {})
         for epoch in range(start_epoch, stage.epochs):
@@ -456,18 +458,24 @@ class Trainer:
     def _train_steps(self, st: "_StageState", model: nn.Module, epoch: int, batch_index: int) -> list[float]:
         """Train one (rest of an) epoch; returns summed [loss*n, correct, n] over all ranks."""
         criterion = nn.CrossEntropyLoss(weight=st.weights(self.ctx.device), label_smoothing=st.stage.label_smoothing)
-        for images, labels in st.loader:
+        for images, labels in start_workers(st.loader):
             images = st.normalize(images.to(self.ctx.device, non_blocking=True))
             labels = labels.to(self.ctx.device, non_blocking=True)
+            targets = labels
+            if st.mixer is not None:  # soft targets; "correct" then counts the larger of the two classes
+                images, targets = st.mixer(images, labels)
+                labels = targets.argmax(1)
             with torch.autocast(self.ctx.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = model(images)
-                loss = criterion(logits.float(), labels)
+                loss = criterion(logits.float(), targets)
             value, stop = self._agree(loss.detach(), len(labels))
             if not math.isfinite(value):
                 self._diverged(st, epoch, value)
             lr = st.optimizer.param_groups[0]["lr"]
             st.optimizer.zero_grad(set_to_none=True)
             st.backward(loss)
+            if st.ema is not None:
+                st.ema.update_parameters(st.model)
             st.scheduler.step()
             batch_index += 1
             st.step += 1
@@ -527,7 +535,8 @@ class Trainer:
             return metrics
         loader = DataLoader(st.data.val, batch_size=max(st.stage.batch_size, 64), num_workers=0)
         started = time.monotonic()
-        preds = evaluation.predict(st.model, loader, self.ctx.device, prepare=st.normalize, autocast_dtype=self.amp)
+        preds = evaluation.predict(st.evaluated, loader, self.ctx.device, prepare=st.normalize,
+                                   autocast_dtype=self.amp, flip=st.stage.tta)
         self.progress.validated(time.monotonic() - started)
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts, preds.top5_accuracy)
@@ -568,7 +577,8 @@ class Trainer:
         scheduler, sampler position, ``trainer_state``: RNG states, the epoch's running totals, extra state)."""
         payload = {
             "arch": self.config.arch, "num_classes": len(st.data.classes), "class_names": st.data.classes,
-            "preprocessing": st.data.preprocessing.to_dict(), "model": st.model.state_dict(),
+            "preprocessing": st.data.preprocessing.to_dict(),
+            "model": (st.evaluated if kind == "best" else st.model).state_dict(),  # best: the EMA when on
             "epoch": epoch, "batches_done": batches_done, "step": st.step,
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
@@ -609,6 +619,8 @@ class _StageState:
     stale_epochs: int = 0  # epochs since it last improved
     stopped_early: bool = False
     ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution thresholds (core.ood) of the epoch
+    mixer: Mixer | None = None
+    ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when stage.ema > 0
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
@@ -617,7 +629,7 @@ class _StageState:
 
     def stateful(self) -> dict[str, Any]:
         """Objects (with ``state_dict``/``load_state_dict``) whose state a resume needs, by name."""
-        return {"scaler": self._scaler} if self._scaler is not None else {}
+        return {name: obj for name, obj in (("scaler", self._scaler), ("ema", self.ema)) if obj is not None}
 
     def trainer_state(self) -> dict[str, Any]:
         """What ``last.pt`` keeps besides model, optimizer and scheduler for an exact resume."""
@@ -660,6 +672,11 @@ class _StageState:
             self._wrapped = torch.compile(module) if compile_model else module
             self._prefixes = prefixes
         return self._wrapped
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated and saved as best: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         if self._normalize is None:
@@ -753,8 +770,10 @@ class Evaluation:
 
 def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
                         split: str = "val", device: str | None = None, batch_size: int = 64,
-                        store: RunStore | None = None) -> Evaluation:
+                        store: RunStore | None = None, flip: bool | None = None) -> Evaluation:
     """Per-class evaluation of any checkpoint on a split; stored in ``store`` when given.
+
+    ``flip``: test-time flips (logits of each image and its mirror averaged); default: the stage's ``tta``.
 
     The data set (and its root and options) defaults to the one the checkpoint was trained on;
     its classes must match the checkpoint's, or a ``CheckpointError`` says so.
@@ -780,7 +799,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     load_weights(model, raw["model"], path)
     normalize = Normalizer(pre.mean, pre.std).to(target)
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
-                               autocast_dtype=autocast_dtype(target))
+                               autocast_dtype=autocast_dtype(target), flip=bool(trained.get("tta")) if flip is None else flip)
     counts = class_counts(name, root, "train", **options)
     result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()),
                                      preds.top5_accuracy)

@@ -39,7 +39,7 @@ from core.checkpoints import human_bytes
 from core.errors import UserError
 from core.images import ImageError
 from core.tempfiles import locked_temp, sweep_stale
-from train.signals import worker_init_fn
+from train.signals import start_workers, worker_init_fn
 
 CACHE_VERSION = 2
 FINGERPRINT_BYTES = 64 << 20  # rows hashed by the fingerprint: every row of caches up to 64 MB, else a spread
@@ -92,7 +92,7 @@ def decode_all(dataset: Any, size: int, out: np.ndarray, workers: int = 0, skip_
     loader = DataLoader(_Decoded(dataset, size, skip_unreadable), batch_size=32, num_workers=workers,
                         worker_init_fn=worker_init_fn())
     start, skipped = 0, []
-    for batch, readable in loader:
+    for batch, readable in start_workers(loader):
         out[start:start + len(batch)] = batch.numpy()
         skipped += [start + i for i in torch.nonzero(~readable).flatten().tolist()]
         start += len(batch)

@@ -16,9 +16,10 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+T = TypeVar("T")
 
 
 class Terminated(KeyboardInterrupt):
@@ -34,10 +35,27 @@ _leave_registered = threading.Lock()
 
 
 def ignore_in_worker(worker_id: int = 0) -> None:
-    """In a DataLoader worker: leave stop signals to the main process; leave when it says so (``LEAVE_SIGNAL``)."""
+    """In a DataLoader worker: leave stop signals to the main process; leave when it says so (``LEAVE_SIGNAL``).
+
+    Workers started by ``start_workers`` begin with the stop signals blocked; one that arrived before this ran
+    is pending, and is dropped once ignored here."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.signal(LEAVE_SIGNAL, _leave)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader: Iterable[T]) -> Iterator[T]:
+    """``iter(loader)``, with the stop signals blocked while its workers are forked, so that a stop sent to the
+    process group while a worker is still starting (before ``ignore_in_worker``) cannot kill it; the main
+    process receives a signal sent meanwhile as soon as the workers exist."""
+    if threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _leave(signum: int, frame: Any) -> None:

@@ -1,0 +1,85 @@
+"""Recipe options: MixUp/CutMix, the EMA of weights (with warm-up) and test-time flips."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from core import evaluation
+from core.checkpoints import load_checkpoint
+from tests.test_engine import one_thread, run_tiny, tiny_config  # noqa: F401 - fixture
+from train.config import ConfigError, StageConfig, parse_config
+from train.recipe import batch_mixer, weight_average
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix", "both"])
+def test_batch_mixer_gives_soft_labels_of_two_classes(mix):
+    torch.manual_seed(0)
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8) % 4
+    mixed, soft = batch_mixer(StageConfig(dataset="shapes", mix=mix), 4)(images, labels)
+    assert mixed.shape == images.shape and soft.shape == (8, 4)
+    assert torch.allclose(soft.sum(1), torch.ones(8))
+    assert ((soft > 0).sum(1) <= 2).all() and not torch.equal(mixed, images)
+
+
+def test_no_mixer_when_off():
+    assert batch_mixer(StageConfig(dataset="shapes"), 4) is None
+
+
+def test_ema_warms_up_then_keeps_its_decay():
+    model = nn.Linear(1, 1, bias=False)
+    ema = weight_average(model, 0.5)
+    values = []
+    for w in (1.0, 3.0, 5.0, 7.0):
+        model.weight.data.fill_(w)
+        ema.update_parameters(model)
+        values.append(float(ema.module.weight))
+    keep1, keep2 = 2 / 11, 3 / 12  # (1 + n) / (10 + n) for n = 1, 2, below the decay 0.5
+    v1 = keep1 * 1.0 + (1 - keep1) * 3.0
+    v2 = keep2 * v1 + (1 - keep2) * 5.0
+    v3 = 0.5 * v2 + 0.5 * 7.0  # n = 3: (4 / 13) ... capped? no: 4/13 < 0.5, so the warm-up still rules
+    v3 = (4 / 13) * v2 + (9 / 13) * 7.0
+    assert values == pytest.approx([1.0, v1, v2, v3])
+    assert weight_average(model, 0.0) is None
+
+
+class _Asymmetric(nn.Module):
+    """Logits that change when the image is mirrored: the mean of the left and right halves."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[3] // 2
+        return torch.stack([x[..., :half].mean((1, 2, 3)), x[..., half:].mean((1, 2, 3))], 1)
+
+
+def test_flip_averages_the_logits_of_each_image_and_its_mirror():
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, ..., :2] = 1.0  # image 0: bright left half -> class 0; its mirror says class 1
+    images[1, ..., 3] = 4.0  # image 1: bright right column -> class 1 either way? no: mirror -> class 0
+    loader = [(images, torch.tensor([0, 1]))]
+    plain = evaluation.predict(_Asymmetric(), loader)
+    flipped = evaluation.predict(_Asymmetric(), loader, flip=True)
+    assert list(plain.predicted) == [0, 1]
+    assert flipped.confidence == pytest.approx([0.5, 0.5])  # both halves averaged: a tie, softmax 0.5
+
+
+def test_config_checks_the_recipe_keys(tmp_path):
+    raw = tiny_config(tmp_path, (1,))
+    for key, value in (("mix", "blend"), ("mix_alpha", 0), ("ema", 1.0), ("ema", -0.1), ("tta", "yes")):
+        bad = {**raw, "stages": [{**raw["stages"][0], key: value}]}
+        with pytest.raises(ConfigError, match=key):
+            parse_config(bad)
+
+
+def test_a_stage_with_mixing_ema_and_flips_validates_and_saves_the_average(tmp_path):
+    """best.pt holds the weights that were validated (the average); last.pt the raw ones. (A stopped run's
+    last.pt keeps the average in trainer_state: tests/test_engine.py resumes one bit-exactly.)"""
+    from train.engine import stage_dir
+
+    raw = tiny_config(tmp_path, (2,), mix="both", ema=0.9, tta=True)
+    assert run_tiny(raw) == "finished"
+    config = parse_config(raw)
+    last = load_checkpoint(stage_dir("tiny", 0, config.stages[0]) / "last.pt")
+    best = load_checkpoint(stage_dir("tiny", 0, config.stages[0]) / "best.pt")
+    floats = [k for k, v in best["model"].items() if v.is_floating_point()]
+    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in floats) or best["epoch"] != last["epoch"]
+    assert best["stage_config"]["ema"] == 0.9 and best["stage_config"]["tta"] is True
