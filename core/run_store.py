@@ -51,9 +51,9 @@ EPOCH_METRICS = (
 )
 METRIC_COLUMNS = tuple(dict.fromkeys(STEP_METRICS + EPOCH_METRICS))
 PROGRESS_FIELDS = ("stage", "epoch", "step", "done_steps", "total_steps", "eta_s", "stage_eta_s", "images_per_s",
-                   "device", "gpu")
+                   "device", "gpu", "phase")
 # columns added after the first schema: added to older stores when they are opened
-_ADDED_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT"}}
+_ADDED_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT", "phase": "TEXT"}}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -294,7 +294,7 @@ class RunStore:
 
         Progress fields (``PROGRESS_FIELDS``): ``stage``, ``epoch``, ``step``, ``done_steps``, ``total_steps``,
         ``eta_s`` (pipeline), ``stage_eta_s`` (running stage), ``images_per_s``, ``device``, ``gpu`` (a list
-        of per-GPU dicts, stored as JSON).
+        of per-GPU dicts, stored as JSON), ``phase`` (``compiling`` during a torch.compile warm-up, else None).
         """
         unknown = set(progress) - set(PROGRESS_FIELDS)
         if unknown:

@@ -51,6 +51,9 @@ def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     st.progress(charts.progress_fraction(run.get("done_steps"), run.get("total_steps")),
                 text=f"Pipeline: step {run.get('done_steps') or 0} of {run.get('total_steps') or '?'}; "
                      f"ETA {eta_text(run.get('eta_s'))}")
+    if run.get("phase") == "compiling" and common.is_live(run):
+        st.info("Compiling the model (torch.compile): a stage's first steps take up to a minute or two while "
+                "the kernels are built. This is not a hang; the steps after it are faster.", icon=":material/build:")
     gpu_line(run)
 
 

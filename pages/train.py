@@ -34,8 +34,8 @@ UPLOADED = "(the file opened below)"
 LIVE_REFRESH_S = 2.0
 LABELS = {"name": "stage", "dataset": "data set", "lr": "learning rate"}  # others: the key with spaces
 SWITCHES = (("amp", "Mixed precision (amp)", "bf16/fp16 autocast where the device has it."),
-            ("channels_last", "channels_last", "NHWC memory layout: faster convolutions on most hardware."),
-            ("compile", "torch.compile", "Compiles the model first: slower start, faster steps on GPUs."))
+            ("channels_last", "channels_last", "NHWC memory layout: faster convolutions on most hardware."))
+COMPILE_CHOICES = {"auto": "auto (on CUDA)", True: "on", False: "off"}
 
 
 def column_label(key: str) -> str:
@@ -119,10 +119,17 @@ def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
     seed = raw.get("seed", PIPELINE_DEFAULTS["seed"])
     top["seed"] = int(right.number_input("Seed", value=int(seed) if isinstance(seed, int) else 0, step=1,
                                          key=f"seed-{source}"))
-    columns = st.columns(len(SWITCHES) + 1)
+    columns = st.columns(len(SWITCHES) + 2)
     for column, (key, label, help_text) in zip(columns, SWITCHES):
         top[key] = column.toggle(label, value=bool(raw.get(key, PIPELINE_DEFAULTS[key])), key=f"{key}-{source}",
                                  help=help_text)
+    compiled = raw.get("compile", PIPELINE_DEFAULTS["compile"])
+    choices = list(COMPILE_CHOICES)
+    top["compile"] = columns[-2].selectbox(
+        "torch.compile", choices, index=choices.index(compiled) if compiled in COMPILE_CHOICES else 0,
+        key=f"compile-{source}", format_func=COMPILE_CHOICES.__getitem__,
+        help="Compiles the model at a stage's first step: a slower start (the Monitor says so), faster steps on "
+             "GPUs. auto: on when training on CUDA, off on CPUs (where it does not pay).")
     kept = raw.get("retention", PIPELINE_DEFAULTS["retention"])
     top["retention"] = columns[-1].selectbox(
         "Keep checkpoints of", RETENTION, index=RETENTION.index(kept) if kept in RETENTION else 0,

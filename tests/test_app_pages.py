@@ -102,6 +102,17 @@ def test_monitor_shows_progress_eta_and_curves_of_a_live_run():
     assert len(at.get("plotly_chart")) == 4
 
 
+def test_monitor_says_when_a_live_run_is_compiling():
+    from core.run_store import RunStore
+
+    fx.running_run()
+    at = open_page("pages/monitor.py")
+    assert not [i for i in at.info if "torch.compile" in i.value]
+    RunStore().heartbeat("demo-live", phase="compiling")
+    at = open_page("pages/monitor.py")
+    assert any("Compiling the model (torch.compile)" in i.value and "not a hang" in i.value for i in at.info)
+
+
 def test_monitor_overlays_several_runs():
     fx.finished_run()
     fx.running_run()

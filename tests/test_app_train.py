@@ -86,11 +86,13 @@ def test_hidden_columns_are_findable():
 
 def test_speed_switches_go_into_the_pipeline():
     at = open_page("pages/train.py")
-    assert shown_yaml(at)["compile"] is False
-    at.toggle(key="compile-demo.yaml").set_value(True).run()
+    assert shown_yaml(at)["compile"] == "auto"
+    at.selectbox(key="compile-demo.yaml").set_value(True).run()
     at.toggle(key="amp-demo.yaml").set_value(False).run()
     config = shown_yaml(at)
     assert (config["compile"], config["amp"], config["channels_last"]) == (True, False, True)
+    at.selectbox(key="compile-demo.yaml").set_value(False).run()
+    assert shown_yaml(at)["compile"] is False
 
 
 def test_a_pipeline_file_opens_and_saves_back():

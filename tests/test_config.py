@@ -166,3 +166,18 @@ def test_a_config_that_cannot_be_read_is_one_sentence(tmp_path):
     bad.write_bytes("name: caf\xe9".encode("latin-1"))
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("value, device, expected", [("auto", "cuda", True), ("auto", "cpu", False),
+                                                     (True, "cpu", True), (False, "cuda", False)])
+def test_compile_auto_means_cuda_only(value, device, expected):
+    from train.config import compiles
+
+    assert parse_config({"compile": value, "stages": [{"dataset": "shapes"}]}).compile == value
+    assert compiles(value, device) is expected
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_compile_takes_auto_true_or_false(value):
+    with pytest.raises(ConfigError, match=r"^the config: compile must be auto, true or false, got "):
+        parse_config({"compile": value, "stages": [{"dataset": "shapes"}]})

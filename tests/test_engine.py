@@ -301,3 +301,29 @@ def test_config_file_round_trip_into_a_run(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,)))
     config = load_config(path)
     assert math.isclose(config.stages[0].lr, 0.01) and config.stages[0].root == str(tmp_path.resolve())
+
+
+def test_a_compiled_model_is_announced_until_its_first_step_ends(tmp_path, monkeypatch):
+    """compile: true (auto means CUDA only): the progress phase says "compiling" (the Monitor page shows it) and
+    the log says why the first step is slow; the phase clears once a step has run."""
+    compiled = []
+    monkeypatch.setattr(engine.torch, "compile", lambda module: compiled.append(module) or module)
+    phases = []
+    real_after = Trainer._after_step
+
+    def after_step(self, st, epoch, loss, lr, images):
+        phases.append(self.progress.phase)
+        real_after(self, st, epoch, loss, lr, images)
+        phases.append(self.progress.fields()["phase"])
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    said = []
+    monkeypatch.setattr(engine.Display, "message", lambda self, text: said.append(text))
+    raw = {**tiny_config(tmp_path, epochs=(1,)), "compile": True}
+    assert run_tiny(raw) == "finished"
+    assert len(compiled) == 1
+    assert phases[:4] == ["compiling", None, None, None]
+    assert any("compiling the model (torch.compile)" in text for text in said)
+    phases.clear()
+    assert run_tiny({**raw, "compile": "auto"}, name="auto-on-cpu") == "finished"
+    assert len(compiled) == 1 and set(phases) == {None}  # auto: not on a CPU

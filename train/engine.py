@@ -34,7 +34,7 @@ from core.models import Preprocessing, build_model
 from core.run_store import RunStore
 from core.tempfiles import sweep_stale
 from train import distributed as ddp
-from train.config import PipelineConfig, StageConfig, stage_label
+from train.config import PipelineConfig, StageConfig, compiles, stage_label
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
 from train.recipe import Mixer, batch_mixer, weight_average
@@ -305,6 +305,9 @@ class Trainer:
         self.stop = StopFlag()
         self.amp = autocast_dtype(ctx.device) if config.amp else None
         self.channels_last = config.channels_last and ctx.device.type in ("cuda", "cpu")
+        self.compile = compiles(config.compile, ctx.device.type)
+        if ctx.device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest convolution algorithms
+            torch.backends.cudnn.benchmark = True
         self.step_rows: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
         self.tb = TensorBoardLog(None)
@@ -440,7 +443,10 @@ class Trainer:
     # -- one epoch
     def _run_epoch(self, st: "_StageState", epoch: int, skip_batches: int) -> None:
         prefixes = trainable_prefixes(st.stage.train_layers, head_only=epoch < st.stage.freeze_epochs)
-        train_model = st.wrapped(prefixes, self.ctx, self.config.compile)
+        train_model = st.wrapped(prefixes, self.ctx, self.compile)
+        if st.compiling:
+            self.progress.phase = "compiling"
+            self.display.message(f"{st.label}: compiling the model (torch.compile); the first steps take longer")
         st.sampler.set_epoch(epoch, start=skip_batches * st.stage.batch_size)
         self.progress.start_epoch(st.index, epoch + 1, st.step)
         self.store.heartbeat(self.run_name, **self.progress.fields())
@@ -502,6 +508,7 @@ class Trainer:
 
     def _after_step(self, st: "_StageState", epoch: int, loss: float, lr: float, images: int) -> None:
         self.progress.advance(images, st.step)
+        st.compiling = False
         self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time()})
         self.tb.step(self.progress.done_steps, loss, lr)
         st.last_lr = lr
@@ -621,6 +628,7 @@ class _StageState:
     ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution thresholds (core.ood) of the epoch
     mixer: Mixer | None = None
     ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when stage.ema > 0
+    compiling: bool = False  # a freshly compiled module has not run its first step yet
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None
@@ -671,6 +679,7 @@ class _StageState:
                 module = DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
             self._wrapped = torch.compile(module) if compile_model else module
             self._prefixes = prefixes
+            self.compiling = compile_model  # compiled at its first step
         return self._wrapped
 
     @property

@@ -40,6 +40,7 @@ class Progress:
     images_per_s: float | None = None
     eta_s: float | None = None
     stage_eta_s: float | None = None
+    phase: str | None = None  # "compiling" while a freshly compiled model runs its first step
     plan: list[StageWork] = field(default_factory=list)
     _step_s: float | None = None
     _timed: int = 0
@@ -63,6 +64,7 @@ class Progress:
         """One optimizer step of ``images`` images has finished."""
         now = time.monotonic()
         self.done_steps += 1
+        self.phase = None
         if step is not None:
             self.step = step
         if self._last is not None:
@@ -110,7 +112,7 @@ class Progress:
     def fields(self) -> dict[str, Any]:
         return {"stage": self.stage, "epoch": self.epoch, "step": self.step, "done_steps": self.done_steps,
                 "total_steps": self.total_steps, "images_per_s": self.images_per_s, "eta_s": self.eta_s,
-                "stage_eta_s": self.stage_eta_s}
+                "stage_eta_s": self.stage_eta_s, "phase": self.phase}
 
 
 def gpu_usage(device: Any) -> list[dict[str, Any]] | None:
