@@ -93,6 +93,9 @@ def test_top_level_checks():
     with pytest.raises(ConfigError, match="amp must be true or false, got 'yes please'"):
         parse_config({**two_stages(), "amp": "yes please"})
     assert parse_config({**two_stages(), "channels_last": False}).channels_last is False
+    with pytest.raises(ConfigError, match="data_path must be one of auto, workers, device, got 'gpu'"):
+        parse_config({**two_stages(), "data_path": "gpu"})
+    assert parse_config({**two_stages(), "data_path": "device"}).data_path == "device"
 
 
 def test_overrides_by_number_name_and_for_all_stages():

@@ -17,6 +17,7 @@ from tests.data_fixtures import make_caltech101
 from train import distributed as ddp
 from train import engine
 from train.config import load_config, parse_config
+from train.device_batches import DeviceBatches
 from train.engine import Trainer, TrainingFailed, class_weights, lr_lambda, train_run
 
 TINY_SIZES = {"ant": 8, "bee": 8, "cat": 8}  # 3 classes; the split keeps 2 of each for val
@@ -163,19 +164,27 @@ def assert_same_run(a: dict, b: dict) -> None:
         assert all(torch.equal(state[k], other[k]) for k in state), key
 
 
-@pytest.mark.parametrize("stop_step, workers, recipe", [(5, 0, {}), (3, 1, {}),
-                                                        (5, 0, {"mix": "both", "ema": 0.9, "tta": True})],
-                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-mix-ema-tta"])
-def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers, recipe):
+@pytest.mark.parametrize("stop_step, workers, recipe, data_path",
+                         [(5, 0, {}, "workers"), (3, 1, {}, "workers"),
+                          (5, 0, {"mix": "both", "ema": 0.9, "tta": True}, "workers"), (5, 0, {}, "device"),
+                          (3, 0, {"mix": "both", "ema": 0.9, "tta": True}, "device")],
+                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-mix-ema-tta", "mid-epoch-device-path",
+                              "epoch-boundary-device-path-mix-ema-tta"])
+def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers, recipe, data_path):
     """SIGTERM mid-epoch (after step 5 of 3-step epochs) or during an epoch's last step, then resume in a
     process whose random generators have moved on: the same metrics and weights, bit for bit (also with
-    MixUp/CutMix, whose draws come from the restored RNG, and an EMA of the weights, kept in trainer_state)."""
+    MixUp/CutMix, whose draws come from the restored RNG, and an EMA of the weights, kept in trainer_state;
+    and with batches augmented on the device, train/device_batches.py, whose draws are seeded per batch)."""
     import random
 
     import numpy as np
 
     raw = tiny_config(tmp_path, epochs=(3, 2), augment="strong", num_workers=workers, label_smoothing=0.1, **recipe)
     raw["stages"][1]["imbalance"] = "weighted_sampler"
+    raw["data_path"] = data_path
+    kinds = []  # what the device path augmented (train/device_batches.py)
+    real_iter = DeviceBatches.__iter__
+    monkeypatch.setattr(DeviceBatches, "__iter__", lambda self: kinds.append(self.kind) or real_iter(self))
     assert run_tiny(raw, "whole") == "finished"
     whole = run_record("whole", raw)
     real_after = Trainer._after_step
@@ -194,6 +203,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_st
     torch.manual_seed(12345), random.seed(12345), np.random.seed(12345)  # a fresh process would differ too
     assert run_tiny(raw, "cut", resume=True) == "finished"
     assert_same_run(whole, run_record("cut", raw))
+    assert set(kinds) == ({"strong", "none"} if data_path == "device" else set())
 
 
 def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mix": ("none", "mixup", "cutmix", "both"),
 }
 RETENTION = ("all", "final")
+DATA_PATHS = ("auto", "workers", "device")  # auto: device on CUDA, workers elsewhere (train/device_batches.py)
 _TRAIN_LAYERS = re.compile(r"all|head|from:layer[1-4]")
 
 
@@ -175,6 +176,7 @@ class PipelineConfig:
     amp: bool = True
     channels_last: bool = True
     retention: str = "all"  # all: keep every stage's checkpoints; final: once finished, only the last stage's
+    data_path: str = "auto"  # workers: per-sample augmentation in DataLoader workers; device: batch-wise on the device
     source: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,6 +290,8 @@ def _validate_pipeline(config: PipelineConfig) -> None:
         raise ConfigError(f"the config: compile must be auto, true or false, got {config.compile!r}.")
     if config.retention not in RETENTION:
         raise ConfigError(f"the config: retention must be one of {', '.join(RETENTION)}, got {config.retention!r}.")
+    if config.data_path not in DATA_PATHS:
+        raise ConfigError(f"the config: data_path must be one of {', '.join(DATA_PATHS)}, got {config.data_path!r}.")
 
 
 def _number(i: int, label: str, key: str, value: Any, integer: bool = False) -> float:

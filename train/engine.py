@@ -35,6 +35,7 @@ from core.run_store import RunStore
 from core.tempfiles import sweep_stale
 from train import distributed as ddp
 from train.config import PipelineConfig, StageConfig, compiles, stage_label
+from train.device_batches import DeviceBatches, use_device_path
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
 from train.recipe import Mixer, batch_mixer, weight_average
@@ -308,6 +309,7 @@ class Trainer:
         self.compile = compiles(config.compile, ctx.device.type)
         if ctx.device.type == "cuda":  # fixed input sizes: let cuDNN pick the fastest convolution algorithms
             torch.backends.cudnn.benchmark = True
+        self.device_data = use_device_path(config.data_path, ctx.device)  # batch-wise augmentation on the device
         self.step_rows: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
         self.tb = TensorBoardLog(None)
@@ -426,13 +428,16 @@ class Trainer:
         model = model.to(self.ctx.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-    def _train_loader(self, stage: StageConfig, data: StageData) -> tuple[DataLoader, ddp.ShardedSampler]:
+    def _train_loader(self, stage: StageConfig, data: StageData) -> tuple[Any, ddp.ShardedSampler]:
         weights = None
         if stage.imbalance == "weighted_sampler":
             weights = [1.0 / data.train_counts[t] for t in data.train.targets]
         sampler = ddp.ShardedSampler(len(data.train), self.config.seed, self.ctx.rank, self.ctx.world,
                                      weights=weights, seeded=True)
         drop_last = len(sampler) >= stage.batch_size
+        if self.device_data:  # each batch's draws seeded by its first sample's seed (train/device_batches.py)
+            return DeviceBatches(data.train, stage.augment, stage.image_size, stage.batch_size, self.ctx.device,
+                                 sampler, drop_last), sampler
         # augmentation draws from per-sample seeds; the loader's own generator keeps the global RNG untouched
         loader = DataLoader(SeededItems(data.train), batch_size=stage.batch_size, sampler=sampler,
                             drop_last=drop_last, num_workers=stage.num_workers,
@@ -540,9 +545,8 @@ class Trainer:
         }
         if not self.ctx.is_main:
             return metrics
-        loader = DataLoader(st.data.val, batch_size=max(st.stage.batch_size, 64), num_workers=0)
         started = time.monotonic()
-        preds = evaluation.predict(st.evaluated, loader, self.ctx.device, prepare=st.normalize,
+        preds = evaluation.predict(st.evaluated, self._val_loader(st), self.ctx.device, prepare=st.normalize,
                                    autocast_dtype=self.amp, flip=st.stage.tta)
         self.progress.validated(time.monotonic() - started)
         confusion = preds.confusion(len(st.data.classes))
@@ -556,6 +560,15 @@ class Trainer:
         wrong = evaluation.misclassified(preds, st.data.classes, st.data.val_source, MISCLASSIFIED_KEPT)
         self.store.save_misclassified(self.run_name, st.index, epoch + 1, wrong)
         return metrics
+
+    def _val_loader(self, st: "_StageState") -> Any:
+        """Validation batches: centre crops gathered on the device in large batches, or a plain DataLoader."""
+        if not self.device_data:
+            return DataLoader(st.data.val, batch_size=max(st.stage.batch_size, 64), num_workers=0)
+        if st.val_batches is None:  # the split's pixels are held once per stage
+            st.val_batches = DeviceBatches(st.data.val, "none", st.stage.image_size, max(st.stage.batch_size, 256),
+                                           self.ctx.device)
+        return st.val_batches
 
     def _end_epoch(self, st: "_StageState", epoch: int, metrics: dict[str, Any]) -> None:
         val_acc = metrics.get("val_acc")
@@ -615,7 +628,7 @@ class _StageState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     sampler: ddp.ShardedSampler
-    loader: DataLoader
+    loader: Any  # a DataLoader of SeededItems, or DeviceBatches
     steps_per_epoch: int
     step: int
     best: float | None
@@ -629,6 +642,7 @@ class _StageState:
     mixer: Mixer | None = None
     ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when stage.ema > 0
     compiling: bool = False  # a freshly compiled module has not run its first step yet
+    val_batches: DeviceBatches | None = None  # validation on the device path, built at the first epoch's end
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None

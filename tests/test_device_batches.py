@@ -1,0 +1,185 @@
+"""Batch-wise augmentation (train/device_batches.py) against the per-sample path it replaces on the device."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from train.device_batches import (DeviceBatches, augment_batch, color_jitter, crop_boxes, crop_flip, jitter_params,
+                                  resized_crop_boxes, resized_crop_flip, use_device_path)
+from train.distributed import ShardedSampler
+from train.image_cache import CachedImages, augmentation
+
+SOURCE, SIZE, DRAWS = 40, 32, 1500
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def noise(n: int, source: int = SOURCE, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, source, source), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def coordinates(source: int = SOURCE, dtype: torch.dtype = torch.float32, offset: float = 0.5) -> torch.Tensor:
+    """A (3, S, S) image whose channel 0 holds each pixel's row, channel 1 its column (+ ``offset``)."""
+    ys, xs = torch.meshgrid(torch.arange(source), torch.arange(source), indexing="ij")
+    return torch.stack([ys + offset, xs + offset, torch.zeros_like(ys)]).to(dtype)
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic (largest gap between the empirical CDFs)."""
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.abs(cdf(a) - cdf(b)).max())
+
+
+KS_LIMIT = 1.95 * np.sqrt(2 / DRAWS)  # the 0.1% critical value: same distributions stay far below it
+
+
+def test_crop_flip_equals_torchvision_per_image():
+    pixels = noise(4)
+    boxes = crop_boxes(6, SOURCE, SIZE, torch.Generator().manual_seed(3))
+    rows = torch.tensor([0, 3, 1, 1, 2, 0])
+    out = crop_flip(pixels, rows, boxes, SIZE)
+    assert out.shape == (6, 3, SIZE, SIZE) and out.dtype == torch.uint8
+    assert boxes.flip.any() and not boxes.flip.all()
+    for k, row in enumerate(rows.tolist()):
+        ref = F.crop(pixels[row], int(boxes.top[k]), int(boxes.left[k]), SIZE, SIZE)
+        assert torch.equal(out[k], F.horizontal_flip(ref) if boxes.flip[k] else ref)
+
+
+def test_centre_crop_equals_the_per_sample_evaluation_crop():
+    pixels = noise(3, source=37)  # odd room: torchvision's rounding of the offset
+    out = augment_batch(pixels, torch.tensor([2, 0]), "none", SIZE, None)
+    expected = augmentation("none", SIZE)
+    assert torch.equal(out, torch.stack([expected(pixels[2]), expected(pixels[0])]))
+
+
+def test_resized_crop_matches_torchvision_antialiased_resize():
+    smooth = F.gaussian_blur(noise(2).float(), [7, 7], [2.0, 2.0])
+    boxes = resized_crop_boxes(8, SOURCE, torch.Generator().manual_seed(1))
+    rows = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    out = resized_crop_flip(smooth[rows], boxes, SIZE)
+    for k, row in enumerate(rows.tolist()):
+        ref = F.resized_crop(smooth[row], int(boxes.top[k]), int(boxes.left[k]), int(boxes.height[k]),
+                             int(boxes.width[k]), [SIZE, SIZE], antialias=True)
+        ref = F.horizontal_flip(ref) if boxes.flip[k] else ref
+        assert (out[k] - ref).abs().mean() < 1.0  # grey levels of 255: the same picture, resampled alike
+
+
+def test_colour_jitter_equals_torchvision_in_each_images_order():
+    batch = noise(6).float()
+    jitter = jitter_params(6, torch.Generator().manual_seed(2))
+    out = color_jitter(batch, jitter)
+    adjust = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    assert len({tuple(o) for o in jitter.order.tolist()}) > 1
+    for k in range(6):
+        ref = batch[k] / 255
+        for which in jitter.order[k].tolist():
+            ref = adjust[which](ref, float(jitter.factors[k, which]))
+        assert torch.allclose(out[k] / 255, ref, atol=1e-5)
+
+
+def light_boxes(images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Top, left and flip of crops of the uint8 ``coordinates`` image, read back from their pixels."""
+    first, second = images[:, 1, 0, 0].long(), images[:, 1, 0, 1].long()
+    flip = second < first
+    return {"top": images[:, 0, 0, 0].numpy(), "left": torch.where(flip, first - SIZE + 1, first).numpy(),
+            "flip": flip.numpy()}
+
+
+def test_light_augmentation_has_the_per_sample_statistics():
+    image = coordinates(dtype=torch.uint8, offset=0)
+    per_sample = augmentation("light", SIZE)
+    torch.manual_seed(0)
+    reference = light_boxes(torch.stack([per_sample(image) for _ in range(DRAWS)]))
+    batched = light_boxes(augment_batch(image[None], torch.zeros(DRAWS, dtype=torch.long), "light", SIZE,
+                                        torch.Generator().manual_seed(1)))
+    for key in ("top", "left"):
+        assert set(reference[key]) == set(batched[key]) == set(range(SOURCE - SIZE + 1))
+        assert ks_distance(reference[key], batched[key]) < KS_LIMIT, key
+    assert abs(reference["flip"].mean() - batched["flip"].mean()) < 0.06
+
+
+def resized_boxes(images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Scale, aspect ratio, centre and flip of resized crops of the float ``coordinates`` image."""
+    a, b = SIZE // 4, 3 * SIZE // 4  # interior rows/columns: the ramp there is exactly linear
+    h = ((images[:, 0, b, 0] - images[:, 0, a, 0]) * SIZE / (b - a)).round()
+    dx = (images[:, 1, 0, b] - images[:, 1, 0, a]) * SIZE / (b - a)
+    w = dx.abs().round()
+    top = (images[:, 0, a, 0] - (a + 0.5) * h / SIZE).round()
+    x_a = torch.where(dx < 0, images[:, 1, 0, SIZE - 1 - a], images[:, 1, 0, a])
+    left = (x_a - (a + 0.5) * w / SIZE).round()  # boxes are whole pixels: rounding removes resampling noise
+    return {"scale": (h * w / SOURCE ** 2).numpy(), "log_ratio": torch.log(w / h).numpy(),
+            "centre_y": ((top + h / 2) / SOURCE).numpy(), "centre_x": ((left + w / 2) / SOURCE).numpy(),
+            "flip": (dx < 0).numpy()}
+
+
+def test_resized_crop_has_the_per_sample_statistics():
+    image = coordinates()
+    crop, flip = augmentation("strong", SIZE).transforms[:2]  # RandomResizedCrop, RandomHorizontalFlip
+    torch.manual_seed(0)
+    reference = resized_boxes(torch.stack([flip(crop(image)) for _ in range(DRAWS)]))
+    boxes = resized_crop_boxes(DRAWS, SOURCE, torch.Generator().manual_seed(1))
+    batched = resized_boxes(resized_crop_flip(image[None].expand(DRAWS, -1, -1, -1), boxes, SIZE))
+    for key in ("scale", "log_ratio", "centre_y", "centre_x"):
+        assert ks_distance(reference[key], batched[key]) < KS_LIMIT, key
+    assert 0.24 < batched["scale"].min() and batched["scale"].max() < 1.01
+    assert abs(reference["flip"].mean() - batched["flip"].mean()) < 0.06
+
+
+def test_strong_batches_are_float_in_range_and_repeat_with_their_seed():
+    pixels = noise(5)
+    rows = torch.tensor([4, 0, 2])
+    a = augment_batch(pixels, rows, "strong", SIZE, torch.Generator().manual_seed(9))
+    b = augment_batch(pixels, rows, "strong", SIZE, torch.Generator().manual_seed(9))
+    c = augment_batch(pixels, rows, "strong", SIZE, torch.Generator().manual_seed(10))
+    assert a.shape == (3, 3, SIZE, SIZE) and a.is_floating_point()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0 <= float(a.min()) and float(a.max()) <= 255
+
+
+def cached_images(tmp_path, n: int = 10) -> CachedImages:
+    path = tmp_path / "pixels.npy"
+    np.save(path, noise(n + 1).numpy())
+    targets = [i % 3 for i in range(n + 1)]
+    rows = [i for i in range(n + 1) if i != 4]  # one skipped unreadable row
+    return CachedImages(path, targets, augmentation("none", SIZE), rows)
+
+
+def test_validation_batches_equal_the_per_sample_items(tmp_path):
+    images = cached_images(tmp_path)
+    batches = DeviceBatches(images, "none", SIZE, 4, torch.device("cpu"))
+    assert len(batches) == 3  # 10 items, the last batch partial
+    got = list(batches)
+    assert [len(x) for x, _ in got] == [4, 4, 2]
+    assert torch.equal(torch.cat([x for x, _ in got]), torch.stack([images[i][0] for i in range(len(images))]))
+    assert torch.cat([y for _, y in got]).tolist() == images.targets
+
+
+@pytest.mark.parametrize("kind", ["light", "strong"])
+def test_a_resumed_epoch_draws_the_same_remaining_batches(tmp_path, kind):
+    images = cached_images(tmp_path)
+    sampler = ShardedSampler(len(images), seed=5, seeded=True)
+    batches = DeviceBatches(images, kind, SIZE, 3, torch.device("cpu"), sampler, drop_last=True)
+    sampler.set_epoch(2)
+    whole = list(batches)
+    assert len(whole) == 3
+    sampler.set_epoch(2, start=3)  # stopped after the first batch
+    rest = list(batches)
+    assert len(rest) == 2
+    for (x, y), (x2, y2) in zip(whole[1:], rest):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    sampler.set_epoch(3)
+    assert not torch.equal(list(batches)[1][0], whole[1][0])  # another epoch, other draws
+
+
+def test_auto_means_the_device_path_on_cuda_only():
+    assert use_device_path("auto", torch.device("cuda", 0)) and not use_device_path("auto", torch.device("cpu"))
+    assert use_device_path("device", torch.device("cpu")) and not use_device_path("workers", torch.device("cuda"))
