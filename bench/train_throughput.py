@@ -1,31 +1,44 @@
 """Training images/s from real JPEGs (Caltech layout) against the same model fed tensors in memory.
 
-Three feeds of the same training step (ResNet forward, backward, SGD step), interleaved round by
-round so that a busy machine slows all of them alike:
+Feeds of the same training step (ResNet forward, backward, SGD step), interleaved round by round so
+that a busy machine slows all of them alike:
 
-* ``cached``  — the trainer's own path: JPEGs decoded once into the uint8 image cache
-                (train/image_cache.py), then random crop + flip per sample, normalised on the device;
-* ``decode``  — decoding and resizing every JPEG at every step (what the cache avoids);
-* ``memory``  — one batch of random tensors already on the device (the upper bound).
+* ``memory``   — one batch of random tensors already on the device (the eager upper bound);
+* ``compiled`` — the same batch, the model under ``torch.compile`` (the compiled synthetic reference;
+                 ``--compile``, default on CUDA);
+* ``cached``   — the per-sample path: JPEGs decoded once into the uint8 image cache
+                 (train/image_cache.py), random crop + flip per sample in DataLoader workers,
+                 normalised on the device (``data_path: workers``);
+* ``device``   — the batched path: the same cache gathered and augmented a batch at a time on the
+                 device (train/device_batches.py, ``data_path: device``);
+* ``decode``   — decoding and resizing every JPEG at every step (what the cache avoids).
 
-Prints training images/s for each (median of single steps taken in turn), the ratios
-cached/memory and decode/memory, the images/s of each feed alone (no model) and the one-off cost
-of building the cache. Example:
+Prints training images/s for each (median of single steps taken in turn), ratios to ``memory``, the
+images/s of each feed alone (no model) and the one-off cost of building the cache. ``--trainer`` also
+runs the trainer itself (train/engine.py, one stage, ``--trainer-epochs`` epochs, ``data_path: auto``,
+``compile`` as ``--compile``) on the same images and reports its last epoch's images/s against the
+reference (compiled when ``--compile``): not interleaved, but in the same run. Without Caltech JPEGs at
+``--root``, ``--synthetic N`` writes N Caltech-layout JPEGs into a temporary folder. Examples:
 
     python bench/train_throughput.py --root /work/shared/data/caltech101-mini --sizes 224 64
+    python bench/train_throughput.py --device cuda --batch 256 --workers 12 --synthetic 4096 --trainer
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -33,60 +46,82 @@ from torchvision import transforms  # noqa: E402
 
 from core.datasets import open_dataset  # noqa: E402
 from core.models import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, build_model  # noqa: E402
-from train.distributed import pick_device  # noqa: E402
+from train.device_batches import DeviceBatches  # noqa: E402
+from train.distributed import ShardedSampler, pick_device  # noqa: E402
 from train.engine import autocast_dtype  # noqa: E402
-from train.image_cache import Normalizer, augmentation, open_cached_split  # noqa: E402
+from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split  # noqa: E402
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
-def forever(loader: DataLoader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def forever(loader: Iterable[Any]) -> Iterator[Any]:
     while True:
         yield from loader
 
 
+def epochs_of(batches: DeviceBatches, sampler: ShardedSampler) -> Batches:
+    """``batches`` epoch after epoch (a new seeded order each time, as in the trainer)."""
+    epoch = 0
+    while True:
+        sampler.set_epoch(epoch)
+        yield from batches
+        epoch += 1
+
+
+def write_synthetic_caltech(root: Path, images: int, classes: int = 20, seed: int = 0) -> Path:
+    """``images`` JPEGs (300x200, smooth colour fields plus noise) in Caltech-101's layout under ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(images):
+        folder = root / "caltech101" / "101_ObjectCategories" / f"class_{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = Image.fromarray(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)).resize((300, 200), Image.BILINEAR)
+        pixels = np.clip(np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (200, 300, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"image_{i // classes + 1:04d}.jpg", quality=85)
+    return root
+
+
 def decode_loader(root: str, size: int, batch: int, workers: int) -> DataLoader:
-    """JPEG -> resize -> random crop/flip -> tensor at every step (torchvision's classic recipe)."""
+    """JPEG -> resize -> random crop/flip -> uint8 tensor at every step (normalised on the device)."""
     pre = Preprocessing.for_size(size)
     transform = transforms.Compose([
         transforms.Resize(pre.resize, antialias=True), transforms.RandomCrop(size),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.RandomHorizontalFlip(), transforms.PILToTensor(),
     ])
     data = open_dataset("caltech101", root, "train", transform=transform)
     return DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
                       persistent_workers=workers > 0)
 
 
-def cached_loader(root: str, size: int, batch: int, workers: int) -> tuple[DataLoader, float]:
-    pre = Preprocessing.for_size(size)
+def cached_split(root: str, size: int, augment: str, workers: int) -> tuple[CachedImages, float]:
     started = time.perf_counter()
-    cached, _ = open_cached_split("caltech101", root, "train", {}, pre.resize, augmentation("light", size), workers)
-    build_s = time.perf_counter() - started
-    loader = DataLoader(cached, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        persistent_workers=workers > 0)
-    return loader, build_s
+    cached, _ = open_cached_split("caltech101", root, "train", {}, Preprocessing.for_size(size).resize,
+                                  augmentation(augment, size), workers)
+    return cached, time.perf_counter() - started
 
 
 class Step:
     """One training step of ``arch`` on ``device`` (AMP and channels_last as the trainer's defaults)."""
 
     def __init__(self, arch: str, classes: int, device: torch.device, amp: bool = True,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, compile_model: bool = False) -> None:
         self.device = device
         self.channels_last = channels_last and device.type in ("cuda", "cpu")
         self.model = build_model(arch, classes, "scratch").to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
+        self.forward = torch.compile(self.model) if compile_model else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.amp = autocast_dtype(device) if amp else None
         self.normalize = Normalizer(IMAGENET_MEAN, IMAGENET_STD, self.channels_last).to(device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         images = images.to(self.device, non_blocking=True)
-        images = self.normalize(images) if images.dtype == torch.uint8 else images
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = self.normalize(images)  # uint8 (or float 0..255 from strong batched augmentation)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            loss = nn.functional.cross_entropy(self.model(images).float(), labels.to(self.device))
+            loss = nn.functional.cross_entropy(self.forward(images).float(), labels.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -96,7 +131,7 @@ class Step:
             torch.cuda.synchronize()
 
 
-def timed_step(step: Step, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def timed_step(step: Step, batches: Batches) -> float:
     """Seconds for one training step, fetching its batch included."""
     step.sync()
     started = time.perf_counter()
@@ -106,75 +141,170 @@ def timed_step(step: Step, batches: Iterator[tuple[torch.Tensor, torch.Tensor]])
     return time.perf_counter() - started
 
 
-def loading_rate(loader: DataLoader, batches: int) -> float:
+def loading_rate(batches: Batches, count: int, device: torch.device) -> float:
     """Images/s of the feed alone (no model)."""
-    it = forever(loader)
+    next(batches)  # first worker start, first upload
     started = time.perf_counter()
-    n = sum(len(next(it)[0]) for _ in range(batches))
+    n = sum(len(next(batches)[0]) for _ in range(count))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return n / (time.perf_counter() - started)
 
 
-def bench_size(args: argparse.Namespace, size: int, device: torch.device) -> dict[str, float]:
-    cached, build_s = cached_loader(args.root, size, args.batch, args.workers)
-    decode = decode_loader(args.root, size, args.batch, args.workers)
-    load = {"cached": loading_rate(cached, 10), "decode": loading_rate(decode, 10)}
-    feeds = {"memory": None, "cached": forever(cached), "decode": forever(decode)}
-    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (args.batch,), device=device)
-    feeds["memory"] = iter(lambda: (images, labels), None)
-    step = Step(args.arch, 102, device)
-    for feed in feeds.values():  # warm-up: allocator, cuDNN autotune, first worker start
+def random_batches(batch: int, size: int, device: torch.device) -> Batches:
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    return iter(lambda: (images, labels), None)
+
+
+def interleaved(contenders: dict[str, tuple[Step, Callable[[], Batches]]], steps: int) -> dict[str, float]:
+    """Median training seconds per step of each contender, one step of each in turn (after a warm-up step)."""
+    feeds = {name: (step, make()) for name, (step, make) in contenders.items()}
+    for step, feed in feeds.values():  # warm-up: allocator, cuDNN autotune, compilation, first worker start
         timed_step(step, feed)
     times: dict[str, list[float]] = {name: [] for name in feeds}
-    for _ in range(args.steps):  # step by step in turn, so background load hits every feed alike
-        for name, feed in feeds.items():
+    for _ in range(steps):
+        for name, (step, feed) in feeds.items():
             times[name].append(timed_step(step, feed))
-    rate = {name: args.batch / statistics.median(t) for name, t in times.items()}
-    return {**rate, "build_s": build_s, "images": len(cached.dataset),
-            "load_cached": load["cached"], "load_decode": load["decode"]}
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_size(args: argparse.Namespace, size: int, device: torch.device) -> dict[str, Any]:
+    cached, build_s = cached_split(args.root, size, args.augment, args.workers)
+    loader = DataLoader(cached, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
+                        persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    sampler = ShardedSampler(len(cached), seed=0, seeded=True)
+    batched = DeviceBatches(cached, args.augment, size, args.batch, device, sampler, drop_last=True)
+    step = Step(args.arch, 102, device)
+    contenders: dict[str, tuple[Step, Callable[[], Batches]]] = {
+        "memory": (step, lambda: random_batches(args.batch, size, device)),
+        "cached": (step, lambda: forever(loader)),
+        "device": (step, lambda: epochs_of(batched, sampler)),
+    }
+    if args.compile:
+        contenders["compiled"] = (Step(args.arch, 102, device, compile_model=True),
+                                  lambda: random_batches(args.batch, size, device))
+    if args.decode:
+        contenders["decode"] = (step, lambda: forever(decode_loader(args.root, size, args.batch, args.workers)))
+    load = {name: loading_rate(make(), args.load_batches, device) for name, (_, make) in contenders.items()
+            if name in ("cached", "device", "decode")}
+    seconds = interleaved(contenders, args.steps)
+    result: dict[str, Any] = {"rate": {name: args.batch / s for name, s in seconds.items()}, "load": load,
+                              "build_s": build_s, "images": len(cached)}
+    if args.trainer:
+        result["rate"]["trainer"] = trainer_rate(args, size, device)
+    return result
+
+
+def trainer_rate(args: argparse.Namespace, size: int, device: torch.device) -> float:
+    """The trainer's own images/s (its last epoch) on the same images, in a throw-away run store."""
+    from core import paths
+    from core.run_store import RunStore
+    from train.config import parse_config
+    from train.distributed import Dist
+    from train.engine import train_run
+    from train.jobs import prepare_run
+
+    cache = paths.reslens_home() / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="reslens-bench-trainer-"))
+    (home / "cache").symlink_to(cache)  # the same image cache; runs and store stay in the temporary folder
+    before = os.environ.get("RESLENS_HOME")
+    os.environ["RESLENS_HOME"] = str(home)
+    try:
+        config = parse_config({
+            "name": "throughput", "arch": args.arch, "seed": 0, "compile": args.compile, "data_path": args.data_path,
+            "stages": [{"name": "bench", "dataset": "caltech101", "root": args.root, "epochs": args.trainer_epochs,
+                        "batch_size": args.batch, "image_size": size, "augment": args.augment, "lr": 0.01,
+                        "warmup_epochs": 0, "num_workers": args.workers}],
+        })
+        store = RunStore()
+        name = prepare_run(config, store)
+        train_run(config, name, Dist(0, 1, device), store, show_progress=False)
+        return float(store.metrics(name, "epoch")[-1]["images_per_s"])
+    finally:
+        if before is None:
+            os.environ.pop("RESLENS_HOME", None)
+        else:
+            os.environ["RESLENS_HOME"] = before
+        shutil.rmtree(home, ignore_errors=True)
+
+
+COLUMNS = ("memory", "compiled", "cached", "device", "decode", "trainer")
+
+
+def report(size: int, r: dict[str, Any]) -> str:
+    """One markdown row: training img/s per contender, ratios, the feeds alone, the cache build."""
+    rate, load = r["rate"], r["load"]
+    reference = "compiled" if "compiled" in rate else "memory"
+    ratios = {f"{name}/memory": rate[name] / rate["memory"] for name in ("cached", "device", "compiled", "decode")
+              if name in rate}
+    if "trainer" in rate:
+        ratios[f"trainer/{reference}"] = rate["trainer"] / rate[reference]
+    cells = [str(size)] + [f"{rate[c]:.1f}" if c in rate else "-" for c in COLUMNS]
+    cells += [f"{name} **{value:.2f}**" for name, value in ratios.items()]
+    cells = cells[:len(COLUMNS) + 1] + ["; ".join(cells[len(COLUMNS) + 1:])]
+    cells += [", ".join(f"{k} {v:,.0f}" for k, v in load.items()), f"{r['build_s']:.1f} s / {r['images']}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def header() -> str:
+    names = ["size", *COLUMNS, "ratios", "load img/s (feed alone)", "cache build"]
+    return "| " + " | ".join(names) + " |\n|" + " --- |" * len(names)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default="/work/shared/data/caltech101-mini", help="holds caltech101/101_ObjectCategories")
+    p.add_argument("--synthetic", type=int, default=0, metavar="N",
+                   help="when --root holds no Caltech JPEGs: write N synthetic ones into a temporary folder")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 64])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per feed (the median step counts)")
+    p.add_argument("--load-batches", type=int, default=10, help="batches timed for the feeds alone")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the JPEG feeds")
+    p.add_argument("--augment", choices=("light", "strong"), default="light")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="add the torch.compile'd reference (default: on CUDA only)")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the decode-every-step feed")
+    p.add_argument("--trainer", action="store_true", help="also time the trainer's own loop (train/engine.py)")
+    p.add_argument("--trainer-epochs", type=int, default=2, help="the last one is timed (the first compiles)")
+    p.add_argument("--data-path", choices=("auto", "workers", "device"), default="auto", help="the trainer's")
+    p.add_argument("--fresh-cache", action="store_true", help="build the image cache in a temporary folder")
+    p.add_argument("--precision", action="store_true",
+                   help="instead: compare fp32 / channels_last / mixed precision (amp) on in-memory batches")
+    return p.parse_args(argv)
 
 
 def compare_precision(args: argparse.Namespace, size: int, device: torch.device) -> dict[str, float]:
     """Training img/s (memory feed) with and without mixed precision and channels_last, steps in turn."""
     variants = {"fp32": (False, False), "channels_last": (False, True), "amp": (True, False),
                 "amp+channels_last": (True, True)}
-    steps = {name: Step(args.arch, 102, device, amp, cl) for name, (amp, cl) in variants.items()}
-    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (args.batch,), device=device)
-    feed = iter(lambda: (images, labels), None)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for i in range(args.steps + 1):
-        for name, step in steps.items():
-            t = timed_step(step, feed)
-            if i:  # the first step of each is warm-up
-                times[name].append(t)
-    return {name: args.batch / statistics.median(t) for name, t in times.items()}
+    contenders = {name: (Step(args.arch, 102, device, amp, cl), lambda: random_batches(args.batch, size, device))
+                  for name, (amp, cl) in variants.items()}
+    return {name: args.batch / s for name, s in interleaved(contenders, args.steps).items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default="/work/shared/data/caltech101-mini", help="holds caltech101/101_ObjectCategories")
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--sizes", type=int, nargs="+", default=[224, 64])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per feed (the median step counts)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the JPEG feeds")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
-    p.add_argument("--fresh-cache", action="store_true", help="build the image cache in a temporary folder")
-    p.add_argument("--precision", action="store_true",
-                   help="instead: compare fp32 / channels_last / mixed precision (amp) on in-memory batches")
-    args = p.parse_args()
+def temporary_folder(prefix: str) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
     if args.fresh_cache:
-        import atexit
-        import os
-        import shutil
-
-        os.environ["RESLENS_HOME"] = tempfile.mkdtemp(prefix="reslens-bench-")
-        atexit.register(shutil.rmtree, os.environ["RESLENS_HOME"], True)
+        os.environ["RESLENS_HOME"] = str(temporary_folder("reslens-bench-"))
+    if args.synthetic and not (Path(args.root) / "caltech101" / "101_ObjectCategories").is_dir():
+        args.root = str(write_synthetic_caltech(temporary_folder("reslens-bench-jpegs-"), args.synthetic))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     if args.precision:
         for size in args.sizes:
@@ -183,17 +313,12 @@ def main() -> None:
                   ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()) +
                   f" (amp+channels_last / fp32 = {rates['amp+channels_last'] / rates['fp32']:.2f})")
         return
-    print(f"{args.arch}, batch {args.batch}, {args.steps} timed steps per feed (median), "
-          f"workers {args.workers}, {name}")
-    print("training img/s per feed; 'load' = the feed alone, no model; goal: cached/memory >= 0.9")
-    print(f"{'size':>5} {'memory':>8} {'cached':>8} {'decode':>8} {'cached/mem':>11} {'decode/mem':>11} "
-          f"{'load cached':>12} {'load decode':>12} {'cache build':>14}")
+    print(f"{args.arch}, batch {args.batch}, augment {args.augment}, {args.steps} timed steps per feed (median), "
+          f"workers {args.workers}, torch {torch.__version__}, {name}; training img/s per feed; "
+          "goals: cached/memory >= 0.95, trainer/compiled >= 0.9", flush=True)
+    print(header(), flush=True)  # a markdown table, for BENCHMARKS.md
     for size in args.sizes:
-        r = bench_size(args, size, device)
-        print(f"{size:>5} {r['memory']:>8.1f} {r['cached']:>8.1f} {r['decode']:>8.1f} "
-              f"{r['cached'] / r['memory']:>11.2f} {r['decode'] / r['memory']:>11.2f} "
-              f"{r['load_cached']:>12.0f} {r['load_decode']:>12.0f} {r['build_s']:>7.1f} s/{r['images']:.0f}",
-              flush=True)
+        print(report(size, bench_size(args, size, device)), flush=True)
 
 
 if __name__ == "__main__":

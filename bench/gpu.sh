@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Every GPU figure of BENCHMARKS.md in one run (under 6 minutes on an H100/H200), printed as markdown.
+#
+#   bash bench/gpu.sh                    # --device cuda: ResNet-50, 224 and 96 px, batch 256, compiled reference
+#   bash bench/gpu.sh --device cpu --quick   # the same code paths, shrunk to a few minutes on a small CPU
+#
+# Runs bench/train_throughput.py (memory / compiled / per-sample cached / batched device feeds, and the trainer's
+# own loop) at each size, then bench/gradcam.py. Without Caltech JPEGs at $RESLENS_BENCH_ROOT it writes synthetic
+# ones into a temporary folder. A sub-benchmark that fails is reported as failed; the others still run.
+set -u
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+QUICK=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --device=*) DEVICE="${1#*=}"; shift ;;
+    --quick) QUICK=1; shift ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "gpu.sh: unknown option $1 (use --device cuda|cpu, --quick)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="${RESLENS_BENCH_ROOT:-/work/shared/data/caltech101-mini}"
+WORKERS="${RESLENS_BENCH_WORKERS:-$(python -c 'import os; print(max(0, min(12, (os.cpu_count() or 1) - 2)))')}"
+if [ "$QUICK" = 1 ]; then
+  THROUGHPUT=(--arch resnet18 --sizes 32 --batch 8 --steps 3 --load-batches 5 --synthetic 96 --trainer-epochs 2
+              --workers 0 --no-decode)
+  GRADCAM=(--repeats 3 --size 64)
+else
+  THROUGHPUT=(--arch resnet50 --sizes 224 96 --batch 256 --steps 10 --load-batches 10 --synthetic 8192
+              --trainer-epochs 2 --workers "$WORKERS")
+  GRADCAM=()
+fi
+[ "$DEVICE" = cpu ] && THROUGHPUT+=(--threads "$(python -c 'import os; print(os.cpu_count() or 1)')")
+
+# one image cache for this run, removed at the end (the user's own cache is left alone)
+export RESLENS_HOME="$(mktemp -d "${TMPDIR:-/tmp}/reslens-gpu-bench-XXXXXX")"
+trap 'rm -rf "$RESLENS_HOME"' EXIT
+
+started=$(date +%s)
+failed=()
+python -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"))'
+echo
+echo "### Training throughput (bench/train_throughput.py --device $DEVICE --compile --trainer ${THROUGHPUT[*]})"
+echo
+if ! python bench/train_throughput.py --device "$DEVICE" --root "$ROOT" --compile --trainer "${THROUGHPUT[@]}"; then
+  failed+=("train_throughput")
+  echo "(bench/train_throughput.py failed; its rows above are partial)"
+fi
+
+echo
+if python bench/gradcam.py --help 2>/dev/null | grep -q -- "--batch-sizes"; then
+  GRADCAM=(--device "$DEVICE" --batch-sizes 1,16 "${GRADCAM[@]}")
+elif python bench/gradcam.py --help 2>/dev/null | grep -q -- "--device"; then
+  GRADCAM=(--device "$DEVICE" "${GRADCAM[@]}")
+fi
+echo "### Grad-CAM (bench/gradcam.py ${GRADCAM[*]})"
+echo
+echo '```'
+if ! python bench/gradcam.py "${GRADCAM[@]}"; then
+  failed+=("gradcam")
+  echo "(bench/gradcam.py failed)"
+fi
+echo '```'
+
+echo
+echo "Total: $(( $(date +%s) - started )) s on $DEVICE$([ "$QUICK" = 1 ] && echo ' (--quick)')."
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "Failed sub-benchmarks: ${failed[*]}"
+  exit 1
+fi

@@ -1,0 +1,43 @@
+"""bench/train_throughput.py and bench/gpu.sh on tiny inputs (the figures themselves come from running them)."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_table_has_every_contender_and_the_trainer(tmp_path, capsys):
+    bench = load_bench()
+    before = torch.get_num_threads()
+    try:
+        bench.main(["--root", str(tmp_path / "none"), "--synthetic", "40", "--arch", "resnet18", "--sizes", "32",
+                    "--batch", "8", "--steps", "1", "--load-batches", "1", "--threads", "1", "--no-decode",
+                    "--trainer", "--trainer-epochs", "1", "--device", "cpu", "--augment", "strong"])
+    finally:
+        torch.set_num_threads(before)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| size"))
+    row = next(line for line in lines if line.startswith("| 32 "))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    for name in ("memory", "cached", "device", "trainer"):
+        assert float(cells[name]) > 0, name
+    assert cells["compiled"] == cells["decode"] == "-"  # off on the CPU by default; --no-decode
+    assert "device/memory **" in cells["ratios"] and "trainer/memory **" in cells["ratios"]
+    assert cells["cache build"].endswith("/ 20")  # 20 classes of 2 synthetic JPEGs: one of each for training
+
+
+def test_gpu_script_refuses_an_unknown_option():
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--devcie", "cpu"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown option --devcie" in done.stderr
