@@ -33,7 +33,7 @@ else
               --trainer-epochs 2 --workers "$WORKERS")
   GRADCAM=()
 fi
-[ "$DEVICE" = cpu ] && THROUGHPUT+=(--threads "$(python -c 'import os; print(os.cpu_count() or 1)')")
+[ "$DEVICE" = cpu ] && THROUGHPUT+=(--threads "$([ "$QUICK" = 1 ] && echo 1 || python -c "import os; print(os.cpu_count() or 1)")")
 
 # one image cache for this run, removed at the end (the user's own cache is left alone)
 export RESLENS_HOME="$(mktemp -d "${TMPDIR:-/tmp}/reslens-gpu-bench-XXXXXX")"

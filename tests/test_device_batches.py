@@ -180,6 +180,18 @@ def test_a_resumed_epoch_draws_the_same_remaining_batches(tmp_path, kind):
     assert not torch.equal(list(batches)[1][0], whole[1][0])  # another epoch, other draws
 
 
+@pytest.mark.parametrize("kind", ["none", "light", "strong"])
+def test_rows_gathered_on_the_host_give_the_same_batches(tmp_path, kind):
+    """A cache too large for the GPU is gathered on the host and copied over: the same batches as when held."""
+    images = cached_images(tmp_path)
+    sampler = ShardedSampler(len(images), seed=1, seeded=True)
+    held = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
+    copied = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
+    copied.store.copied = True  # what a GPU without room for the cache does
+    for (x, y), (x2, y2) in zip(held, copied, strict=True):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_auto_means_the_device_path_on_cuda_only():
     assert use_device_path("auto", torch.device("cuda", 0)) and not use_device_path("auto", torch.device("cpu"))
     assert use_device_path("device", torch.device("cpu")) and not use_device_path("workers", torch.device("cuda"))

@@ -173,22 +173,25 @@ class PixelStore:
     def __init__(self, images: CachedImages, device: torch.device) -> None:
         self.device = device
         array = images.pixels()
-        self.on_device = device.type != "cpu" and _fits(array.nbytes, device)
+        self.copied = device.type != "cpu" and not _fits(array.nbytes, device)  # rows gathered on the host, copied
         with warnings.catch_warnings():  # the memory map is read-only and never written through this tensor
             warnings.simplefilter("ignore", UserWarning)
             host = torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.as_tensor(array)
-        where = device if self.on_device or device.type == "cpu" else torch.device("cpu")
-        self.pixels = _upload(host, device) if self.on_device else host
-        self.rows = torch.as_tensor(images.rows, dtype=torch.int64, device=where)
+        self.pixels = host if self.copied or device.type == "cpu" else _upload(host, device)
+        self.rows = torch.as_tensor(images.rows, dtype=torch.int64)
+        self.device_rows = self.rows.to(device)
         self.targets = torch.as_tensor(images.targets, dtype=torch.int64, device=device)
 
-    def gather(self, indices: torch.Tensor, kind: str, size: int, g: torch.Generator | None) -> torch.Tensor:
-        """Items ``indices`` augmented on the device (host-held rows are copied over first, then augmented)."""
-        rows = self.rows[indices.to(self.rows.device)]
-        if self.on_device or self.device.type == "cpu":
-            return augment_batch(self.pixels, rows, kind, size, g)
-        batch = self.pixels[rows].pin_memory().to(self.device, non_blocking=True)
-        return augment_batch(batch, torch.arange(len(rows), device=self.device), kind, size, g)
+    def batch(self, indices: Sequence[int], kind: str, size: int,
+              g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` augmented on the device (host-held rows are copied over first), and their labels."""
+        on_device = torch.tensor(indices, dtype=torch.int64).to(self.device, non_blocking=True)
+        labels = self.targets[on_device]
+        if not self.copied:
+            return augment_batch(self.pixels, self.device_rows[on_device], kind, size, g), labels
+        batch = self.pixels[self.rows[torch.tensor(indices, dtype=torch.int64)]]
+        batch = (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device, non_blocking=True)
+        return augment_batch(batch, torch.arange(len(batch), device=self.device), kind, size, g), labels
 
 
 def _fits(nbytes: int, device: torch.device) -> bool:
@@ -235,10 +238,8 @@ class DeviceBatches:
             items, seeds = [p[0] for p in pairs], [p[1] for p in pairs]
         for k in range(len(self)):
             start = k * self.batch_size
-            indices = torch.tensor(items[start:start + self.batch_size], dtype=torch.int64)
             g = torch.Generator().manual_seed(seeds[start]) if seeds is not None else None
-            images = self.store.gather(indices, self.kind, self.size, g)
-            yield images, self.store.targets[indices.to(self.store.targets.device)]
+            yield self.store.batch(items[start:start + self.batch_size], self.kind, self.size, g)
 
 
 def use_device_path(data_path: str, device: torch.device) -> bool:
