@@ -29,7 +29,7 @@ if [ "$QUICK" = 1 ]; then
               --workers 0 --no-decode)
   GRADCAM=(--repeats 3 --size 64)
 else
-  THROUGHPUT=(--arch resnet50 --sizes 224 96 --batch 256 --steps 10 --load-batches 10 --synthetic 8192
+  THROUGHPUT=(--arch resnet50 --sizes 224 96 --batch 256 --steps 8 --load-batches 8 --synthetic 6144
               --trainer-epochs 2 --workers "$WORKERS")
   GRADCAM=()
 fi

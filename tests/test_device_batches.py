@@ -6,20 +6,22 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from train.device_batches import (DeviceBatches, augment_batch, color_jitter, crop_boxes, crop_flip, jitter_params,
-                                  resized_crop_boxes, resized_crop_flip, use_device_path)
+from tests.test_engine import one_thread  # noqa: F401 - autouse: one intra-op thread on a shared machine
+from train.device_batches import (
+    DeviceBatches,
+    augment_batch,
+    color_jitter,
+    crop_boxes,
+    crop_flip,
+    jitter_params,
+    resized_crop_boxes,
+    resized_crop_flip,
+    use_device_path,
+)
 from train.distributed import ShardedSampler
 from train.image_cache import CachedImages, augmentation
 
 SOURCE, SIZE, DRAWS = 40, 32, 1500
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def noise(n: int, source: int = SOURCE, seed: int = 0) -> torch.Tensor:
@@ -35,8 +37,8 @@ def coordinates(source: int = SOURCE, dtype: torch.dtype = torch.float32, offset
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     """The two-sample Kolmogorov-Smirnov statistic (largest gap between the empirical CDFs)."""
     grid = np.sort(np.concatenate([a, b]))
-    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
-    return float(np.abs(cdf(a) - cdf(b)).max())
+    cdf_a, cdf_b = (np.searchsorted(np.sort(x), grid, side="right") / len(x) for x in (a, b))
+    return float(np.abs(cdf_a - cdf_b).max())
 
 
 KS_LIMIT = 1.95 * np.sqrt(2 / DRAWS)  # the 0.1% critical value: same distributions stay far below it
