@@ -29,7 +29,8 @@ def test_throughput_table_has_every_contender_and_the_trainer(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("| size"))
     row = next(line for line in lines if line.startswith("| 32 "))
-    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    names, values = ([c.strip() for c in line.strip("|").split("|")] for line in (header, row))
+    cells = dict(zip(names, values, strict=True))
     for name in ("memory", "cached", "device", "trainer"):
         assert float(cells[name]) > 0, name
     assert cells["compiled"] == cells["decode"] == "-"  # off on the CPU by default; --no-decode

@@ -25,7 +25,8 @@ SOURCE, SIZE, DRAWS = 40, 32, 1500
 
 
 def noise(n: int, source: int = SOURCE, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, source, source), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, source, source), dtype=torch.uint8, generator=g)
 
 
 def coordinates(source: int = SOURCE, dtype: torch.dtype = torch.float32, offset: float = 0.5) -> torch.Tensor:
@@ -192,6 +193,20 @@ def test_rows_gathered_on_the_host_give_the_same_batches(tmp_path, kind):
     copied.store.copied = True  # what a GPU without room for the cache does
     for (x, y), (x2, y2) in zip(held, copied, strict=True):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["none", "light", "strong"])
+def test_cuda_batches_equal_the_cpu_ones(tmp_path, kind):
+    """The same draws on the GPU (cache held there) as on the CPU: equal crops, the same resampling within rounding."""
+    images = cached_images(tmp_path)
+    sampler = ShardedSampler(len(images), seed=2, seeded=True)
+    on_cpu = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
+    on_gpu = DeviceBatches(images, kind, SIZE, 4, torch.device("cuda"), sampler)
+    assert not on_gpu.store.copied and on_gpu.store.pixels.is_cuda
+    for (x, y), (x2, y2) in zip(on_cpu, on_gpu, strict=True):
+        assert x2.is_cuda and torch.equal(y, y2.cpu())
+        assert torch.allclose(x.float(), x2.cpu().float(), atol=0.05 if kind == "strong" else 0)
 
 
 def test_auto_means_the_device_path_on_cuda_only():

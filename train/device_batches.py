@@ -49,6 +49,14 @@ class Boxes:
     flip: torch.Tensor
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor copied to ``device`` without waiting for the GPU (pinned first: a copy from pageable
+    memory can make the host wait for the stream)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _flips(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g) < 0.5
 
@@ -105,23 +113,21 @@ def crop_flip(pixels: torch.Tensor, rows: torch.Tensor, boxes: Boxes, size: int)
     """
     device = pixels.device
     span = torch.arange(size, device=device)
-    top, left, flip = (t.to(device, non_blocking=True) for t in (boxes.top, boxes.left, boxes.flip))
+    top, left, flip = to_device(torch.stack([boxes.top, boxes.left, boxes.flip.long()]), device)  # one copy
     ys = top[:, None] + span
-    xs = left[:, None] + torch.where(flip[:, None], size - 1 - span, span)
+    xs = left[:, None] + torch.where(flip[:, None].bool(), size - 1 - span, span)
     out = pixels[rows[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (B, size, size, 3)
     return out.permute(0, 3, 1, 2)
 
 
 def resized_crop_flip(batch: torch.Tensor, boxes: Boxes, size: int) -> torch.Tensor:
     """Each image of ``batch`` (B, 3, S, S) cut to its box and resized to ``size`` (float, 0..255), then flipped."""
-    device = batch.device
-    top, left, height, width = (t.to(device, torch.float32, non_blocking=True)
-                                for t in (boxes.top, boxes.left, boxes.height, boxes.width))
-    index = torch.arange(len(batch), device=device, dtype=torch.float32)
-    rois = torch.stack([index, left, top, left + width, top + height], dim=1)
+    b = boxes
+    rois = torch.stack([torch.arange(len(batch)), b.left, b.top, b.left + b.width, b.top + b.height], dim=1)
+    rois = to_device(rois.float(), batch.device)  # (index, x1, y1, x2, y2) per image: one small copy
     out = roi_align(batch.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
                     aligned=True)
-    flip = boxes.flip.to(device, non_blocking=True)[:, None, None, None]
+    flip = to_device(boxes.flip, batch.device)[:, None, None, None]
     return torch.where(flip, out.flip(3), out)
 
 
@@ -132,8 +138,8 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(batch: torch.Tensor, jitter: Jitter) -> torch.Tensor:
     """``ColorJitter(brightness, contrast, saturation)`` on a float (B, 3, H, W) batch in 0..255, per image."""
-    factors = jitter.factors.to(batch.device, non_blocking=True)[:, :, None, None, None]
-    order = jitter.order.to(batch.device, non_blocking=True)
+    factors = to_device(jitter.factors, batch.device)[:, :, None, None, None]
+    order = to_device(jitter.order, batch.device)
     x = batch
     for position in range(3):
         which = order[:, position]
@@ -185,12 +191,12 @@ class PixelStore:
     def batch(self, indices: Sequence[int], kind: str, size: int,
               g: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``indices`` augmented on the device (host-held rows are copied over first), and their labels."""
-        on_device = torch.tensor(indices, dtype=torch.int64).to(self.device, non_blocking=True)
+        on_device = to_device(torch.tensor(indices, dtype=torch.int64), self.device)
         labels = self.targets[on_device]
         if not self.copied:
             return augment_batch(self.pixels, self.device_rows[on_device], kind, size, g), labels
         batch = self.pixels[self.rows[torch.tensor(indices, dtype=torch.int64)]]
-        batch = (batch.pin_memory() if self.device.type == "cuda" else batch).to(self.device, non_blocking=True)
+        batch = to_device(batch, self.device)
         return augment_batch(batch, torch.arange(len(batch), device=self.device), kind, size, g), labels
 
 
