@@ -223,14 +223,10 @@ class DeviceBatches:
     """
 
     def __init__(self, images: CachedImages, kind: str, size: int, batch_size: int, device: torch.device,
-                 sampler: Any = None, drop_last: bool = False, store: PixelStore | None = None) -> None:
+                 sampler: Any = None, drop_last: bool = False) -> None:
         self.images, self.kind, self.size, self.batch_size = images, kind, size, batch_size
         self.sampler, self.drop_last = sampler, drop_last
-        self.store = store or PixelStore(images, device)
-
-    @property
-    def dataset(self) -> CachedImages:
-        return self.images
+        self.store = PixelStore(images, device)
 
     def __len__(self) -> int:
         n = len(self.sampler) if self.sampler is not None else len(self.images)

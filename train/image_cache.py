@@ -5,7 +5,8 @@ itself on a CPU. ``cached_pixels`` decodes a split once, resizes the short side 
 centre-crops a ``size x size`` square (exactly what the evaluation transform does before its final
 crop), and stores the result as ``<RESLENS_HOME>/cache/images/<key>.npy`` (N x 3 x size x size,
 uint8). Later epochs and later runs memory-map that file. ``CachedImages`` then crops and flips
-uint8 tensors per sample; normalisation happens on the device, batch-wise (``Normalizer``).
+uint8 tensors per sample (``data_path: workers``; ``train/device_batches.py`` does the same batch-wise on the
+device); normalisation happens on the device, batch-wise (``Normalizer``).
 
 The cache key covers the data set name, root, split, options, size and the list of image sources;
 editing an image file in place without renaming it is not detected (delete the cache folder then: runs

@@ -3,7 +3,8 @@
 A training sample's augmentation is drawn from its own seed, derived from (pipeline seed, epoch,
 position in the epoch's order): ``SeededItems`` runs the dataset's transform under that seed, in
 the main process or in any DataLoader worker, so a resumed epoch augments its remaining samples
-exactly as the uninterrupted run would have, whatever the number of workers. Everything else that
+exactly as the uninterrupted run would have, whatever the number of workers (the batched device path,
+train/device_batches.py, seeds each batch with its first sample's seed). Everything else that
 draws random numbers in the trainer's process (Python, NumPy, torch CPU and CUDA generators) is
 captured by ``rng_state`` into the checkpoint and put back by ``set_rng_state`` on resume.
 """
