@@ -183,28 +183,30 @@ def test_a_resumed_epoch_draws_the_same_remaining_batches(tmp_path, kind):
     assert not torch.equal(list(batches)[1][0], whole[1][0])  # another epoch, other draws
 
 
+def batch_pairs(tmp_path, kind: str, device: str, copied: bool = False):
+    """The same epoch as CPU-held batches and as batches on ``device`` (``copied``: gathered on the host)."""
+    images = cached_images(tmp_path)
+    sampler = ShardedSampler(len(images), seed=1, seeded=True)
+    reference = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
+    other = DeviceBatches(images, kind, SIZE, 4, torch.device(device), sampler)
+    other.store.copied = copied or other.store.copied
+    return list(zip(reference, other, strict=True)), other.store
+
+
 @pytest.mark.parametrize("kind", ["none", "light", "strong"])
 def test_rows_gathered_on_the_host_give_the_same_batches(tmp_path, kind):
     """A cache too large for the GPU is gathered on the host and copied over: the same batches as when held."""
-    images = cached_images(tmp_path)
-    sampler = ShardedSampler(len(images), seed=1, seeded=True)
-    held = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
-    copied = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
-    copied.store.copied = True  # what a GPU without room for the cache does
-    for (x, y), (x2, y2) in zip(held, copied, strict=True):
-        assert torch.equal(x, x2) and torch.equal(y, y2)
+    pairs, _ = batch_pairs(tmp_path, kind, "cpu", copied=True)  # what a GPU without room for the cache does
+    assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in pairs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["none", "light", "strong"])
 def test_cuda_batches_equal_the_cpu_ones(tmp_path, kind):
     """The same draws on the GPU (cache held there) as on the CPU: equal crops, the same resampling within rounding."""
-    images = cached_images(tmp_path)
-    sampler = ShardedSampler(len(images), seed=2, seeded=True)
-    on_cpu = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
-    on_gpu = DeviceBatches(images, kind, SIZE, 4, torch.device("cuda"), sampler)
-    assert not on_gpu.store.copied and on_gpu.store.pixels.is_cuda
-    for (x, y), (x2, y2) in zip(on_cpu, on_gpu, strict=True):
+    pairs, store = batch_pairs(tmp_path, kind, "cuda")
+    assert not store.copied and store.pixels.is_cuda
+    for (x, y), (x2, y2) in pairs:
         assert x2.is_cuda and torch.equal(y, y2.cpu())
         assert torch.allclose(x.float(), x2.cpu().float(), atol=0.05 if kind == "strong" else 0)
 
