@@ -337,3 +337,30 @@ def test_a_compiled_model_is_announced_until_its_first_step_ends(tmp_path, monke
     phases.clear()
     assert run_tiny({**raw, "compile": "auto"}, name="auto-on-cpu") == "finished"
     assert len(compiled) == 1 and set(phases) == {None}  # auto: not on a CPU
+
+
+STEP_CODE = {"_train_steps", "_agree", "_after_step", "add_to_totals", "backward", "_run_epoch"}
+
+
+def test_a_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch):
+    """Issue 10: no float(t), .item(), .tolist(), .cpu() or truth test of a tensor in the trainer's per-step code
+    (on a GPU each one waits for the device); losses and totals reach the host when step rows are flushed."""
+    import sys
+
+    reads = []
+
+    def watch(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.endswith(str(Path("train") / "engine.py")):
+                reads.append((caller.co_name, name))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist", "cpu", "numpy"):
+        watch(name)
+    assert run_tiny(tiny_config(tmp_path, epochs=(2,), label_smoothing=0.1)) == "finished"
+    assert {function for function, _ in reads} & STEP_CODE == set(), reads
+    assert ("_flush_steps", "tolist") not in reads and any(f == "host_floats" for f, _ in reads)

@@ -183,6 +183,7 @@ class Display:
         self.tty = sys.stdout.isatty() and _has_tqdm()
         self.bar: Any = None
         self.last = 0.0
+        self.loss: float | None = None
 
     def start_epoch(self, label: str, steps: int) -> None:
         self._safely(self._start_epoch, label, steps)
@@ -203,20 +204,25 @@ class Display:
         except OSError:
             self.enabled, self.bar = False, None
 
-    def step(self, progress: Progress, loss: float) -> None:
-        self._safely(self._step, progress, loss)
+    def step(self, progress: Progress) -> None:
+        self._safely(self._step, progress)
 
-    def _step(self, progress: Progress, loss: float) -> None:
+    def step_loss(self, loss: float) -> None:
+        """The latest loss that reached the host (step rows are flushed every few seconds)."""
+        self.loss = loss
+
+    def _step(self, progress: Progress) -> None:
         if not self.enabled:
             return
         ips = f"{progress.images_per_s:.1f}" if progress.images_per_s else "?"
         eta = _duration(progress.eta_s)
+        loss = "?" if self.loss is None else f"{self.loss:.4f}"
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.3f} | {ips} img/s | ETA {eta}", refresh=False)
+            self.bar.set_postfix_str(f"loss {loss} | {ips} img/s | ETA {eta}", refresh=False)
             self.bar.update(1)
         elif time.monotonic() - self.last > self.every_s:
             self.last = time.monotonic()
-            print(f"  step {progress.step}  loss {loss:.4f}  {ips} img/s  ETA {eta}", flush=True)
+            print(f"  step {progress.step}  loss {loss}  {ips} img/s  ETA {eta}", flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -479,9 +485,9 @@ class Trainer:
             with torch.autocast(self.ctx.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = model(images)
                 loss = criterion(logits.float(), targets)
-            value, stop = self._agree(loss.detach(), len(labels))
-            if not math.isfinite(value):
-                self._diverged(st, epoch, value)
+            value, stop = self._agree(loss.detach())
+            if isinstance(value, float) and not math.isfinite(value):  # DDP: every rank sees the same value
+                self._diverged(st.label, epoch, st.step + 1, value, st.stage.lr)
             lr = st.optimizer.param_groups[0]["lr"]
             st.optimizer.zero_grad(set_to_none=True)
             st.backward(loss)
@@ -490,41 +496,57 @@ class Trainer:
             st.scheduler.step()
             batch_index += 1
             st.step += 1
-            st.totals[0] += float(loss.detach()) * len(labels)
-            st.totals[1] += float((logits.argmax(1) == labels).sum())
-            st.totals[2] += len(labels)
+            st.add_to_totals(loss.detach(), logits.detach().argmax(1) == labels)
             self._after_step(st, epoch, value, lr, len(labels) * self.ctx.world)
             if stop and batch_index < st.steps_per_epoch:  # this step is applied; resume starts after it
                 self._save_stop(st, epoch, batch_index)
-        totals, st.totals = st.totals, [0.0, 0.0, 0.0]
+        totals, st.totals = st.host_totals(), [0.0, 0.0, 0.0]
         return ddp.all_sum(self.ctx, totals)
 
-    def _agree(self, loss: torch.Tensor, n: int) -> tuple[float, bool]:
-        """The mean loss over ranks and whether any rank was asked to stop (one all-reduce)."""
+    def _agree(self, loss: torch.Tensor) -> tuple[float | torch.Tensor, bool]:
+        """(the step's loss, whether to stop). One process: the loss stays on the device and the stop flag is
+        the host's, so a step never waits for the device. DDP: the mean loss over ranks and whether any rank
+        was asked to stop, as floats (one all-reduce), so that every rank acts on the same step."""
+        if not self.ctx.enabled:
+            return loss, self.stop.requested
         loss_value, stop = ddp.all_sum(self.ctx, [float(loss), float(self.stop.requested)])
         return loss_value / self.ctx.world, stop > 0
 
-    def _diverged(self, st: "_StageState", epoch: int, value: float) -> None:
+    @staticmethod
+    def _diverged(label: str, epoch: int, step: int, value: float, lr: float) -> None:
         what = "NaN" if math.isnan(value) else "infinite"
         raise TrainingFailed(
-            f"Training stopped: the loss became {what} in {st.label}, epoch {epoch + 1}, step {st.step + 1}; "
-            f"try a lower learning rate (lr is {st.stage.lr:g})."
+            f"Training stopped: the loss became {what} in {label}, epoch {epoch + 1}, step {step}; "
+            f"try a lower learning rate (lr is {lr:g})."
         )
 
-    def _after_step(self, st: "_StageState", epoch: int, loss: float, lr: float, images: int) -> None:
+    def _after_step(self, st: "_StageState", epoch: int, loss: float | torch.Tensor, lr: float,
+                    images: int) -> None:
         self.progress.advance(images, st.step)
         st.compiling = False
-        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time()})
-        self.tb.step(self.progress.done_steps, loss, lr)
+        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time(),
+                               "global_step": self.progress.done_steps, "label": st.label, "stage_lr": st.stage.lr})
         st.last_lr = lr
         self._flush_steps(st.index, epoch + 1)
-        self.display.step(self.progress, loss)
+        self.display.step(self.progress)
 
     def _flush_steps(self, stage: int, epoch: int, force: bool = False) -> None:
-        if self.step_rows and (force or time.monotonic() - self.last_flush > STEP_FLUSH_S):
-            self.store.log_steps(self.run_name, stage, epoch, self.step_rows)
-            self.step_rows = []
-            self.last_flush = time.monotonic()
+        """Write the buffered step rows (every ``STEP_FLUSH_S`` or when forced): the steps' losses come to the
+        host here, in one transfer, and a non-finite one fails the run with its step."""
+        if not self.step_rows or not (force or time.monotonic() - self.last_flush > STEP_FLUSH_S):
+            return
+        rows, self.step_rows = self.step_rows, []
+        self.last_flush = time.monotonic()
+        losses = host_floats([r["train_loss"] for r in rows])
+        for row, value in zip(rows, losses):
+            row["train_loss"] = value
+            if not math.isfinite(value):
+                self._diverged(row["label"], epoch - 1, row["step"], value, row["stage_lr"])
+        extra = [(r.pop("global_step"), r.pop("label"), r.pop("stage_lr")) for r in rows]
+        self.store.log_steps(self.run_name, stage, epoch, rows)
+        for row, (global_step, _, _) in zip(rows, extra):
+            self.tb.step(global_step, row["train_loss"], row["lr"])
+        self.display.step_loss(losses[-1])
 
     def _save_stop(self, st: "_StageState", epoch: int, batch_index: int) -> None:
         self._flush_steps(st.index, epoch + 1, force=True)
@@ -635,6 +657,7 @@ class _StageState:
     channels_last: bool = False
     last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
     totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch's [loss*n, correct, n]
+    _device_totals: torch.Tensor | None = None  # [loss*n, correct] running on the device (see add_to_totals)
     best_balanced: float | None = None  # early stopping: the best validation balanced accuracy so far
     stale_epochs: int = 0  # epochs since it last improved
     stopped_early: bool = False
@@ -653,9 +676,26 @@ class _StageState:
         """Objects (with ``state_dict``/``load_state_dict``) whose state a resume needs, by name."""
         return {name: obj for name, obj in (("scaler", self._scaler), ("ema", self.ema)) if obj is not None}
 
+    def add_to_totals(self, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        """Add a step's loss and correct predictions to the epoch's totals without waiting for the device: the
+        running sum stays there, started from the host totals, so the order of additions (and the result, bit
+        for bit) does not depend on when ``host_totals`` was called."""
+        n = len(correct)
+        if self._device_totals is None:
+            self._device_totals = torch.tensor(self.totals[:2], dtype=torch.float64, device=loss.device)
+        self._device_totals = self._device_totals + torch.stack([loss.double() * n, correct.sum().double()])
+        self.totals[2] += n
+
+    def host_totals(self) -> list[float]:
+        """The epoch's [loss*n, correct, n] on the host (one transfer)."""
+        if self._device_totals is not None:
+            self.totals[:2] = self._device_totals.tolist()
+            self._device_totals = None
+        return list(self.totals)
+
     def trainer_state(self) -> dict[str, Any]:
         """What ``last.pt`` keeps besides model, optimizer and scheduler for an exact resume."""
-        state = {"rng": rng_state(), "epoch_totals": list(self.totals), "last_lr": self.last_lr,
+        state = {"rng": rng_state(), "epoch_totals": self.host_totals(), "last_lr": self.last_lr,
                  "early_stopping": {"best": self.best_balanced, "stale": self.stale_epochs}}
         return {**state, **{name: obj.state_dict() for name, obj in self.stateful().items()}}
 
@@ -664,6 +704,7 @@ class _StageState:
         if "rng" in state:
             set_rng_state(state["rng"])
         self.totals = [float(v) for v in state.get("epoch_totals", self.totals)]
+        self._device_totals = None
         self.last_lr = state.get("last_lr", self.last_lr)
         early = state.get("early_stopping") or {}
         self.best_balanced, self.stale_epochs = early.get("best"), int(early.get("stale", 0))
@@ -720,6 +761,15 @@ class _StageState:
         self._scaler.scale(loss).backward()
         self._scaler.step(self.optimizer)
         self._scaler.update()
+
+
+def host_floats(values: list[float | torch.Tensor]) -> list[float]:
+    """Floats and 0-d tensors as floats, the tensors brought to the host in one transfer."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    fetched = iter(torch.stack([t.float() for t in tensors]).tolist())
+    return [next(fetched) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
