@@ -127,8 +127,8 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
     model.eval()
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
-    targets, predicted, confidence, top5, logsumexp, loss_sum = [], [], [], [], [], 0.0
-    for images, labels in loader:
+    targets, predicted, confidence, top5, logsumexp, losses = [], [], [], [], [], []
+    for images, labels in loader:  # everything stays on the device until the end: no wait per batch
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if prepare is not None:
@@ -138,19 +138,25 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
             if flip:
                 logits = (logits.float() + model(images.flip(3)).float()) / 2
         logits = logits.float()
-        loss_sum += float(criterion(logits, labels)) * len(labels)
-        probs = logits.softmax(dim=1)
-        conf, pred = probs.max(dim=1)
-        top5.append((logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1).cpu())
-        targets.append(labels.cpu())
-        predicted.append(pred.cpu())
-        confidence.append(conf.cpu())
-        logsumexp.append(logits.logsumexp(dim=1).cpu())
+        losses.append(criterion(logits, labels).double() * len(labels))
+        conf, pred = logits.softmax(dim=1).max(dim=1)
+        top5.append((logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1))
+        targets.append(labels)
+        predicted.append(pred)
+        confidence.append(conf)
+        logsumexp.append(logits.logsumexp(dim=1))
     n = sum(len(t) for t in targets)
-    cat = (lambda xs: torch.cat(xs).numpy()) if n else (lambda xs: np.zeros(0))
-    return Predictions(cat(targets).astype(np.int64), cat(predicted).astype(np.int64),
-                       cat(confidence).astype(np.float64), loss_sum / n if n else float("nan"), cat(top5).astype(bool),
-                       cat(logsumexp).astype(np.float64))
+    if not n:
+        empty = np.zeros(0)
+        return Predictions(empty.astype(np.int64), empty.astype(np.int64), empty, float("nan"),
+                           empty.astype(bool), empty)
+
+    def host(parts: list[torch.Tensor]) -> np.ndarray:
+        return torch.cat(parts).cpu().numpy()
+
+    return Predictions(host(targets).astype(np.int64), host(predicted).astype(np.int64),
+                       host(confidence).astype(np.float64), float(torch.stack(losses).sum()) / n,
+                       host(top5).astype(bool), host(logsumexp).astype(np.float64))
 
 
 def misclassified(predictions: Predictions, classes: Sequence[str], source: Callable[[int], str],
