@@ -45,6 +45,17 @@ How it stays exact and fast:
   ``.grad``). One forward pass serves every layer and class asked for; one backward pass serves all layers.
 - The model runs in eval mode (batch-norm statistics frozen, so a batch gives the same map per image as one
   image alone); every module's train/eval flag, the grad mode and the hooks are restored in ``finally``.
+
+No host syncs: ``explain`` never reads a tensor's values on the host (no ``.item()``, ``bool(t)``, ``.cpu()``,
+``.tolist()``, boolean-mask indexing, ...), so on a GPU it only queues work until its caller reads the result.
+Targets given as Python ints or sequences (or NumPy arrays) are checked in Python before they become tensors and
+reach the device by a pinned, non-blocking copy. Targets given as a tensor are checked on the device: an
+out-of-range class is never read back, it is clamped for the computation and its maps and raw maps are NaN.
+``eigencam``/``eigen_smooth`` are the exception: ``torch.linalg.svd`` syncs with the CPU on CUDA.
+
+Per-model work is cheap and read live, never cached: layers are found by walking ``_modules`` along the dotted
+name, the module list for the train/eval flags comes from one walk of the live module tree, ``model.eval()``
+runs only when some module is in training mode and only the flags that changed are written back.
 """
 from __future__ import annotations
 
@@ -52,6 +63,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -197,19 +209,42 @@ def recommended_layer(layers: Sequence[LayerInfo]) -> str:
 # state restoration and hooks
 
 
+def _module_tree(module: nn.Module, found: list[nn.Module] | None = None) -> list[nn.Module]:
+    """The module and all its descendants, read from the live tree (a walk of ``_modules``, no names built)."""
+    found = [] if found is None else found
+    found.append(module)
+    for child in module._modules.values():
+        if child is not None:
+            _module_tree(child, found)
+    return found
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module | None:
+    """The submodule at the dotted ``name`` (as ``named_modules()`` spells it), or None."""
+    module: nn.Module | None = model
+    for part in name.split("."):
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module
+
+
 @contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Eval mode and the caller's grad mode for the duration; every module's own flag restored after."""
-    modes = [(m, m.training) for m in model.modules()]
+    modules = _module_tree(model)
+    modes = [m.training for m in modules]
     grad_mode = torch.is_grad_enabled()
-    model.eval()
+    if any(modes):
+        model.eval()
     try:
         with torch.inference_mode(False):
             yield
     finally:
         torch.set_grad_enabled(grad_mode)
-        for module, mode in modes:
-            module.training = mode
+        for module, mode in zip(modules, modes):
+            if module.training != mode:  # writing a flag costs a Module.__setattr__: only the changed ones
+                module.training = mode
 
 
 @contextmanager
@@ -274,28 +309,28 @@ def explain(
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     methods = [methods] if isinstance(methods, str) else list(methods)
-    _check_request(model, layers, methods)
+    modules = _check_request(model, layers, methods)
     if aug_smooth:
         return _aug_smoothed(model, images, layers, targets, top_k, methods, eigen_smooth, normalised)
-    modules = dict(model.named_modules())
     capture = _Capture()
-    with _preserved(model), _hooks((modules[n], capture.hook(n)) for n in layers):
+    with _preserved(model), _hooks((module, capture.hook(n)) for n, module in zip(layers, modules)):
         torch.set_grad_enabled(False)
         logits = model(images)
         missing = [n for n in layers if n not in capture.activations]
         if missing:
             raise GradCAMError(f"Layer '{missing[0]}' did not run in the model's forward pass.")
-        chosen = _resolve_targets(logits, targets, top_k)
-        gradients = _gradients(logits, chosen, [capture.activations[n] for n in layers])
+        chosen, valid = _resolve_targets(logits, targets, top_k)
+        index = chosen if valid is None else chosen.clamp(0, logits.shape[1] - 1)
+        gradients = _gradients(logits, index, [capture.activations[n] for n in layers])
     result = Explanation(logits=logits.detach(), targets=chosen)
     size = tuple(images.shape[-2:])
     for name, grads in zip(layers, gradients):
         acts = capture.activations[name].detach().unsqueeze(1)  # [B, 1, C, h, w]
-        result.raw[name] = _weighted(acts, grads.mean(dim=(-2, -1)))
-        scores = _score_weights(model, images, acts[:, 0], chosen) if "scorecam" in methods else None
-        result.maps[name] = {
-            m: _method_map(m, acts, grads, result.raw[name], scores, size, eigen_smooth, normalised) for m in methods
-        }
+        raw = _weighted(acts, grads.mean(dim=(-2, -1)))
+        scores = _score_weights(model, images, acts[:, 0], index) if "scorecam" in methods else None
+        maps = {m: _method_map(m, acts, grads, raw, scores, size, eigen_smooth, normalised) for m in methods}
+        result.raw[name] = _blanked(raw, valid)
+        result.maps[name] = {m: _blanked(v, valid) for m, v in maps.items()}
     return result
 
 
@@ -306,37 +341,72 @@ def gradcam(
     return explain(model, images, layer, targets).maps[layer]["gradcam"][:, 0]
 
 
-def _check_request(model: nn.Module, layers: list[str], methods: list[str]) -> None:
+def _check_request(model: nn.Module, layers: list[str], methods: list[str]) -> list[nn.Module]:
+    """The modules of the asked layers, after checking the request (one sentence per mistake)."""
     if not layers:
         raise GradCAMError("Choose at least one layer to explain.")
-    names = dict(model.named_modules())
-    for name in layers:
-        if not name or name not in names:
+    modules = [_layer(model, name) if name else None for name in layers]
+    for name, module in zip(layers, modules):
+        if module is None:
             raise GradCAMError(f"The model has no layer named '{name}'; choose one of supported_layers().")
     for method in methods:
         if method not in ALL_METHODS:
             raise GradCAMError(f"Unknown method '{method}'; choose one of {', '.join(ALL_METHODS)}.")
     if len(set(layers)) != len(layers):
         raise GradCAMError("Each layer can be asked for only once per explanation.")
+    return modules
 
 
-def _resolve_targets(logits: Tensor, targets: int | Sequence[int] | Tensor | None, top_k: int) -> Tensor:
-    """The [B, K] class indices to explain, checked against the number of classes."""
+def _resolve_targets(logits: Tensor, targets: int | Sequence[int] | Tensor | None,
+                     top_k: int) -> tuple[Tensor, Tensor | None]:
+    """The [B, K] class indices to explain on the logits' device, without reading any tensor on the host.
+
+    Python targets are checked here (clear error); a tensor's are checked on the device: the second value is
+    then the [B, K] flag of the classes in range, else None (every class known to be in range).
+    """
     batch, classes = logits.shape
     if targets is None:
         if not 1 <= top_k <= classes:
             raise GradCAMError(f"top_k must be between 1 and {classes}, the number of classes.")
-        return logits.detach().topk(top_k, dim=1).indices
-    chosen = torch.as_tensor(targets, dtype=torch.long, device=logits.device)
+        return logits.detach().topk(top_k, dim=1).indices, None
+    if isinstance(targets, Tensor):
+        chosen = _per_image(_on_device(targets.long(), logits.device), batch)
+        return chosen, (chosen >= 0) & (chosen < classes)
+    try:
+        array = np.asarray(targets, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise GradCAMError("Target classes must be whole numbers, one per image or several per image as [B, K].") \
+            from error
+    if array.size and (array.min() < 0 or array.max() >= classes):
+        raise GradCAMError(f"Target classes must be between 0 and {classes - 1}.")
+    return _per_image(_on_device(torch.from_numpy(array), logits.device), batch), None
+
+
+def _per_image(chosen: Tensor, batch: int) -> Tensor:
+    """Targets shaped [B, K] (a single class for all images, one per image, or several per image)."""
     if chosen.dim() == 0:
         chosen = chosen.expand(batch)
     if chosen.dim() == 1:
         chosen = chosen.unsqueeze(1)
     if chosen.dim() != 2 or chosen.shape[0] != batch:
         raise GradCAMError(f"Give one target class per image ({batch} images), or several per image as [B, K].")
-    if chosen.numel() and (chosen.min() < 0 or chosen.max() >= classes):
-        raise GradCAMError(f"Target classes must be between 0 and {classes - 1}.")
     return chosen
+
+
+def _on_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device`` without a synchronising copy (host memory is pinned first for CUDA)."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def _blanked(maps: Tensor, valid: Tensor | None) -> Tensor:
+    """Maps [B, K, ...] with NaN wherever ``valid`` [B, K] says the target class was out of range."""
+    if valid is None:
+        return maps
+    return torch.where(valid.view(*valid.shape, *[1] * (maps.dim() - 2)), maps, torch.nan)
 
 
 def _gradients(logits: Tensor, targets: Tensor, activations: list[Tensor]) -> list[Tensor]:
@@ -428,7 +498,7 @@ def _aug_smoothed(model: nn.Module, images: Tensor, layers: list[str], targets: 
     """The mean over ``AUGMENTATIONS`` of each map (flipped back), from one forward pass of all of them."""
     with _preserved(model):
         torch.set_grad_enabled(False)
-        chosen = _resolve_targets(model(images), targets, top_k)  # [B, K], those of the unaugmented images
+        chosen, _ = _resolve_targets(model(images), targets, top_k)  # [B, K], of the unaugmented images
     batch = torch.cat([(images.flip(-1) if flip else images) * factor for flip, factor in AUGMENTATIONS])
     every = explain(model, batch, layers, chosen.repeat(len(AUGMENTATIONS), 1), methods=methods,
                     eigen_smooth=eigen_smooth, normalised=normalised)
