@@ -305,7 +305,8 @@ def explain(
     ``images`` is a normalised float batch [B, 3, H, W]; ``layers`` module names as ``named_modules()`` spells
     them; ``targets`` a class per image ([B]), several per image ([B, K]), one class for all, or None for the
     ``top_k`` highest logits of each image. ``eigen_smooth``, ``aug_smooth`` and ``normalised``: see the module
-    docstring.
+    docstring. Reads no tensor on the host: Python targets out of range raise ``GradCAMError``; a tensor's give
+    NaN maps for those classes.
     """
     layers = [layers] if isinstance(layers, str) else list(layers)
     methods = [methods] if isinstance(methods, str) else list(methods)
