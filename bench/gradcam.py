@@ -16,15 +16,15 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.gradcam import explain, gradcam  # noqa: E402
+from core.gradcam import explain, gradcam
 
 STAGES = ["layer1", "layer2", "layer3", "layer4"]
 FORWARD = "plain no_grad forward"
