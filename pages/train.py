@@ -19,8 +19,8 @@ from core.errors import UserError
 from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
 from pages import common
-from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, RETENTION, ConfigError, PipelineConfig, parse_config,
-                          parse_yaml, stage_rows, stages_from_rows)
+from train.config import (ARCHS, CHOICES, DATA_PATHS, PIPELINE_DEFAULTS, RETENTION, ConfigError, PipelineConfig,
+                          parse_config, parse_yaml, stage_rows, stages_from_rows)
 from train.data_report import class_rows, format_report, summarize
 
 common.setup("Train")
@@ -36,6 +36,7 @@ LABELS = {"name": "stage", "dataset": "data set", "lr": "learning rate"}  # othe
 SWITCHES = (("amp", "Mixed precision (amp)", "bf16/fp16 autocast where the device has it."),
             ("channels_last", "channels_last", "NHWC memory layout: faster convolutions on most hardware."))
 COMPILE_CHOICES = {"auto": "auto (on CUDA)", True: "on", False: "off"}
+DATA_PATH_LABELS = {"auto": "auto (device on CUDA)", "workers": "DataLoader workers", "device": "the device"}
 
 
 def column_label(key: str) -> str:
@@ -119,23 +120,7 @@ def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
     seed = raw.get("seed", PIPELINE_DEFAULTS["seed"])
     top["seed"] = int(right.number_input("Seed", value=int(seed) if isinstance(seed, int) else 0, step=1,
                                          key=f"seed-{source}"))
-    columns = st.columns(len(SWITCHES) + 2)
-    for column, (key, label, help_text) in zip(columns, SWITCHES):
-        top[key] = column.toggle(label, value=bool(raw.get(key, PIPELINE_DEFAULTS[key])), key=f"{key}-{source}",
-                                 help=help_text)
-    compiled = raw.get("compile", PIPELINE_DEFAULTS["compile"])
-    choices = list(COMPILE_CHOICES)
-    top["compile"] = columns[-2].selectbox(
-        "torch.compile", choices, index=choices.index(compiled) if compiled in COMPILE_CHOICES else 0,
-        key=f"compile-{source}", format_func=COMPILE_CHOICES.__getitem__,
-        help="Compiles the model at a stage's first step: a slower start (the Monitor says so), faster steps on "
-             "GPUs. auto: on when training on CUDA, off on CPUs (where it does not pay).")
-    kept = raw.get("retention", PIPELINE_DEFAULTS["retention"])
-    top["retention"] = columns[-1].selectbox(
-        "Keep checkpoints of", RETENTION, index=RETENTION.index(kept) if kept in RETENTION else 0,
-        key=f"retention-{source}", format_func=lambda r: {"all": "every stage", "final": "the final stage"}[r],
-        help="'the final stage': once the run has finished, earlier stages' checkpoints are deleted (their "
-             "metrics stay).")
+    top.update(speed_settings(raw, source))
     every = st.toggle("Show every column", key="all_columns",
                       help="The table also holds " + ", ".join(column_label(k) for k in hidden_columns()) + ".")
     if not every:
@@ -150,6 +135,35 @@ def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
     except ConfigError as exc:
         return {**top, "stages": []}, exc
     return config, None
+
+
+def speed_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """The pipeline's top-level switches: amp, channels_last, torch.compile, the data path, retention."""
+    columns = st.columns(len(SWITCHES) + 3)
+    chosen: dict[str, Any] = {}
+    for column, (key, label, help_text) in zip(columns, SWITCHES):
+        chosen[key] = column.toggle(label, value=bool(raw.get(key, PIPELINE_DEFAULTS[key])), key=f"{key}-{source}",
+                                    help=help_text)
+    compiled = raw.get("compile", PIPELINE_DEFAULTS["compile"])
+    choices = list(COMPILE_CHOICES)
+    chosen["compile"] = columns[-3].selectbox(
+        "torch.compile", choices, index=choices.index(compiled) if compiled in COMPILE_CHOICES else 0,
+        key=f"compile-{source}", format_func=COMPILE_CHOICES.__getitem__,
+        help="Compiles the model at a stage's first step: a slower start (the Monitor says so), faster steps on "
+             "GPUs. auto: on when training on CUDA, off on CPUs (where it does not pay).")
+    path = raw.get("data_path", PIPELINE_DEFAULTS["data_path"])
+    chosen["data_path"] = columns[-2].selectbox(
+        "Augment on", DATA_PATHS, index=DATA_PATHS.index(path) if path in DATA_PATHS else 0,
+        key=f"data_path-{source}", format_func=DATA_PATH_LABELS.__getitem__,
+        help="Where training batches are cropped, flipped and jittered: per image in DataLoader workers, or a "
+             "whole batch at once on the device (what feeds a GPU fast enough). auto: the device on CUDA.")
+    kept = raw.get("retention", PIPELINE_DEFAULTS["retention"])
+    chosen["retention"] = columns[-1].selectbox(
+        "Keep checkpoints of", RETENTION, index=RETENTION.index(kept) if kept in RETENTION else 0,
+        key=f"retention-{source}", format_func=lambda r: {"all": "every stage", "final": "the final stage"}[r],
+        help="'the final stage': once the run has finished, earlier stages' checkpoints are deleted (their "
+             "metrics stay).")
+    return chosen
 
 
 def hidden_columns() -> list[str]:

@@ -93,6 +93,9 @@ def test_speed_switches_go_into_the_pipeline():
     assert (config["compile"], config["amp"], config["channels_last"]) == (True, False, True)
     at.selectbox(key="compile-demo.yaml").set_value(False).run()
     assert shown_yaml(at)["compile"] is False
+    assert shown_yaml(at)["data_path"] == "auto"
+    at.selectbox(key="data_path-demo.yaml").set_value("device").run()
+    assert shown_yaml(at)["data_path"] == "device"
 
 
 def test_a_pipeline_file_opens_and_saves_back():
