@@ -19,7 +19,7 @@ from core.errors import UserError
 from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
 from pages import common
-from train.config import (ARCHS, CHOICES, DATA_PATHS, PIPELINE_DEFAULTS, RETENTION, ConfigError, PipelineConfig,
+from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig,
                           parse_config, parse_yaml, stage_rows, stages_from_rows)
 from train.data_report import class_rows, format_report, summarize
 
@@ -37,6 +37,7 @@ SWITCHES = (("amp", "Mixed precision (amp)", "bf16/fp16 autocast where the devic
             ("channels_last", "channels_last", "NHWC memory layout: faster convolutions on most hardware."))
 COMPILE_CHOICES = {"auto": "auto (on CUDA)", True: "on", False: "off"}
 DATA_PATH_LABELS = {"auto": "auto (device on CUDA)", "workers": "DataLoader workers", "device": "the device"}
+RETENTION_LABELS = {"all": "every stage", "final": "the final stage"}
 
 
 def column_label(key: str) -> str:
@@ -144,26 +145,27 @@ def speed_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
     for column, (key, label, help_text) in zip(columns, SWITCHES):
         chosen[key] = column.toggle(label, value=bool(raw.get(key, PIPELINE_DEFAULTS[key])), key=f"{key}-{source}",
                                     help=help_text)
-    compiled = raw.get("compile", PIPELINE_DEFAULTS["compile"])
-    choices = list(COMPILE_CHOICES)
-    chosen["compile"] = columns[-3].selectbox(
-        "torch.compile", choices, index=choices.index(compiled) if compiled in COMPILE_CHOICES else 0,
-        key=f"compile-{source}", format_func=COMPILE_CHOICES.__getitem__,
-        help="Compiles the model at a stage's first step: a slower start (the Monitor says so), faster steps on "
-             "GPUs. auto: on when training on CUDA, off on CPUs (where it does not pay).")
-    path = raw.get("data_path", PIPELINE_DEFAULTS["data_path"])
-    chosen["data_path"] = columns[-2].selectbox(
-        "Augment on", DATA_PATHS, index=DATA_PATHS.index(path) if path in DATA_PATHS else 0,
-        key=f"data_path-{source}", format_func=DATA_PATH_LABELS.__getitem__,
-        help="Where training batches are cropped, flipped and jittered: per image in DataLoader workers, or a "
-             "whole batch at once on the device (what feeds a GPU fast enough). auto: the device on CUDA.")
-    kept = raw.get("retention", PIPELINE_DEFAULTS["retention"])
-    chosen["retention"] = columns[-1].selectbox(
-        "Keep checkpoints of", RETENTION, index=RETENTION.index(kept) if kept in RETENTION else 0,
-        key=f"retention-{source}", format_func=lambda r: {"all": "every stage", "final": "the final stage"}[r],
-        help="'the final stage': once the run has finished, earlier stages' checkpoints are deleted (their "
-             "metrics stay).")
+    chosen["compile"] = setting_choice(
+        columns[-3], raw, source, "compile", "torch.compile", COMPILE_CHOICES,
+        "Compiles the model at a stage's first step: a slower start (the Monitor says so), faster steps on GPUs. "
+        "auto: on when training on CUDA, off on CPUs (where it does not pay).")
+    chosen["data_path"] = setting_choice(
+        columns[-2], raw, source, "data_path", "Augment on", DATA_PATH_LABELS,
+        "Where training batches are cropped, flipped and jittered: per image in DataLoader workers, or a whole "
+        "batch at once on the device (what feeds a GPU fast enough). auto: the device on CUDA.")
+    chosen["retention"] = setting_choice(
+        columns[-1], raw, source, "retention", "Keep checkpoints of", RETENTION_LABELS,
+        "'the final stage': once the run has finished, earlier stages' checkpoints are deleted (their metrics stay).")
     return chosen
+
+
+def setting_choice(column: Any, raw: dict[str, Any], source: str, key: str, label: str, labels: dict[Any, str],
+                   help_text: str) -> Any:
+    """A select box for one top-level setting: its value in ``raw`` (else the default) preselected."""
+    choices = list(labels)
+    value = raw.get(key, PIPELINE_DEFAULTS[key])
+    return column.selectbox(label, choices, index=choices.index(value) if value in labels else 0,
+                            key=f"{key}-{source}", format_func=labels.__getitem__, help=help_text)
 
 
 def hidden_columns() -> list[str]:

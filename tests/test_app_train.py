@@ -3,6 +3,7 @@ reason; rows numbered from 1; pipelines opened and saved as YAML; hidden columns
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -241,3 +242,14 @@ def test_learning_rate_button_runs_the_range_test_and_plots_it(monkeypatch):
         s.value for s in at.success]
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert figure["layout"]["xaxis"]["type"] == "log"
+
+
+def test_every_setting_value_has_a_label_on_the_page():
+    import ast
+
+    from train.config import DATA_PATHS, RETENTION
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "pages" / "train.py").read_text())
+    labels = {t.targets[0].id: ast.literal_eval(t.value) for t in tree.body
+              if isinstance(t, ast.Assign) and getattr(t.targets[0], "id", "").endswith("_LABELS")}
+    assert list(labels["DATA_PATH_LABELS"]) == list(DATA_PATHS) and list(labels["RETENTION_LABELS"]) == list(RETENTION)
