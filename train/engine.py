@@ -466,7 +466,7 @@ class Trainer:
         started, carried = time.monotonic(), st.totals[2]
         totals = self._train_steps(st, train_model, epoch, skip_batches)
         elapsed = time.monotonic() - started
-        self._flush_steps(st.index, epoch + 1, force=True)
+        self._flush_steps(st, epoch + 1, force=True)
         metrics = self._validate(st, epoch, totals, elapsed, carried)
         self._end_epoch(st, epoch, metrics)
         if self.stop.requested:
@@ -487,7 +487,7 @@ class Trainer:
                 loss = criterion(logits.float(), targets)
             value, stop = self._agree(loss.detach())
             if isinstance(value, float) and not math.isfinite(value):  # DDP: every rank sees the same value
-                self._diverged(st.label, epoch, st.step + 1, value, st.stage.lr)
+                self._diverged(st, epoch, st.step + 1, value)
             lr = st.optimizer.param_groups[0]["lr"]
             st.optimizer.zero_grad(set_to_none=True)
             st.backward(loss)
@@ -513,43 +513,41 @@ class Trainer:
         return loss_value / self.ctx.world, stop > 0
 
     @staticmethod
-    def _diverged(label: str, epoch: int, step: int, value: float, lr: float) -> None:
+    def _diverged(st: "_StageState", epoch: int, step: int, value: float) -> None:
         what = "NaN" if math.isnan(value) else "infinite"
         raise TrainingFailed(
-            f"Training stopped: the loss became {what} in {label}, epoch {epoch + 1}, step {step}; "
-            f"try a lower learning rate (lr is {lr:g})."
+            f"Training stopped: the loss became {what} in {st.label}, epoch {epoch + 1}, step {step}; "
+            f"try a lower learning rate (lr is {st.stage.lr:g})."
         )
 
     def _after_step(self, st: "_StageState", epoch: int, loss: float | torch.Tensor, lr: float,
                     images: int) -> None:
         self.progress.advance(images, st.step)
         st.compiling = False
-        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time(),
-                               "global_step": self.progress.done_steps, "label": st.label, "stage_lr": st.stage.lr})
+        self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time()})
         st.last_lr = lr
-        self._flush_steps(st.index, epoch + 1)
+        self._flush_steps(st, epoch + 1)
         self.display.step(self.progress)
 
-    def _flush_steps(self, stage: int, epoch: int, force: bool = False) -> None:
+    def _flush_steps(self, st: "_StageState", epoch: int, force: bool = False) -> None:
         """Write the buffered step rows (every ``STEP_FLUSH_S`` or when forced): the steps' losses come to the
         host here, in one transfer, and a non-finite one fails the run with its step."""
         if not self.step_rows or not (force or time.monotonic() - self.last_flush > STEP_FLUSH_S):
             return
         rows, self.step_rows = self.step_rows, []
         self.last_flush = time.monotonic()
-        losses = host_floats([r["train_loss"] for r in rows])
-        for row, value in zip(rows, losses):
+        for row, value in zip(rows, host_floats([r["train_loss"] for r in rows])):
             row["train_loss"] = value
             if not math.isfinite(value):
-                self._diverged(row["label"], epoch - 1, row["step"], value, row["stage_lr"])
-        extra = [(r.pop("global_step"), r.pop("label"), r.pop("stage_lr")) for r in rows]
-        self.store.log_steps(self.run_name, stage, epoch, rows)
-        for row, (global_step, _, _) in zip(rows, extra):
-            self.tb.step(global_step, row["train_loss"], row["lr"])
-        self.display.step_loss(losses[-1])
+                self._diverged(st, epoch - 1, row["step"], value)
+        self.store.log_steps(self.run_name, st.index, epoch, rows)
+        earlier = self.progress.done_steps - st.step  # the pipeline's steps before this stage
+        for row in rows:
+            self.tb.step(earlier + row["step"], row["train_loss"], row["lr"])
+        self.display.step_loss(rows[-1]["train_loss"])
 
     def _save_stop(self, st: "_StageState", epoch: int, batch_index: int) -> None:
-        self._flush_steps(st.index, epoch + 1, force=True)
+        self._flush_steps(st, epoch + 1, force=True)
         if self.ctx.is_main:
             self._save(st, "last", epoch, batch_index, {"best_val_acc": st.best})
         ddp.barrier(self.ctx)
