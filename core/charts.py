@@ -13,8 +13,6 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.evaluation import per_class_f1, per_class_precision
-
 METRIC_LABELS = {
     "train_loss": "train loss",
     "val_loss": "validation loss",
@@ -170,6 +168,8 @@ def per_class_frame(result: Mapping[str, Any]) -> pd.DataFrame:
     unknown; results stored before precision was recorded get it from their confusion matrix)."""
     classes = list(result["classes"])
     train = result.get("train_counts")
+    from core.evaluation import per_class_f1, per_class_precision  # here: core.evaluation imports torch
+
     precision = result.get("precision") or per_class_precision(result["confusion"])
     f1 = result.get("f1") or per_class_f1(precision, result["per_class_acc"])
 

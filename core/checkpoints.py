@@ -41,6 +41,7 @@ class CheckpointInfo:
     stage_name: str | None = None
     run_name: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    ood: dict[str, Any] | None = None  # out-of-distribution thresholds (core.ood), absent in older checkpoints
 
     @property
     def num_classes(self) -> int:
@@ -170,6 +171,7 @@ def checkpoint_info(path: str | os.PathLike[str], data: dict[str, Any] | None = 
         path=Path(path), arch=data["arch"], class_names=list(data["class_names"]),
         preprocessing=Preprocessing.from_dict(data["preprocessing"]), epoch=data.get("epoch"),
         stage_name=data.get("stage_name"), run_name=data.get("run_name"), metrics=dict(data.get("metrics") or {}),
+        ood=data.get("ood") or None,
     )
 
 

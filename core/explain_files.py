@@ -29,8 +29,8 @@ def file_part(text: str) -> str:
 
 
 def map_name(image: str, layer: str, method: str, class_name: str, ext: str = "png") -> str:
-    """``<image stem>_<layer>_<method>_<class>.<ext>``."""
-    return "_".join(file_part(p) for p in (Path(image).stem, layer, method, class_name)) + f".{ext}"
+    """``<image stem>_<layer>_<method>_<class>.<ext>``; ``image`` is already a stem (``unique_stems``)."""
+    return "_".join(file_part(p) for p in (image, layer, method, class_name)) + f".{ext}"
 
 
 def unique_stems(names: Sequence[str]) -> list[str]:

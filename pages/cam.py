@@ -81,14 +81,7 @@ def _logits(version: tuple[str, int, int], key: str, _data: bytes, name: str) ->
 
 def ood_stats(checkpoint: Path) -> dict:
     """The checkpoint's out-of-distribution thresholds (core.ood), or {} when it has none."""
-    return _ood_stats(common.file_version(checkpoint))
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _ood_stats(version: tuple[str, int, int]) -> dict:
-    from core.checkpoints import load_checkpoint
-
-    return dict(load_checkpoint(version[0]).get("ood") or {})
+    return dict(common.load_model(checkpoint)[1].ood or {})
 
 
 def maps(checkpoint: Path, data: bytes, name: str, layers: tuple[str, ...], method: str, target: int,

@@ -175,3 +175,10 @@ def test_cli_unknown_layer_lists_the_valid_ones(checkpoint, inputs, tmp_path):
     done = _cli(str(checkpoint), str(inputs["dog"]), "--layer", "layer5", "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "no layer 'layer5'" in done.stderr and "layer3.1.bn2" in done.stderr and "gradcam(" not in done.stderr
+
+
+def test_images_whose_names_differ_after_a_dot_get_their_own_files():
+    from core.explain_files import map_name, unique_stems
+
+    stems = unique_stems(["x/a.v1.jpg", "y/a.v2.jpg"])
+    assert len({map_name(s, "layer4", "gradcam", "cat") for s in stems}) == 2

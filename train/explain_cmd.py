@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write class-activation overlays and predictions for images under a checkpoint's model."""
-    from core.checkpoints import load_checkpoint, load_model
+    from core.checkpoints import load_model
     from train.distributed import pick_device
 
     if not 0 <= args.opacity <= 1:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         _explain_batch(model, info, pictures[start : start + BATCH], layers, args)
     scales = shared_scales((layer, p.maps[layer]) for p in pictures for layer in layers) if args.scale == "shared" \
         else {}
-    stats = load_checkpoint(args.checkpoint).get("ood")
+    stats = info.ood
     top_k = min(max(1, args.top_k), len(info.class_names))
     records = [_write(p, layers, scales, stats, info, top_k, args, out) for p in pictures]
     _merge_predictions(out, records, failures)

@@ -45,7 +45,7 @@ def _check_packages(fmt: str) -> None:
                           f"pip install {' '.join(missing)}.")
 
 
-def model_description(info: Any, data: dict[str, Any], fmt: str) -> dict[str, Any]:
+def model_description(info: Any, fmt: str) -> dict[str, Any]:
     """What model.json says: how to feed the model and how to read its output."""
     pre = info.preprocessing
     return {
@@ -60,13 +60,13 @@ def model_description(info: Any, data: dict[str, Any], fmt: str) -> dict[str, An
         "output": {"name": "logits", "shape": ["batch", info.num_classes], "softmax": "not applied"},
         "source": {"checkpoint": str(info.path), "run": info.run_name, "stage": info.stage_name,
                    "epoch": info.epoch, "metrics": info.metrics},
-        "ood": data.get("ood") or None,
+        "ood": info.ood,
     }
 
 
 def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str]) -> Path:
     """Export the checkpoint's model as ``fmt`` into ``out``; returns the model file's path."""
-    from core.checkpoints import load_checkpoint, load_model
+    from core.checkpoints import load_model
 
     if fmt not in FORMATS:
         raise ExportError(f"Unknown format '{fmt}'; choose one of {', '.join(FORMATS)}.")
@@ -82,7 +82,7 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice, the ONNX exporter's chatter
         _write(model.eval(), example, fmt, target)
-    description = model_description(info, load_checkpoint(checkpoint), fmt)
+    description = model_description(info, fmt)
     (folder / "model.json").write_text(json.dumps(description, indent=2))
     (folder / "predict.py").write_text((TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text())
     return target
