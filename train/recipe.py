@@ -3,10 +3,11 @@
 Both come from the libraries (``torchvision.transforms.v2.MixUp``/``CutMix`` on whole batches,
 ``torch.optim.swa_utils.AveragedModel``); what is ours is only the EMA's warm-up: the decay grows as
 ``(1 + n) / (10 + n)`` up to the configured value, so a short run's average is not dominated by its random
-start. The decay is computed on the device from the average's own counter: no host sync per step.
+start. The counter is read on the host (it lives there) and the decay passed as a number: no host sync per step.
 """
 from __future__ import annotations
 
+from itertools import chain
 from typing import Callable
 
 import torch
@@ -28,21 +29,34 @@ def batch_mixer(stage: StageConfig, num_classes: int) -> Mixer | None:
     return {"mixup": mixup, "cutmix": cutmix, "both": v2.RandomChoice([mixup, cutmix])}[stage.mix]
 
 
-def _warmup_ema(decay: float) -> Callable[[list[torch.Tensor], list[torch.Tensor], torch.Tensor], None]:
+class WarmedUpEMA(AveragedModel):
+    """``AveragedModel`` whose decay grows as ``(1 + n) / (10 + n)`` up to ``decay``. Its counter ``n_averaged``
+    stays on the CPU and is read there, and the decay reaches the device as a Python number, so an update never
+    waits for the device (``AveragedModel.update_parameters`` copies the counter to the device every call)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
+
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-        if not torch.is_floating_point(averaged[0]):  # BatchNorm's batch counters: follow the model
-            torch._foreach_copy_(averaged, current)
-            return
-        n = n.to(averaged[0].dtype)
-        keep = torch.clamp((1 + n) / (10 + n), max=decay)
-        torch._foreach_lerp_(averaged, current, 1 - keep)
+    def update_parameters(self, model: nn.Module) -> None:
+        pairs = list(zip(chain(self.module.parameters(), self.module.buffers()),
+                         chain(model.parameters(), model.buffers())))
+        floats = [(a, c.detach()) for a, c in pairs if a.is_floating_point()]
+        counters = [(a, c.detach()) for a, c in pairs if not a.is_floating_point()]  # BatchNorm's batch counts
+        n = int(self.n_averaged)
+        if n == 0:
+            floats, counters = [], floats + counters  # the first update copies the model
+        if floats:
+            keep = min((1 + n) / (10 + n), self.decay)
+            torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1 - keep)
+        if counters:
+            torch._foreach_copy_([a for a, _ in counters], [c for _, c in counters])
+        self.n_averaged += 1
 
-    return update
 
-
-def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+def weight_average(model: nn.Module, decay: float) -> WarmedUpEMA | None:
     """An EMA of ``model``'s parameters and buffers with decay ``decay`` (warmed up), or None when 0."""
     if decay <= 0:
         return None
-    return AveragedModel(model, multi_avg_fn=_warmup_ema(decay), use_buffers=True)
+    return WarmedUpEMA(model, decay)
