@@ -51,11 +51,7 @@ if ! python bench/train_throughput.py --device "$DEVICE" --root "$ROOT" --compil
 fi
 
 echo
-if python bench/gradcam.py --help 2>/dev/null | grep -q -- "--batch-sizes"; then
-  GRADCAM=(--device "$DEVICE" --batch-sizes 1,16 "${GRADCAM[@]}")
-elif python bench/gradcam.py --help 2>/dev/null | grep -q -- "--device"; then
-  GRADCAM=(--device "$DEVICE" "${GRADCAM[@]}")
-fi
+GRADCAM=(--device "$DEVICE" "${GRADCAM[@]}")  # batches 1 and 16 are bench/gradcam.py's default
 echo "### Grad-CAM (bench/gradcam.py ${GRADCAM[*]})"
 echo
 echo '```'

@@ -454,8 +454,8 @@ class Trainer:
     # -- one epoch
     def _run_epoch(self, st: "_StageState", epoch: int, skip_batches: int) -> None:
         prefixes = trainable_prefixes(st.stage.train_layers, head_only=epoch < st.stage.freeze_epochs)
-        train_model = st.wrapped(prefixes, self.ctx, self.compile)
-        if st.compiling:
+        train_model, fresh = st.wrapped(prefixes, self.ctx, self.compile)
+        if fresh and self.compile:  # torch.compile builds its kernels at the first step (Progress.advance clears it)
             self.progress.phase = "compiling"
             self.display.message(f"{st.label}: compiling the model (torch.compile); the first steps take longer")
         st.sampler.set_epoch(epoch, start=skip_batches * st.stage.batch_size)
@@ -523,7 +523,6 @@ class Trainer:
     def _after_step(self, st: "_StageState", epoch: int, loss: float | torch.Tensor, lr: float,
                     images: int) -> None:
         self.progress.advance(images, st.step)
-        st.compiling = False
         self.step_rows.append({"step": st.step, "train_loss": loss, "lr": lr, "time": time.time()})
         st.last_lr = lr
         self._flush_steps(st, epoch + 1)
@@ -662,7 +661,6 @@ class _StageState:
     ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution thresholds (core.ood) of the epoch
     mixer: Mixer | None = None
     ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when stage.ema > 0
-    compiling: bool = False  # a freshly compiled module has not run its first step yet
     val_batches: DeviceBatches | None = None  # validation on the device path, built at the first epoch's end
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
@@ -723,17 +721,19 @@ class _StageState:
             if name in self._restored:
                 obj.load_state_dict(self._restored.pop(name))
 
-    def wrapped(self, prefixes: tuple[str, ...] | None, ctx: ddp.Dist, compile_model: bool) -> nn.Module:
-        """The module to train this epoch: frozen layers set, wrapped in DDP/compiled when asked."""
+    def wrapped(self, prefixes: tuple[str, ...] | None, ctx: ddp.Dist,
+                compile_model: bool) -> tuple[nn.Module, bool]:
+        """(the module to train this epoch: frozen layers set, wrapped in DDP/compiled when asked; whether it
+        was built anew)."""
         set_trainable(self.model, prefixes)
-        if self._wrapped is None or prefixes != self._prefixes:
+        fresh = self._wrapped is None or prefixes != self._prefixes
+        if fresh:
             module: nn.Module = self.model
             if ctx.enabled:
                 module = DistributedDataParallel(module, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
             self._wrapped = torch.compile(module) if compile_model else module
             self._prefixes = prefixes
-            self.compiling = compile_model  # compiled at its first step
-        return self._wrapped
+        return self._wrapped, fresh
 
     @property
     def evaluated(self) -> nn.Module:

@@ -49,7 +49,7 @@ class TensorBoardLog:
         if self.writer is None:
             return
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and value is not None:
+            if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, epoch)
         if confusion is not None:
             self.writer.add_image(f"confusion/{stage}", confusion_image(confusion), epoch, dataformats="HWC")
