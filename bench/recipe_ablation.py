@@ -20,10 +20,9 @@ Runs are trained exactly as a user would (``python -m train run ... --set``); a 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from core.run_store import RunStore  # noqa: E402
-from study import SCALES, Outcome, summarize  # noqa: E402
+from study import SCALES, Outcome, summarize, train_or_reuse  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
@@ -54,27 +53,10 @@ def settings(variant: str, scale: str, epochs: int | None, init: Path) -> dict[s
 
 
 def train_variant(variant: str, args: argparse.Namespace, store: RunStore) -> Outcome:
-    import json
-
-    run = f"ablate-{args.scale}-{variant}"
-    known = {r["name"]: r for r in store.list_runs()}
-    if run in known and known[run]["state"] == "finished":
-        print(f"[{variant}] {run} already finished: reusing it", flush=True)
-        return Outcome(variant, run)
-    command = [sys.executable, "-m", "train", "run", "train/configs/caltech101-scratch.yaml", "--run-name", run,
-               "--data-root", str(args.data_root)]
-    if run in known:
-        command = [sys.executable, "-m", "train", "resume", run]
-    else:
-        for key, value in settings(variant, args.scale, args.epochs, args.init).items():
-            command += ["--set", f"stages.caltech101.{key}={json.dumps(value)}"]
-    print(f"[{variant}] {' '.join(command[1:])}", flush=True)
-    start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env={**os.environ, "RESLENS_HOME": str(args.home)})
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        return Outcome(variant, run, skipped=f"failed (exit {done.returncode})", wall_s=wall)
-    return Outcome(variant, run, wall_s=wall)
+    sets = [x for key, value in settings(variant, args.scale, args.epochs, args.init).items()
+            for x in ("--set", f"stages.caltech101.{key}={json.dumps(value)}")]
+    run_args = ["train/configs/caltech101-scratch.yaml", "--data-root", str(args.data_root), *sets]
+    return train_or_reuse(variant, f"ablate-{args.scale}-{variant}", run_args, args, store)
 
 
 def flip_figures(run: str, args: argparse.Namespace) -> tuple[float, float, float, float]:

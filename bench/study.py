@@ -95,19 +95,22 @@ def run_pipeline(key: str, scale: str, args: argparse.Namespace, store: RunStore
     if reason:
         print(f"[{key}] skipped: {reason}", flush=True)
         return Outcome(key, None, skipped=reason)
+    names = _stage_names(config)  # overrides only for the stages this pipeline has
+    sets = [x for o in overrides(scale) if o.split(".")[1] in names for x in ("--set", o)]
+    run_args = [f"train/configs/{config}", "--data-root", str(args.data_root), *sets]
+    return train_or_reuse(key, run, run_args + (["--device", args.device] if args.device else []), args, store)
+
+
+def train_or_reuse(key: str, run: str, run_args: list[str], args: argparse.Namespace, store: RunStore) -> Outcome:
+    """``python -m train run RUN_ARGS --run-name RUN`` as a user would; an interrupted run is resumed, a finished
+    one reused (``args.fresh``: trained again)."""
+    fresh = getattr(args, "fresh", False)
     known = {r["name"]: r for r in store.list_runs()}
-    if run in known and known[run]["state"] == "finished" and not args.fresh:
+    if run in known and known[run]["state"] == "finished" and not fresh:
         print(f"[{key}] {run} already finished: reusing it", flush=True)
         return Outcome(key, run)
-    command = [sys.executable, "-m", "train", "resume" if run in known and not args.fresh else "run"]
-    if command[-1] == "resume":
-        command.append(run)
-    else:
-        names = _stage_names(config)  # overrides only for the stages this pipeline has
-        sets = [x for o in overrides(scale) if o.split(".")[1] in names for x in ("--set", o)]
-        command += [f"train/configs/{config}", "--run-name", run, "--data-root", str(args.data_root), *sets]
-    if args.device and command[3] == "run":
-        command += ["--device", args.device]
+    verb = ["resume", run] if run in known and not fresh else ["run", *run_args, "--run-name", run]
+    command = [sys.executable, "-m", "train", *verb]
     print(f"[{key}] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
     done = subprocess.run(command, cwd=REPO, env=_env(args))
@@ -126,7 +129,7 @@ def _stage_names(config: str) -> set[str]:
 
 def _env(args: argparse.Namespace) -> dict[str, str]:
     env = {**os.environ, "RESLENS_HOME": str(args.home)}
-    if args.threads:
+    if getattr(args, "threads", None):
         env["OMP_NUM_THREADS"] = str(args.threads)
     return env
 
