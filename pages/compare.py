@@ -103,6 +103,13 @@ def curves_view(comparison: Comparison) -> None:
         col.plotly_chart(fig, width="stretch")
 
 
+@st.cache_data(show_spinner="Comparing...", max_entries=16)
+def comparison_of(names: tuple[str, ...], stage: int | None, updated: tuple[Any, ...]) -> Any:
+    """``compare_runs`` once per choice of runs and stage; ``updated`` (the runs' last change) keys the cache,
+    so the page's toggles and sliders do not query the store again."""
+    return compare_runs(common.store(), list(names), stage)
+
+
 def body() -> None:
     st.title("Compare")
     runs = common.store().list_runs()
@@ -115,7 +122,8 @@ def body() -> None:
         st.caption("Choose at least two runs.")
         return
     stage = pick_stage([r for r in runs if r["name"] in names])
-    comparison = compare_runs(common.store(), names, stage)
+    updated = tuple(next(r.get("updated") for r in runs if r["name"] == n) for n in names)
+    comparison = comparison_of(tuple(names), stage, updated)
     config_view(comparison)
     stages_view(comparison)
     classes_view(comparison)
