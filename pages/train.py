@@ -82,15 +82,6 @@ def rows_to_config(top: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
     return {**top, "stages": stages_from_rows(frame.to_dict("records"))}
 
 
-def validate(config: dict[str, Any]) -> ConfigError | None:
-    """None when the pipeline is valid (data sets aside: they get a download button), else the error."""
-    try:
-        parse_config(config, base_dir=CONFIG_DIR, check_data=False)
-    except ConfigError as exc:
-        return exc
-    return None
-
-
 def choose_source() -> tuple[str, dict[str, Any]]:
     """(a key for the chosen pipeline, its dict): a shipped one, an empty one, or a YAML file opened here."""
     options = shipped_configs() + [EMPTY, IMAGES, UPLOADED]
@@ -215,16 +206,20 @@ def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
 
 
 def show_problems(config: dict[str, Any], error: ConfigError | None, images: Path | None = None) -> bool:
-    """Show the first config error with its row and column, any data missing where a stage will read it, and
-    the data report of every image folder a stage uses (``images`` has its own above); True if all is well."""
-    if error is not None:
+    """Show the first config error (the table's ``error``, else validation's) with its row and column, any data
+    missing where a stage will read it (data sets get a download button), and the data report of every image
+    folder a stage uses (``images`` has its own above); True if all is well."""
+    try:
+        if error is not None:
+            raise error
+        pipeline = parse_config(config, base_dir=CONFIG_DIR, check_data=False)
+    except ConfigError as exc:
         where = ""
-        if error.stage is not None:
-            where = f"Row {error.stage + 1}" + (f", column **{column_label(error.field)}**" if error.field else "")
+        if exc.stage is not None:
+            where = f"Row {exc.stage + 1}" + (f", column **{column_label(exc.field)}**" if exc.field else "")
             where += ": "
-        st.error(f"{where}{error}", icon=":material/error:")
+        st.error(f"{where}{exc}", icon=":material/error:")
         return False
-    pipeline = parse_config(config, base_dir=CONFIG_DIR, check_data=False)
     missing = missing_data(pipeline)
     for name, root, folder in missing:
         if folder != images:  # a chosen image folder that is missing already says so above
@@ -496,7 +491,7 @@ def body() -> None:
     config, error = pipeline_editor()
     images = images_section(config)
     config = with_roots(config, images)
-    ready = show_problems(config, error or validate(config), images)
+    ready = show_problems(config, error, images)
     if ready:
         st.success(f"The pipeline is valid: {len(config['stages'])} stage(s).", icon=":material/check:")
     with st.expander("The pipeline as YAML"):
