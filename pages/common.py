@@ -5,6 +5,7 @@ NAVIGATION). Logic worth testing lives in core/.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from datetime import datetime
 from collections.abc import Callable, Iterator
@@ -160,9 +161,13 @@ def file_version(path: Path) -> tuple[str, int, int]:
 def folder_version(path: Path) -> tuple[str, int, int]:
     """A cache key that changes when the folder or a sub-folder up to two levels down gains or loses an entry
     (class folders lie one level down, or two under train/ and val/)."""
+    def folders(parent: Path) -> list[Path]:  # scandir knows an entry's kind without a stat per image file
+        with os.scandir(parent) as entries:
+            return [Path(e.path) for e in entries if e.is_dir()]
+
     try:
-        levels = [path] + [p for p in path.iterdir() if p.is_dir()]
-        levels += [q for p in levels[1:] for q in p.iterdir() if q.is_dir()]
+        levels = [path, *folders(path)]
+        levels += [q for p in levels[1:] for q in folders(p)]
         stamps = [p.stat().st_mtime_ns for p in levels]
     except OSError:
         return str(path), -1, 0
