@@ -144,11 +144,10 @@ def color_jitter(batch: torch.Tensor, jitter: Jitter) -> torch.Tensor:
     for position in range(3):
         which = order[:, position]
         f = factors[torch.arange(len(x), device=x.device), which]  # (B, 1, 1, 1)
-        brightness = x * f
-        contrast = x * f + (1 - f) * _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-        saturation = x * f + (1 - f) * _gray(x)
         pick = which[:, None, None, None]
-        x = torch.where(pick == 0, brightness, torch.where(pick == 1, contrast, saturation)).clamp(0, 255)
+        gray = _gray(x)  # blend towards black (brightness), mean gray (contrast) or gray (saturation)
+        base = torch.where(pick == 0, 0.0, torch.where(pick == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+        x = (x * f + (1 - f) * base).clamp(0, 255)
     return x
 
 

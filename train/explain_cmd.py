@@ -86,13 +86,18 @@ def run(args: argparse.Namespace) -> int:
     pictures, failures = _read_images(args.images)
     assign_targets(pictures, args.target, info.class_names, args.images)
     out = _output_folder(args.out)
-    for start in range(0, len(pictures), BATCH):
-        _explain_batch(model, info, pictures[start : start + BATCH], layers, args)
-    scales = shared_scales((layer, p.maps[layer]) for p in pictures for layer in layers) if args.scale == "shared" \
-        else {}
-    stats = info.ood
     top_k = min(max(1, args.top_k), len(info.class_names))
-    records = [_write(p, layers, scales, stats, info, top_k, args, out) for p in pictures]
+    records = []
+    for start in range(0, len(pictures), BATCH):
+        batch = pictures[start : start + BATCH]
+        _explain_batch(model, info, batch, layers, args)
+        if args.scale != "shared":  # written now: only a shared scale needs every map first
+            records += [_write(p, layers, {}, info.ood, info, top_k, args, out) for p in batch]
+            for p in batch:
+                p.maps = {}
+    if args.scale == "shared":
+        scales = shared_scales((layer, p.maps[layer]) for p in pictures for layer in layers)
+        records = [_write(p, layers, scales, info.ood, info, top_k, args, out) for p in pictures]
     _merge_predictions(out, records, failures)
     print(f"wrote {len(records) * len(layers)} overlay(s) and the predictions to {out}")
     if failures:
