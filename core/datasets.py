@@ -453,7 +453,7 @@ def _tiny_listing(root: Path, split: str) -> Listing:
 # ---------------------------------------------------------------- image folders (your own images)
 
 
-def _skipped_folder(name: str) -> bool:
+def skipped_folder(name: str) -> bool:
     """Hidden folders and macOS's zip resource forks are never classes nor searched for images."""
     return name.startswith(".") or name == "__MACOSX"
 
@@ -462,14 +462,14 @@ def _images_under(folder: Path) -> list[Path]:
     """Image files in ``folder`` and its sub-folders (hidden files and folders skipped), sorted."""
     found: list[Path] = []
     for here, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not _skipped_folder(d)]
+        dirs[:] = [d for d in dirs if not skipped_folder(d)]
         found += [Path(here) / n for n in names if is_image_name(n)]
     return sorted(found)
 
 
 def _class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
     """(class -> its images, for sub-folders holding images; other sub-folder -> 0), classes sorted."""
-    folders = sorted(p for p in folder.iterdir() if p.is_dir() and not _skipped_folder(p.name))
+    folders = sorted(p for p in folder.iterdir() if p.is_dir() and not skipped_folder(p.name))
     files = {p.name: _images_under(p) for p in folders}
     return {c: f for c, f in files.items() if f}, {c: 0 for c, f in files.items() if not f}
 
@@ -488,7 +488,7 @@ def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
         raise DatasetError(f"{root / 'val' / strays[0]} is not a class: there is no {root / 'train' / strays[0]} "
                            "with images.")
     others = {p.name: len(_images_under(p)) for p in sorted(root.iterdir())
-              if p.is_dir() and p.name not in ("train", "val") and not _skipped_folder(p.name)}
+              if p.is_dir() and p.name not in ("train", "val") and not skipped_folder(p.name)}
     files = {c: found.get(c, []) for c in classes}
     note = f"Split: the train/ and val/ folders of {root}."
     return Listing(classes, files, excluded={**empty, **others}, notes=[note])

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Union
 
 from core import paths
+from core.datasets import skipped_folder
 from core.errors import UserError
 from core.images import MAX_FILE_BYTES, ImageError, is_image_name, read_header
 
@@ -158,7 +159,7 @@ def _member_path(info: zipfile.ZipInfo, name: str) -> str:
 
 def _hidden(relative: str) -> bool:
     """A hidden file or one in a hidden folder or macOS's ``__MACOSX`` resource forks."""
-    return any(p.startswith(".") or p == "__MACOSX" for p in relative.split("/"))
+    return any(skipped_folder(p) for p in relative.split("/"))
 
 
 def _check_declared(info: zipfile.ZipInfo, name: str, limits: ZipLimits) -> None:
@@ -220,7 +221,7 @@ def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, 
 
 
 def _visible_dirs(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX"]
+    return [p for p in folder.iterdir() if p.is_dir() and not skipped_folder(p.name)]
 
 
 def _dataset_folder(work: Path) -> Path:
