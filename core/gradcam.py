@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.devices import to_device
 from core.errors import UserError
 
 METHODS: tuple[str, ...] = ("gradcam", "raw", "counterfactual", "gradcam++", "layercam", "eigencam")
@@ -221,12 +222,10 @@ def _module_tree(module: nn.Module, found: list[nn.Module] | None = None) -> lis
 
 def _layer(model: nn.Module, name: str) -> nn.Module | None:
     """The submodule at the dotted ``name`` (as ``named_modules()`` spells it), or None."""
-    module: nn.Module | None = model
-    for part in name.split("."):
-        module = module._modules.get(part)
-        if module is None:
-            return None
-    return module
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 @contextmanager
@@ -371,7 +370,7 @@ def _resolve_targets(logits: Tensor, targets: int | Sequence[int] | Tensor | Non
             raise GradCAMError(f"top_k must be between 1 and {classes}, the number of classes.")
         return logits.detach().topk(top_k, dim=1).indices, None
     if isinstance(targets, Tensor):
-        chosen = _per_image(_on_device(targets.long(), logits.device), batch)
+        chosen = _per_image(to_device(targets.long(), logits.device), batch)
         return chosen, (chosen >= 0) & (chosen < classes)
     try:
         array = np.asarray(targets, dtype=np.int64)
@@ -380,7 +379,7 @@ def _resolve_targets(logits: Tensor, targets: int | Sequence[int] | Tensor | Non
             from error
     if array.size and (array.min() < 0 or array.max() >= classes):
         raise GradCAMError(f"Target classes must be between 0 and {classes - 1}.")
-    return _per_image(_on_device(torch.from_numpy(array), logits.device), batch), None
+    return _per_image(to_device(torch.from_numpy(array), logits.device), batch), None
 
 
 def _per_image(chosen: Tensor, batch: int) -> Tensor:
@@ -392,15 +391,6 @@ def _per_image(chosen: Tensor, batch: int) -> Tensor:
     if chosen.dim() != 2 or chosen.shape[0] != batch:
         raise GradCAMError(f"Give one target class per image ({batch} images), or several per image as [B, K].")
     return chosen
-
-
-def _on_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """``tensor`` on ``device`` without a synchronising copy (host memory is pinned first for CUDA)."""
-    if tensor.device == device:
-        return tensor
-    if tensor.device.type == "cpu" and device.type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def _blanked(maps: Tensor, valid: Tensor | None) -> Tensor:

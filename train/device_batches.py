@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
+from core.devices import to_device
 from train.image_cache import CachedImages
 
 RESIZED_SCALE = (0.25, 1.0)  # image_cache.augmentation("strong")'s RandomResizedCrop
@@ -47,14 +48,6 @@ class Boxes:
     height: torch.Tensor
     width: torch.Tensor
     flip: torch.Tensor
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor copied to ``device`` without waiting for the GPU (pinned first: a copy from pageable
-    memory can make the host wait for the stream)."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _flips(n: int, g: torch.Generator) -> torch.Tensor:
