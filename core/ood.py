@@ -58,6 +58,10 @@ class Assessment:
     level: str  # "in", "borderline", "out" or "unknown" (no thresholds stored)
     sentence: str
 
+    def record(self) -> dict[str, Any]:
+        """What a prediction record (predictions.json, the export zip) keeps of it."""
+        return {"level": self.level, "msp": self.msp, "energy": self.energy, "sentence": self.sentence}
+
 
 def _percentile(value: float, quantiles: list[float]) -> float:
     """Share (0-100) of validation images whose score is below ``value``, from the stored quantiles."""

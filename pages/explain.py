@@ -174,8 +174,7 @@ def explain_one(index: int, stem: str, checkpoint: Path, picked: Picked, class_n
                     options["smoothing"])
     record = prediction_record(picked.name, probs, class_names, target, 5, method=options["method"],
                                layers=list(options["layers"]), smoothing=list(options["smoothing"]),
-                               scale=options["scale"], ood={"level": verdict.level, "msp": verdict.msp,
-                                                            "energy": verdict.energy, "sentence": verdict.sentence})
+                               scale=options["scale"], ood=verdict.record())
     return Card(picked, stem, image, cells, maps, class_names[target], record)
 
 

@@ -217,8 +217,7 @@ def _write(picture: Picture, layers: list[str], scales: dict[Any, float], stats:
         str(picture.path), probabilities / probabilities.sum(), info.class_names, picture.explained, top_k,
         size=list(picture.image.size), method=args.method, layers=layers, overlays=files,
         smoothing=[s for s, on in (("aug", args.aug_smooth), ("eigen", args.eigen_smooth)) if on],
-        scale=args.scale, ood={"level": verdict.level, "msp": verdict.msp, "energy": verdict.energy,
-                               "sentence": verdict.sentence})
+        scale=args.scale, ood=verdict.record())
     ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in record["predictions"])
     print(f"{record['image']}: {ranked} -> {', '.join(files.values())} (explaining {class_name})")
     if verdict.level in ("out", "borderline"):
