@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,10 @@ class Preprocessing:
     def for_size(cls, image_size: int, crop_ratio: float = 0.875) -> "Preprocessing":
         """The usual evaluation recipe: resize to image_size / crop_ratio, then centre-crop image_size."""
         return cls(image_size=image_size, resize=int(round(image_size / crop_ratio)))
+
+    def at_size(self, image_size: int) -> "Preprocessing":
+        """The same recipe (normalisation, crop ratio 0.875) at another input size: test at a higher resolution."""
+        return replace(self, image_size=image_size, resize=Preprocessing.for_size(image_size).resize)
 
     def eval_transform(self) -> transforms.Compose:
         return transforms.Compose([

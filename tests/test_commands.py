@@ -63,6 +63,28 @@ def test_eval_prints_and_stores_per_class_results(finished, capsys):
     assert sum(evaluation["data"]["val_counts"]) == 6
 
 
+def test_eval_at_another_test_resolution_feeds_images_of_that_size(finished, capsys, monkeypatch):
+    from core import evaluation
+
+    shapes = []
+    predict = evaluation.predict
+
+    def recording(model, batches, *args, **kwargs):
+        shapes.extend(tuple(images.shape[-2:]) for images, _ in batches)
+        return predict(model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict", recording)
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    assert main(["eval", str(best)]) == 0
+    trained = shapes[0]
+    shapes.clear()
+    assert main(["eval", str(best), "--image-size", "40"]) == 0
+    assert trained != (40, 40) and set(shapes) == {(40, 40)}
+    assert "at 40 px" in capsys.readouterr().out
+    assert main(["eval", str(best), "--image-size", "8"]) == 2
+    assert "--image-size must be between 16 and 1024" in capsys.readouterr().err
+
+
 def test_eval_refuses_a_data_set_with_other_classes(finished, tmp_path, capsys):
     other = make_caltech101(tmp_path / "other", {"x": 3, "y": 3})
     best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"

@@ -67,6 +67,13 @@ def test_preprocessing_round_trip_and_transform():
     assert x[0].mean().item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-4)
 
 
+def test_preprocessing_at_another_size_keeps_the_normalisation():
+    pre = Preprocessing(image_size=64, resize=73, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    larger = pre.at_size(80)
+    assert (larger.image_size, larger.resize) == (80, 91)
+    assert (larger.mean, larger.std) == (pre.mean, pre.std)
+
+
 def test_crop_box_matches_resize_and_center_crop():
     pre = Preprocessing(image_size=224, resize=256)
     x0, y0, x1, y1 = pre.crop_box(512, 256)  # short side 256 -> scale 1, crop 224 centred

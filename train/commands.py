@@ -232,6 +232,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=10, help="how many confused pairs to print")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time flips: average each image's logits with its mirror's (default: the stage's tta)")
+    p.add_argument("--image-size", type=int,
+                   help="test resolution in pixels (default: the one it was trained at); larger often helps after "
+                        "random-resized-crop training")
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -241,11 +244,14 @@ def evaluate(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.image_size is not None and not 16 <= args.image_size <= 1024:
+        raise UserError(f"--image-size must be between 16 and 1024 pixels, got {args.image_size}.")
     found = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.device,
-                                args.batch_size, store=RunStore(), flip=args.tta)
+                                args.batch_size, store=RunStore(), flip=args.tta, image_size=args.image_size)
     r = found.result
     top5 = f", top-5 accuracy {r['top5_acc']:.4f}" if r.get("top5_acc") is not None else ""
-    print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images): "
+    size = f", at {args.image_size} px" if args.image_size else ""
+    print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images{size}): "
           f"accuracy {r['accuracy']:.4f}, balanced accuracy {r['balanced_acc']:.4f}{top5} [evaluation {found.id}]")
     print(f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'RECALL':>6} {'PRECIS':>6} {'F1':>6}")
     order = sorted(range(len(r["classes"])), key=lambda i: (r["per_class_acc"][i] is None, r["per_class_acc"][i]))

@@ -841,10 +841,12 @@ class Evaluation:
 
 def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
                         split: str = "val", device: str | None = None, batch_size: int = 64,
-                        store: RunStore | None = None, flip: bool | None = None) -> Evaluation:
+                        store: RunStore | None = None, flip: bool | None = None,
+                        image_size: int | None = None) -> Evaluation:
     """Per-class evaluation of any checkpoint on a split; stored in ``store`` when given.
 
     ``flip``: test-time flips (logits of each image and its mirror averaged); default: the stage's ``tta``.
+    ``image_size``: the test resolution (resize to image_size / 0.875, centre-crop); default: the checkpoint's.
 
     The data set (and its root and options) defaults to the one the checkpoint was trained on;
     its classes must match the checkpoint's, or a ``CheckpointError`` says so.
@@ -862,6 +864,8 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     options = dict(trained.get("options") or {}) if same else {}
     root = root or (trained.get("root") if same else None)
     pre = info.preprocessing
+    if image_size is not None:
+        pre = pre.at_size(image_size)
     cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size))
     classes = list(getattr(labeled, "class_labels", None) or labeled.classes)
     check_compatible(info, class_names=classes)
