@@ -10,8 +10,9 @@ Each variant is the study's final Caltech-101 stage (``train/configs/caltech101-
 - ``no-ls``: no label smoothing;
 - ``lr-x2``: twice the learning rate.
 
-Test-time flips (``tta``) need no training: each finished variant's ``best.pt`` (the weights it validated best,
-the averaged ones for ``ema``) is evaluated on the validation split without and with flips in this run.
+Test-time flips (``tta``) and the test resolution need no training: each finished variant's ``best.pt`` (the
+weights it validated best, the averaged ones for ``ema``) is evaluated on the validation split without and with
+flips in this run, and with ``--test-sizes`` also at other test resolutions (with flips), in a second table.
 
 Runs are trained exactly as a user would (``python -m train run ... --set``); a finished run is reused.
 
@@ -59,16 +60,25 @@ def train_variant(variant: str, args: argparse.Namespace, store: RunStore) -> Ou
     return train_or_reuse(variant, f"ablate-{args.scale}-{variant}", run_args, args, store)
 
 
-def flip_figures(run: str, args: argparse.Namespace) -> tuple[float, float, float, float]:
-    """(acc, balanced) of the run's best.pt on the validation split without, then with, test-time flips."""
+def figures(run: str, args: argparse.Namespace, flip: bool, image_size: int | None = None) -> tuple[float, float]:
+    """(acc, balanced) of the run's best.pt on the validation split (``image_size``: the test resolution)."""
     from train.engine import evaluate_checkpoint
 
     path = args.home / "runs" / run / "stage1-caltech101" / "best.pt"
-    figures: list[float] = []
-    for flip in (False, True):
-        result = evaluate_checkpoint(path, root=str(args.data_root), flip=flip).result
-        figures += [result["accuracy"], result["balanced_acc"]]
-    return figures[0], figures[1], figures[2], figures[3]
+    result = evaluate_checkpoint(path, root=str(args.data_root), flip=flip, image_size=image_size).result
+    return result["accuracy"], result["balanced_acc"]
+
+
+def size_table(runs: dict[str, str], sizes: list[int], args: argparse.Namespace) -> list[str]:
+    """Accuracy / balanced accuracy (with flips) of each variant's best.pt at each test resolution."""
+    lines = ["", "Test resolution (best.pt, with flips; accuracy / balanced accuracy):", "",
+             "| variant | " + " | ".join(f"{size} px" for size in sizes) + " |",
+             "| --- |" + " --- |" * len(sizes)]
+    for variant, run in runs.items():
+        cells = [figures(run, args, True, size) for size in sizes]
+        lines.append(f"| {variant} | " + " | ".join(f"{a:.1%} / {b:.1%}" for a, b in cells) + " |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main() -> int:
@@ -79,6 +89,7 @@ def main() -> int:
     parser.add_argument("--home", type=Path, default=REPO / "checkpoints" / "study")
     parser.add_argument("--init", type=Path, help="pretrained checkpoint (default: the study's Tiny ImageNet stage)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--test-sizes", default="", help="also test each best.pt at these resolutions, e.g. 64,80,96")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     args.home, args.data_root = args.home.resolve(), args.data_root.resolve()
@@ -92,6 +103,7 @@ def main() -> int:
              "| variant | change | acc (last epoch) | balanced (last epoch) | best.pt acc | best.pt acc, flips | "
              "best.pt balanced | best.pt balanced, flips | stage time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    runs: dict[str, str] = {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         outcome = train_variant(variant, args, store)
         s = summarize(store, outcome)
@@ -99,10 +111,14 @@ def main() -> int:
         if s is None:
             lines.append(f"| {variant} | {change} | {outcome.skipped} | | | | | | |")
             continue
-        acc, balanced, flip_acc, flip_balanced = flip_figures(outcome.run, args)
+        runs[variant] = outcome.run
+        (acc, balanced), (flip_acc, flip_balanced) = (figures(outcome.run, args, flip) for flip in (False, True))
         lines.append(f"| {variant} | {change} | {s['acc']:.1%} | {s['balanced']:.1%} | {acc:.1%} | {flip_acc:.1%} | "
                      f"{balanced:.1%} | {flip_balanced:.1%} | {s['final_stage_s']:.0f} s |")
         print("\n".join(lines), flush=True)
+    sizes = [int(size) for size in args.test_sizes.split(",") if size.strip()]
+    if sizes:
+        lines += size_table(runs, sizes, args)
     report = "\n".join(lines)
     if args.out:
         args.out.write_text(report + "\n")

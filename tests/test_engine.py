@@ -112,6 +112,22 @@ def test_nan_loss_fails_with_advice(tmp_path, monkeypatch):
     assert "loss became NaN" in run["error"] and "lower learning rate" in run["error"]
 
 
+def test_non_finite_validation_outputs_fail_with_advice_before_anything_is_saved(tmp_path, monkeypatch):
+    real_build = engine.build_model
+
+    def broken_in_eval(*args):
+        model = real_build(*args)
+        model.register_forward_hook(lambda m, inputs, out: out if m.training else out * float("nan"))
+        return model
+
+    monkeypatch.setattr(engine, "build_model", broken_in_eval)
+    with pytest.raises(TrainingFailed, match=r"validation loss became NaN in stage 1 \(s1\) after epoch 1; "
+                                             r"try a lower learning rate"):
+        run_tiny(tiny_config(tmp_path, epochs=(1,)))
+    assert RunStore().get_run("tiny")["state"] == "failed"
+    assert not (paths.run_dir("tiny") / "stage1-s1" / "best.pt").exists()
+
+
 def test_sigterm_saves_and_resume_continues_exactly(tmp_path, monkeypatch):
     raw = tiny_config(tmp_path, epochs=(2, 1))
     real_after = Trainer._after_step
@@ -167,9 +183,10 @@ def assert_same_run(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("stop_step, workers, recipe, data_path",
                          [(5, 0, {}, "workers"), (3, 1, {}, "workers"),
                           (5, 0, {"mix": "both", "ema": 0.9, "tta": True}, "workers"), (5, 0, {}, "device"),
-                          (3, 0, {"mix": "both", "ema": 0.9, "tta": True}, "device")],
+                          (3, 0, {"mix": "both", "ema": 0.9, "tta": True}, "device"),
+                          (5, 1, {"train_size_start": 24, "train_size_ramp": 0.5, "image_size": 40}, "workers")],
                          ids=["mid-epoch", "epoch-boundary", "mid-epoch-mix-ema-tta", "mid-epoch-device-path",
-                              "epoch-boundary-device-path-mix-ema-tta"])
+                              "epoch-boundary-device-path-mix-ema-tta", "mid-epoch-resolution-schedule"])
 def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers, recipe, data_path):
     """SIGTERM mid-epoch (after step 5 of 3-step epochs) or during an epoch's last step, then resume in a
     process whose random generators have moved on: the same metrics and weights, bit for bit (also with
@@ -198,7 +215,7 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_st
     assert run_tiny(raw, "cut") == "stopped"
     last = load_checkpoint(paths.run_dir("cut") / "stage1-s1" / "last.pt")
     assert (last["epoch"], last["batches_done"]) == ((1, 2) if stop_step == 5 else (1, 0))
-    assert ("ema" in last["trainer_state"]) == bool(recipe)
+    assert ("ema" in last["trainer_state"]) == ("ema" in recipe)
     monkeypatch.setattr(Trainer, "_after_step", real_after)
     torch.manual_seed(12345), random.seed(12345), np.random.seed(12345)  # a fresh process would differ too
     assert run_tiny(raw, "cut", resume=True) == "finished"

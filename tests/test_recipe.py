@@ -1,4 +1,4 @@
-"""Recipe options: MixUp/CutMix, the EMA of weights (with warm-up) and test-time flips."""
+"""Recipe options: MixUp/CutMix, the EMA of weights (with warm-up), test-time flips and the resolution schedule."""
 from __future__ import annotations
 
 import pytest
@@ -83,3 +83,60 @@ def test_a_stage_with_mixing_ema_and_flips_validates_and_saves_the_average(tmp_p
     floats = [k for k, v in best["model"].items() if v.is_floating_point()]
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in floats) or best["epoch"] != last["epoch"]
     assert best["stage_config"]["ema"] == 0.9 and best["stage_config"]["tta"] is True
+
+
+def test_resolution_schedule_ramps_in_steps_of_8_then_holds_the_image_size():
+    stage = StageConfig(dataset="shapes", epochs=10, image_size=64, train_size_start=48, augment="strong")
+    sizes = [stage.train_size(e) for e in range(10)]
+    assert sizes[0] == 48 and sizes[-3:] == [64, 64, 64]  # 0.75 of 10 epochs to grow, then the full size
+    assert sizes == sorted(sizes) and all(size % 8 == 0 for size in sizes) and len(set(sizes)) == 3
+    assert [StageConfig(dataset="shapes", epochs=4, image_size=40).train_size(e) for e in range(4)] == [40] * 4
+
+
+def test_config_checks_the_resolution_schedule(tmp_path):
+    raw = tiny_config(tmp_path, (1,), augment="strong")
+    for change, message in (({"train_size_start": 48}, r"from 16 to image_size \(32\), got 48"),
+                            ({"train_size_start": 8}, "from 16 to image_size"),
+                            ({"train_size_start": 16, "augment": "light"}, "needs augment: strong"),
+                            ({"train_size_ramp": 0}, "train_size_ramp must be > 0")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**raw, "stages": [{**raw["stages"][0], **change}]})
+
+
+@pytest.mark.parametrize("data_path, workers", [("workers", 1), ("device", 0)])
+def test_a_resolution_schedule_trains_each_epoch_at_its_size_and_validates_at_the_full_size(
+        tmp_path, monkeypatch, data_path, workers):
+    from train import engine
+
+    seen: list[tuple[bool, int]] = []  # (training?, input size) of every forward pass
+    real_build = engine.build_model
+
+    def recording(*args):
+        model = real_build(*args)
+        model.register_forward_pre_hook(lambda m, inputs: seen.append((m.training, inputs[0].shape[-1])))
+        return model
+
+    monkeypatch.setattr(engine, "build_model", recording)
+    raw = tiny_config(tmp_path, (3,), augment="strong", num_workers=workers, train_size_start=24,
+                      train_size_ramp=0.5, image_size=40)
+    raw["data_path"] = data_path
+    assert run_tiny(raw) == "finished"
+    per_epoch = len(seen) // 3
+    trained = [sorted({size for training, size in seen[e * per_epoch:(e + 1) * per_epoch] if training})
+               for e in range(3)]
+    assert trained == [[24], [32], [40]]  # 24 + (40 - 24) * epoch / 1.5, to a multiple of 8
+    assert {size for training, size in seen if not training} == {40}
+
+
+def test_an_older_checkpoint_without_a_newer_stage_key_still_counts_as_this_stage():
+    """A key added to StageConfig since a checkpoint was written changes the stage hash, not the stage."""
+    config = parse_config({"name": "p", "arch": "resnet18", "stages": [{"dataset": "shapes", "lr": 0.05}]})
+    stored = config.stages[0].to_dict()
+    older = {k: v for k, v in stored.items() if k not in ("train_size_start", "train_size_ramp")}
+    checkpoint = {"config_hash": "written-before", "arch": "resnet18", "stage_config": older}
+    assert config.written_for(0, {"config_hash": config.stage_hash(0)})
+    assert config.written_for(0, checkpoint)
+    assert not config.written_for(0, {**checkpoint, "stage_config": {**older, "lr": 0.1}})
+    assert not config.written_for(0, {**checkpoint, "stage_config": {**older, "gone_key": 1}})
+    assert not config.written_for(0, {**checkpoint, "arch": "resnet50"})
+    assert not config.written_for(0, {**checkpoint, "stage_config": {**older, "train_size_start": 32}})

@@ -159,9 +159,29 @@ class StageConfig:
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); validated and saved
     tta: bool = False  # validate on each image and its mirror image (logits averaged)
+    train_size_start: int = 0  # resolution schedule: the first epoch trains at this size, growing to image_size (0: off)
+    train_size_ramp: float = 0.75  # ... over this fraction of the epochs; the rest train at image_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def train_size(self, epoch: int) -> int:
+        """The training image size of ``epoch`` (from 0): ``image_size``, or on a resolution schedule a linear ramp
+        from ``train_size_start`` to ``image_size`` over the first ``train_size_ramp`` of the epochs, rounded to a
+        multiple of 8 (few distinct sizes: each is a new shape for cuDNN and ``torch.compile``). Validation is
+        always at ``image_size``."""
+        if not self.train_size_start:
+            return self.image_size
+        grown = min(1.0, epoch / (self.train_size_ramp * self.epochs))
+        size = 8 * round((self.train_size_start + grown * (self.image_size - self.train_size_start)) / 8)
+        return max(self.train_size_start, min(self.image_size, size))
+
+    def same_as(self, stored: dict[str, Any]) -> bool:
+        """Whether a stage config stored in an older checkpoint describes this stage: every key equal, where a key
+        the older file does not have (added to ResLens since) counts as its default."""
+        now = self.to_dict()
+        return all(stored.get(key, STAGE_DEFAULTS.get(key)) == value for key, value in now.items()) \
+            and set(stored) <= set(now)
 
 
 @dataclass
@@ -192,6 +212,14 @@ class PipelineConfig:
         """A short hash of what makes stage ``index``'s checkpoints compatible (arch + stage config)."""
         text = json.dumps({"arch": self.arch, "stage": self.stages[index].to_dict()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def written_for(self, index: int, checkpoint: dict[str, Any]) -> bool:
+        """Whether ``checkpoint`` was written for stage ``index`` as configured now: the same hash, or (a file
+        from before a stage key was added, whose hash therefore differs) the same arch and stage config."""
+        if checkpoint.get("config_hash") in (None, self.stage_hash(index)):
+            return True
+        stored = checkpoint.get("stage_config")
+        return checkpoint.get("arch") == self.arch and isinstance(stored, dict) and self.stages[index].same_as(stored)
 
 
 STAGE_DEFAULTS = {f.name: f.default for f in fields(StageConfig) if f.name not in ("dataset", "options")}
@@ -326,6 +354,8 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         "patience": (0, True, None, False, True),
         "mix_alpha": (0, False, None, False, False),
         "ema": (0, True, 1, False, False),
+        "train_size_start": (0, True, 1024, True, True),
+        "train_size_ramp": (0, False, 1, True, False),
     }
     for key, (low, low_inc, high, high_inc, integer) in ranges.items():
         value = _number(i, label, key, getattr(s, key), integer)
@@ -340,6 +370,12 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         raise fail("tta", f"tta must be true or false, got {s.tta!r}.")
     if not isinstance(s.train_layers, str) or not _TRAIN_LAYERS.fullmatch(s.train_layers):
         raise fail("train_layers", f"train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
+    if s.train_size_start and not 16 <= s.train_size_start <= s.image_size:
+        raise fail("train_size_start", f"train_size_start must be 0 (off) or from 16 to image_size "
+                                       f"({s.image_size}), got {s.train_size_start}.")
+    if s.train_size_start and s.augment != "strong":
+        raise fail("train_size_start", "train_size_start needs augment: strong (random resized crops, which "
+                                       "show the same content at any size).")
     if s.warmup_epochs > s.epochs:
         raise fail("warmup_epochs", f"warmup_epochs ({s.warmup_epochs}) cannot exceed epochs ({s.epochs}).")
     if not isinstance(s.options, dict):

@@ -356,7 +356,8 @@ class Trainer:
             train = sum(class_counts(s.dataset, s.root, "train", **s.options).values())
             val = sum(class_counts(s.dataset, s.root, "val", **s.options).values())
             steps = s.epochs * steps_per_epoch(-(-train // self.ctx.world), s.batch_size)
-            plan.append(StageWork(steps, s.epochs, float(s.batch_size * s.image_size ** 2), val, train))
+            pixels = sum(s.train_size(e) ** 2 for e in range(s.epochs)) / s.epochs
+            plan.append(StageWork(steps, s.epochs, float(s.batch_size * pixels), val, train))
         return plan
 
     # -- one stage
@@ -376,7 +377,7 @@ class Trainer:
         if checkpoint is not None:
             start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
             expected = {**sampler.state_dict(), "epoch": start_epoch, "start": batches_done * stage.batch_size}
-            problem = resume_mismatch(checkpoint, self.config.stage_hash(index), expected)
+            problem = resume_mismatch(checkpoint, self.config.written_for(index, checkpoint), expected)
             if problem:
                 raise TrainingFailed(f"{label} cannot resume: {problem}; start a new run instead.")
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -389,7 +390,8 @@ class Trainer:
         self.store.truncate_after(self.run_name, index, start_epoch, step=step)
         state = _StageState(index, stage, label, data, model, optimizer, scheduler, sampler, train_loader,
                             per_epoch, step, best, self.channels_last,
-                            mixer=batch_mixer(stage, len(data.classes)), ema=weight_average(model, stage.ema))
+                            mixer=batch_mixer(stage, len(data.classes)), ema=weight_average(model, stage.ema),
+                            train_size=stage.image_size)  # the size the loader was made for
         if checkpoint is not None:
             state.load_trainer_state(checkpoint.get("trainer_state") or {})
         for epoch in range(start_epoch, stage.epochs):
@@ -412,7 +414,7 @@ class Trainer:
         except UserError:
             return None  # unreadable: the restarted stage writes a new one
         accuracy = (kept.get("metrics") or {}).get("val_acc")
-        if kept.get("config_hash") != self.config.stage_hash(index) or accuracy is None:
+        if not self.config.written_for(index, kept) or accuracy is None:
             return None
         print(f"{stage_label(index, stage)}: last.pt is missing, so the stage restarts from epoch 1; its best.pt "
               f"(epoch {kept.get('epoch')}, val acc {accuracy:.3f}) is kept until an epoch beats it.",
@@ -434,12 +436,14 @@ class Trainer:
         model = model.to(self.ctx.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-    def _train_loader(self, stage: StageConfig, data: StageData) -> tuple[Any, ddp.ShardedSampler]:
-        weights = None
-        if stage.imbalance == "weighted_sampler":
-            weights = [1.0 / data.train_counts[t] for t in data.train.targets]
-        sampler = ddp.ShardedSampler(len(data.train), self.config.seed, self.ctx.rank, self.ctx.world,
-                                     weights=weights, seeded=True)
+    def _train_loader(self, stage: StageConfig, data: StageData,
+                      sampler: ddp.ShardedSampler | None = None) -> tuple[Any, ddp.ShardedSampler]:
+        if sampler is None:
+            weights = None
+            if stage.imbalance == "weighted_sampler":
+                weights = [1.0 / data.train_counts[t] for t in data.train.targets]
+            sampler = ddp.ShardedSampler(len(data.train), self.config.seed, self.ctx.rank, self.ctx.world,
+                                         weights=weights, seeded=True)
         drop_last = len(sampler) >= stage.batch_size
         if self.device_data:  # each batch's draws seeded by its first sample's seed (train/device_batches.py)
             return DeviceBatches(data.train, stage.augment, stage.image_size, stage.batch_size, self.ctx.device,
@@ -451,12 +455,30 @@ class Trainer:
                             generator=torch.Generator().manual_seed(self.config.seed), worker_init_fn=worker_init_fn())
         return loader, sampler
 
+    def _resize_training(self, st: "_StageState", epoch: int) -> bool:
+        """Train this epoch at its size on the stage's resolution schedule; whether the size changed (workers
+        hold the old transform, so a DataLoader with workers is made again)."""
+        size = st.stage.train_size(epoch)
+        if size == st.train_size:
+            return False
+        st.train_size = size
+        if isinstance(st.loader, DeviceBatches):
+            st.loader.size = size
+            return True
+        st.data.train.transform = augmentation(st.stage.augment, size)
+        if st.stage.num_workers > 0:
+            st.loader, _ = self._train_loader(st.stage, st.data, st.sampler)
+        return True
+
     # -- one epoch
     def _run_epoch(self, st: "_StageState", epoch: int, skip_batches: int) -> None:
         prefixes = trainable_prefixes(st.stage.train_layers, head_only=epoch < st.stage.freeze_epochs)
         train_model, fresh = st.wrapped(prefixes, self.ctx, self.compile)
-        if fresh and self.compile:  # torch.compile builds its kernels at the first step (Progress.advance clears it)
-            self.progress.phase = "compiling"
+        resized = self._resize_training(st, epoch)
+        if resized and st.stage.train_size_start:
+            self.display.message(f"{st.label} epoch {epoch + 1}: training at {st.train_size} px")
+        if (fresh or resized) and self.compile:  # torch.compile builds kernels for a new model or input shape at
+            self.progress.phase = "compiling"    # the first step (Progress.advance clears the phase)
             self.display.message(f"{st.label}: compiling the model (torch.compile); the first steps take longer")
         st.sampler.set_epoch(epoch, start=skip_batches * st.stage.batch_size)
         self.progress.start_epoch(st.index, epoch + 1, st.step)
@@ -513,12 +535,12 @@ class Trainer:
         return loss_value / self.ctx.world, stop > 0
 
     @staticmethod
-    def _diverged(st: "_StageState", epoch: int, step: int, value: float) -> None:
+    def _diverged(st: "_StageState", epoch: int, step: int | None, value: float) -> None:
+        """Fail the run on a non-finite training loss at ``step``, or (``step`` None) validation loss."""
         what = "NaN" if math.isnan(value) else "infinite"
-        raise TrainingFailed(
-            f"Training stopped: the loss became {what} in {st.label}, epoch {epoch + 1}, step {step}; "
-            f"try a lower learning rate (lr is {st.stage.lr:g})."
-        )
+        where = f"the loss became {what} in {st.label}, epoch {epoch + 1}, step {step}" if step is not None else \
+            f"the validation loss became {what} in {st.label} after epoch {epoch + 1}"
+        raise TrainingFailed(f"Training stopped: {where}; try a lower learning rate (lr is {st.stage.lr:g}).")
 
     def _after_step(self, st: "_StageState", epoch: int, loss: float | torch.Tensor, lr: float,
                     images: int) -> None:
@@ -568,6 +590,8 @@ class Trainer:
         preds = evaluation.predict(st.evaluated, self._val_loader(st), self.ctx.device, prepare=st.normalize,
                                    autocast_dtype=self.amp, flip=st.stage.tta)
         self.progress.validated(time.monotonic() - started)
+        if not math.isfinite(preds.loss):  # the model's outputs are not finite: nothing of this epoch is worth keeping
+            self._diverged(st, epoch, None, preds.loss)
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts, preds.top5_accuracy)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
@@ -662,6 +686,7 @@ class _StageState:
     mixer: Mixer | None = None
     ema: nn.Module | None = None  # torch.optim.swa_utils.AveragedModel when stage.ema > 0
     val_batches: DeviceBatches | None = None  # validation on the device path, built at the first epoch's end
+    train_size: int = 0  # the training image size the loader makes now (StageConfig.train_size)
     _wrapped: nn.Module | None = None
     _prefixes: Any = "unset"
     _scaler: Any = None

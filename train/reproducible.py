@@ -78,13 +78,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_mismatch(checkpoint: dict[str, Any], config_hash: str, sampler: dict[str, Any]) -> str | None:
+def resume_mismatch(checkpoint: dict[str, Any], same_config: bool, sampler: dict[str, Any]) -> str | None:
     """Why ``checkpoint`` cannot continue this run exactly (its stage config or sample order differ), or None.
 
+    ``same_config``: whether it was written for this stage's config (``PipelineConfig.written_for``).
     ``sampler`` is the position this run would resume at; only the keys the checkpoint stored are compared.
     """
-    stored_hash = checkpoint.get("config_hash")
-    if stored_hash is not None and stored_hash != config_hash:
+    if not same_config:
         return "its checkpoint was written for a different stage configuration"
     stored = checkpoint.get("sampler") or {}
     keys = ("seed", "n", "world", "epoch", "start") if "n" in stored else ("seed",)  # older files: seed only
