@@ -9,6 +9,7 @@ from torchvision.transforms.v2 import functional as F
 from tests.test_engine import one_thread  # noqa: F401 - autouse: one intra-op thread on a shared machine
 from train.device_batches import (
     DeviceBatches,
+    PixelStore,
     augment_batch,
     color_jitter,
     crop_boxes,
@@ -181,6 +182,28 @@ def test_a_resumed_epoch_draws_the_same_remaining_batches(tmp_path, kind):
         assert torch.equal(x, x2) and torch.equal(y, y2)
     sampler.set_epoch(3)
     assert not torch.equal(list(batches)[1][0], whole[1][0])  # another epoch, other draws
+
+
+def test_each_batch_is_seeded_with_its_first_samples_seed_hashed_once(tmp_path, monkeypatch):
+    """A batch's draws come from the seed the per-sample path gives its first sample, and only that one is hashed."""
+    import train.reproducible
+
+    images = cached_images(tmp_path)
+    sampler = ShardedSampler(len(images), seed=5, rank=1, world=2, seeded=True)
+    sampler.set_epoch(2, start=1)  # resumed after one batch of 1: four samples of this rank's five remain
+    pairs = list(sampler)
+    hashes, seeded = [], []
+    real_hash, real_batch = train.reproducible.sample_seed, PixelStore.batch
+    monkeypatch.setattr(train.reproducible, "sample_seed", lambda *a: hashes.append(a) or real_hash(*a))
+
+    def batch(store, indices, kind, size, g):
+        seeded.append((list(indices), g.initial_seed()))
+        return real_batch(store, indices, kind, size, g)
+
+    monkeypatch.setattr(PixelStore, "batch", batch)
+    assert len(list(DeviceBatches(images, "light", SIZE, 2, torch.device("cpu"), sampler))) == 2
+    assert seeded == [([i for i, _ in pairs[k:k + 2]], pairs[k][1]) for k in (0, 2)]
+    assert len(hashes) == 2
 
 
 def batch_pairs(tmp_path, kind: str, device: str, copied: bool = False):

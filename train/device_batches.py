@@ -209,9 +209,10 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 class DeviceBatches:
     """An epoch's ``(images, labels)`` batches on ``device``, gathered and augmented batch-wise.
 
-    With a ``sampler`` yielding ``(index, seed)`` pairs (``ShardedSampler(seeded=True)``), each batch's
-    random draws come from a generator seeded with its first sample's seed; without one, the items in
-    order (validation). ``len`` and ``drop_last`` behave as a DataLoader's.
+    With a ``ShardedSampler``, its epoch's indices, each batch's random draws coming from a generator seeded
+    with the seed of the batch's first sample (``seed_at``: one hash per batch, the seed the per-sample path
+    gives that sample); without one, the items in order (validation). ``len`` and ``drop_last`` behave as a
+    DataLoader's.
     """
 
     def __init__(self, images: CachedImages, kind: str, size: int, batch_size: int, device: torch.device,
@@ -225,14 +226,11 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.sampler is None:
-            items, seeds = list(range(len(self.images))), None
-        else:
-            pairs = list(self.sampler)
-            items, seeds = [p[0] for p in pairs], [p[1] for p in pairs]
+        sampler = self.sampler
+        items = list(range(len(self.images))) if sampler is None else sampler.indices()
         for k in range(len(self)):
             start = k * self.batch_size
-            g = torch.Generator().manual_seed(seeds[start]) if seeds is not None else None
+            g = torch.Generator().manual_seed(sampler.seed_at(start)) if sampler is not None else None
             yield self.store.batch(items[start:start + self.batch_size], self.kind, self.size, g)
 
 
