@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,19 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@dataclass(frozen=True)
+class Picture:
+    """An image to explain: its name, its bytes and their digest (``key``, hashed once: every cache's key)."""
+
+    name: str
+    data: bytes
+    key: str
+
+    @classmethod
+    def of(cls, name: str, data: bytes) -> "Picture":
+        return cls(name, data, digest(data))
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def decode(key: str, _data: bytes, name: str) -> Image.Image:
     """The upright RGB image of an upload (``key`` is the bytes' digest); raises ``ImageError``."""
@@ -38,8 +52,8 @@ def decode(key: str, _data: bytes, name: str) -> Image.Image:
     return load_image(_data, name)
 
 
-def image_of(data: bytes, name: str) -> Image.Image:
-    return decode(digest(data), data, name)
+def image_of(picture: Picture) -> Image.Image:
+    return decode(picture.key, picture.data, picture.name)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -55,14 +69,14 @@ def _input(checkpoint: Path, image: Image.Image):  # type: ignore[no-untyped-def
     return info.preprocessing.eval_transform()(image).unsqueeze(0)
 
 
-def logits(checkpoint: Path, data: bytes, name: str) -> np.ndarray:
+def logits(checkpoint: Path, picture: Picture) -> np.ndarray:
     """The model's logits for the image (cached)."""
-    return _logits(common.file_version(checkpoint), digest(data), data, name)
+    return _logits(common.file_version(checkpoint), picture.key, picture.data, picture.name)
 
 
-def predict(checkpoint: Path, data: bytes, name: str) -> np.ndarray:
+def predict(checkpoint: Path, picture: Picture) -> np.ndarray:
     """Class probabilities of the image under the checkpoint's model (cached)."""
-    values = logits(checkpoint, data, name)
+    values = logits(checkpoint, picture)
     exp = np.exp(values - values.max())
     return exp / exp.sum()
 
@@ -73,7 +87,7 @@ def _logits(version: tuple[str, int, int], key: str, _data: bytes, name: str) ->
 
     checkpoint = Path(version[0])
     model, _ = common.load_model(checkpoint)
-    batch = _input(checkpoint, image_of(_data, name))
+    batch = _input(checkpoint, decode(key, _data, name))
     with MODEL_LOCK, torch.no_grad():
         out = model(batch)
     return out[0].double().numpy()
@@ -84,10 +98,11 @@ def ood_stats(checkpoint: Path) -> dict:
     return dict(common.load_model(checkpoint)[1].ood or {})
 
 
-def maps(checkpoint: Path, data: bytes, name: str, layers: tuple[str, ...], method: str, target: int,
+def maps(checkpoint: Path, picture: Picture, layers: tuple[str, ...], method: str, target: int,
          smoothing: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Unnormalised maps at the model's input size, one per layer, for class ``target`` (cached)."""
-    return _maps(common.file_version(checkpoint), digest(data), data, name, layers, method, target, smoothing)
+    return _maps(common.file_version(checkpoint), picture.key, picture.data, picture.name, layers, method, target,
+                 smoothing)
 
 
 @st.cache_data(show_spinner="Computing the maps...", max_entries=128)
@@ -97,7 +112,7 @@ def _maps(version: tuple[str, int, int], key: str, _data: bytes, name: str, laye
 
     checkpoint = Path(version[0])
     model, _ = common.load_model(checkpoint)
-    batch = _input(checkpoint, image_of(_data, name))
+    batch = _input(checkpoint, decode(key, _data, name))
     with MODEL_LOCK:
         result = explain(model, batch, list(layers), targets=[target], methods=(method,), normalised=False,
                          aug_smooth="aug" in smoothing, eigen_smooth="eigen" in smoothing)
@@ -140,9 +155,10 @@ def quick_overlay(checkpoint: Path, png: bytes, class_name: str) -> bytes:
 
     layer = recommended_layer(layer_choices(checkpoint))
     _, info = common.load_model(checkpoint)
+    picture = Picture.of("sample.png", png)
     target = info.class_names.index(class_name) if class_name in info.class_names else int(
-        np.argmax(predict(checkpoint, png, "sample.png")))
+        np.argmax(predict(checkpoint, picture)))
     from core.cam_scale import own_scale
 
-    cam = maps(checkpoint, png, "sample.png", (layer,), "gradcam", target)[layer]
-    return overlay_png(checkpoint, image_of(png, "sample.png"), own_scale(cam), "jet", 0.5)
+    cam = maps(checkpoint, picture, (layer,), "gradcam", target)[layer]
+    return overlay_png(checkpoint, image_of(picture), own_scale(cam), "jet", 0.5)

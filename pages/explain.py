@@ -12,18 +12,11 @@ import streamlit as st
 from core import charts
 from core.images import SUPPORTED_EXTENSIONS
 from pages import cam, common
+from pages.cam import Picture
 
 common.setup("Explain")
 
 TOP1 = "the top-1 prediction"
-
-
-@dataclass(frozen=True)
-class Picked:
-    """One image to explain: a display name and its bytes (an upload or a built-in sample)."""
-
-    name: str
-    data: bytes
 
 
 @st.cache_data(show_spinner=False)
@@ -46,15 +39,16 @@ def pick_checkpoint() -> Path | None:
                         help="Any checkpoint under the ResLens home folder, newest first.")
 
 
-def pick_images() -> list[Picked]:
+def pick_images() -> list[Picture]:
+    """The uploads, else the chosen built-in samples; each hashed once here (its digest keys every cache)."""
     uploads = st.file_uploader("Drop images here", type=list(SUPPORTED_EXTENSIONS), accept_multiple_files=True,
                                help="JPEG, PNG, WebP, BMP, GIF or TIFF; each is explained on its own.")
     if uploads:
-        return [Picked(u.name, u.getvalue()) for u in uploads]
+        return [Picture.of(u.name, u.getvalue()) for u in uploads]
     options = samples()
     chosen = st.multiselect("...or explain built-in samples", range(len(options)), default=list(range(min(3, len(options)))),
                             format_func=lambda i: options[i].label)
-    return [Picked(options[i].filename, options[i].png) for i in chosen]
+    return [Picture.of(options[i].filename, options[i].png) for i in chosen]
 
 
 def layer_label(info: Any) -> str:
@@ -120,7 +114,7 @@ def controls(checkpoint: Path) -> dict[str, Any]:
 class Card:
     """One explained image, waiting for its overlays (drawn once every image's maps are known)."""
 
-    picked: Picked
+    picked: Picture
     stem: str
     image: Any  # PIL.Image.Image
     cells: list[Any]
@@ -148,17 +142,17 @@ def pick_target(key: str, probs: Any, class_names: list[str], column: Any) -> in
     return int(probs.argmax()) if choice == TOP1 else class_names.index(choice)
 
 
-def explain_one(index: int, stem: str, checkpoint: Path, picked: Picked, class_names: list[str],
+def explain_one(index: int, stem: str, checkpoint: Path, picked: Picture, class_names: list[str],
                 options: dict[str, Any]) -> Card | None:
     """The image's predictions, out-of-distribution verdict and class; its maps, computed (cached)."""
     from core import ood
     from core.explain_files import prediction_record
 
-    image = cam.image_of(picked.data, picked.name)
-    logits = cam.logits(checkpoint, picked.data, picked.name)
-    probs = cam.predict(checkpoint, picked.data, picked.name)
+    image = cam.image_of(picked)
+    logits = cam.logits(checkpoint, picked)
+    probs = cam.predict(checkpoint, picked)
     left, right = st.columns([3, 2])
-    target = pick_target(f"{index}-{cam.digest(picked.data)[:12]}", probs, class_names, left)
+    target = pick_target(f"{index}-{picked.key[:12]}", probs, class_names, left)
     verdict = ood.assess(logits, cam.ood_stats(checkpoint))
     right.markdown(f"Explaining **{class_names[target]}** ({probs[target]:.1%}) with {options['method_label']}.")
     if verdict.level in ("out", "borderline"):
@@ -170,8 +164,7 @@ def explain_one(index: int, stem: str, checkpoint: Path, picked: Picked, class_n
     if not options["layers"]:
         right.caption("Choose at least one layer in the sidebar.")
         return None
-    maps = cam.maps(checkpoint, picked.data, picked.name, options["layers"], options["method"], target,
-                    options["smoothing"])
+    maps = cam.maps(checkpoint, picked, options["layers"], options["method"], target, options["smoothing"])
     record = prediction_record(picked.name, probs, class_names, target, 5, method=options["method"],
                                layers=list(options["layers"]), smoothing=list(options["smoothing"]),
                                scale=options["scale"], ood=verdict.record())

@@ -170,3 +170,20 @@ def test_the_zip_holds_every_map_and_the_predictions(explain_page, monkeypatch):
             assert values.shape == (64, 64) and values.dtype == np.float32
     assert bundle.read("predictions.csv").decode().count("\n") == 1 + 3 * 5
     assert at.download_button(key="explain_zip").proto.label == "Download everything (zip)"
+
+
+def test_an_upload_is_hashed_once_per_rerun(explain_page, monkeypatch):
+    """Its digest keys the image, logits and map caches and its class box: computed once per rerun, passed down."""
+    import hashlib
+
+    upload = fx.png_bytes(80)
+    hashed = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a, **k: hashed.append(bool(a) and a[0] == upload) or real(*a, **k))
+    at = explain_page
+    at.file_uploader[0].set_value(("square.png", upload, "image/png")).run()  # first seen: model and maps run
+    assert not at.exception and not at.error and len(at.image) == 2, [e.value for e in at.error]
+    assert hashed.count(True) == 1
+    hashed.clear()
+    at.slider(key="explain_opacity").set_value(0.9).run()  # a rerun served from the caches
+    assert not at.exception and hashed.count(True) == 1

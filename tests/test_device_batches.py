@@ -7,8 +7,11 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from tests.test_engine import one_thread  # noqa: F401 - autouse: one intra-op thread on a shared machine
+from train import device_batches
 from train.device_batches import (
     DeviceBatches,
+    HostGather,
+    PixelStore,
     augment_batch,
     color_jitter,
     crop_boxes,
@@ -183,29 +186,73 @@ def test_a_resumed_epoch_draws_the_same_remaining_batches(tmp_path, kind):
     assert not torch.equal(list(batches)[1][0], whole[1][0])  # another epoch, other draws
 
 
-def batch_pairs(tmp_path, kind: str, device: str, copied: bool = False):
-    """The same epoch as CPU-held batches and as batches on ``device`` (``copied``: gathered on the host)."""
+def test_each_batch_is_seeded_with_its_first_samples_seed_hashed_once(tmp_path, monkeypatch):
+    """A batch's draws come from the seed the per-sample path gives its first sample, and only that one is hashed."""
+    import train.reproducible
+
+    images = cached_images(tmp_path)
+    sampler = ShardedSampler(len(images), seed=5, rank=1, world=2, seeded=True)
+    sampler.set_epoch(2, start=1)  # resumed after one batch of 1: four samples of this rank's five remain
+    pairs = list(sampler)
+    hashes, seeded = [], []
+    real_hash, real_batch = train.reproducible.sample_seed, PixelStore.batch
+    monkeypatch.setattr(train.reproducible, "sample_seed", lambda *a: hashes.append(a) or real_hash(*a))
+
+    def batch(store, indices, kind, size, g):
+        seeded.append((list(indices), g.initial_seed()))
+        return real_batch(store, indices, kind, size, g)
+
+    monkeypatch.setattr(PixelStore, "batch", batch)
+    assert len(list(DeviceBatches(images, "light", SIZE, 2, torch.device("cpu"), sampler))) == 2
+    assert seeded == [([i for i, _ in pairs[k:k + 2]], pairs[k][1]) for k in (0, 2)]
+    assert len(hashes) == 2
+
+
+def batch_pairs(tmp_path, kind: str, device: str, monkeypatch=None):
+    """The same epoch as CPU-held batches and as batches on ``device`` (with ``monkeypatch``: the cache does not
+    fit there, so its rows are gathered on the host and copied over)."""
     images = cached_images(tmp_path)
     sampler = ShardedSampler(len(images), seed=1, seeded=True)
     reference = DeviceBatches(images, kind, SIZE, 4, torch.device("cpu"), sampler)
+    if monkeypatch is not None:
+        monkeypatch.setattr(device_batches, "_fits", lambda nbytes, device: False)
     other = DeviceBatches(images, kind, SIZE, 4, torch.device(device), sampler)
-    other.store.copied = copied or other.store.copied
     return list(zip(reference, other, strict=True)), other.store
 
 
 @pytest.mark.parametrize("kind", ["none", "light", "strong"])
-def test_rows_gathered_on_the_host_give_the_same_batches(tmp_path, kind):
+def test_rows_gathered_on_the_host_give_the_same_batches(tmp_path, kind, monkeypatch):
     """A cache too large for the GPU is gathered on the host and copied over: the same batches as when held."""
-    pairs, _ = batch_pairs(tmp_path, kind, "cpu", copied=True)  # what a GPU without room for the cache does
+    pairs, store = batch_pairs(tmp_path, kind, "cpu", monkeypatch)  # what a GPU without room for the cache does
+    assert store.copied and len(pairs) == 3  # batches of 4, 4, 2: the third refills the first one's buffer
     assert all(torch.equal(x, x2) and torch.equal(y, y2) for (x, y), (x2, y2) in pairs)
+
+
+def test_the_host_gather_writes_each_batch_straight_into_one_of_two_buffers():
+    """One copy per batch on the host: rows land in a reused buffer (pinned on a GPU machine), nothing else allocated."""
+    pixels = noise(12)
+    gather = HostGather(pixels, torch.device("cpu"))
+    rows = [torch.tensor(r) for r in ([3, 0, 7, 7], [11, 2, 5, 1], [4, 6, 8, 9], [10, 0])]
+    first = [gather.fill(r) for r in rows[:2]]
+    assert first[0].data_ptr() != first[1].data_ptr()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        again = [gather.fill(r) for r in rows[2:]]
+    assert sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0) < pixels[0].nbytes
+    assert [a.data_ptr() for a in again] == [f.data_ptr() for f in first]  # the two buffers in turn
+    assert all(torch.equal(a, pixels[r]) for a, r in zip(again, rows[2:]))
+    batch = gather.gather(rows[0])
+    assert torch.equal(batch, pixels[rows[0]]) and batch.data_ptr() not in {f.data_ptr() for f in first}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["none", "light", "strong"])
-def test_cuda_batches_equal_the_cpu_ones(tmp_path, kind):
-    """The same draws on the GPU (cache held there) as on the CPU: equal crops, the same resampling within rounding."""
-    pairs, store = batch_pairs(tmp_path, kind, "cuda")
-    assert not store.copied and store.pixels.is_cuda
+@pytest.mark.parametrize("held", [True, False], ids=["held", "host-gathered"])
+def test_cuda_batches_equal_the_cpu_ones(tmp_path, kind, held, monkeypatch):
+    """The same draws on the GPU (cache held there, or gathered on the host into pinned buffers reused while
+    earlier copies may still run) as on the CPU: equal crops, the same resampling within rounding."""
+    pairs, store = batch_pairs(tmp_path, kind, "cuda", None if held else monkeypatch)
+    assert store.copied != held and store.pixels.is_cuda == held
+    assert held or store.host_gather.buffers[0].is_pinned()
     for (x, y), (x2, y2) in pairs:
         assert x2.is_cuda and torch.equal(y, y2.cpu())
         assert torch.allclose(x.float(), x2.cpu().float(), atol=0.05 if kind == "strong" else 0)

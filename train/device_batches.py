@@ -171,11 +171,12 @@ class PixelStore:
     def __init__(self, images: CachedImages, device: torch.device) -> None:
         self.device = device
         array = images.pixels()
-        self.copied = device.type != "cpu" and not _fits(array.nbytes, device)  # rows gathered on the host, copied
+        self.copied = not _fits(array.nbytes, device)  # rows gathered on the host, copied (a GPU without room)
         with warnings.catch_warnings():  # the memory map is read-only and never written through this tensor
             warnings.simplefilter("ignore", UserWarning)
             host = torch.from_numpy(array) if isinstance(array, np.ndarray) else torch.as_tensor(array)
         self.pixels = host if self.copied or device.type == "cpu" else _upload(host, device)
+        self.host_gather = HostGather(host, device) if self.copied else None
         self.rows = torch.as_tensor(images.rows, dtype=torch.int64)
         self.device_rows = self.rows.to(device)
         self.targets = torch.as_tensor(images.targets, dtype=torch.int64, device=device)
@@ -187,9 +188,40 @@ class PixelStore:
         labels = self.targets[on_device]
         if not self.copied:
             return augment_batch(self.pixels, self.device_rows[on_device], kind, size, g), labels
-        batch = self.pixels[self.rows[torch.tensor(indices, dtype=torch.int64)]]
-        batch = to_device(batch, self.device)
+        batch = self.host_gather.gather(self.rows[torch.tensor(indices, dtype=torch.int64)])
         return augment_batch(batch, torch.arange(len(batch), device=self.device), kind, size, g), labels
+
+
+class HostGather:
+    """Rows of a host-held cache gathered straight into one of two reused buffers (pinned for a GPU), then copied
+    to the device without blocking: one host copy per batch. A buffer is refilled only after the GPU has read it
+    (an event per buffer), so the host runs at most two batches ahead of those copies."""
+
+    def __init__(self, pixels: torch.Tensor, device: torch.device) -> None:
+        self.pixels, self.device = pixels, device
+        self.buffers = [pixels.new_empty((0, *pixels.shape[1:])) for _ in range(2)]
+        self.read: list[Any] = [None, None]  # per buffer: the CUDA event after the copy that last read it
+        self.turn = 1
+
+    def fill(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` gathered into the next buffer (allocated only when a batch outgrows it)."""
+        self.turn = k = 1 - self.turn
+        if self.read[k] is not None:
+            self.read[k].synchronize()  # its last copy to the GPU has finished: safe to overwrite
+        if len(self.buffers[k]) < len(rows):
+            self.buffers[k] = torch.empty((len(rows), *self.pixels.shape[1:]), dtype=self.pixels.dtype,
+                                          pin_memory=self.device.type == "cuda")
+        return torch.index_select(self.pixels, 0, rows, out=self.buffers[k][:len(rows)])
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` on the device, in a tensor of their own."""
+        host = self.fill(rows)
+        if self.device.type != "cuda":  # tests gather a CPU's rows here too: the batch must outlive the buffer
+            return host.clone()
+        batch = host.to(self.device, non_blocking=True)
+        self.read[self.turn] = torch.cuda.Event()
+        self.read[self.turn].record(torch.cuda.current_stream(self.device))
+        return batch
 
 
 def _fits(nbytes: int, device: torch.device) -> bool:
@@ -209,9 +241,10 @@ def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 class DeviceBatches:
     """An epoch's ``(images, labels)`` batches on ``device``, gathered and augmented batch-wise.
 
-    With a ``sampler`` yielding ``(index, seed)`` pairs (``ShardedSampler(seeded=True)``), each batch's
-    random draws come from a generator seeded with its first sample's seed; without one, the items in
-    order (validation). ``len`` and ``drop_last`` behave as a DataLoader's.
+    With a ``ShardedSampler``, its epoch's indices, each batch's random draws coming from a generator seeded
+    with the seed of the batch's first sample (``seed_at``: one hash per batch, the seed the per-sample path
+    gives that sample); without one, the items in order (validation). ``len`` and ``drop_last`` behave as a
+    DataLoader's.
     """
 
     def __init__(self, images: CachedImages, kind: str, size: int, batch_size: int, device: torch.device,
@@ -225,14 +258,11 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.sampler is None:
-            items, seeds = list(range(len(self.images))), None
-        else:
-            pairs = list(self.sampler)
-            items, seeds = [p[0] for p in pairs], [p[1] for p in pairs]
+        sampler = self.sampler
+        items = list(range(len(self.images))) if sampler is None else sampler.indices()
         for k in range(len(self)):
             start = k * self.batch_size
-            g = torch.Generator().manual_seed(seeds[start]) if seeds is not None else None
+            g = torch.Generator().manual_seed(sampler.seed_at(start)) if sampler is not None else None
             yield self.store.batch(items[start:start + self.batch_size], self.kind, self.size, g)
 
 

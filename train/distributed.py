@@ -120,15 +120,21 @@ class ShardedSampler(Sampler[int]):
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
         return torch.cat([order, order[: total - self.n]]) if total > self.n else order
 
-    def __iter__(self) -> Iterator[Any]:
-        shard = self._order()[self.rank::self.world][self.start:].tolist()
-        if not self.seeded:
-            return iter(shard)
+    def indices(self) -> list[int]:
+        """This rank's remaining indices of the epoch, in order (what ``__iter__`` yields, without seeds)."""
+        return self._order()[self.rank::self.world][self.start:].tolist()
+
+    def seed_at(self, k: int) -> int:
+        """The seed of the ``k``-th remaining index (position ``(start + k) * world + rank`` of the epoch's order)."""
         from train.reproducible import sample_seed
 
-        first = self.start * self.world + self.rank
-        return iter((index, sample_seed(self.seed, self.epoch, first + k * self.world))
-                    for k, index in enumerate(shard))
+        return sample_seed(self.seed, self.epoch, (self.start + k) * self.world + self.rank)
+
+    def __iter__(self) -> Iterator[Any]:
+        shard = self.indices()
+        if not self.seeded:
+            return iter(shard)
+        return iter((index, self.seed_at(k)) for k, index in enumerate(shard))
 
     def __len__(self) -> int:
         return self.per_rank - self.start
