@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.sizes import iec_bytes
 from core.models import Preprocessing, build_model
 from core.tempfiles import locked_temp, sweep_stale
 
@@ -92,18 +93,9 @@ def _write_failure(exc: BaseException, folder: Path) -> str | None:
 
 def _free(folder: Path) -> str:
     try:
-        return human_bytes(shutil.disk_usage(folder).free)
+        return iec_bytes(shutil.disk_usage(folder).free)
     except OSError:
         return "unknown space"
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``1.5 KB`` (powers of 1024)."""
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

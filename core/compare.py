@@ -9,12 +9,16 @@ overrides (``stages.2.lr``) and error messages; the store numbers them from 0.
 * ``class_comparison`` / ``compare_classes``: per-class accuracy of run B against run A on the final stage of each
   (or a chosen stage), matched by class name, with class sizes, the change and the biggest gains and losses.
 * ``compare_runs``: all of it for 2+ runs (every later run against the first), plus the epoch curves.
+
+A comparison reads each run's rows once (``RunRows``: config, stages, epoch metrics, then per-class results as
+they are needed) and hands them to every part.
 """
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -27,6 +31,37 @@ MISSING = None  # the value a key has in a run whose config lacks it
 
 class CompareError(UserError):
     """A comparison that cannot be made, in one sentence."""
+
+
+# ------------------------------------------------------------------------------------------- store rows
+@dataclass
+class RunRows:
+    """One run's rows, each read from the store at most once per comparison: the config, the stage rows (by
+    0-based index), the epoch metric frame, and per-class results when first asked for."""
+
+    store: RunStore
+    name: str
+    config: dict[str, Any]
+    stages: dict[int, dict[str, Any]]
+    epochs: pd.DataFrame
+    _class_results: dict[int, dict[str, Any] | None] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, store: RunStore, run: str) -> RunRows:
+        """Read ``run`` (``RunNotFound`` when the store has no such run)."""
+        config = store.get_run(run)["config"] or {}
+        return cls(store, run, config, {s["idx"]: s for s in store.stages(run)}, store.metrics_frame(run, "epoch"))
+
+    @cached_property
+    def class_stages(self) -> list[int]:
+        """0-based indices of the stages that have per-class results, ascending."""
+        return [index for index in self.stages if self.store.class_result_epochs(self.name, index)]
+
+    def class_result(self, index: int) -> dict[str, Any] | None:
+        """The last per-class result of stage ``index`` (``RunStore.class_results``)."""
+        if index not in self._class_results:
+            self._class_results[index] = self.store.class_results(self.name, index)
+        return self._class_results[index]
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -104,9 +139,11 @@ class StageResult:
 def stage_results(store: RunStore, run: str) -> list[StageResult]:
     """Every stage of ``run`` (those of its config that have not started yet too): the last validated epoch's
     accuracy and balanced accuracy, and the best of each over the stage's epochs."""
-    config_stages = (store.get_run(run)["config"] or {}).get("stages") or []
-    stored = {s["idx"]: s for s in store.stages(run)}
-    frame = store.metrics_frame(run, "epoch")
+    return _stage_results(RunRows.load(store, run))
+
+
+def _stage_results(rows: RunRows) -> list[StageResult]:
+    run, config_stages, stored, frame = rows.name, rows.config.get("stages") or [], rows.stages, rows.epochs
     results = []
     for index in range(max(len(config_stages), max(stored, default=-1) + 1)):
         row = stored.get(index)
@@ -249,31 +286,35 @@ def compare_classes(store: RunStore, run_a: str, run_b: str, stage: int | None =
     """Per-class accuracy of ``run_b`` against ``run_a`` on stage ``stage`` (from 1) of both runs, or, by default,
     on each run's last stage that has per-class results (a one-stage run from scratch against the last stage of
     a staged pipeline). Uses the last validated epoch of each stage."""
+    return _compare_classes(RunRows.load(store, run_a), RunRows.load(store, run_b), stage)
+
+
+def _compare_classes(rows_a: RunRows, rows_b: RunRows, stage: int | None) -> ClassComparison:
     picked = []
-    for run in (run_a, run_b):
-        index, problem = _pick_stage(store, run, stage)
+    for rows in (rows_a, rows_b):
+        index, problem = _pick_stage(rows, stage)
         if problem:
-            return ClassComparison(run_a, run_b, message=problem)
+            return ClassComparison(rows_a.name, rows_b.name, message=problem)
         picked.append(index)
-    stages = [{s["idx"]: s for s in store.stages(run)} for run in (run_a, run_b)]
-    labels = [f"stage {i + 1} of {run} ({stages[k][i]['dataset']})" for k, (run, i) in
-              enumerate(zip((run_a, run_b), picked))]
-    results = [store.class_results(run, i) for run, i in zip((run_a, run_b), picked)]
-    comparison = class_comparison(run_a, results[0], run_b, results[1], *labels)
+    pair = (rows_a, rows_b)
+    datasets = [rows.stages[i]["dataset"] for rows, i in zip(pair, picked)]
+    labels = [f"stage {i + 1} of {rows.name} ({dataset})" for rows, i, dataset in zip(pair, picked, datasets)]
+    comparison = class_comparison(rows_a.name, rows_a.class_result(picked[0]), rows_b.name,
+                                  rows_b.class_result(picked[1]), *labels)
     comparison.stage_a, comparison.stage_b = picked[0] + 1, picked[1] + 1
-    comparison.dataset_a, comparison.dataset_b = stages[0][picked[0]]["dataset"], stages[1][picked[1]]["dataset"]
+    comparison.dataset_a, comparison.dataset_b = datasets
     return comparison
 
 
-def _pick_stage(store: RunStore, run: str, stage: int | None) -> tuple[int, str | None]:
+def _pick_stage(rows: RunRows, stage: int | None) -> tuple[int, str | None]:
     """(0-based stage index, None) or (-1, the sentence saying why the run has nothing to compare there)."""
-    with_results = [s["idx"] for s in store.stages(run) if store.class_result_epochs(run, s["idx"])]
+    with_results = rows.class_stages
     if stage is None:
         if not with_results:
-            return -1, f"Run {run} has no per-class results yet: they are stored at the end of every epoch."
+            return -1, f"Run {rows.name} has no per-class results yet: they are stored at the end of every epoch."
         return with_results[-1], None
     if stage - 1 not in with_results:
-        return -1, f"Run {run} has no per-class results for stage {stage}."
+        return -1, f"Run {rows.name} has no per-class results for stage {stage}."
     return stage - 1, None
 
 
@@ -308,14 +349,14 @@ def compare_runs(store: RunStore, runs: Sequence[str], stage: int | None = None)
         raise CompareError("Comparing needs at least two different runs.")
     if stage is not None and stage < 1:
         raise CompareError(f"Stages are numbered from 1; there is no stage {stage}.")
-    rows = {run: store.get_run(run) for run in runs}
+    rows = {run: RunRows.load(store, run) for run in runs}
     return Comparison(
         runs=runs,
-        config=config_rows({run: row["config"] or {} for run, row in rows.items()}),
-        stages=[s for run in runs for s in stage_results(store, run)],
-        classes=[compare_classes(store, runs[0], other, stage) for other in runs[1:]],
-        curves={run: store.metrics_frame(run, "epoch") for run in runs},
-        stage_names={run: stage_names(row["config"]) for run, row in rows.items()},
+        config=config_rows({run: r.config for run, r in rows.items()}),
+        stages=[s for r in rows.values() for s in _stage_results(r)],
+        classes=[_compare_classes(rows[runs[0]], rows[other], stage) for other in runs[1:]],
+        curves={run: r.epochs for run, r in rows.items()},
+        stage_names={run: stage_names(r.config) for run, r in rows.items()},
     )
 
 

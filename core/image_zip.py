@@ -26,6 +26,7 @@ from core import paths
 from core.datasets import skipped_folder
 from core.errors import UserError
 from core.images import MAX_FILE_BYTES, ImageError, is_image_name, read_header
+from core.sizes import iec_bytes
 
 ZipSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 CHUNK = 1 << 20
@@ -131,7 +132,7 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
         seen.add(relative)
         total += info.file_size
         if total > limits.max_total_bytes:
-            raise ArchiveError(f"{name} would unpack to more than {_size(limits.max_total_bytes)} of images; "
+            raise ArchiveError(f"{name} would unpack to more than {iec_bytes(limits.max_total_bytes)} of images; "
                                "split it, or point at a folder instead.")
         members.append((info, relative))
     if not members:
@@ -164,23 +165,12 @@ def _hidden(relative: str) -> bool:
 
 def _check_declared(info: zipfile.ZipInfo, name: str, limits: ZipLimits) -> None:
     if info.file_size > limits.max_file_bytes:
-        raise ArchiveError(f"{name} holds {info.filename}, {_size(info.file_size)} unpacked; "
-                           f"files over {_size(limits.max_file_bytes)} are refused.")
+        raise ArchiveError(f"{name} holds {info.filename}, {iec_bytes(info.file_size)} unpacked; "
+                           f"files over {iec_bytes(limits.max_file_bytes)} are refused.")
     if info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
         ratio = info.file_size / max(info.compress_size, 1)
         raise ArchiveError(f"{name} holds {info.filename}, which expands {ratio:.0f} times (more than "
                            f"{limits.max_ratio:.0f}); it looks like a zip bomb and is refused.")
-
-
-def _size(n: int) -> str:
-    """``512`` -> ``"512 bytes"``, ``1536`` -> ``"1.5 KB"``, ``50 << 20`` -> ``"50.0 MB"``."""
-    if n < 1024:
-        return f"{n} bytes"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1024
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def _extract(archive: zipfile.ZipFile, members: list[Member], work: Path, name: str,

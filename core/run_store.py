@@ -5,6 +5,9 @@ Writers (the trainer, ``train eval``, the app launching a job) and readers (the 
 ``BEGIN IMMEDIATE`` transaction, and WAL mode lets readers see the last committed state
 without ever blocking a writer. Connections are per thread, as ``sqlite3`` requires.
 
+The schema version lives in ``PRAGMA user_version`` (``SCHEMA_VERSION``). Opening a current store only reads
+it; an older store is upgraded once, in one transaction; a store from a newer ResLens is refused, untouched.
+
 Tables (all keyed by the run name):
 
 * ``runs`` — config (YAML text and parsed dict), state, pid, heartbeat, error, progress.
@@ -43,7 +46,9 @@ STATES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
 ACTIVE_STATES = ("queued", "running")
 STALE_AFTER_S = 15.0
 BUSY_TIMEOUT_MS = 30_000
-SCHEMA_VERSION = 1
+# 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
+# 2: every column in the CREATE statements
+SCHEMA_VERSION = 2
 
 STEP_METRICS = ("train_loss", "lr")
 EPOCH_METRICS = (
@@ -52,8 +57,8 @@ EPOCH_METRICS = (
 METRIC_COLUMNS = tuple(dict.fromkeys(STEP_METRICS + EPOCH_METRICS))
 PROGRESS_FIELDS = ("stage", "epoch", "step", "done_steps", "total_steps", "eta_s", "stage_eta_s", "images_per_s",
                    "device", "gpu", "phase")
-# columns added after the first schema: added to older stores when they are opened
-_ADDED_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT", "phase": "TEXT"}}
+# columns that stores from before schema 2 may lack (older ResLens added them on every open, unversioned)
+_OLDER_LAYOUT_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT", "phase": "TEXT"}}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -74,7 +79,10 @@ CREATE TABLE IF NOT EXISTS runs (
     done_steps INTEGER,
     eta_s REAL,
     images_per_s REAL,
-    device TEXT
+    device TEXT,
+    stage_eta_s REAL,
+    gpu TEXT,
+    phase TEXT
 );
 CREATE TABLE IF NOT EXISTS stages (
     run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE,
@@ -217,35 +225,31 @@ class RunStore:
         return [dict(r) for r in self._conn().execute(sql, params).fetchall()]
 
     def _init_schema(self) -> None:
+        """Create or upgrade the schema once; opening a current store only reads ``PRAGMA user_version``."""
         conn = self._conn()
-        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            conn.execute("PRAGMA journal_mode=WAL")
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-            self._add_columns(conn)
+        version = self._known_version(conn)
+        if version == SCHEMA_VERSION:
             return
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")  # persistent, and not allowed inside a transaction
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if self._known_version(conn) < SCHEMA_VERSION:  # read again: another process may have upgraded it
+                _upgrade(conn)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self._add_columns(conn)
 
-    def _add_columns(self, conn: sqlite3.Connection) -> None:
-        for table, columns in _ADDED_COLUMNS.items():
-            have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
-            for column, kind in columns.items():
-                if column not in have:
-                    try:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-                    except sqlite3.OperationalError as exc:  # another process added it first
-                        if "duplicate column" not in str(exc):
-                            raise
+    def _known_version(self, conn: sqlite3.Connection) -> int:
+        """The store's schema version; ``RunStoreError`` (and the file left alone) when a newer ResLens wrote it."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RunStoreError(f"The run store {self.path} has schema version {version}, newer than the"
+                                f" {SCHEMA_VERSION} this ResLens knows; update ResLens to open it.")
+        return version
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
@@ -533,6 +537,19 @@ class RunStore:
             r["data"] = json.loads(r["data"])
             r["misclassified"] = json.loads(r["misclassified"])
         return rows
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a new or older store to ``SCHEMA_VERSION`` inside the caller's transaction: create the missing tables,
+    then add the columns an older layout's tables lack."""
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    for table, columns in _OLDER_LAYOUT_COLUMNS.items():
+        have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+        for column, kind in columns.items():
+            if column not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def _metric_columns(kind: str) -> tuple[str, ...]:

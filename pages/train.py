@@ -18,6 +18,7 @@ from core.datasets import DATASETS, OWN_FOLDER, dataset_path, download
 from core.errors import UserError
 from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
+from core.sizes import iec_bytes
 from pages import common
 from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig,
                           parse_config, parse_yaml, stage_rows, stages_from_rows)
@@ -476,10 +477,10 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
     name = run["name"]
     with column.popover("Delete", icon=":material/delete:", disabled=common.is_live(run)):
         st.markdown(f"Delete **{name}** for good: its checkpoints, log and metrics "
-                    f"({jobs.format_bytes(jobs.disk_usage(name))} on disk)?")
+                    f"({iec_bytes(jobs.disk_usage(name))} on disk)?")
         if st.button("Delete for good", key=f"delete-{name}", type="primary"):
             freed = jobs.delete(name)
-            st.session_state["deleted"] = f"Deleted run {name}; freed {jobs.format_bytes(freed)}."
+            st.session_state["deleted"] = f"Deleted run {name}; freed {iec_bytes(freed)}."
             st.session_state.pop("selected_run", None)
             st.rerun(scope="app")
 

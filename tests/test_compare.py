@@ -1,6 +1,8 @@
 """core/compare.py: configs side by side, per-stage results, per-class changes of one run against another."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from core.compare import (CompareError, class_comparison, compare_classes, compare_runs, config_rows,
@@ -118,3 +120,27 @@ def test_compare_runs_refuses_fewer_than_two_runs_unknown_runs_and_stage_zero(st
         compare_runs(store, ["scratch", "nope"])
     with pytest.raises(CompareError, match="numbered from 1"):
         compare_runs(store, ["scratch", "staged"], stage=0)
+
+
+def _count_store_reads(monkeypatch) -> Counter:
+    """Every call of a public RunStore method, counted by (method, arguments)."""
+    calls: Counter = Counter()
+    for name, method in vars(RunStore).items():
+        if callable(method) and not name.startswith("_"):
+            def counted(self, *args, __name=name, __method=method, **kwargs):
+                calls[(__name, args, tuple(sorted(kwargs.items())))] += 1
+                return __method(self, *args, **kwargs)
+            monkeypatch.setattr(RunStore, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("stage", [None, 1])
+def test_a_comparison_reads_each_thing_from_the_store_once(store, monkeypatch, stage):
+    calls = _count_store_reads(monkeypatch)
+    comparison = compare_runs(store, ["scratch", "staged"], stage=stage)
+    assert comparison.classes[0].stage_b == (2 if stage is None else 1)
+    repeated = {call: n for call, n in calls.items() if n > 1}
+    assert not repeated
+    methods = Counter(name for name, _, _ in calls)
+    assert methods["get_run"] == 2 and methods["stages"] == 2 and methods["metrics_frame"] == 2
+    assert methods["class_results"] == 2  # the one compared stage of each run, not every stage

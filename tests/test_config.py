@@ -184,3 +184,34 @@ def test_compile_auto_means_cuda_only(value, device, expected):
 def test_compile_takes_auto_true_or_false(value):
     with pytest.raises(ConfigError, match=r"^the config: compile must be auto, true or false, got "):
         parse_config({"compile": value, "stages": [{"dataset": "shapes"}]})
+
+
+@pytest.mark.parametrize("second, message, field", [
+    (7, "stage 2: each stage must be a mapping of keys, got int.", None),
+    ({"name": "b"}, "stage 2 (b): 'dataset' is required.", "dataset"),
+    ({"name": "b", "dataset": 3}, "stage 2 (b): dataset must be the name of one data set, got 3.", "dataset"),
+    ({"name": "b", "dataset": "shapes", "options": {"seed": "x"}},
+     "stage 2 (b): options.seed must be an integer, got 'x'.", "options.seed"),
+    ({"name": "b", "dataset": "shapes", "options": {"nope": 1}},
+     "stage 2 (b): data set shapes has no option 'nope' (its options: ", "options"),
+    ({"name": "b", "dataset": "imagefolder"}, "stage 2 (b): root is required for dataset imagefolder: ", "root"),
+    ({"name": "b", "dataset": "caltech101", "root": "/no/such/folder"},
+     "stage 2 (b): root /no/such/folder does not exist; download caltech101 there or set root.", "root"),
+])
+def test_the_stage_is_named_once_for_every_kind_of_stage_error(second, message, field):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"stages": [{"name": "a", "dataset": "shapes"}, second]})
+    assert str(info.value).startswith(message)
+    assert str(info.value).count("stage 2") == 1
+    assert (info.value.stage, info.value.field) == (1, field)
+
+
+def test_pipeline_and_table_errors_keep_their_own_place():
+    with pytest.raises(ConfigError) as info:
+        parse_config({"stages": [{"dataset": "shapes"}], "speed": 1})
+    assert str(info.value).startswith("the config: unknown key 'speed'; allowed keys are ")
+    assert (info.value.stage, info.value.field) == (None, None)
+    with pytest.raises(ConfigError) as info:
+        stages_from_rows([{"dataset": "shapes"}, {"name": "b", "dataset": "shapes", "epochs": "[1"}])
+    assert str(info.value) == "stage 2: epochs '[1' cannot be read as a value."
+    assert (info.value.stage, info.value.field) == (1, "epochs")

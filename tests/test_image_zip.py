@@ -99,10 +99,10 @@ MALICIOUS = {
     "too many files": (lambda img: _zip([(f"cat/{i}.png", img) for i in range(6)]),
                        ZipLimits(max_members=5), "holds 6 entries; at most 5 are accepted"),
     "file too large": (lambda img: _zip([("cat/a.png", img), ("dog/b.png", img)]),
-                       ZipLimits(max_file_bytes=1000), r"holds cat/a.png, 1.\d KB unpacked; files over 1000 bytes "
+                       ZipLimits(max_file_bytes=1000), r"holds cat/a.png, 1.\d KiB unpacked; files over 1000 bytes "
                                                        "are refused"),
     "total too large": (lambda img: _zip([("cat/a.png", img), ("dog/b.png", img)]),
-                        ZipLimits(max_total_bytes=2000), "would unpack to more than 2.0 KB of images"),
+                        ZipLimits(max_total_bytes=2000), "would unpack to more than 2.0 KiB of images"),
     "declared size lies": (lambda img: _lying_size(_zip([("cat/a.png", img), ("dog/b.bmp", b"\1" * 5000)],
                                                         zipfile.ZIP_STORED), "dog/b.bmp"),
                            ZipLimits(), r"is damaged .*dog/b.bmp"),

@@ -1,3 +1,4 @@
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -194,3 +195,94 @@ def test_has_metrics(store):
     assert not store.has_metrics("r1")
     store.log_epoch("r1", 0, 1, val_acc=0.5)
     assert store.has_metrics("r1") and not store.has_metrics("nobody")
+
+
+# The layout ResLens shipped first (schema 1): runs without stage_eta_s, gpu and phase.
+_SCHEMA_1_RUNS = """CREATE TABLE runs (
+    name TEXT PRIMARY KEY, config_json TEXT NOT NULL, config_yaml TEXT NOT NULL DEFAULT '', config_path TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL, state TEXT NOT NULL, pid INTEGER, heartbeat REAL, error TEXT,
+    stage INTEGER, epoch INTEGER, step INTEGER, total_steps INTEGER, done_steps INTEGER, eta_s REAL,
+    images_per_s REAL, device TEXT)"""
+_SCHEMA_1_STAGES = """CREATE TABLE stages (
+    run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE, idx INTEGER NOT NULL, name TEXT NOT NULL,
+    dataset TEXT NOT NULL, epochs INTEGER NOT NULL, class_names TEXT NOT NULL DEFAULT '[]', last_path TEXT,
+    best_path TEXT, best_val_acc REAL, best_epoch INTEGER, completed_epochs INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run, idx))"""
+
+
+def _old_store(path, user_version):
+    conn = sqlite3.connect(path)
+    conn.execute(_SCHEMA_1_RUNS)
+    conn.execute(_SCHEMA_1_STAGES)
+    conn.execute("INSERT INTO runs (name, config_json, created, updated, state) VALUES"
+                 " ('old', '{\"name\": \"old\"}', 1.0, 1.0, 'finished')")
+    conn.execute("INSERT INTO stages (run, idx, name, dataset, epochs, best_val_acc) VALUES"
+                 " ('old', 0, 'head', 'caltech101', 3, 0.5)")
+    conn.execute(f"PRAGMA user_version={user_version}")
+    conn.commit()
+    conn.close()
+
+
+def _columns(path, table):
+    conn = sqlite3.connect(path)
+    try:
+        return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def traced(monkeypatch):
+    """Every SQL statement the store's connections run, in order."""
+    statements = []
+    connect = sqlite3.connect
+
+    def traced_connect(*args, **kwargs):
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", traced_connect)
+    return statements
+
+
+@pytest.mark.parametrize("user_version", [0, 1])
+def test_an_older_store_is_upgraded_once(tmp_path, traced, user_version):
+    path = tmp_path / "old.sqlite"
+    _old_store(path, user_version)
+    store = RunStore(path)
+    assert store.get_run("old")["config"] == {"name": "old"}
+    assert store.get_run("old")["best_val_acc"] == 0.5
+    assert {"stage_eta_s", "gpu", "phase"} <= set(_columns(path, "runs"))
+    assert _columns(path, "metrics")  # the tables the old file lacked exist now
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == run_store.SCHEMA_VERSION
+    store.heartbeat("old", stage_eta_s=3.0, gpu=[{"index": 0}], phase="compiling")
+    assert store.get_run("old")["gpu"] == [{"index": 0}]
+    assert any(s.startswith("ALTER TABLE runs ADD COLUMN") for s in traced)
+    store.close()
+
+    traced.clear()
+    again = RunStore(path)
+    connection_settings = ("PRAGMA busy_timeout", "PRAGMA foreign_keys", "PRAGMA synchronous")
+    assert [s for s in traced if not s.startswith(connection_settings)] == ["PRAGMA user_version"]
+    assert again.get_run("old")["phase"] == "compiling"
+    again.close()
+
+
+def test_a_new_store_has_every_column_in_its_create_statements(tmp_path):
+    RunStore(tmp_path / "new.sqlite").close()
+    conn = sqlite3.connect(tmp_path / "new.sqlite")
+    runs_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
+    assert all(f"{column} " in runs_sql for column in ("stage_eta_s", "gpu", "phase"))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == run_store.SCHEMA_VERSION
+    conn.close()
+
+
+def test_a_store_from_a_newer_reslens_is_refused_untouched(tmp_path):
+    path = tmp_path / "newer.sqlite"
+    _old_store(path, run_store.SCHEMA_VERSION + 1)
+    before = path.read_bytes()
+    with pytest.raises(RunStoreError, match=r"schema version \d+, newer than .* update ResLens"):
+        RunStore(path)
+    assert path.read_bytes() == before
+    assert "phase" not in _columns(path, "runs")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
+from core.sizes import iec_bytes
 from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError
 
 EXPORT_KEYS = ("kind", "stage", "stage_name", "epoch", "step", "time")
@@ -209,7 +210,7 @@ def delete(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             raise UserError("Deleting runs needs a confirmation: answer on a terminal, or add --yes.")
-        listed = ", ".join(f"{n} ({jobs.format_bytes(s)})" for n, s in sizes.items())
+        listed = ", ".join(f"{n} ({iec_bytes(s)})" for n, s in sizes.items())
         if input(f"Delete {listed} with all their checkpoints and metrics? [y/N] ").strip().lower() not in ("y", "yes"):
             print("Nothing deleted.")
             return 1
@@ -217,7 +218,7 @@ def delete(args: argparse.Namespace) -> int:
     for name in args.run_names:
         freed += jobs.delete(name)
         print(f"Deleted run {name}.")
-    print(f"Freed {jobs.format_bytes(freed)}.")
+    print(f"Freed {iec_bytes(freed)}.")
     return 0
 
 

@@ -128,6 +128,10 @@ class ConfigError(UserError):
         super().__init__(message)
         self.stage, self.field = stage, field
 
+    def in_stage(self, index: int, label: str) -> ConfigError:
+        """This error as one of stage ``index``: the message led by ``label`` (``stage 2 (finetune): ...``)."""
+        return ConfigError(f"{label}: {self}", stage=index, field=self.field)
+
 
 @dataclass
 class StageConfig:
@@ -256,7 +260,10 @@ def parse_config(
     """Validate a config dict (already overridden) and fill in defaults and resolved paths."""
     if not isinstance(raw, dict):
         raise ConfigError("The config must be a mapping with a 'stages' list.")
-    _check_keys(raw, PIPELINE_KEYS, "the config")
+    try:
+        _check_keys(raw, PIPELINE_KEYS)
+    except ConfigError as exc:
+        raise ConfigError(f"the config: {exc}") from None
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError("The config needs a non-empty 'stages' list.")
@@ -265,7 +272,10 @@ def parse_config(
     _validate_pipeline(config)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     for i, stage_raw in enumerate(stages_raw):
-        config.stages.append(_parse_stage(i, stage_raw, base, data_root, check_data))
+        try:
+            config.stages.append(_parse_stage(i, stage_raw, base, data_root, check_data))
+        except ConfigError as exc:  # the helpers say what is wrong; the stage is named here, once
+            raise exc.in_stage(i, stage_label(i, stage_raw if isinstance(stage_raw, dict) else None)) from None
     _check_stage_names(config.stages)
     return config
 
@@ -277,27 +287,27 @@ def stage_label(index: int, stage: StageConfig | dict[str, Any] | None = None) -
 
 
 def _parse_stage(i: int, raw: Any, base: Path, data_root: str | Path | None, check_data: bool) -> StageConfig:
-    label = stage_label(i, raw if isinstance(raw, dict) else None)
+    """Stage ``i`` (its position: the default name, whether ``init: previous`` has a stage before it)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{label}: each stage must be a mapping of keys, got {type(raw).__name__}.", stage=i)
-    _check_keys(raw, {f.name for f in fields(StageConfig)}, label, stage=i)
+        raise ConfigError(f"each stage must be a mapping of keys, got {type(raw).__name__}.")
+    _check_keys(raw, {f.name for f in fields(StageConfig)})
     if "dataset" not in raw:
-        raise ConfigError(f"{label}: 'dataset' is required.", stage=i, field="dataset")
+        raise ConfigError("'dataset' is required.", field="dataset")
     values = {**raw}
     values.setdefault("name", f"stage{i + 1}")
     if values.get("options") is None:
         values["options"] = {}
     stage = StageConfig(**values)
-    _validate_stage(i, stage, label)
-    _resolve_paths(i, stage, label, base, data_root, check_data)
+    _validate_stage(stage, first=i == 0)
+    _resolve_paths(stage, base, data_root, check_data)
     return stage
 
 
-def _check_keys(raw: dict[str, Any], allowed: set[str], where: str, stage: int | None = None) -> None:
+def _check_keys(raw: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}.",
-                          stage=stage, field=unknown[0] if stage is not None else None)
+        raise ConfigError(f"unknown key {unknown[0]!r}; allowed keys are {', '.join(sorted(allowed))}.",
+                          field=unknown[0])
 
 
 def _validate_pipeline(config: PipelineConfig) -> None:
@@ -322,22 +332,23 @@ def _validate_pipeline(config: PipelineConfig) -> None:
         raise ConfigError(f"the config: data_path must be one of {', '.join(DATA_PATHS)}, got {config.data_path!r}.")
 
 
-def _number(i: int, label: str, key: str, value: Any, integer: bool = False) -> float:
+def _number(key: str, value: Any, integer: bool = False) -> float:
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{label}: {key} must be {kind}, got {value!r}.", stage=i, field=key)
+        raise ConfigError(f"{key} must be {kind}, got {value!r}.", field=key)
     if not math.isfinite(value):
-        raise ConfigError(f"{label}: {key} must be a finite number, got {value!r}.", stage=i, field=key)
+        raise ConfigError(f"{key} must be a finite number, got {value!r}.", field=key)
     return value
 
 
 MAX_BATCH_SIZE = 8192  # per process; larger batches do not fit any GPU at ResNet sizes
 
 
-def _validate_stage(i: int, s: StageConfig, label: str) -> None:
+def _validate_stage(s: StageConfig, first: bool) -> None:
+    """Values, ranges and choices of one stage (``first``: it is the pipeline's first stage)."""
     def fail(key: str, text: str) -> ConfigError:
-        return ConfigError(f"{label}: {text}", stage=i, field=key)
+        return ConfigError(text, field=key)
 
     ranges = {  # key: (low, low inclusive, high, high inclusive, integer)
         "epochs": (1, True, MAX_EPOCHS, True, True),
@@ -358,7 +369,7 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         "train_size_ramp": (0, False, 1, True, False),
     }
     for key, (low, low_inc, high, high_inc, integer) in ranges.items():
-        value = _number(i, label, key, getattr(s, key), integer)
+        value = _number(key, getattr(s, key), integer)
         if value < low or (value == low and not low_inc):
             raise fail(key, f"{key} must be {'>=' if low_inc else '>'} {low}, got {value!r}.")
         if high is not None and (value > high or (value == high and not high_inc)):
@@ -382,47 +393,46 @@ def _validate_stage(i: int, s: StageConfig, label: str) -> None:
         raise fail("options", f"options must be a mapping, got {s.options!r}.")
     if not isinstance(s.init, str) or not s.init:
         raise fail("init", "init must be scratch, imagenet, previous or a checkpoint path.")
-    if s.init == "previous" and i == 0:
+    if s.init == "previous" and first:
         raise fail("init", "init 'previous' needs an earlier stage; use scratch, imagenet or a path.")
-    _check_dataset(i, label, s.dataset)
-    _check_options(i, label, s)
+    _check_dataset(s.dataset)
+    _check_options(s)
 
 
-def _check_dataset(i: int, label: str, name: Any) -> None:
+def _check_dataset(name: Any) -> None:
     from core.datasets import DATASETS
 
     if not isinstance(name, str):
-        raise ConfigError(f"{label}: dataset must be the name of one data set, got {name!r}.",
-                          stage=i, field="dataset")
+        raise ConfigError(f"dataset must be the name of one data set, got {name!r}.", field="dataset")
     if name not in DATASETS:
-        raise ConfigError(f"{label}: unknown dataset {name!r}; known data sets are {', '.join(sorted(DATASETS))}.",
-                          stage=i, field="dataset")
+        raise ConfigError(f"unknown dataset {name!r}; known data sets are {', '.join(sorted(DATASETS))}.",
+                          field="dataset")
 
 
-def _check_options(i: int, label: str, s: StageConfig) -> None:
+def _check_options(s: StageConfig) -> None:
     from core.datasets import COMMON_OPTIONS, DATASETS
 
     accepted = {**DATASETS[s.dataset].options, **COMMON_OPTIONS}
     unknown = sorted(set(s.options) - set(accepted))
     if unknown:
         names = ", ".join(accepted) or "none"
-        raise ConfigError(f"{label}: data set {s.dataset} has no option {unknown[0]!r} (its options: {names}).",
-                          stage=i, field="options")
+        raise ConfigError(f"data set {s.dataset} has no option {unknown[0]!r} (its options: {names}).",
+                          field="options")
     for key, value in s.options.items():
-        _check_option(i, label, key, value, accepted[key])
+        _check_option(key, value, accepted[key])
 
 
-def _check_option(i: int, label: str, key: str, value: Any, default: Any) -> None:
+def _check_option(key: str, value: Any, default: Any) -> None:
     """An option value is a scalar of its default's type (any number where the default is a number or None)."""
     if value is None:
         return
-    wrong = ConfigError(f"{label}: options.{key} must be {_kind(default)}, got {value!r}.", stage=i, field="options")
+    wrong = ConfigError(f"options.{key} must be {_kind(default)}, got {value!r}.", field="options")
     if isinstance(default, bool) or isinstance(value, bool):
         if not isinstance(value, bool) or not isinstance(default, bool):
             raise wrong
         return
     if isinstance(default, (int, float)) or default is None:
-        _number(i, label, f"options.{key}", value, integer=default is None or isinstance(default, int))
+        _number(f"options.{key}", value, integer=default is None or isinstance(default, int))
         return
     if not isinstance(value, type(default)):
         raise wrong
@@ -432,19 +442,18 @@ def _kind(default: Any) -> str:
     return "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
 
 
-def _check_data_present(i: int, label: str, s: StageConfig) -> None:
+def _check_data_present(s: StageConfig) -> None:
     from core.datasets import DATASETS, OWN_FOLDER, DatasetError, DatasetMissing, class_counts
 
     folder = DATASETS[s.dataset].folder
     if folder is None:
         return
     if folder != OWN_FOLDER and not Path(str(s.root)).is_dir():
-        raise ConfigError(f"{label}: root {s.root} does not exist; download {s.dataset} there or set root.",
-                          stage=i, field="root")
+        raise ConfigError(f"root {s.root} does not exist; download {s.dataset} there or set root.", field="root")
     try:
         class_counts(s.dataset, s.root, "train", **s.options)
     except (DatasetMissing, DatasetError) as exc:
-        raise ConfigError(f"{label}: {exc}", stage=i, field="root") from None
+        raise ConfigError(str(exc), field="root") from None
 
 
 def _is_own_folder(name: str) -> bool:
@@ -454,22 +463,20 @@ def _is_own_folder(name: str) -> bool:
     return DATASETS[name].folder == OWN_FOLDER
 
 
-def _resolve_paths(
-    i: int, s: StageConfig, label: str, base: Path, data_root: str | Path | None, check_data: bool
-) -> None:
+def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, check_data: bool) -> None:
     if s.root is None and _is_own_folder(s.dataset):
-        raise ConfigError(f"{label}: root is required for dataset {s.dataset}: the folder that holds your images "
-                          "(one folder per class, or train/ and val/ folders of class folders).", stage=i, field="root")
+        raise ConfigError(f"root is required for dataset {s.dataset}: the folder that holds your images "
+                          "(one folder per class, or train/ and val/ folders of class folders).", field="root")
     if s.root is None:
         s.root = str(Path(data_root).resolve() if data_root is not None else paths.data_root())
     else:
         s.root = str((base / Path(s.root).expanduser()).resolve())
     if check_data:
-        _check_data_present(i, label, s)
+        _check_data_present(s)
     if s.init not in ("scratch", "imagenet", "previous"):
         init = (base / Path(s.init).expanduser()).resolve()
         if check_data and not init.is_file():
-            raise ConfigError(f"{label}: init checkpoint {init} does not exist.", stage=i, field="init")
+            raise ConfigError(f"init checkpoint {init} does not exist.", field="init")
         s.init = str(init)
 
 
@@ -519,7 +526,10 @@ def stages_from_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, cell in row.items():
             if _blank(cell):
                 continue
-            stage[key] = _cell_value(i, key, cell)
+            try:
+                stage[key] = _cell_value(key, cell)
+            except ConfigError as exc:
+                raise exc.in_stage(i, stage_label(i)) from None
         if "dataset" not in stage:
             what = "is empty" if not stage else "has no data set"
             raise ConfigError(f"{stage_label(i, stage)}: the row {what}; choose a data set or delete the row.",
@@ -532,7 +542,7 @@ def _blank(cell: Any) -> bool:
     return cell is None or (isinstance(cell, float) and math.isnan(cell)) or (isinstance(cell, str) and not cell.strip())
 
 
-def _cell_value(i: int, key: str, cell: Any) -> Any:
+def _cell_value(key: str, cell: Any) -> Any:
     if hasattr(cell, "item"):  # numpy scalars from a numeric column
         cell = cell.item()
     if not isinstance(cell, str):
@@ -543,8 +553,8 @@ def _cell_value(i: int, key: str, cell: Any) -> Any:
         try:
             value = parse_yaml(cell)
         except yaml.YAMLError:
-            raise ConfigError(f"{stage_label(i)}: {key} {cell!r} cannot be read as "
-                              f"{'JSON' if key == 'options' else 'a value'}.", stage=i, field=key) from None
+            raise ConfigError(f"{key} {cell!r} cannot be read as {'JSON' if key == 'options' else 'a value'}.",
+                              field=key) from None
     default = STAGE_DEFAULTS.get(key)
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float) and value.is_integer():
         return int(value)  # 4.0 is exactly 4

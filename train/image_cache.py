@@ -36,7 +36,7 @@ from torchvision import transforms
 from torchvision.transforms import v2
 
 from core import paths
-from core.checkpoints import human_bytes
+from core.sizes import iec_bytes
 from core.errors import UserError
 from core.images import ImageError
 from core.tempfiles import locked_temp, sweep_stale
@@ -178,8 +178,8 @@ def _what(description: dict[str, Any]) -> str:
 
 def _no_space(folder: Path, needed: int, description: dict[str, Any]) -> CacheError:
     return CacheError(
-        f"Not enough disk space to build the image cache of {_what(description)}: it needs {human_bytes(needed)} in "
-        f"{folder}, which has {human_bytes(shutil.disk_usage(folder).free)} free; free some space or point "
+        f"Not enough disk space to build the image cache of {_what(description)}: it needs {iec_bytes(needed)} in "
+        f"{folder}, which has {iec_bytes(shutil.disk_usage(folder).free)} free; free some space or point "
         "RESLENS_HOME at a larger disk."
     )
 

@@ -199,14 +199,6 @@ def disk_usage(name: str) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
-def format_bytes(size: int) -> str:
-    """'190.2 MB', '1.5 GB', '12 KB'."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}" if unit != "KB" else f"{size / scale:.0f} {unit}"
-    return f"{size} bytes"
-
-
 def delete(name: str) -> int:
     """Delete run ``name`` for good: its folder and everything the store holds about it; returns the bytes freed.
 
