@@ -8,7 +8,10 @@ Each variant is the study's final Caltech-101 stage (``train/configs/caltech101-
 - ``mix``: MixUp or CutMix on each batch (``mix: both``);
 - ``ema``: an exponential moving average of the weights, validated and kept as best (``ema: 0.998``);
 - ``no-ls``: no label smoothing;
-- ``lr-x2``: twice the learning rate.
+- ``lr-x2``: twice the learning rate;
+- ``res-ramp``: a resolution schedule: training grows from 3/4 of the image size to the full size over the first
+  3/4 of the epochs (``train_size_start``), validation at the full size throughout;
+- ``bs-half`` / ``bs-x2``: half / twice the batch size, with the learning rate scaled in proportion.
 
 Test-time flips (``tta``) and the test resolution need no training: each finished variant's ``best.pt`` (the
 weights it validated best, the averaged ones for ``ema``) is evaluated on the validation split without and with
@@ -40,16 +43,31 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ema": {"ema": 0.998},
     "no-ls": {"label_smoothing": 0.0},
     "lr-x2": {"lr": "2x"},
+    "res-ramp": {"train_size_start": "0.75x image_size"},
+    "bs-half": {"batch_size": "0.5x", "lr": "0.5x"},
+    "bs-x2": {"batch_size": "2x", "lr": "2x"},
 }
+DEFAULTS = {"lr": 0.1, "batch_size": 128, "image_size": 96}  # the shipped config's values
+
+
+def scaled(value: Any, key: str, values: dict[str, Any]) -> Any:
+    """A variant's value: "2x" = twice the scale's value of ``key``, "0.75x image_size" = of another key."""
+    if not (isinstance(value, str) and "x" in value):
+        return value
+    factor, _, of = value.partition("x")
+    base = values.get(of.strip() or key, DEFAULTS[of.strip() or key])
+    result = float(factor) * float(base)
+    return int(round(result)) if key in ("batch_size", "train_size_start") else result
 
 
 def settings(variant: str, scale: str, epochs: int | None, init: Path) -> dict[str, Any]:
     """The final stage's overrides: the study's scale, the pretrained init, then the variant's change."""
-    values = {**SCALES[scale].get("caltech101", {}), "init": str(init)}
+    # epochs validate without flips (as the first variants were run); the flip columns evaluate best.pt both ways
+    values = {**SCALES[scale].get("caltech101", {}), "init": str(init), "tta": False}
     if epochs:
         values["epochs"] = epochs
     for key, value in VARIANTS[variant].items():
-        values[key] = 2 * float(values.get("lr", 0.1)) if value == "2x" else value
+        values[key] = scaled(value, key, values)
     return values
 
 
