@@ -48,6 +48,22 @@ def test_stage_eta_never_exceeds_the_pipeline_eta_which_counts_later_stages(cloc
     assert p.eta_s == pytest.approx(p.stage_eta_s + 20 * 4.0)  # 4x the pixels per step: 4x the time
 
 
+def test_a_resolution_schedule_counts_the_larger_epochs_ahead_and_rescales_at_each_change(clock):
+    p = Progress()
+    p.set_plan([StageWork(30, 3, pixels_per_step=2.0, epoch_pixels=(1.0, 1.0, 4.0))], done_steps=0)
+    p.start_epoch(0, 1, 0)
+    steps(p, clock, [5.0] + [1.0] * STEADY_STEPS)  # epoch 1 at 1 pixel per step: 1 s a step
+    left_in_epoch = 10 - STEADY_STEPS - 1
+    assert p.stage_eta_s == pytest.approx(left_in_epoch + 10 * 1.0 + 10 * 4.0 + 3 * p._validation_s(p.plan[0]))
+    steps(p, clock, [1.0] * left_in_epoch)
+    p.validated(0.0)
+    p.start_epoch(0, 2, 10)
+    steps(p, clock, [1.0] * 10)
+    p.validated(0.0)
+    p.start_epoch(0, 3, 20)  # 4x the pixels: each step is expected to take 4 s before one is timed
+    assert p.stage_eta_s == pytest.approx(10 * 4.0)
+
+
 def test_one_slow_step_does_not_make_the_eta_jump(clock):
     p = Progress()
     p.set_plan([StageWork(1000, 10, 1.0)], done_steps=0)

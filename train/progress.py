@@ -19,13 +19,28 @@ SMOOTHING = 0.1  # weight of the newest step in the moving average
 
 @dataclass
 class StageWork:
-    """What one stage has to do: optimizer steps in all, epochs, and the pixels one step processes."""
+    """What one stage has to do: optimizer steps in all, epochs, and the pixels one step processes (on average;
+    ``epoch_pixels``: per epoch, when a resolution schedule changes it)."""
 
     steps: int
     epochs: int
     pixels_per_step: float
     val_images: int = 0
     train_images: int = 0
+    epoch_pixels: tuple[float, ...] = ()
+
+    def pixels_at(self, epoch: int) -> float:
+        """Pixels per step of ``epoch`` (from 1)."""
+        return self.epoch_pixels[min(epoch, len(self.epoch_pixels)) - 1] if self.epoch_pixels else self.pixels_per_step
+
+    def steps_ahead(self, epoch: int, left: int) -> float:
+        """The ``left`` steps of the stage from within ``epoch``, in steps of that epoch's size."""
+        if not self.epoch_pixels:
+            return float(left)
+        per_epoch = self.steps / self.epochs
+        later = range(epoch + 1, self.epochs + 1)
+        this_epoch = max(0.0, left - per_epoch * len(later))
+        return this_epoch + sum(per_epoch * self.pixels_at(e) / self.pixels_at(epoch) for e in later)
 
 
 @dataclass
@@ -56,6 +71,9 @@ class Progress:
         """An epoch (or its resumed rest) begins: its first step is not timed (the loader starts up)."""
         if stage != self._timed_stage:
             self._step_s, self._timed, self._timed_stage, self._val_s = None, 0, stage, None
+        elif self._step_s is not None and stage < len(self.plan):  # a resolution schedule's new size
+            work = self.plan[stage]
+            self._step_s *= work.pixels_at(epoch) / work.pixels_at(self.epoch)
         self.stage, self.epoch, self.step = stage, epoch, step
         self._last = None
         self._update_eta()
@@ -92,10 +110,12 @@ class Progress:
         done_before = sum(w.steps for w in self.plan[: self.stage])
         left = max(0, current.steps - (self.done_steps - done_before))
         validations_left = max(0, current.epochs - max(1, self.epoch) + 1)  # this epoch's is still to come
-        self.stage_eta_s = left * self._step_s + validations_left * self._validation_s(current)
+        self.stage_eta_s = (current.steps_ahead(max(1, self.epoch), left) * self._step_s
+                            + validations_left * self._validation_s(current))
         later = 0.0
+        now = current.pixels_at(max(1, self.epoch))
         for work in self.plan[self.stage + 1:]:
-            scale = work.pixels_per_step / current.pixels_per_step if current.pixels_per_step else 1.0
+            scale = work.pixels_per_step / now if now else 1.0
             later += work.steps * self._step_s * scale * (1 + self._val_share(work))
         self.eta_s = self.stage_eta_s + later
 
