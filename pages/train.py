@@ -183,6 +183,9 @@ def column_config(frame: pd.DataFrame) -> dict[str, Any]:
     config["patience"] = st.column_config.TextColumn(
         "patience", help="Early stopping: end the stage after this many epochs without a better validation "
                          "balanced accuracy (0: off).")
+    config["train_size_start"] = st.column_config.TextColumn(
+        column_label("train_size_start"), help="Resolution schedule (augment strong): the first epoch trains at this "
+        "size, growing to image size over the first 'train size ramp' of the epochs (0: off).")
     return config
 
 
