@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from core.run_store import RunStore  # noqa: E402
 from study import SCALES, Outcome, summarize, train_or_reuse  # noqa: E402
 
+CONFIG = "train/configs/caltech101-scratch.yaml"  # its one stage is the study's final Caltech-101 stage
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {},
     "mix": {"mix": "both"},
@@ -47,17 +49,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bs-half": {"batch_size": "0.5x", "lr": "0.5x"},
     "bs-x2": {"batch_size": "2x", "lr": "2x"},
 }
-DEFAULTS = {"lr": 0.1, "batch_size": 128, "image_size": 96}  # the shipped config's values
+SCALED = re.compile(r"(?P<factor>\d+(?:\.\d+)?)x(?: (?P<of>\w+))?")  # "2x": of the key itself; "0.75x image_size"
 
 
 def scaled(value: Any, key: str, values: dict[str, Any]) -> Any:
-    """A variant's value: "2x" = twice the scale's value of ``key``, "0.75x image_size" = of another key."""
-    if not (isinstance(value, str) and "x" in value):
+    """A variant's value: "2x" = twice the stage's value of ``key``, "0.75x image_size" = of another key (the
+    scale's value, else the shipped config's)."""
+    found = SCALED.fullmatch(value) if isinstance(value, str) else None
+    if found is None:
         return value
-    factor, _, of = value.partition("x")
-    base = values.get(of.strip() or key, DEFAULTS[of.strip() or key])
-    result = float(factor) * float(base)
-    return int(round(result)) if key in ("batch_size", "train_size_start") else result
+    of = found["of"] or key
+    result = float(found["factor"]) * float(values.get(of, _shipped_stage()[of]))
+    return int(round(result)) if isinstance(_shipped_stage()[key], int) else result
+
+
+def _shipped_stage() -> dict[str, Any]:
+    from train.config import load_config
+
+    return load_config(REPO / CONFIG, check_data=False).stages[0].to_dict()
 
 
 def settings(variant: str, scale: str, epochs: int | None, init: Path) -> dict[str, Any]:
@@ -74,7 +83,7 @@ def settings(variant: str, scale: str, epochs: int | None, init: Path) -> dict[s
 def train_variant(variant: str, args: argparse.Namespace, store: RunStore) -> Outcome:
     sets = [x for key, value in settings(variant, args.scale, args.epochs, args.init).items()
             for x in ("--set", f"stages.caltech101.{key}={json.dumps(value)}")]
-    run_args = ["train/configs/caltech101-scratch.yaml", "--data-root", str(args.data_root), *sets]
+    run_args = [CONFIG, "--data-root", str(args.data_root), *sets]
     return train_or_reuse(variant, f"ablate-{args.scale}-{variant}", run_args, args, store)
 
 

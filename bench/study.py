@@ -97,7 +97,7 @@ def run_pipeline(key: str, scale: str, args: argparse.Namespace, store: RunStore
         return Outcome(key, None, skipped=reason)
     names = _stage_names(config)  # overrides only for the stages this pipeline has
     sets = [x for o in overrides(scale) if o.split(".")[1] in names for x in ("--set", o)]
-    if args.workers is not None:  # a machine setting, not the recipe: per-sample seeds make results independent of it
+    if args.workers is not None:  # recorded in the stage config, but per-sample seeds make results independent of it
         sets += [x for name in sorted(names) for x in ("--set", f"stages.{name}.num_workers={args.workers}")]
     run_args = [f"train/configs/{config}", "--data-root", str(args.data_root), *sets]
     return train_or_reuse(key, run, run_args + (["--device", args.device] if args.device else []), args, store)
@@ -214,7 +214,8 @@ def main() -> int:
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"subset of {', '.join(PIPELINES)}")
     parser.add_argument("--device", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs")
-    parser.add_argument("--workers", type=int, help="DataLoader workers for every stage (default: the configs')")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for every stage of a new run (default: the "
+                        "configs'); the figures do not depend on it, per-sample seeds fix every draw")
     parser.add_argument("--fresh", action="store_true", help="train every pipeline again")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args()

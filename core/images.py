@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import UserError
+from core.sizes import iec_bytes
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 
@@ -122,7 +123,7 @@ def _check_size(size: int, label: str) -> None:
     if size == 0:
         raise ImageError(f"{label} is empty (0 bytes).")
     if size > MAX_FILE_BYTES:
-        raise ImageError(f"{label} is {size / 2**20:.0f} MB; images larger than {MAX_UPLOAD_MB} MB are refused.")
+        raise ImageError(f"{label} is {iec_bytes(size)}; images larger than {iec_bytes(MAX_FILE_BYTES)} are refused.")
 
 
 def _refuse_unsupported(head: bytes, label: str) -> None:

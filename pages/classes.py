@@ -55,9 +55,15 @@ def pick_evaluation() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
         st.info("No evaluations yet: run `python -m train eval CHECKPOINT` to add one.")
         return None, [], None
     chosen = st.selectbox("Evaluation", evaluations, format_func=lambda e: (
-        f"{Path(e['checkpoint']).name} on {e['dataset']} {e['split']} · "
+        f"{Path(e['checkpoint']).name} on {e['dataset']} {e['split']}{tested(e['data'])} · "
         f"{datetime.fromtimestamp(e['time']):%Y-%m-%d %H:%M} · {common.checkpoint_label(Path(e['checkpoint']))}"))
     return chosen["data"], chosen["misclassified"], Path(chosen["checkpoint"])
+
+
+def tested(result: dict[str, Any]) -> str:
+    """How an evaluation was tested (its resolution, flips), for its label; empty for older ones."""
+    parts = ([f"{result['image_size']} px"] if result.get("image_size") else []) + (["flips"] if result.get("flip") else [])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:

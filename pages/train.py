@@ -291,7 +291,7 @@ def download_with_progress(name: str, root: str) -> None:
     while worker.is_alive():
         worker.join(0.5)
         done, total = seen["done"], seen["total"]
-        text = f"Downloading {name}: {done / 1e6:.0f} MB" + (f" of {total / 1e6:.0f} MB" if total else "")
+        text = f"Downloading {name}: {iec_bytes(done)}" + (f" of {iec_bytes(total)}" if total else "")
         bar.progress(min(1.0, done / total) if total else 0.0, text=text)
     if seen["error"] is not None:
         raise seen["error"]
@@ -330,7 +330,7 @@ def uploaded_folder() -> Path | None:
     """The folder an uploaded .zip was unpacked into (once per upload), or None with the refusal shown."""
     upload = st.file_uploader("A .zip of class folders", type=["zip"], key="images_zip",
                               help=f"Unpacked under {paths.uploads_dir()}; only image files are kept. Up to "
-                                   f"{MAX_UPLOAD_MB} MB: point at a folder for larger sets.")
+                                   f"{MAX_UPLOAD_MB} MiB: point at a folder for larger sets.")
     if upload is None:
         return None
     unpacked = st.session_state.setdefault("unpacked_zips", {})

@@ -153,11 +153,12 @@ def test_classes_shows_a_train_eval_result():
 
     checkpoint = fx.finished_run()
     result = RunStore().class_results("demo-done", 1)
-    RunStore().add_evaluation(str(checkpoint), "shapes-lt", "val", result,
+    RunStore().add_evaluation(str(checkpoint), "shapes-lt", "val", {**result, "image_size": 80, "flip": True},
                               [{"source": "shapes-lt:val:0", "true": "heart", "predicted": "star", "confidence": .9}])
     at = open_page("pages/classes.py")
     at.segmented_control[0].set_value("an evaluation").run()
     assert not at.error, [e.value for e in at.error]
+    assert "shapes-lt val (80 px, flips) · " in at.selectbox[0].options[0]  # how it was tested
     assert {m.label: m.value for m in at.metric}["Accuracy"] == f"{result['accuracy']:.1%}"
     assert [c for c in at.image[0].captions] == ["heart → star (90%)"]
 

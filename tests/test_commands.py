@@ -81,6 +81,7 @@ def test_eval_at_another_test_resolution_feeds_images_of_that_size(finished, cap
     assert main(["eval", str(best), "--image-size", "40"]) == 0
     assert trained != (40, 40) and set(shapes) == {(40, 40)}
     assert "at 40 px" in capsys.readouterr().out
+    assert [e["data"]["image_size"] for e in RunStore().evaluations()] == [40, trained[0]]  # newest first
     assert main(["eval", str(best), "--image-size", "8"]) == 2
     assert "--image-size must be between 16 and 1024" in capsys.readouterr().err
 

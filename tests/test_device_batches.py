@@ -249,7 +249,16 @@ def test_the_host_gather_writes_each_batch_straight_into_one_of_two_buffers():
 @pytest.mark.parametrize("held", [True, False], ids=["held", "host-gathered"])
 def test_cuda_batches_equal_the_cpu_ones(tmp_path, kind, held, monkeypatch):
     """The same draws on the GPU (cache held there, or gathered on the host into pinned buffers reused while
-    earlier copies may still run) as on the CPU: equal crops, the same resampling within rounding."""
+    earlier copies may still run) as on the CPU: equal crops, the same resampling within rounding. The GPU is kept
+    busy (``torch.cuda._sleep``) before each host-gathered copy, so a buffer refilled before its copy ran (a
+    missing wait on its event) would show as wrong pixels."""
+    real_gather = HostGather.gather
+
+    def delayed(self, rows):
+        torch.cuda._sleep(10 ** 8)  # about 50 ms of GPU time queued ahead of this batch's copy
+        return real_gather(self, rows)
+
+    monkeypatch.setattr(HostGather, "gather", delayed)
     pairs, store = batch_pairs(tmp_path, kind, "cuda", None if held else monkeypatch)
     assert store.copied != held and store.pixels.is_cuda == held
     assert held or store.host_gather.buffers[0].is_pinned()

@@ -184,7 +184,7 @@ def assert_same_run(a: dict, b: dict) -> None:
                          [(5, 0, {}, "workers"), (3, 1, {}, "workers"),
                           (5, 0, {"mix": "both", "ema": 0.9, "tta": True}, "workers"), (5, 0, {}, "device"),
                           (3, 0, {"mix": "both", "ema": 0.9, "tta": True}, "device"),
-                          (5, 1, {"train_size_start": 24, "train_size_ramp": 0.5, "image_size": 40}, "workers")],
+                          (5, 1, {"train_size_start": 24, "train_size_ramp": 1.0, "image_size": 40}, "workers")],
                          ids=["mid-epoch", "epoch-boundary", "mid-epoch-mix-ema-tta", "mid-epoch-device-path",
                               "epoch-boundary-device-path-mix-ema-tta", "mid-epoch-resolution-schedule"])
 def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers, recipe, data_path):

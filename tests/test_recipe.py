@@ -91,14 +91,20 @@ def test_resolution_schedule_ramps_in_steps_of_8_then_holds_the_image_size():
     assert sizes[0] == 48 and sizes[-3:] == [64, 64, 64]  # 0.75 of 10 epochs to grow, then the full size
     assert sizes == sorted(sizes) and all(size % 8 == 0 for size in sizes) and len(set(sizes)) == 3
     assert [StageConfig(dataset="shapes", epochs=4, image_size=40).train_size(e) for e in range(4)] == [40] * 4
+    odd = StageConfig(dataset="shapes", epochs=10, image_size=100, train_size_start=61, augment="strong")
+    assert [odd.train_size(e) for e in range(10)] == [61, 64, 72, 80, 80, 88, 96, 100, 100, 100]  # both ends exact
+    whole = StageConfig(dataset="shapes", epochs=4, image_size=96, train_size_start=32, train_size_ramp=1.0)
+    assert [whole.train_size(e) for e in range(4)] == [32, 56, 72, 96]  # a ramp over every epoch still ends at 96
 
 
 def test_config_checks_the_resolution_schedule(tmp_path):
-    raw = tiny_config(tmp_path, (1,), augment="strong")
+    raw = tiny_config(tmp_path, (4,), augment="strong")
     for change, message in (({"train_size_start": 48}, r"from 16 to image_size \(32\), got 48"),
                             ({"train_size_start": 8}, "from 16 to image_size"),
                             ({"train_size_start": 16, "augment": "light"}, "needs augment: strong"),
-                            ({"train_size_ramp": 0}, "train_size_ramp must be > 0")):
+                            ({"train_size_ramp": 0}, "train_size_ramp must be > 0"),
+                            ({"train_size_start": 16, "epochs": 2, "train_size_ramp": 0.5},
+                             r"needs a ramp of at least 2 epochs; train_size_ramp 0.5 of 2 epoch\(s\) gives 1")):
         with pytest.raises(ConfigError, match=message):
             parse_config({**raw, "stages": [{**raw["stages"][0], **change}]})
 
@@ -118,13 +124,13 @@ def test_a_resolution_schedule_trains_each_epoch_at_its_size_and_validates_at_th
 
     monkeypatch.setattr(engine, "build_model", recording)
     raw = tiny_config(tmp_path, (3,), augment="strong", num_workers=workers, train_size_start=24,
-                      train_size_ramp=0.5, image_size=40)
+                      train_size_ramp=1.0, image_size=40)
     raw["data_path"] = data_path
     assert run_tiny(raw) == "finished"
     per_epoch = len(seen) // 3
     trained = [sorted({size for training, size in seen[e * per_epoch:(e + 1) * per_epoch] if training})
                for e in range(3)]
-    assert trained == [[24], [32], [40]]  # 24 + (40 - 24) * epoch / 1.5, to a multiple of 8
+    assert trained == [[24], [32], [40]]  # 24 + (40 - 24) * epoch / 2, to a multiple of 8
     assert {size for training, size in seen if not training} == {40}
 
 

@@ -234,8 +234,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time flips: average each image's logits with its mirror's (default: the stage's tta)")
     p.add_argument("--image-size", type=int,
-                   help="test resolution in pixels (default: the one it was trained at); larger often helps after "
-                        "random-resized-crop training")
+                   help="test resolution in pixels (default: the one it was trained at); the split is decoded "
+                        "once more into the image cache at that size")
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -163,21 +163,27 @@ class StageConfig:
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); validated and saved
     tta: bool = False  # validate on each image and its mirror image (logits averaged)
-    train_size_start: int = 0  # resolution schedule: the first epoch trains at this size, growing to image_size (0: off)
+    train_size_start: int = 0  # resolution schedule: epoch 1 trains at this size, growing to image_size (0: off)
     train_size_ramp: float = 0.75  # ... over this fraction of the epochs; the rest train at image_size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def ramp_epochs(self) -> int:
+        """How many epochs a resolution schedule's ramp spans, from ``train_size_start`` to ``image_size``."""
+        return min(self.epochs, round(self.train_size_ramp * self.epochs))
+
     def train_size(self, epoch: int) -> int:
         """The training image size of ``epoch`` (from 0): ``image_size``, or on a resolution schedule a linear ramp
-        from ``train_size_start`` to ``image_size`` over the first ``train_size_ramp`` of the epochs, rounded to a
-        multiple of 8 (few distinct sizes: each is a new shape for cuDNN and ``torch.compile``). Validation is
-        always at ``image_size``."""
-        if not self.train_size_start:
+        from exactly ``train_size_start`` (epoch 0) to exactly ``image_size`` (the ramp's last epoch and every
+        later one), the sizes in between rounded to a multiple of 8 (few distinct sizes: each is a new shape for
+        cuDNN and ``torch.compile``). Validation is always at ``image_size``."""
+        last = self.ramp_epochs() - 1
+        if not self.train_size_start or epoch >= last:
             return self.image_size
-        grown = min(1.0, epoch / (self.train_size_ramp * self.epochs))
-        size = 8 * round((self.train_size_start + grown * (self.image_size - self.train_size_start)) / 8)
+        if epoch <= 0:
+            return self.train_size_start
+        size = 8 * round((self.train_size_start + epoch / last * (self.image_size - self.train_size_start)) / 8)
         return max(self.train_size_start, min(self.image_size, size))
 
     def same_as(self, stored: dict[str, Any]) -> bool:
@@ -384,6 +390,9 @@ def _validate_stage(s: StageConfig, first: bool) -> None:
     if s.train_size_start and not 16 <= s.train_size_start <= s.image_size:
         raise fail("train_size_start", f"train_size_start must be 0 (off) or from 16 to image_size "
                                        f"({s.image_size}), got {s.train_size_start}.")
+    if s.train_size_start and s.ramp_epochs() < 2:
+        raise fail("train_size_ramp", f"a resolution schedule needs a ramp of at least 2 epochs; train_size_ramp "
+                                      f"{s.train_size_ramp:g} of {s.epochs} epoch(s) gives {s.ramp_epochs()}.")
     if s.train_size_start and s.augment != "strong":
         raise fail("train_size_start", "train_size_start needs augment: strong (random resized crops, which "
                                        "show the same content at any size).")

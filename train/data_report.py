@@ -16,6 +16,7 @@ from typing import Any
 from core.datasets import (DATASETS, SPLITS, LabeledImages, class_counts, dataset_path, download, get_info,
                            open_dataset)
 from core.images import ImageError, read_header
+from core.sizes import iec_bytes
 
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "F"}
 
@@ -53,8 +54,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_progress(done: int, total: int | None) -> None:
-    of = f" of {total / 2**20:.1f}" if total else ""
-    print(f"\rdownloading: {done / 2**20:.1f}{of} MB", end="", file=sys.stderr, flush=True)
+    of = f" of {iec_bytes(total)}" if total else ""
+    print(f"\rdownloading: {iec_bytes(done)}{of}", end="", file=sys.stderr, flush=True)
 
 
 def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> dict[str, Any]:

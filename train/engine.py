@@ -445,7 +445,7 @@ class Trainer:
                 weights = [1.0 / data.train_counts[t] for t in data.train.targets]
             sampler = ddp.ShardedSampler(len(data.train), self.config.seed, self.ctx.rank, self.ctx.world,
                                          weights=weights, seeded=True)
-        drop_last = len(sampler) >= stage.batch_size
+        drop_last = sampler.per_rank >= stage.batch_size
         if self.device_data:  # each batch's draws seeded by its first sample's seed (train/device_batches.py)
             return DeviceBatches(data.train, stage.augment, stage.image_size, stage.batch_size, self.ctx.device,
                                  sampler, drop_last), sampler
@@ -491,6 +491,9 @@ class Trainer:
         elapsed = time.monotonic() - started
         self._flush_steps(st, epoch + 1, force=True)
         metrics = self._validate(st, epoch, totals, elapsed, carried)
+        val_loss = ddp.broadcast(self.ctx, metrics.get("val_loss"))  # validation runs on rank 0: all ranks fail
+        if val_loss is not None and not math.isfinite(val_loss):
+            self._diverged(st, epoch, None, val_loss)
         self._end_epoch(st, epoch, metrics)
         if self.stop.requested:
             raise StopRequested()
@@ -591,8 +594,8 @@ class Trainer:
         preds = evaluation.predict(st.evaluated, self._val_loader(st), self.ctx.device, prepare=st.normalize,
                                    autocast_dtype=self.amp, flip=st.stage.tta)
         self.progress.validated(time.monotonic() - started)
-        if not math.isfinite(preds.loss):  # the model's outputs are not finite: nothing of this epoch is worth keeping
-            self._diverged(st, epoch, None, preds.loss)
+        if not math.isfinite(preds.loss):  # outputs not finite: nothing of this epoch is kept; _run_epoch fails
+            return {**metrics, "val_loss": preds.loss}
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts, preds.top5_accuracy)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
@@ -899,12 +902,13 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     model = build_model(info.arch, info.num_classes, "scratch")
     load_weights(model, raw["model"], path)
     normalize = Normalizer(pre.mean, pre.std).to(target)
+    flip = bool(trained.get("tta")) if flip is None else flip
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
-                               autocast_dtype=autocast_dtype(target), flip=bool(trained.get("tta")) if flip is None else flip)
+                               autocast_dtype=autocast_dtype(target), flip=flip)
     counts = class_counts(name, root, "train", **options)
     result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()),
                                      preds.top5_accuracy)
-    result["loss"] = preds.loss
+    result.update(loss=preds.loss, image_size=pre.image_size, flip=flip)  # how it was tested, shown with it
     wrong = evaluation.misclassified(preds, classes, cached.source, MISCLASSIFIED_KEPT)
     found = Evaluation(str(Path(path).resolve()), name, split, result, wrong, predictions=preds)
     if store is not None:

@@ -31,7 +31,9 @@ class StageWork:
 
     def pixels_at(self, epoch: int) -> float:
         """Pixels per step of ``epoch`` (from 1)."""
-        return self.epoch_pixels[min(epoch, len(self.epoch_pixels)) - 1] if self.epoch_pixels else self.pixels_per_step
+        if not self.epoch_pixels:
+            return self.pixels_per_step
+        return self.epoch_pixels[max(1, min(epoch, len(self.epoch_pixels))) - 1]
 
     def steps_ahead(self, epoch: int, left: int) -> float:
         """The ``left`` steps of the stage from within ``epoch``, in steps of that epoch's size."""
