@@ -24,6 +24,7 @@ Runs are trained exactly as a user would (``python -m train run ... --set``); a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -63,6 +64,7 @@ def scaled(value: Any, key: str, values: dict[str, Any]) -> Any:
     return int(round(result)) if isinstance(_shipped_stage()[key], int) else result
 
 
+@functools.cache
 def _shipped_stage() -> dict[str, Any]:
     from train.config import load_config
 

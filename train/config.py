@@ -387,15 +387,8 @@ def _validate_stage(s: StageConfig, first: bool) -> None:
         raise fail("tta", f"tta must be true or false, got {s.tta!r}.")
     if not isinstance(s.train_layers, str) or not _TRAIN_LAYERS.fullmatch(s.train_layers):
         raise fail("train_layers", f"train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
-    if s.train_size_start and not 16 <= s.train_size_start <= s.image_size:
-        raise fail("train_size_start", f"train_size_start must be 0 (off) or from 16 to image_size "
-                                       f"({s.image_size}), got {s.train_size_start}.")
-    if s.train_size_start and s.ramp_epochs() < 2:
-        raise fail("train_size_ramp", f"a resolution schedule needs a ramp of at least 2 epochs; train_size_ramp "
-                                      f"{s.train_size_ramp:g} of {s.epochs} epoch(s) gives {s.ramp_epochs()}.")
-    if s.train_size_start and s.augment != "strong":
-        raise fail("train_size_start", "train_size_start needs augment: strong (random resized crops, which "
-                                       "show the same content at any size).")
+    if s.train_size_start:
+        _check_resolution_schedule(s)
     if s.warmup_epochs > s.epochs:
         raise fail("warmup_epochs", f"warmup_epochs ({s.warmup_epochs}) cannot exceed epochs ({s.epochs}).")
     if not isinstance(s.options, dict):
@@ -406,6 +399,19 @@ def _validate_stage(s: StageConfig, first: bool) -> None:
         raise fail("init", "init 'previous' needs an earlier stage; use scratch, imagenet or a path.")
     _check_dataset(s.dataset)
     _check_options(s)
+
+
+def _check_resolution_schedule(s: StageConfig) -> None:
+    if not 16 <= s.train_size_start <= s.image_size:
+        raise ConfigError(f"train_size_start must be 0 (off) or from 16 to image_size ({s.image_size}), got "
+                          f"{s.train_size_start}.", field="train_size_start")
+    if s.ramp_epochs() < 2:
+        raise ConfigError(f"a resolution schedule needs a ramp of at least 2 epochs; train_size_ramp "
+                          f"{s.train_size_ramp:g} of {s.epochs} epoch(s) gives {s.ramp_epochs()}.",
+                          field="train_size_ramp")
+    if s.augment != "strong":
+        raise ConfigError("train_size_start needs augment: strong (random resized crops, which show the same "
+                          "content at any size).", field="train_size_start")
 
 
 def _check_dataset(name: Any) -> None:

@@ -357,8 +357,7 @@ class Trainer:
             val = sum(class_counts(s.dataset, s.root, "val", **s.options).values())
             steps = s.epochs * steps_per_epoch(-(-train // self.ctx.world), s.batch_size)
             pixels = tuple(float(s.batch_size * s.train_size(e) ** 2) for e in range(s.epochs))
-            plan.append(StageWork(steps, s.epochs, sum(pixels) / s.epochs, val, train,
-                                  pixels if s.train_size_start else ()))
+            plan.append(StageWork(steps, s.epochs, sum(pixels) / s.epochs, val, train, pixels))
         return plan
 
     # -- one stage

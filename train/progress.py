@@ -115,7 +115,7 @@ class Progress:
         self.stage_eta_s = (current.steps_ahead(max(1, self.epoch), left) * self._step_s
                             + validations_left * self._validation_s(current))
         later = 0.0
-        now = current.pixels_at(max(1, self.epoch))
+        now = current.pixels_at(self.epoch)
         for work in self.plan[self.stage + 1:]:
             scale = work.pixels_per_step / now if now else 1.0
             later += work.steps * self._step_s * scale * (1 + self._val_share(work))
