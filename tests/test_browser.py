@@ -42,6 +42,8 @@ def test_upload_an_image_and_see_predictions_and_overlay(server, tmp_path):
             # the samples shown before the upload leave the page once the rerun ends: one image explained
             expect(page.get_by_text("Explaining")).to_have_count(1, timeout=WAIT_MS)
             expect(page.get_by_text("Explaining")).to_be_visible(timeout=WAIT_MS)
+            # a sample's table left from the run the upload interrupted goes once the new run ends: one table
+            expect(page.get_by_test_id("stDataFrame")).to_have_count(1, timeout=WAIT_MS)
             expect(page.get_by_test_id("stDataFrame")).to_be_visible(timeout=WAIT_MS)  # the top-5 table
             overlay = page.get_by_test_id("stImage").filter(has_text="layer")  # the recommended layer's overlay
             expect(overlay.locator("img")).to_be_visible(timeout=WAIT_MS)
