@@ -488,6 +488,30 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
             st.rerun(scope="app")
 
 
+def cache_section() -> None:
+    """The image cache on disk (each split decoded once, per size): what it holds, and a button that clears it."""
+    from train.image_cache import cache_entries, remove_cache
+
+    entries = cache_entries()
+    total = sum(e.size for e in entries)
+    with st.expander(f"Image cache on disk: {len(entries)} cached splits, {iec_bytes(total)}"):
+        if "cache_cleared" in st.session_state:
+            st.success(st.session_state.pop("cache_cleared"), icon=":material/delete:")
+        if not entries:
+            st.caption("Empty: a run decodes each split it uses once, at its size, and keeps it here.")
+            return
+        st.dataframe(pd.DataFrame({"last used": [pd.Timestamp(e.last_used, unit="s") for e in entries],
+                                   "size": [iec_bytes(e.size) for e in entries], "holds": [e.what for e in entries]}),
+                     hide_index=True, width="stretch")
+        with st.popover("Clear the image cache", icon=":material/delete:"):
+            st.markdown(f"Delete all {len(entries)} cached splits ({iec_bytes(total)})? Runs training now keep "
+                        "theirs and finish; later runs decode their images again.")
+            if st.button("Clear for good", key="clear-cache", type="primary"):
+                freed = sum(remove_cache(e) for e in entries)
+                st.session_state["cache_cleared"] = f"Cleared the image cache; freed {iec_bytes(freed)}."
+                st.rerun(scope="app")
+
+
 def body() -> None:
     st.title("Train")
     st.caption("A pipeline trains in stages; each stage starts from the previous stage's best model "
@@ -505,6 +529,7 @@ def body() -> None:
     launch_section(config, ready)
     st.header("Jobs")
     job_list()
+    cache_section()
 
 
 common.run_page(body, "The Train page")

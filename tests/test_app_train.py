@@ -253,3 +253,20 @@ def test_every_setting_value_has_a_label_on_the_page():
     labels = {t.targets[0].id: ast.literal_eval(t.value) for t in tree.body
               if isinstance(t, ast.Assign) and getattr(t.targets[0], "id", "").endswith("_LABELS")}
     assert list(labels["DATA_PATH_LABELS"]) == list(DATA_PATHS) and list(labels["RETENTION_LABELS"]) == list(RETENTION)
+
+
+def test_the_image_cache_is_listed_and_cleared(tmp_path):
+    from tests.data_fixtures import make_caltech101
+    from tests.test_engine import TINY_SIZES
+    from train.image_cache import augmentation, cache_entries, open_cached_split
+
+    root = make_caltech101(tmp_path, TINY_SIZES)
+    cached, _ = open_cached_split("caltech101", str(root), "val", {}, 37, augmentation("none", 32))
+    at = open_page("pages/train.py")
+    assert any(e.label.startswith("Image cache on disk: 1 cached splits, ") for e in at.expander)
+    holds = at.dataframe[-1].value["holds"].tolist()
+    assert holds == [f"caltech101 (val), {len(cached)} images cached at 37 px, root {root}"]
+    at.button(key="clear-cache").click().run()
+    assert cache_entries() == [] and not cached.path.exists()
+    assert any(s.value.startswith("Cleared the image cache; freed ") for s in at.success)
+    assert any(e.label == "Image cache on disk: 0 cached splits, 0 bytes" for e in at.expander)

@@ -112,3 +112,52 @@ def test_a_run_with_skip_unreadable_lists_and_skips_them(tmp_path, capsys):
         run_tiny(strict, name="strict")
     assert RunStore().get_run("strict")["state"] == "failed"
     assert paths.run_dir("strict").is_dir()
+
+
+def test_the_cache_is_listed_and_cleared_by_age(tmp_path, capsys, monkeypatch):
+    import os
+    import time
+
+    from train.cli import main
+    from train.image_cache import cache_entries
+
+    root = make_caltech101(tmp_path, TINY_SIZES)
+    train_path, val_path = _open(root).path, _open(root, "val").path
+    old = time.time() - 10 * 86_400
+    os.utime(val_path.with_suffix(".json"), (old, old))  # the val split: last used ten days ago
+    entries = cache_entries()
+    assert [e.path for e in entries] == [train_path, val_path]  # the most recently used first
+    assert entries[0].what.startswith(f"caltech101 (train), 18 images cached at 37 px, root {root}")
+    assert entries[1].size == val_path.stat().st_size + val_path.with_suffix(".json").stat().st_size
+    _open(root, "val")  # used again: its time moves
+    assert cache_entries()[0].path == val_path and cache_entries()[0].last_used > old + 86_400
+    os.utime(val_path.with_suffix(".json"), (old, old))
+
+    assert main(["cache"]) == 0
+    listing = capsys.readouterr().out
+    assert "2 cached splits" in listing and "caltech101 (val)" in listing
+    assert main(["cache", "--clear"]) == 2  # no terminal to confirm on: one sentence, nothing deleted
+    assert "needs a confirmation" in capsys.readouterr().err and val_path.exists()
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert main(["cache", "--clear", "--unused-days", "7"]) == 1 and val_path.exists()
+    freed = entries[1].size
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["cache", "--clear", "--unused-days", "7"]) == 0
+    assert f"Deleted 1 cached splits; freed {freed / 2**10:.1f} KiB." in capsys.readouterr().out
+    assert not val_path.exists() and not val_path.with_suffix(".json").exists() and train_path.exists()
+    assert main(["cache", "--unused-days", "7"]) == 2  # only with --clear
+    assert main(["cache", "--clear", "--yes"]) == 0 and cache_entries() == []
+
+
+def test_a_cache_built_before_descriptions_is_listed_as_such(tmp_path):
+    import json
+
+    from train.image_cache import cache_entries
+
+    path = _open(make_caltech101(tmp_path, TINY_SIZES)).path
+    side = json.loads(path.with_suffix(".json").read_text())
+    del side["description"]
+    path.with_suffix(".json").write_text(json.dumps(side))
+    assert cache_entries()[0].what == "18 images cached at 37 px (built by an older ResLens, which did not record " \
+                                      "the data set)"

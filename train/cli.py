@@ -21,6 +21,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "train.lr_find": ("lr-find",),
     "train.ood_cmd": ("ood-thresholds",),
     "train.export_model": ("export-model",),
+    "train.cache_cmd": ("cache",),
 }
 
 

@@ -207,19 +207,23 @@ def delete(args: argparse.Namespace) -> int:
     for name in args.run_names:
         store.get_run(name)  # every name known before anything goes
     sizes = {name: jobs.disk_usage(name) for name in args.run_names}
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise UserError("Deleting runs needs a confirmation: answer on a terminal, or add --yes.")
-        listed = ", ".join(f"{n} ({iec_bytes(s)})" for n, s in sizes.items())
-        if input(f"Delete {listed} with all their checkpoints and metrics? [y/N] ").strip().lower() not in ("y", "yes"):
-            print("Nothing deleted.")
-            return 1
+    listed = ", ".join(f"{n} ({iec_bytes(s)})" for n, s in sizes.items())
+    if not args.yes and not confirmed(f"Delete {listed} with all their checkpoints and metrics?", "Deleting runs"):
+        print("Nothing deleted.")
+        return 1
     freed = 0
     for name in args.run_names:
         freed += jobs.delete(name)
         print(f"Deleted run {name}.")
     print(f"Freed {iec_bytes(freed)}.")
     return 0
+
+
+def confirmed(question: str, action: str) -> bool:
+    """Ask ``question`` on the terminal (y/N); without a terminal, say that ``action`` needs --yes."""
+    if not sys.stdin.isatty():
+        raise UserError(f"{action} needs a confirmation: answer on a terminal, or add --yes.")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
 # ---------------------------------------------------------------------- eval

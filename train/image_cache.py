@@ -122,12 +122,14 @@ def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers:
     path = cache_dir() / f"{cache_key({**description, 'size': size}, sources)}.npy"
     shape = (len(dataset), 3, size, size)
     if not build:
+        _mark_used(path)
         return CachedSplit(path, _read_side(path).get("skipped", []))
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_builds()
     problem = cache_problem(path, shape) if path.exists() else "missing"
     if problem is None:
         skipped = list(_read_side(path).get("skipped", []))
+        _mark_used(path)
     else:
         if problem != "missing":
             print(f"Image cache {path} is damaged ({problem}); rebuilding it.", file=sys.stderr, flush=True)
@@ -155,7 +157,7 @@ def _build(dataset: Any, size: int, path: Path, shape: tuple[int, ...], workers:
         skipped = decode_all(dataset, size, out, workers, skip, check)
         out.flush()
         side = {"shape": list(shape), "dtype": "uint8", "bytes": needed, "fingerprint": _fingerprint(out),
-                "skipped": skipped}
+                "skipped": skipped, "description": {**description, "size": size}}
         del out
         _side(path).write_text(json.dumps(side))
         os.replace(tmp, path)
@@ -163,6 +165,64 @@ def _build(dataset: Any, size: int, path: Path, shape: tuple[int, ...], workers:
         tmp.unlink(missing_ok=True)
         os.close(fd)
     return skipped
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One cached split on disk: what it holds, its size and when a run last used it."""
+
+    path: Path
+    size: int  # bytes on disk, side file included
+    what: str
+    last_used: float  # seconds since the epoch
+
+
+def cache_entries() -> list[CacheEntry]:
+    """Every cached split under the ResLens home, the most recently used first (builds in progress left out)."""
+    folder = cache_dir()
+    entries = []
+    for path in sorted(folder.glob("*.npy")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            size = path.stat().st_size
+            side_stat = _side(path).stat() if _side(path).exists() else None
+        except FileNotFoundError:  # cleared meanwhile
+            continue
+        last_used = side_stat.st_mtime if side_stat else path.stat().st_mtime
+        entries.append(CacheEntry(path, size + (side_stat.st_size if side_stat else 0), _label(_read_side(path)),
+                                  last_used))
+    return sorted(entries, key=lambda e: e.last_used, reverse=True)
+
+
+def remove_cache(entry: CacheEntry) -> int:
+    """Delete one cached split (runs training on it keep their memory maps); the bytes freed."""
+    freed = 0
+    for path in (entry.path, _side(entry.path)):
+        try:
+            freed += path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+    return freed
+
+
+def _label(side: dict[str, Any]) -> str:
+    """What a cache file holds, in words: data set, split, size and images."""
+    about, shape = side.get("description"), side.get("shape") or [0, 0, 0, 0]
+    images = f"{int(shape[0]) - len(side.get('skipped', [])):,} images cached at {shape[-1]} px"
+    if not isinstance(about, dict):
+        return f"{images} (built by an older ResLens, which did not record the data set)"
+    options = ", ".join(f"{k}={v}" for k, v in sorted((about.get("options") or {}).items()))
+    return f"{_what(about)}, {images}, root {about.get('root')}" + (f", {options}" if options else "")
+
+
+def _mark_used(path: Path) -> None:
+    """Record that a run uses the cache now (the side file's modification time), for ``cache_entries``."""
+    try:
+        os.utime(_side(path))
+    except OSError:
+        pass  # a read-only cache folder still serves
 
 
 def _header_bytes(shape: tuple[int, ...]) -> int:
