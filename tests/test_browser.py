@@ -39,6 +39,7 @@ def test_upload_an_image_and_see_predictions_and_overlay(server, tmp_path):
             page.goto(f"{server}/explain")
             page.locator('input[type="file"]').set_input_files(str(image))
             expect(page.get_by_role("heading", name="red_square.png")).to_be_visible(timeout=WAIT_MS)
+            expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_have_count(0, timeout=WAIT_MS)  # run ended
             # the samples shown before the upload leave the page once the rerun ends: one image explained
             expect(page.get_by_text("Explaining")).to_have_count(1, timeout=WAIT_MS)
             expect(page.get_by_text("Explaining")).to_be_visible(timeout=WAIT_MS)
