@@ -161,3 +161,5 @@ def test_a_cache_built_before_descriptions_is_listed_as_such(tmp_path):
     path.with_suffix(".json").write_text(json.dumps(side))
     assert cache_entries()[0].what == "18 images cached at 37 px (built by an older ResLens, which did not record " \
                                       "the data set)"
+    path.with_suffix(".json").unlink()
+    assert cache_entries()[0].what.startswith("no description file (damaged or unfinished)")

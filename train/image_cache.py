@@ -209,6 +209,8 @@ def remove_cache(entry: CacheEntry) -> int:
 
 def _label(side: dict[str, Any]) -> str:
     """What a cache file holds, in words: data set, split, size and images."""
+    if not side:
+        return "no description file (damaged or unfinished): rebuilt when a run needs it"
     about, shape = side.get("description"), side.get("shape") or [0, 0, 0, 0]
     images = f"{int(shape[0]) - len(side.get('skipped', [])):,} images cached at {shape[-1]} px"
     if not isinstance(about, dict):
