@@ -48,7 +48,7 @@ STALE_AFTER_S = 15.0
 BUSY_TIMEOUT_MS = 30_000
 # 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
 # 2: every column in the CREATE statements
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 STEP_METRICS = ("train_loss", "lr")
 EPOCH_METRICS = (
@@ -57,8 +57,9 @@ EPOCH_METRICS = (
 METRIC_COLUMNS = tuple(dict.fromkeys(STEP_METRICS + EPOCH_METRICS))
 PROGRESS_FIELDS = ("stage", "epoch", "step", "done_steps", "total_steps", "eta_s", "stage_eta_s", "images_per_s",
                    "device", "gpu", "phase")
-# columns that stores from before schema 2 may lack (older ResLens added them on every open, unversioned)
-_OLDER_LAYOUT_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT", "phase": "TEXT"}}
+# columns that older stores may lack (before schema 2 ResLens added them on every open, unversioned; schema 3 added
+# pid_started)
+_OLDER_LAYOUT_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT", "phase": "TEXT", "pid_started": "INTEGER"}}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -82,7 +83,8 @@ CREATE TABLE IF NOT EXISTS runs (
     device TEXT,
     stage_eta_s REAL,
     gpu TEXT,
-    phase TEXT
+    phase TEXT,
+    pid_started INTEGER
 );
 CREATE TABLE IF NOT EXISTS stages (
     run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE,
@@ -153,8 +155,9 @@ class RunNotFound(RunStoreError, KeyError):
         return str(self.args[0])
 
 
-def pid_alive(pid: int | None) -> bool:
-    """True when process ``pid`` exists on this machine and is not a zombie."""
+def pid_alive(pid: int | None, started: int | None = None) -> bool:
+    """True when process ``pid`` exists on this machine and is not a zombie; given ``started`` (``process_started``
+    of the process recorded), only when it is still that process, not a later one the pid was handed to."""
     if not pid or pid <= 0:
         return False
     try:
@@ -163,11 +166,26 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc (macOS): the pid is all there is
+    if started is not None and int(fields[19]) != started:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+def process_started(pid: int | None) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/PID/stat field 22); None where unknown."""
+    fields = _proc_stat(pid) if pid and pid > 0 else None
+    return int(fields[19]) if fields is not None else None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (the state first), or None without them."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
     except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+        return None
 
 
 def resolve_state(row: dict[str, Any], now: float | None = None) -> str:
@@ -176,7 +194,7 @@ def resolve_state(row: dict[str, Any], now: float | None = None) -> str:
     if state not in ACTIVE_STATES:
         return state
     now = time.time() if now is None else now
-    if row.get("pid") and not pid_alive(row["pid"]):
+    if row.get("pid") and not pid_alive(row["pid"], row.get("pid_started")):
         return "interrupted"
     heartbeat = row.get("heartbeat")
     if state == "running" and heartbeat is not None and now - heartbeat > STALE_AFTER_S:
@@ -288,10 +306,11 @@ class RunStore:
         _check_state(state)
         now = time.time()
         self._update_run(name, state=state, error=error, updated=now, heartbeat=now,
-                         **({"pid": pid} if pid is not None else {}))
+                         **({"pid": pid, "pid_started": process_started(pid)} if pid is not None else {}))
 
     def set_pid(self, name: str, pid: int | None) -> None:
-        self._update_run(name, pid=pid, updated=time.time())
+        """Record the run's trainer process (and when it started, so a reused pid is not taken for it)."""
+        self._update_run(name, pid=pid, pid_started=process_started(pid), updated=time.time())
 
     def heartbeat(self, name: str, **progress: Any) -> None:
         """Record that the trainer is alive, with optional progress fields.

@@ -478,7 +478,9 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
     from train import jobs
 
     name = run["name"]
-    with column.popover("Delete", icon=":material/delete:", disabled=common.is_live(run)):
+    with column.popover("Delete", icon=":material/delete:", disabled=common.is_live(run) or jobs.has_live_trainer(run),
+                        help="A run whose trainer is still alive (even paused) cannot be deleted: stop it first."
+                        if jobs.has_live_trainer(run) else None):
         st.markdown(f"Delete **{name}** for good: its checkpoints, log and metrics "
                     f"({iec_bytes(jobs.disk_usage(name))} on disk)?")
         if st.button("Delete for good", key=f"delete-{name}", type="primary"):

@@ -1,6 +1,7 @@
 """Detached trainer jobs for the app: launch, stop, resume, log tail."""
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -96,8 +97,28 @@ def test_kill_and_resume_leave_other_processes_alone():
     assert store.get_run("quiet")["state"] == "interrupted"
     with pytest.raises(RunStoreError, match="live trainer"):
         jobs.resume("quiet")
+    with pytest.raises(RunStoreError, match="live trainer .* stop it before deleting it"):
+        jobs.delete("quiet")  # its trainer may carry on: its files stay
+    assert store.has_run("quiet")
     store.set_state("quiet", "finished")
     assert jobs.kill("quiet") is False  # finished: its old pid may be anyone's now
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")
+def test_a_pid_handed_to_another_process_is_not_the_trainer():
+    from core.run_store import process_started
+
+    store = RunStore()
+    store.create_run("gone", {"name": "gone", "stages": []})
+    store.set_state("gone", "running", pid=os.getpid())  # the trainer died; its pid went to this process
+    assert store.get_run("gone")["pid_started"] == process_started(os.getpid())
+    store._write("UPDATE runs SET pid_started = pid_started - 1 WHERE name = 'gone'")
+    run = store.get_run("gone")
+    assert run["state"] == "interrupted" and not jobs.has_live_trainer(run)
+    assert jobs.stop("gone") is False  # nothing to signal: this process is left alone
+    assert jobs.kill("gone") is False
+    jobs.refuse_live_trainer(run)  # resume and delete are not refused: the trainer of record is dead
+    assert jobs.delete("gone") == 0 and not store.has_run("gone")
 
 
 def test_launches_at_once_get_names_of_their_own(tmp_path):

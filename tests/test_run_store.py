@@ -246,14 +246,14 @@ def traced(monkeypatch):
     return statements
 
 
-@pytest.mark.parametrize("user_version", [0, 1])
+@pytest.mark.parametrize("user_version", [0, 1, 2])
 def test_an_older_store_is_upgraded_once(tmp_path, traced, user_version):
     path = tmp_path / "old.sqlite"
     _old_store(path, user_version)
     store = RunStore(path)
     assert store.get_run("old")["config"] == {"name": "old"}
     assert store.get_run("old")["best_val_acc"] == 0.5
-    assert {"stage_eta_s", "gpu", "phase"} <= set(_columns(path, "runs"))
+    assert {"stage_eta_s", "gpu", "phase", "pid_started"} <= set(_columns(path, "runs"))
     assert _columns(path, "metrics")  # the tables the old file lacked exist now
     assert store._conn().execute("PRAGMA user_version").fetchone()[0] == run_store.SCHEMA_VERSION
     store.heartbeat("old", stage_eta_s=3.0, gpu=[{"index": 0}], phase="compiling")
@@ -273,7 +273,7 @@ def test_a_new_store_has_every_column_in_its_create_statements(tmp_path):
     RunStore(tmp_path / "new.sqlite").close()
     conn = sqlite3.connect(tmp_path / "new.sqlite")
     runs_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'runs'").fetchone()[0]
-    assert all(f"{column} " in runs_sql for column in ("stage_eta_s", "gpu", "phase"))
+    assert all(f"{column} " in runs_sql for column in ("stage_eta_s", "gpu", "phase", "pid_started"))
     assert conn.execute("PRAGMA user_version").fetchone()[0] == run_store.SCHEMA_VERSION
     conn.close()
 

@@ -111,17 +111,27 @@ def resume(name: str, device: str | None = None) -> None:
     _spawn(name, args, store)
 
 
-def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None) -> None:
-    """Raise ``RunStoreError`` when a live process other than ``own_pid`` still owns the run (even one that
-    stopped reporting, e.g. paused with SIGSTOP): resuming would start a second trainer on the same files.
+def trainer_alive(run: dict[str, Any]) -> bool:
+    """Whether the process recorded as the run's trainer is still alive (a reused pid is not)."""
+    return pid_alive(run.get("pid"), run.get("pid_started"))
 
-    The one liveness check of ``resume`` for both the app and the command line (which passes its own pid:
-    the app records the pid of the ``resume`` process it starts).
+
+def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None, doing: str = "resuming") -> None:
+    """Raise ``RunStoreError`` when a live process other than ``own_pid`` still owns the run (even one that
+    stopped reporting, e.g. paused with SIGSTOP): resuming would start a second trainer on the same files,
+    deleting would pull them from under it.
+
+    The one liveness check of ``resume`` and ``delete`` for both the app and the command line (which passes its
+    own pid: the app records the pid of the ``resume`` process it starts).
     """
-    pid = run.get("pid")
-    if run["stored_state"] in ACTIVE_STATES and pid not in (None, own_pid) and pid_alive(pid):
-        raise RunStoreError(f"Run {run['name']!r} has a live trainer (pid {pid}) that may have stopped "
-                            "reporting; stop it before resuming.")
+    if has_live_trainer(run, own_pid):
+        raise RunStoreError(f"Run {run['name']!r} has a live trainer (pid {run['pid']}) that may have stopped "
+                            f"reporting; stop it before {doing}.")
+
+
+def has_live_trainer(run: dict[str, Any], own_pid: int | None = None) -> bool:
+    """Whether a live process other than ``own_pid`` is recorded as training the run, reporting or not."""
+    return run["stored_state"] in ACTIVE_STATES and run.get("pid") not in (None, own_pid) and trainer_alive(run)
 
 
 def _spawn(name: str, args: list[str], store: RunStore) -> subprocess.Popen:
@@ -153,9 +163,9 @@ def stop(name: str, sig: int = signal.SIGTERM) -> bool:
     pid = run.get("pid")
     if run["state"] not in ACTIVE_STATES:
         return False
-    if run["stored_state"] == "queued" or not pid_alive(pid):
+    if run["stored_state"] == "queued" or not trainer_alive(run):
         store.set_state(name, "stopped")
-    if not pid_alive(pid):
+    if not trainer_alive(run):
         return False
     try:  # the trainer only: it stops its DataLoader workers itself after saving
         os.kill(pid, sig)
@@ -168,7 +178,7 @@ def kill(name: str) -> bool:
     """SIGKILL the whole process group of a detached run (for a trainer that ignores ``stop``)."""
     run = RunStore().get_run(name)
     pid = run.get("pid")
-    if run["stored_state"] not in ACTIVE_STATES or not pid_alive(pid):
+    if run["stored_state"] not in ACTIVE_STATES or not trainer_alive(run):
         return False  # a finished run's old pid may belong to another process by now
     try:
         os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
@@ -208,6 +218,7 @@ def delete(name: str) -> int:
     run = store.get_run(name)
     if run["state"] in ACTIVE_STATES:
         raise RunStoreError(f"Run {name!r} is still {run['state']}; stop it before deleting it.")
+    refuse_live_trainer(run, doing="deleting it")
     freed = disk_usage(name)
     store.delete_run(name)
     shutil.rmtree(paths.run_dir(name), ignore_errors=True)
