@@ -209,7 +209,12 @@ class RunStore:
         self.path = Path(path) if path is not None else paths.store_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._init_schema()
+        try:
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            damaged = "" if isinstance(exc, sqlite3.OperationalError) else (
+                "; it is damaged or not a ResLens run store: move it away and ResLens starts a new one")
+            raise RunStoreError(f"The run store {self.path} cannot be used ({exc}){damaged}.") from exc
 
     # ----------------------------------------------------------------- plumbing
     def _conn(self) -> sqlite3.Connection:

@@ -150,6 +150,32 @@ def test_delete_asks_and_reports_the_space_freed(finished, capsys, monkeypatch):
     assert "There is no run named 'tiny'" in capsys.readouterr().err
 
 
+def test_unwritable_outputs_a_closed_prompt_and_a_damaged_store_are_one_sentence(finished, tmp_path, capsys,
+                                                                                  monkeypatch):
+    missing = tmp_path / "no-such-folder" / "rows.csv"
+    assert main(["export", "tiny", "-o", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: No such file or directory.\n"
+    assert main(["export", "tiny", "--format", "json", "-o", str(tmp_path)]) == 2  # a folder, not a file
+    assert capsys.readouterr().err == f"error: {tmp_path}: Is a directory.\n"
+
+    def closed(prompt):
+        raise EOFError
+
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", closed)  # Ctrl-D at the question
+    assert main(["delete", "tiny"]) == 1 and RunStore().has_run("tiny")
+    assert "Nothing deleted." in capsys.readouterr().out
+
+    paths.store_path().unlink()
+    for leftover in paths.store_path().parent.glob("reslens.sqlite-*"):
+        leftover.unlink()  # the WAL files of the good store
+    paths.store_path().write_bytes(b"this is not SQLite" * 100)
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: The run store {paths.store_path()} cannot be used (file is not a database); "
+                          "it is damaged or not a ResLens run store") and "Traceback" not in err
+
+
 def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
     from train.config import load_config
     from train.lr_find import lr_range_test, suggest

@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named cannot be read or written (-o, --plot, --csv, inputs)
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}.", file=sys.stderr)
+        return 2
     except Terminated as exc:
         print(f"stopped by {exc}; nothing was left half-written", file=sys.stderr)
         return 128 + exc.signum

@@ -223,7 +223,11 @@ def confirmed(question: str, action: str) -> bool:
     """Ask ``question`` on the terminal (y/N); without a terminal, say that ``action`` needs --yes."""
     if not sys.stdin.isatty():
         raise UserError(f"{action} needs a confirmation: answer on a terminal, or add --yes.")
-    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:  # Ctrl-D: no answer is a no
+        print()
+        return False
 
 
 # ---------------------------------------------------------------------- eval
