@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -492,17 +493,20 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
 
 def cache_section() -> None:
     """The image cache on disk (each split decoded once, per size): what it holds, and a button that clears it."""
-    from train.image_cache import cache_entries, remove_cache
+    from train.image_cache import cache_entries, remove_cache, sweep_stale_builds
 
+    swept = sweep_stale_builds()  # partial files of builds whose process died
     entries = cache_entries()
     total = sum(e.size for e in entries)
     with st.expander(f"Image cache on disk: {len(entries)} cached splits, {iec_bytes(total)}"):
+        if swept:
+            st.info(f"Removed the partial files of cache builds whose process died: freed {iec_bytes(swept)}.")
         if "cache_cleared" in st.session_state:
             st.success(st.session_state.pop("cache_cleared"), icon=":material/delete:")
         if not entries:
             st.caption("Empty: a run decodes each split it uses once, at its size, and keeps it here.")
             return
-        st.dataframe(pd.DataFrame({"last used": [pd.Timestamp(e.last_used, unit="s") for e in entries],
+        st.dataframe(pd.DataFrame({"last used": [datetime.fromtimestamp(e.last_used) for e in entries],
                                    "size": [iec_bytes(e.size) for e in entries], "holds": [e.what for e in entries]}),
                      hide_index=True, width="stretch")
         with st.popover("Clear the image cache", icon=":material/delete:"):

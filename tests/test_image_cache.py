@@ -133,9 +133,13 @@ def test_the_cache_is_listed_and_cleared_by_age(tmp_path, capsys, monkeypatch):
     assert cache_entries()[0].path == val_path and cache_entries()[0].last_used > old + 86_400
     os.utime(val_path.with_suffix(".json"), (old, old))
 
+    dead_build = cache_dir() / ".build-dead.npy"  # a builder killed mid-build: nobody holds its lock
+    dead_build.write_bytes(bytes(3 << 20))
     assert main(["cache"]) == 0
     listing = capsys.readouterr().out
     assert "2 cached splits" in listing and "caltech101 (val)" in listing
+    assert "Removed the partial files of cache builds whose process died: freed 3.0 MiB." in listing
+    assert not dead_build.exists()
     assert main(["cache", "--clear"]) == 2  # no terminal to confirm on: one sentence, nothing deleted
     assert "needs a confirmation" in capsys.readouterr().err and val_path.exists()
     monkeypatch.setattr("sys.stdin.isatty", lambda: True)

@@ -12,7 +12,7 @@ import time
 
 from core.errors import UserError
 from core.sizes import iec_bytes
-from train.image_cache import CacheEntry, cache_dir, cache_entries, remove_cache
+from train.image_cache import CacheEntry, cache_dir, cache_entries, remove_cache, sweep_stale_builds
 
 DAY_S = 86_400.0
 
@@ -40,9 +40,13 @@ def entry_line(entry: CacheEntry) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """List the image cache (what, size, last use); --clear deletes it, or the part unused for some days."""
+    """List the image cache (what, size, last use); --clear deletes it, or the part unused for some days. Partial
+    files of builds whose process died go first."""
     if args.unused_days is not None and not args.clear:
         raise UserError("--unused-days only applies with --clear.")
+    swept = sweep_stale_builds()
+    if swept:
+        print(f"Removed the partial files of cache builds whose process died: freed {iec_bytes(swept)}.")
     entries = cache_entries()
     if not args.clear:
         print(f"Image cache in {cache_dir()}: {len(entries)} cached splits, "

@@ -140,9 +140,16 @@ def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers:
     return CachedSplit(path, skipped)
 
 
-def sweep_stale_builds() -> list[Path]:
-    """Remove partial cache files whose builder died (SIGKILL, power loss); live builds keep theirs."""
-    return sweep_stale(cache_dir(), ".build-*.npy")
+def sweep_stale_builds() -> int:
+    """Remove partial cache files whose builder died (SIGKILL, power loss); live builds keep theirs. The bytes
+    freed (a build reserves its whole size at its start)."""
+    sizes = {}
+    for path in cache_dir().glob(".build-*.npy") if cache_dir().is_dir() else []:
+        try:
+            sizes[path] = path.stat().st_size
+        except FileNotFoundError:
+            continue
+    return sum(sizes.get(path, 0) for path in sweep_stale(cache_dir(), ".build-*.npy"))
 
 
 def _build(dataset: Any, size: int, path: Path, shape: tuple[int, ...], workers: int, skip: bool,
