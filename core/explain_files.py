@@ -34,11 +34,13 @@ def map_name(image: str, layer: str, method: str, class_name: str, ext: str = "p
 
 
 def unique_stems(names: Sequence[str]) -> list[str]:
-    """Each name's stem, with ``-2``, ``-3``... added when two inputs share one (a/dog.jpg and b/dog.png)."""
+    """Each name's stem made safe for a file name (``file_part``), with ``-2``, ``-3``... added when two inputs
+    share one (a/dog.jpg and b/dog.png; 'my dog.jpg' and 'my_dog.jpg')."""
     taken: set[str] = set()
     stems = []
     for raw in names:
-        stem, name, n = Path(raw).stem, Path(raw).stem, 1
+        stem = name = file_part(Path(raw).stem)
+        n = 1
         while name in taken:
             n += 1
             name = f"{stem}-{n}"

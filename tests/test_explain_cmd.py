@@ -182,3 +182,6 @@ def test_images_whose_names_differ_after_a_dot_get_their_own_files():
 
     stems = unique_stems(["x/a.v1.jpg", "y/a.v2.jpg"])
     assert len({map_name(s, "layer4", "gradcam", "cat") for s in stems}) == 2
+    stems = unique_stems(["a/my dog.jpg", "b/my_dog.jpg", "c/my-dog.png"])  # one name once made safe
+    assert stems == ["my-dog", "my-dog-2", "my-dog-3"]
+    assert len({map_name(s, "layer4", "gradcam", "cat") for s in stems}) == 3
