@@ -117,11 +117,18 @@ def confusion_view(result: dict[str, Any]) -> None:
                     width="stretch")
 
 
-def gallery(samples: list[dict[str, Any]], checkpoint: Path | None) -> None:
+def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int | None = None) -> None:
+    """The stored misclassified images (a run keeps its last validated epoch's), and Grad-CAM with ``checkpoint``."""
     st.subheader("Misclassified validation images")
     if not samples:
         st.caption("None stored for this choice.")
         return
+    kept = samples[0].get("epoch")
+    if epoch is not None and kept is not None and kept != epoch:
+        st.caption(f"These were misclassified at epoch {kept}, the stage's last validated epoch: a run keeps the "
+                   f"images of that epoch only, so epoch {epoch}'s are not shown.")
+    if checkpoint is not None and checkpoint.is_file():
+        st.caption(f"Grad-CAM uses {common.checkpoint_label(checkpoint)}.")
     classes = sorted({s["true"] for s in samples})
     only = st.selectbox("True class", ["all"] + classes)
     chosen = [s for s in samples if only == "all" or s["true"] == only][:GALLERY_SIZE]
@@ -157,7 +164,7 @@ def body() -> None:
         st.markdown("**Accuracy against class size**: does the long tail hurt?")
         st.plotly_chart(charts.accuracy_vs_size_figure(frame), width="stretch")
     confusion_view(result)
-    gallery(samples, checkpoint)
+    gallery(samples, checkpoint, result.get("epoch") if source == "a training run" else None)
 
 
 common.run_page(body, "The Classes page")

@@ -137,6 +137,11 @@ def test_classes_draws_everything_from_the_store():
     assert len(at.dataframe[0].value) < len(per_class)
     assert len(at.get("plotly_chart")) == 2  # accuracy vs size, confusion matrix
     assert len(at.image) == 2  # the misclassified gallery
+    assert not any("were misclassified at epoch" in c.value for c in at.caption)  # the last epoch: its own images
+    assert any(c.value.startswith("Grad-CAM uses demo-done / stage2-finetune / best.pt") for c in at.caption)
+    at.selectbox[2].set_value(1).run()  # an earlier epoch: the gallery says whose images it shows
+    assert any(c.value.startswith("These were misclassified at epoch 3, the stage's last validated epoch")
+               for c in at.caption)
 
 
 def test_classes_gallery_shows_grad_cam_on_demand():
