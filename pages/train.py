@@ -21,8 +21,8 @@ from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
 from core.sizes import iec_bytes
 from pages import common
-from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig,
-                          parse_config, parse_yaml, stage_rows, stages_from_rows)
+from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig, parse_config,
+                          parse_settings, parse_yaml, stage_rows, stages_from_rows)
 from train.data_report import class_rows, format_report, summarize
 
 common.setup("Train")
@@ -67,6 +67,10 @@ def read_uploaded(data: bytes, filename: str) -> dict[str, Any]:
         raise ConfigError(f"{filename} is not a readable YAML file.") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):
         raise ConfigError(f"{filename} is not a pipeline: it needs a 'stages' list.")
+    try:
+        parse_settings(raw)  # its stages are edited here; its top-level settings must already be valid
+    except ConfigError as exc:
+        raise ConfigError(f"{filename}: {exc}") from None
     return raw
 
 

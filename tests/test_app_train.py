@@ -120,6 +120,21 @@ def test_a_file_that_is_not_a_pipeline_is_one_sentence():
     assert [e.value for e in at.error] == ["x.yaml is not a pipeline: it needs a 'stages' list."]
 
 
+@pytest.mark.parametrize("line, reason", [
+    ("seed: 42.0", "seed must be an integer, got 42.0."),
+    ("amp: 'false'", "amp must be true or false, got 'false'."),
+    ("compile: [true]", "compile must be auto, true or false, got [True]."),
+    ("retention: {}", "retention must be one of all, final, got {}."),
+])
+def test_an_opened_pipeline_with_a_bad_setting_is_refused_not_changed(line, reason):
+    at = open_page("pages/train.py")
+    at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
+    text = f"name: odd\n{line}\nstages:\n  - {{name: one, dataset: shapes}}\n".encode()
+    at.file_uploader(key="pipeline_file").set_value(("odd.yaml", text, "application/yaml")).run()
+    assert [e.value for e in at.error] == [f"odd.yaml: the config: {reason}"]
+    assert not at.exception
+
+
 def test_classes_says_why_a_failed_run_has_no_results():
     fx.failed_run()
     at = open_page("pages/classes.py")

@@ -266,16 +266,10 @@ def parse_config(
     """Validate a config dict (already overridden) and fill in defaults and resolved paths."""
     if not isinstance(raw, dict):
         raise ConfigError("The config must be a mapping with a 'stages' list.")
-    try:
-        _check_keys(raw, PIPELINE_KEYS)
-    except ConfigError as exc:
-        raise ConfigError(f"the config: {exc}") from None
+    config = parse_settings(raw)
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise ConfigError("The config needs a non-empty 'stages' list.")
-    top = {k: v for k, v in raw.items() if k != "stages"}
-    config = PipelineConfig(stages=[], **top)
-    _validate_pipeline(config)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     for i, stage_raw in enumerate(stages_raw):
         try:
@@ -283,6 +277,17 @@ def parse_config(
         except ConfigError as exc:  # the helpers say what is wrong; the stage is named here, once
             raise exc.in_stage(i, stage_label(i, stage_raw if isinstance(stage_raw, dict) else None)) from None
     _check_stage_names(config.stages)
+    return config
+
+
+def parse_settings(raw: dict[str, Any]) -> PipelineConfig:
+    """The pipeline's top-level settings (name, arch, seed, speed switches...) checked, with no stages yet."""
+    try:
+        _check_keys(raw, PIPELINE_KEYS)
+    except ConfigError as exc:
+        raise ConfigError(f"the config: {exc}") from None
+    config = PipelineConfig(stages=[], **{k: v for k, v in raw.items() if k != "stages"})
+    _validate_pipeline(config)
     return config
 
 
