@@ -185,3 +185,15 @@ def test_images_whose_names_differ_after_a_dot_get_their_own_files():
     stems = unique_stems(["a/my dog.jpg", "b/my_dog.jpg", "c/my-dog.png"])  # one name once made safe
     assert stems == ["my-dog", "my-dog-2", "my-dog-3"]
     assert len({map_name(s, "layer4", "gradcam", "cat") for s in stems}) == 3
+
+
+@pytest.mark.parametrize("foreign", [b"[1, 2, 3]", b'{"model": "someone else\'s"}', b"not json"])
+def test_a_predictions_file_not_ours_is_left_alone_and_nothing_is_written(checkpoint, inputs, tmp_path, capsys,
+                                                                          foreign):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "predictions.json").write_bytes(foreign)
+    assert main(["explain", str(checkpoint), str(inputs["dog"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'predictions.json'} exists and is not a predictions file of `python -m train explain`" in err
+    assert (out / "predictions.json").read_bytes() == foreign and [p.name for p in out.iterdir()] == ["predictions.json"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     pictures, failures = _read_images(args.images)
     assign_targets(pictures, args.target, info.class_names, args.images)
     out = _output_folder(args.out)
+    earlier = _earlier_predictions(out)  # before anything is written: a folder holding someone else's file is refused
     top_k = min(max(1, args.top_k), len(info.class_names))
     records = []
     for start in range(0, len(pictures), BATCH):
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.scale == "shared":
         scales = shared_scales((layer, p.maps[layer]) for p in pictures for layer in layers)
         records = [_write(p, layers, scales, info.ood, info, top_k, args, out) for p in pictures]
-    _merge_predictions(out, records, failures)
+    _merge_predictions(out, earlier, records, failures)
     print(f"wrote {len(records) * len(layers)} overlay(s) and the predictions to {out}")
     if failures:
         print(f"{len(failures)} of {len(args.images)} image(s) could not be read", file=sys.stderr)
@@ -225,14 +227,26 @@ def _write(picture: Picture, layers: list[str], scales: dict[Any, float], stats:
     return record
 
 
-def _merge_predictions(out: Path, records: list[dict[str, Any]], failures: list[dict[str, str]]) -> None:
-    """Add this call's records to ``predictions.json`` (same image, layers, method and class replaced) and
-    rewrite ``predictions.csv`` from them."""
+def _earlier_predictions(out: Path) -> dict[str, Any]:
+    """What earlier calls left in ``out/predictions.json`` ({} when none); ``ExplainError`` when the file there is
+    not one ResLens wrote (it is left alone)."""
     path = out / "predictions.json"
+    if not path.exists():
+        return {}
     try:
-        earlier = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        earlier = {}
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        earlier = exc
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("images"), list):
+        raise ExplainError(f"{path} exists and is not a predictions file of `python -m train explain`; it is left "
+                           "as it is: choose another --out folder, or move the file away.")
+    return earlier
+
+
+def _merge_predictions(out: Path, earlier: dict[str, Any], records: list[dict[str, Any]],
+                       failures: list[dict[str, str]]) -> None:
+    """Add this call's records to ``predictions.json`` (same image, layers, method and class replaced) and
+    rewrite ``predictions.csv`` from them; each file replaced whole (a killed call leaves the previous one)."""
     key = lambda r: (r.get("image"), tuple(r.get("layers") or ()), r.get("method"), r.get("explained_class"))  # noqa: E731
     merged = {key(r): r for r in earlier.get("images", []) if isinstance(r, dict)}
     merged.update({key(r): r for r in records})
@@ -240,8 +254,15 @@ def _merge_predictions(out: Path, records: list[dict[str, Any]], failures: list[
     failed.update({f["image"]: f for f in failures})
     for record in records:
         failed.pop(record["image"], None)
-    path.write_text(json.dumps({"images": list(merged.values()), "failed": list(failed.values())}, indent=2))
-    (out / "predictions.csv").write_text(predictions_csv(merged.values()))
+    _replace_text(out / "predictions.json",
+                  json.dumps({"images": list(merged.values()), "failed": list(failed.values())}, indent=2))
+    _replace_text(out / "predictions.csv", predictions_csv(merged.values()))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 COMMANDS = {"explain": (add_arguments, run)}
