@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,11 +105,14 @@ def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def build_model(arch: str = "resnet50", num_classes: int = 1000, init: str | os.PathLike[str] = "scratch") -> nn.Module:
+def build_model(arch: str = "resnet50", num_classes: int = 1000, init: str | os.PathLike[str] = "scratch",
+                class_names: Sequence[str] | None = None) -> nn.Module:
     """A torchvision ResNet with ``num_classes`` outputs, initialised from scratch, ImageNet or a checkpoint.
 
     ``init`` is ``"scratch"``, ``"imagenet"`` or the path of a ResLens checkpoint; from ImageNet or a
-    checkpoint, the backbone is kept and the head is replaced when the class count differs.
+    checkpoint, the backbone is kept and the head is kept only for the same classes in the same order
+    (``class_names`` equal to the source's; without ``class_names``, the same count), else it is new: a stage on
+    other classes never starts with logits wired to the previous stage's.
     """
     if arch not in ARCHS:
         raise ModelError(f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
@@ -120,7 +124,7 @@ def build_model(arch: str = "resnet50", num_classes: int = 1000, init: str | os.
     model = builder(weights=None)
     if init == "imagenet":
         model.load_state_dict(_imagenet_state_dict(arch))
-        source_classes = 1000
+        source_names = list(_weights(arch).meta["categories"])
     else:
         from core.checkpoints import load_checkpoint, load_weights
 
@@ -129,7 +133,6 @@ def build_model(arch: str = "resnet50", num_classes: int = 1000, init: str | os.
             raise ModelError(f"Checkpoint {init} holds a {ckpt['arch']}, but a {arch} was asked for.")
         replace_head(model, int(ckpt["num_classes"]))
         load_weights(model, ckpt["model"], init)
-        source_classes = int(ckpt["num_classes"])
-    if source_classes != num_classes:
-        replace_head(model, num_classes)
-    return model
+        source_names = list(ckpt.get("class_names") or [None] * int(ckpt["num_classes"]))
+    same = len(source_names) == num_classes and (class_names is None or list(class_names) == source_names)
+    return model if same else replace_head(model, num_classes)

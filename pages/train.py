@@ -476,6 +476,9 @@ def lr_find_section(config: dict[str, Any], ready: bool) -> None:
             else:
                 st.success(f"Suggested learning rate for stage {stage + 1}: **{result.suggestion:.2e}** "
                            "(type it into the learning rate column).")
+            if result.caveat:
+                st.caption(f"Note: {result.caveat[0].upper()}{result.caveat[1:]} "
+                           "(`python -m train lr-find CONFIG --stage N --init BEST_PT`).")
 
 
 def delete_control(column: Any, run: dict[str, Any]) -> None:

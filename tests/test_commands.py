@@ -176,6 +176,33 @@ def test_unwritable_outputs_a_closed_prompt_and_a_damaged_store_are_one_sentence
                           "it is damaged or not a ResLens run store") and "Traceback" not in err
 
 
+def test_lr_find_tests_the_stage_as_it_trains_or_says_why_not(tmp_path, capsys, monkeypatch):
+    from core.checkpoints import save_checkpoint
+    from core.models import Preprocessing, build_model
+    from train import recipe
+    from train.config import load_config
+    from train.lr_find import lr_range_test
+
+    losses = []
+    real_loss = recipe.training_loss
+    monkeypatch.setattr(recipe, "training_loss", lambda w, ls: losses.append((w, ls)) or real_loss(w, ls))
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1, 1), imbalance="weighted_loss",
+                                              label_smoothing=0.1))
+    result = lr_range_test(load_config(path), 1, steps=4, start=1e-4, end=1.0, device="cpu")
+    assert result.caveat.startswith("stage 2 starts from the previous stage's weights, which this test does not have")
+    weight, smoothing = losses[-1]
+    assert smoothing == 0.1 and weight is not None and len(weight) == 3  # the stage's own class weights
+    source = build_model("resnet18", 3)
+    best = save_checkpoint(tmp_path / "best.pt", {
+        "arch": "resnet18", "num_classes": 3, "class_names": ["ant", "bee", "cat"],
+        "preprocessing": Preprocessing.for_size(32).to_dict(), "model": source.state_dict()})
+    built = []
+    monkeypatch.setattr("core.models.build_model", lambda *a: built.append(a[2]) or build_model(*a))
+    assert lr_range_test(load_config(path), 1, steps=4, start=1e-4, end=1.0, device="cpu", init=str(best)).caveat \
+        is None
+    assert built == [str(best)]
+
+
 def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
     from train.config import load_config
     from train.lr_find import lr_range_test, suggest

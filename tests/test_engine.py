@@ -68,7 +68,8 @@ def run_tiny(raw: dict, name: str = "tiny", resume: bool = False, store: RunStor
 def test_two_stage_run_records_everything(tmp_path, monkeypatch):
     inits = []
     real_build = engine.build_model
-    monkeypatch.setattr(engine, "build_model", lambda arch, n, init: inits.append(init) or real_build(arch, n, init))
+    monkeypatch.setattr(engine, "build_model", lambda arch, n, init, names: inits.append((init, names))
+                        or real_build(arch, n, init, names))
     assert run_tiny(tiny_config(tmp_path)) == "finished"
     store = RunStore()
     run = store.get_run("tiny")
@@ -83,7 +84,8 @@ def test_two_stage_run_records_everything(tmp_path, monkeypatch):
     stages = store.stages("tiny")
     assert [s["class_names"] for s in stages] == [["ant", "bee", "cat"]] * 2
     stage1 = paths.run_dir("tiny") / "stage1-s1"
-    assert inits == ["scratch", str(stage1 / "best.pt")]
+    classes = ["ant", "bee", "cat"]  # the same classes in both stages: the second keeps the first's head
+    assert inits == [("scratch", classes), (str(stage1 / "best.pt"), classes)]
     last = load_checkpoint(stage1 / "last.pt")
     assert all(k in last for k in REQUIRED_KEYS + ("config_hash",))
     assert not {"optimizer", "scheduler", "trainer_state"} & set(last)  # a finished stage never resumes

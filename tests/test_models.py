@@ -26,6 +26,12 @@ def test_checkpoint_init_keeps_backbone_and_replaces_head(tmp_path):
     path = save_checkpoint(tmp_path / "a.pt", _payload(src, "resnet18", list("abcd")))
     same = build_model("resnet18", 4, path)
     assert torch.equal(same.fc.weight, src.fc.weight)
+    same = build_model("resnet18", 4, path, list("abcd"))  # the same classes in the same order: the head stays
+    assert torch.equal(same.fc.weight, src.fc.weight)
+    for others in (list("abce"), list("dcba")):  # as many classes, other ones or in another order: a new head
+        other = build_model("resnet18", 4, path, others)
+        assert not torch.equal(other.fc.weight, src.fc.weight)
+        assert torch.equal(other.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     new = build_model("resnet18", 9, path)
     assert new.fc.out_features == 9
     assert torch.equal(new.layer4[1].conv2.weight, src.layer4[1].conv2.weight)

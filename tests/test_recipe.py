@@ -146,3 +146,28 @@ def test_an_older_checkpoint_without_a_newer_stage_key_still_counts_as_this_stag
     assert not config.written_for(0, {**checkpoint, "stage_config": {**older, "gone_key": 1}})
     assert not config.written_for(0, {**checkpoint, "arch": "resnet50"})
     assert not config.written_for(0, {**checkpoint, "stage_config": {**older, "train_size_start": 32}})
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_loss_weighs_soft_targets_as_it_weighs_hard_labels(weighted, smoothing):
+    from torch import nn
+    from torch.nn import functional as F
+
+    from train.recipe import training_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 5), torch.tensor([0, 0, 0, 1, 1, 2, 3, 4])
+    weight = torch.tensor([0.2, 0.5, 1.0, 2.0, 4.0]) if weighted else None
+    loss = training_loss(weight, smoothing)
+    library = nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
+    assert torch.allclose(loss(logits, labels), library(logits, labels))  # hard labels: the library's own loss
+    assert torch.allclose(loss(logits, F.one_hot(labels, 5).float()), library(logits, labels))  # one-hot = hard
+    lam = 0.7  # a MixUp pair: the mixed loss is the mix of the two hard losses, each weighed by its classes
+    partner = labels.roll(1)
+    mixed = lam * F.one_hot(labels, 5).float() + (1 - lam) * F.one_hot(partner, 5).float()
+    w = weight if weighted else torch.ones(5)
+    w_a, w_b = lam * w[labels].sum(), (1 - lam) * w[partner].sum()
+    expected = (w_a * library(logits, labels) + w_b * library(logits, partner)) / (w_a + w_b)
+    assert torch.allclose(loss(logits, mixed), expected)
+    assert torch.allclose(library(logits, mixed), expected) != weighted  # what nn.CrossEntropyLoss gets wrong

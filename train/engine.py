@@ -38,7 +38,7 @@ from train.config import PipelineConfig, StageConfig, compiles, stage_label
 from train.device_batches import DeviceBatches, use_device_path
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
-from train.recipe import Mixer, batch_mixer, weight_average
+from train.recipe import Mixer, batch_mixer, training_loss, weight_average
 from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
 from train.signals import StopFlag, start_workers, worker_init_fn
 from train.tensorboard_log import TensorBoardLog
@@ -430,7 +430,7 @@ class Trainer:
             init = "scratch"
         elif init == "previous":
             init = str(stage_dir(self.run_name, index - 1, self.config.stages[index - 1]) / "best.pt")
-        model = build_model(self.config.arch, len(data.classes), init)
+        model = build_model(self.config.arch, len(data.classes), init, data.classes)
         if checkpoint is not None:
             load_weights(model, checkpoint["model"], "the checkpoint this stage resumes from")
         model = model.to(self.ctx.device)
@@ -499,7 +499,7 @@ class Trainer:
 
     def _train_steps(self, st: "_StageState", model: nn.Module, epoch: int, batch_index: int) -> list[float]:
         """Train one (rest of an) epoch; returns summed [loss*n, correct, n] over all ranks."""
-        criterion = nn.CrossEntropyLoss(weight=st.weights(self.ctx.device), label_smoothing=st.stage.label_smoothing)
+        criterion = training_loss(st.weights(self.ctx.device), st.stage.label_smoothing)
         for images, labels in start_workers(st.loader):
             images = st.normalize(images.to(self.ctx.device, non_blocking=True))
             labels = labels.to(self.ctx.device, non_blocking=True)

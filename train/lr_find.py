@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from core.errors import UserError
@@ -31,6 +31,7 @@ class LRFindResult:
     lrs: list[float]
     losses: list[float]
     suggestion: float | None
+    caveat: str | None = None  # why the rate may not suit the stage as it will train (set when it starts elsewhere)
 
 
 def suggest(lrs: list[float], losses: list[float]) -> float | None:
@@ -46,12 +47,16 @@ def suggest(lrs: list[float], losses: list[float]) -> float | None:
 
 
 def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: float = 1e-6, end: float = 1.0,
-                  device: str | None = None, on_step: Callable[[int, int], None] | None = None) -> LRFindResult:
-    """Run the range test on stage ``stage_index`` (from 0) of a validated ``PipelineConfig``."""
+                  device: str | None = None, on_step: Callable[[int, int], None] | None = None,
+                  init: str | None = None) -> LRFindResult:
+    """Run the range test on stage ``stage_index`` (from 0) of a validated ``PipelineConfig``, with the stage's
+    data, optimizer and loss (class weights, label smoothing). ``init`` (a checkpoint) replaces the stage's own
+    init; a stage that starts from the previous stage, given none, starts from scratch and says so (``caveat``)."""
     from core.models import build_model
     from train import distributed as ddp
-    from train.engine import autocast_dtype, load_stage_data, make_optimizer
+    from train.engine import autocast_dtype, class_weights, load_stage_data, make_optimizer
     from train.image_cache import Normalizer
+    from train.recipe import training_loss
 
     if not 0 < start < end:
         raise UserError(f"The range test needs 0 < start < end, got start {start:g} and end {end:g}.")
@@ -61,14 +66,19 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
     ctx = ddp.Dist(0, 1, ddp.pick_device(device))
     torch.manual_seed(config.seed)
     data = load_stage_data(stage, ctx, stage.num_workers)
-    init = "scratch" if stage.init == "previous" else stage.init  # the previous stage has not been trained here
-    model = build_model(config.arch, len(data.classes), init).to(ctx.device)
+    caveat = None
+    if init is None and stage.init == "previous":  # the previous stage has not been trained here
+        init, caveat = "scratch", (f"stage {stage_index + 1} starts from the previous stage's weights, which this "
+                                   "test does not have: it started from scratch, where rates run higher than in a "
+                                   "fine-tune; give it the previous stage's best.pt (--init) for the fine-tune's rate")
+    model = build_model(config.arch, len(data.classes), init or stage.init, data.classes).to(ctx.device)
     optimizer = make_optimizer(model, stage)
     normalize = Normalizer(data.preprocessing.mean, data.preprocessing.std).to(ctx.device)
     loader = DataLoader(data.train, batch_size=stage.batch_size, shuffle=True, drop_last=len(data.train) > stage.batch_size,
                         num_workers=stage.num_workers, generator=torch.Generator().manual_seed(config.seed))
     amp = autocast_dtype(ctx.device) if config.amp else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=stage.label_smoothing)
+    weights = class_weights(data.train_counts, stage.imbalance, stage.cb_beta)
+    criterion = training_loss(weights.to(ctx.device) if weights is not None else None, stage.label_smoothing)
     lrs, losses, average, best = [], [], 0.0, math.inf
     model.train()
     batches = iter(loader)
@@ -95,7 +105,7 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
         losses.append(smoothed)
         if on_step is not None:
             on_step(i + 1, steps)
-    return LRFindResult(lrs, losses, suggest(lrs, losses))
+    return LRFindResult(lrs, losses, suggest(lrs, losses), caveat)
 
 
 # ------------------------------------------------------------------ command
@@ -109,6 +119,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the data sets (for stages whose root is null)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--csv", help="also write every (lr, loss) pair to this CSV file")
+    p.add_argument("--init", help="start from this checkpoint instead of the stage's init (for a stage with init "
+                                  "previous: the previous stage's best.pt)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides, data_root=args.data_root)
     if not 1 <= args.stage <= len(config.stages):
         raise UserError(f"--stage must be between 1 and {len(config.stages)}, got {args.stage}.")
-    result = lr_range_test(config, args.stage - 1, args.steps, args.start, args.end, args.device)
+    result = lr_range_test(config, args.stage - 1, args.steps, args.start, args.end, args.device, init=args.init)
+    if result.caveat:
+        print(f"Note: {result.caveat}.", file=sys.stderr)
     print(f"{'LR':>10}  LOSS (smoothed)")
     for k in range(0, len(result.lrs), max(1, len(result.lrs) // 20)):
         print(f"{result.lrs[k]:>10.2e}  {result.losses[k]:.4f}")

@@ -1,4 +1,5 @@
-"""Recipe pieces beyond the plain loop: MixUp/CutMix of training batches and an EMA of the weights.
+"""Recipe pieces beyond the plain loop: MixUp/CutMix of training batches (and a loss that weighs their soft
+targets as it weighs hard labels) and an EMA of the weights.
 
 Both come from the libraries (``torchvision.transforms.v2.MixUp``/``CutMix`` on whole batches,
 ``torch.optim.swa_utils.AveragedModel``); what is ours is only the EMA's warm-up: the decay grows as
@@ -12,6 +13,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
@@ -27,6 +29,21 @@ def batch_mixer(stage: StageConfig, num_classes: int) -> Mixer | None:
     mixup = v2.MixUp(alpha=stage.mix_alpha, num_classes=num_classes)
     cutmix = v2.CutMix(alpha=stage.mix_alpha, num_classes=num_classes)
     return {"mixup": mixup, "cutmix": cutmix, "both": v2.RandomChoice([mixup, cutmix])}[stage.mix]
+
+
+def training_loss(weight: torch.Tensor | None, label_smoothing: float) -> Callable[[torch.Tensor, torch.Tensor],
+                                                                                torch.Tensor]:
+    """Cross-entropy over hard labels or MixUp/CutMix soft targets, normalised alike: by the summed class weights
+    of the batch's targets. (``nn.CrossEntropyLoss`` divides a weighted loss of soft targets by the batch size
+    instead, which shrinks it by the batch's mean class weight: a silently lower learning rate.)"""
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not targets.is_floating_point():
+            return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)
+        total = F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing, reduction="sum")
+        return total / (targets.sum() if weight is None else (targets @ weight).sum())
+
+    return loss
 
 
 class WarmedUpEMA(AveragedModel):
