@@ -51,10 +51,14 @@ def per_class_precision(confusion: np.ndarray) -> list[float | None]:
 
 
 def per_class_f1(precision: Sequence[float | None], recall: Sequence[float | None]) -> list[float | None]:
-    """Harmonic mean of precision and recall per class (0 when both are 0; None when either is unknown)."""
+    """Harmonic mean of precision and recall per class, i.e. 2TP / (2TP + FP + FN): 0 for a class never predicted
+    or without images (its TP is 0 then), None only for a class neither predicted nor present."""
     out: list[float | None] = []
     for p, r in zip(precision, recall):
-        out.append(None if p is None or r is None else (2 * p * r / (p + r) if p + r else 0.0))
+        if p is None or r is None:
+            out.append(None if p is None and r is None else 0.0)
+        else:
+            out.append(2 * p * r / (p + r) if p + r else 0.0)
     return out
 
 

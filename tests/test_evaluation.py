@@ -80,8 +80,14 @@ def test_precision_recall_f1_and_top5():
     r = class_result(["a", "b", "c"], confusion, top5_acc=0.9)
     assert r["per_class_acc"] == [0.75, 0.5, None]  # recall
     assert r["precision"] == [1.0, 2 / 3, 0.0]
-    assert r["f1"] == [pytest.approx(2 * 0.75 / 1.75), pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)), None]
+    assert r["f1"] == [pytest.approx(2 * 0.75 / 1.75), pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)), 0.0]
     assert r["top5_acc"] == 0.9
+    # d has images but is never predicted, e neither has images nor is predicted: F1 = 2TP / (2TP + FP + FN)
+    confusion = np.array([[3, 1, 0, 0, 0], [0, 2, 2, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
+    r = class_result(list("abcde"), confusion)
+    assert r["precision"] == [0.75, 0.5, 0.0, None, None] and r["per_class_acc"] == [0.75, 0.5, None, 0.0, None]
+    tp, fp, fn = np.diag(confusion), confusion.sum(0) - np.diag(confusion), confusion.sum(1) - np.diag(confusion)
+    assert r["f1"][:4] == pytest.approx((2 * tp / (2 * tp + fp + fn))[:4].tolist()) and r["f1"][4] is None
 
     logits = torch.tensor([[9.0] + [0.0] * 6, [0, 9, 8, 7, 6, 5, 4.0], [9, 8, 7, 6, 5, 4, 3.0]])
     model = torch.nn.Identity()
