@@ -104,7 +104,8 @@ def curves_figure(
             if smoothing > 0:
                 fig.add_scatter(x=x, y=y, mode="lines", line=dict(color=line_colour, width=1, dash=dash),
                                 opacity=0.25, showlegend=False, hoverinfo="skip")
-                y = ema(y, smoothing)
+                stages = frame["stage"].to_numpy()  # each stage smoothed on its own: a new stage is a new curve
+                y = np.concatenate([ema(y[stages == s], smoothing) for s in pd.unique(stages)])
             fig.add_scatter(x=x, y=y, name=label, mode="lines+markers" if len(x) < 40 else "lines",
                             line=dict(color=line_colour, dash=dash), connectgaps=True)
         names = list((stage_names or {}).get(run, []))

@@ -54,6 +54,8 @@ def test_curves_figure_overlays_runs_and_marks_stage_starts():
     assert len(fig.data) == 4  # raw (faint) + smoothed per run
     texts = [a.text for a in fig.layout.annotations]
     assert texts == ["fine"]
+    smoothed_a = list(named[0].y)  # each stage smoothed on its own: stage 2 starts at its own value
+    assert smoothed_a == pytest.approx([.1, charts.ema([.1, .2], 0.5)[1], .3])
 
 
 def test_format_eta_and_progress():
