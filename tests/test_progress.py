@@ -64,6 +64,18 @@ def test_a_resolution_schedule_counts_the_larger_epochs_ahead_and_rescales_at_ea
     assert p.stage_eta_s == pytest.approx(10 * 4.0)
 
 
+def test_unfreezing_layers_measures_the_step_time_anew(clock):
+    p = Progress()
+    p.set_plan([StageWork(steps=40, epochs=2, pixels_per_step=1.0)], done_steps=0)
+    p.start_epoch(0, 1, 0)  # a head-only epoch: fast steps
+    steps(p, clock, [1.0] + [0.1] * 19)
+    assert p.stage_eta_s is not None
+    p.start_epoch(0, 2, 20, retime=True)  # every layer trains now: the head-only pace would be far too hopeful
+    assert p.eta_s is None
+    steps(p, clock, [1.0] + [1.0] * STEADY_STEPS)
+    assert p.stage_eta_s == pytest.approx((20 - STEADY_STEPS - 1) * 1.0 + p._validation_s(p.plan[0]))
+
+
 def test_one_slow_step_does_not_make_the_eta_jump(clock):
     p = Progress()
     p.set_plan([StageWork(1000, 10, 1.0)], done_steps=0)

@@ -481,7 +481,7 @@ class Trainer:
             self.progress.phase = "compiling"    # the first step (Progress.advance clears the phase)
             self.display.message(f"{st.label}: compiling the model (torch.compile); the first steps take longer")
         st.sampler.set_epoch(epoch, start=skip_batches * st.stage.batch_size)
-        self.progress.start_epoch(st.index, epoch + 1, st.step)
+        self.progress.start_epoch(st.index, epoch + 1, st.step, retime=fresh)  # fresh: other layers train now
         self.store.heartbeat(self.run_name, **self.progress.fields())
         self.display.start_epoch(f"{st.label} epoch {epoch + 1}/{st.stage.epochs}",
                                  st.steps_per_epoch - skip_batches)

@@ -69,10 +69,13 @@ class Progress:
         self.plan, self.done_steps = plan, done_steps
         self.total_steps = sum(w.steps for w in plan)
 
-    def start_epoch(self, stage: int, epoch: int, step: int) -> None:
-        """An epoch (or its resumed rest) begins: its first step is not timed (the loader starts up)."""
+    def start_epoch(self, stage: int, epoch: int, step: int, retime: bool = False) -> None:
+        """An epoch (or its resumed rest) begins: its first step is not timed (the loader starts up). ``retime``:
+        its steps cost differently from the last epoch's (layers unfrozen), so their time is measured anew."""
         if stage != self._timed_stage:
             self._step_s, self._timed, self._timed_stage, self._val_s = None, 0, stage, None
+        elif retime:
+            self._step_s, self._timed = None, 0
         elif self._step_s is not None and stage < len(self.plan):  # a resolution schedule's new size
             work = self.plan[stage]
             self._step_s *= work.pixels_at(epoch) / work.pixels_at(self.epoch)
