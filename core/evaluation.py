@@ -109,7 +109,10 @@ class Predictions:
     confidence: np.ndarray
     loss: float
     in_top5: np.ndarray | None = None  # whether the true class is among the 5 most likely (all of them if fewer)
-    logsumexp: np.ndarray = field(default_factory=lambda: np.zeros(0))  # negative energy (core.ood)
+    # the out-of-distribution scores (core.ood) of the plain view, as Explain scores one image: with test-time flips
+    # the averaged logits would set thresholds that single views do not reach
+    logsumexp: np.ndarray = field(default_factory=lambda: np.zeros(0))  # negative energy
+    view_confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))  # maximum softmax probability
 
     def confusion(self, num_classes: int) -> np.ndarray:
         return confusion_matrix(self.targets, self.predicted, num_classes)
@@ -131,36 +134,36 @@ def predict(model: nn.Module, loader: Any, device: torch.device | str = "cpu",
     model.eval()
     device = torch.device(device)
     criterion = criterion or nn.CrossEntropyLoss()
-    targets, predicted, confidence, top5, logsumexp, losses = [], [], [], [], [], []
+    targets, predicted, confidence, top5, logsumexp, view_confidence, losses = [], [], [], [], [], [], []
     for images, labels in loader:  # everything stays on the device until the end: no wait per batch
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if prepare is not None:
             images = prepare(images)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images)
-            if flip:
-                logits = (logits.float() + model(images.flip(3)).float()) / 2
-        logits = logits.float()
+            view = model(images).float()
+            logits = (view + model(images.flip(3)).float()) / 2 if flip else view
+        logsumexp.append(view.logsumexp(dim=1))
+        view_confidence.append(view.softmax(dim=1).amax(dim=1))
         losses.append(criterion(logits, labels).double() * len(labels))
         conf, pred = logits.softmax(dim=1).max(dim=1)
         top5.append((logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1))
         targets.append(labels)
         predicted.append(pred)
         confidence.append(conf)
-        logsumexp.append(logits.logsumexp(dim=1))
     n = sum(len(t) for t in targets)
     if not n:
         empty = np.zeros(0)
         return Predictions(empty.astype(np.int64), empty.astype(np.int64), empty, float("nan"),
-                           empty.astype(bool), empty)
+                           empty.astype(bool), empty, empty)
 
     def host(parts: list[torch.Tensor]) -> np.ndarray:
         return torch.cat(parts).cpu().numpy()
 
     return Predictions(host(targets).astype(np.int64), host(predicted).astype(np.int64),
                        host(confidence).astype(np.float64), float(torch.stack(losses).sum()) / n,
-                       host(top5).astype(bool), host(logsumexp).astype(np.float64))
+                       host(top5).astype(bool), host(logsumexp).astype(np.float64),
+                       host(view_confidence).astype(np.float64))
 
 
 def misclassified(predictions: Predictions, classes: Sequence[str], source: Callable[[int], str],

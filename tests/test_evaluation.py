@@ -93,3 +93,21 @@ def test_precision_recall_f1_and_top5():
     model = torch.nn.Identity()
     preds = predict(model, [(logits, torch.tensor([0, 6, 4]))])  # 0: top-1; 6: ranked 7th; 4: ranked 5th
     assert preds.in_top5.tolist() == [True, False, True] and preds.top5_accuracy == pytest.approx(2 / 3)
+
+
+def test_flips_average_the_prediction_but_ood_scores_come_from_the_plain_view():
+    import torch
+
+    from core.evaluation import predict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5))
+    images, labels = torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 0])
+    plain, mirrored = model(images).detach(), model(images.flip(3)).detach()
+    preds = predict(model, [(images, labels)], flip=True)
+    averaged = (plain + mirrored) / 2
+    assert preds.predicted.tolist() == averaged.argmax(1).tolist()
+    assert np.allclose(preds.confidence, averaged.softmax(1).amax(1).numpy())
+    assert np.allclose(preds.logsumexp, plain.logsumexp(1).numpy())  # what Explain computes for one image
+    assert np.allclose(preds.view_confidence, plain.softmax(1).amax(1).numpy())
+    assert not np.allclose(preds.logsumexp, averaged.logsumexp(1).numpy())

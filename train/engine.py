@@ -598,7 +598,7 @@ class Trainer:
         confusion = preds.confusion(len(st.data.classes))
         result = evaluation.class_result(st.data.classes, confusion, st.data.train_counts, preds.top5_accuracy)
         metrics.update(val_loss=preds.loss, val_acc=result["accuracy"], val_balanced_acc=result["balanced_acc"])
-        st.ood = ood.calibrate(preds.confidence, preds.logsumexp)  # saved with the checkpoints of this epoch
+        st.ood = ood.calibrate(preds.view_confidence, preds.logsumexp)  # saved with this epoch's checkpoints
         earlier = sum(s.epochs for s in self.config.stages[: st.index])
         self.tb.epoch(earlier + epoch + 1, metrics, stage_dir(self.run_name, st.index, st.stage).name, confusion)
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)

@@ -28,7 +28,7 @@ def add_ood_thresholds(path: str | os.PathLike[str], dataset: str | None = None,
 
     found = evaluate_checkpoint(path, dataset, root, "val", device, batch_size)
     preds = found.predictions
-    stats = ood.calibrate(preds.confidence, preds.logsumexp) if preds is not None else {}
+    stats = ood.calibrate(preds.view_confidence, preds.logsumexp) if preds is not None else {}
     if not stats:
         raise CheckpointError(f"The validation split of {found.dataset} has no images, so {path} gets no thresholds.")
     save_checkpoint(path, {**load_checkpoint(path), "ood": stats})
