@@ -186,8 +186,12 @@ def column_config(frame: pd.DataFrame) -> dict[str, Any]:
                      "itself (empty = the folder chosen under Your own images). An absolute path, or one under the "
                      "data root.")
     config["patience"] = st.column_config.TextColumn(
-        "patience", help="Early stopping: end the stage after this many epochs without a better validation "
-                         "balanced accuracy (0: off).")
+        "patience", help="Early stopping: end the stage after this many epochs without a better value of the "
+                         "'select' metric (0: off).")
+    config["select"] = st.column_config.SelectboxColumn(
+        "select", options=list(CHOICES["select"]),
+        help="The validation metric that picks best.pt and drives patience: accuracy, or balanced accuracy "
+             "(the mean of the per-class accuracies).")
     config["train_size_start"] = st.column_config.TextColumn(
         column_label("train_size_start"), help="Resolution schedule (augment strong): the first epoch trains at this "
         "size, growing to image size over the first 'train size ramp' of the epochs (0: off).")

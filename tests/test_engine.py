@@ -244,15 +244,16 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
     assert RunStore().get_run("tiny")["state"] == "failed"
 
 
-def test_early_stopping_ends_a_stage_without_gain_and_resume_moves_on(tmp_path, monkeypatch):
+@pytest.mark.parametrize("select, flat_key", [("accuracy", "accuracy"), ("balanced", "balanced_acc")])
+def test_early_stopping_ends_a_stage_without_gain_and_resume_moves_on(tmp_path, monkeypatch, select, flat_key):
     real = engine.evaluation.class_result
 
-    def flat(*args, **kwargs):  # validation balanced accuracy that never improves
-        return {**real(*args, **kwargs), "balanced_acc": 0.5}
+    def flat(*args, **kwargs):  # the selected validation metric never improves
+        return {**real(*args, **kwargs), flat_key: 0.5}
 
     monkeypatch.setattr(engine.evaluation, "class_result", flat)
     raw = tiny_config(tmp_path, epochs=(4, 1))
-    raw["stages"][0]["patience"] = 2
+    raw["stages"][0].update(patience=2, select=select)
     assert run_tiny(raw) == "finished"
     store = RunStore()
     assert [(m["stage"], m["epoch"]) for m in store.metrics("tiny", "epoch")] == [(0, 1), (0, 2), (0, 3), (1, 1)]
@@ -260,6 +261,23 @@ def test_early_stopping_ends_a_stage_without_gain_and_resume_moves_on(tmp_path, 
     assert last["stopped_early"] and last["epoch"] == 3 and "optimizer" not in last
     assert engine.find_resume_point(parse_config(raw), "tiny").stage == 2
     assert store.stages("tiny")[0]["completed_epochs"] == 3
+
+
+@pytest.mark.parametrize("select, best_epoch", [("accuracy", 3), ("balanced", 2)])
+def test_best_pt_is_the_epoch_with_the_best_selected_metric(tmp_path, monkeypatch, select, best_epoch):
+    real = engine.evaluation.class_result
+    scores = iter([(0.4, 0.3), (0.5, 0.7), (0.9, 0.4)])  # (accuracy, balanced accuracy) of epochs 1, 2, 3
+
+    def scripted(*args, **kwargs):
+        accuracy, balanced = next(scores)
+        return {**real(*args, **kwargs), "accuracy": accuracy, "balanced_acc": balanced}
+
+    monkeypatch.setattr(engine.evaluation, "class_result", scripted)
+    raw = tiny_config(tmp_path, epochs=(3,), select=select)
+    assert run_tiny(raw) == "finished"
+    stage = RunStore().stages("tiny")[0]
+    assert stage["best_epoch"] == best_epoch and stage["best_val_acc"] == {3: 0.9, 2: 0.5}[best_epoch]
+    assert load_checkpoint(paths.run_dir("tiny") / "stage1-s1" / "best.pt")["epoch"] == best_epoch
 
 
 def test_retention_final_keeps_only_the_last_stages_checkpoints(tmp_path):

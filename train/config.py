@@ -37,7 +37,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "augment": ("none", "light", "strong"),
     "imbalance": ("none", "weighted_loss", "class_balanced", "weighted_sampler"),
     "mix": ("none", "mixup", "cutmix", "both"),
+    "select": ("accuracy", "balanced"),
 }
+SELECTED_METRIC = {"accuracy": "val_acc", "balanced": "val_balanced_acc"}  # select -> the epoch metric it reads
 RETENTION = ("all", "final")
 DATA_PATHS = ("auto", "workers", "device")  # auto: device on CUDA, workers elsewhere (train/device_batches.py)
 _TRAIN_LAYERS = re.compile(r"all|head|from:layer[1-4]")
@@ -158,7 +160,8 @@ class StageConfig:
     cb_beta: float = 0.999
     init: str = "scratch"
     num_workers: int = 0
-    patience: int = 0  # early stopping: end the stage after this many epochs without a better balanced accuracy
+    select: str = "accuracy"  # which validation metric picks best.pt and drives patience: accuracy or balanced
+    patience: int = 0  # early stopping: end the stage after this many epochs without a better selected metric
     mix: str = "none"  # MixUp / CutMix of training batches ("both": one of the two per batch)
     mix_alpha: float = 1.0  # Beta(alpha, alpha) of the mixing weight
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); validated and saved

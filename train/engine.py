@@ -34,7 +34,7 @@ from core.models import Preprocessing, build_model
 from core.run_store import RunStore
 from core.tempfiles import sweep_stale
 from train import distributed as ddp
-from train.config import PipelineConfig, StageConfig, compiles, stage_label
+from train.config import SELECTED_METRIC, PipelineConfig, StageConfig, compiles, stage_label
 from train.device_batches import DeviceBatches, use_device_path
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
@@ -382,7 +382,8 @@ class Trainer:
                 raise TrainingFailed(f"{label} cannot resume: {problem}; start a new run instead.")
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
-            best = checkpoint["metrics"].get("best_val_acc")
+            kept = checkpoint["metrics"]  # best_val_acc: checkpoints before `select`, which chose by accuracy
+            best = kept.get("best_score", kept.get("best_val_acc"))
         else:
             best = self._kept_best(index, stage)
         step = start_epoch * per_epoch + batches_done
@@ -404,7 +405,7 @@ class Trainer:
         self.tb.hparams(stage_dir(self.run_name, index, stage).name, stage.to_dict(), state.best)
 
     def _kept_best(self, index: int, stage: StageConfig) -> float | None:
-        """The accuracy to beat when a stage restarts but an earlier attempt's ``best.pt`` is there (its
+        """The selected metric to beat when a stage restarts but an earlier attempt's ``best.pt`` is there (its
         ``last.pt`` was lost): that ``best.pt`` is only replaced by a better epoch."""
         path = stage_dir(self.run_name, index, stage) / "best.pt"
         if not self.ctx.is_main or not path.is_file():
@@ -413,15 +414,16 @@ class Trainer:
             kept = load_checkpoint(path)
         except UserError:
             return None  # unreadable: the restarted stage writes a new one
-        accuracy = (kept.get("metrics") or {}).get("val_acc")
-        if not self.config.written_for(index, kept) or accuracy is None:
+        metrics = kept.get("metrics") or {}
+        accuracy, score = metrics.get("val_acc"), metrics.get(SELECTED_METRIC[stage.select])
+        if not self.config.written_for(index, kept) or accuracy is None or score is None:
             return None
         print(f"{stage_label(index, stage)}: last.pt is missing, so the stage restarts from epoch 1; its best.pt "
               f"(epoch {kept.get('epoch')}, val acc {accuracy:.3f}) is kept until an epoch beats it.",
               file=sys.stderr, flush=True)
         self.store.update_stage(self.run_name, index, best_path=str(path), best_val_acc=accuracy,
                                 best_epoch=kept.get("epoch"))
-        return float(accuracy)
+        return float(score)
 
     def _build_model(self, index: int, stage: StageConfig, data: StageData,
                      checkpoint: dict[str, Any] | None) -> nn.Module:
@@ -573,7 +575,7 @@ class Trainer:
     def _save_stop(self, st: "_StageState", epoch: int, batch_index: int) -> None:
         self._flush_steps(st, epoch + 1, force=True)
         if self.ctx.is_main:
-            self._save(st, "last", epoch, batch_index, {"best_val_acc": st.best})
+            self._save(st, "last", epoch, batch_index, {"best_score": st.best})
         ddp.barrier(self.ctx)
         raise StopRequested()
 
@@ -617,25 +619,25 @@ class Trainer:
         return st.val_batches
 
     def _end_epoch(self, st: "_StageState", epoch: int, metrics: dict[str, Any]) -> None:
-        val_acc = metrics.get("val_acc")
-        improved = val_acc is not None and (st.best is None or val_acc > st.best)
+        score = metrics.get(SELECTED_METRIC[st.stage.select])  # what picks best.pt and drives patience
+        improved = score is not None and (st.best is None or score > st.best)
         if improved:
-            st.best = val_acc
-        st.stopped_early = ddp.broadcast(self.ctx, st.early_stop(metrics.get("val_balanced_acc"))) \
-            and epoch + 1 < st.stage.epochs
+            st.best = score
+        st.stopped_early = ddp.broadcast(self.ctx, st.early_stop(score)) and epoch + 1 < st.stage.epochs
         if self.ctx.is_main:
-            summary = {**metrics, "best_val_acc": st.best}
+            summary = {**metrics, "best_score": st.best}
             fields: dict[str, Any] = {}
             if improved:  # best first: last.pt marks progress, so a crash in between never loses the best
                 best = self._save(st, "best", epoch + 1, 0, summary)
-                fields.update(best_path=str(best), best_val_acc=st.best, best_epoch=epoch + 1)
+                fields.update(best_path=str(best), best_val_acc=metrics.get("val_acc"), best_epoch=epoch + 1)
             last = self._save(st, "last", epoch + 1, 0, summary)
             fields.update(last_path=str(last), completed_epochs=epoch + 1)
             self.store.update_stage(self.run_name, st.index, **fields)
             self.display.message(_epoch_line(st.label, epoch + 1, st.stage.epochs, metrics))
             if st.stopped_early:
-                self.display.message(f"{st.label} stops early after epoch {epoch + 1}: validation balanced "
-                                     f"accuracy has not improved for {st.stage.patience} epoch(s).")
+                metric = "balanced accuracy" if st.stage.select == "balanced" else "accuracy"
+                self.display.message(f"{st.label} stops early after epoch {epoch + 1}: validation {metric} has "
+                                     f"not improved for {st.stage.patience} epoch(s).")
         ddp.barrier(self.ctx)
 
     def _save(self, st: "_StageState", kind: str, epoch: int, batches_done: int, metrics: dict[str, Any]) -> Path:
@@ -682,7 +684,7 @@ class _StageState:
     last_lr: float | None = None  # the learning rate of the latest step (the epoch row's lr)
     totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # this epoch's [loss*n, correct, n]
     _device_totals: torch.Tensor | None = None  # [loss*n, correct] running on the device (see add_to_totals)
-    best_balanced: float | None = None  # early stopping: the best validation balanced accuracy so far
+    best_selected: float | None = None  # early stopping: the best validation metric (``select``) so far
     stale_epochs: int = 0  # epochs since it last improved
     stopped_early: bool = False
     ood: dict[str, Any] = field(default_factory=dict)  # out-of-distribution thresholds (core.ood) of the epoch
@@ -720,7 +722,7 @@ class _StageState:
     def trainer_state(self) -> dict[str, Any]:
         """What ``last.pt`` keeps besides model, optimizer and scheduler for an exact resume."""
         state = {"rng": rng_state(), "epoch_totals": self.host_totals(), "last_lr": self.last_lr,
-                 "early_stopping": {"best": self.best_balanced, "stale": self.stale_epochs}}
+                 "early_stopping": {"best": self.best_selected, "stale": self.stale_epochs}}
         return {**state, **{name: obj.state_dict() for name, obj in self.stateful().items()}}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
@@ -731,15 +733,15 @@ class _StageState:
         self._device_totals = None
         self.last_lr = state.get("last_lr", self.last_lr)
         early = state.get("early_stopping") or {}
-        self.best_balanced, self.stale_epochs = early.get("best"), int(early.get("stale", 0))
+        self.best_selected, self.stale_epochs = early.get("best"), int(early.get("stale", 0))
         own = ("rng", "epoch_totals", "last_lr", "early_stopping")
         self._restored = {k: v for k, v in state.items() if k not in own}
         self._load_restored()
 
-    def early_stop(self, balanced: float | None) -> bool:
-        """Record an epoch's validation balanced accuracy; True when ``patience`` epochs passed without a gain."""
-        if balanced is not None and (self.best_balanced is None or balanced > self.best_balanced):
-            self.best_balanced, self.stale_epochs = balanced, 0
+    def early_stop(self, score: float | None) -> bool:
+        """Record an epoch's selected validation metric; True when ``patience`` epochs passed without a gain."""
+        if score is not None and (self.best_selected is None or score > self.best_selected):
+            self.best_selected, self.stale_epochs = score, 0
         else:
             self.stale_epochs += 1
         return bool(self.stage.patience) and self.stale_epochs >= self.stage.patience
