@@ -165,7 +165,7 @@ def pid_alive(pid: int | None, started: int | None = None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # another user's process: alive, but maybe not the one recorded (/proc says, for any user)
     fields = _proc_stat(pid)
     if fields is None:
         return True  # no /proc (macOS): the pid is all there is

@@ -131,7 +131,7 @@ def checkpoint_label(path: Path) -> str:
         except ValueError:
             rel = None
     parts = [" / ".join(rel.parts) if rel is not None else str(path)]
-    known = _stage_checkpoints().get(str(path))
+    known = _stage_checkpoints(str(paths.store_path())).get(str(path))
     if known:
         parts += [f"epoch {known['epoch']}"] + ([f"{known['acc']:.1%}"] if known.get("acc") is not None else [])
     try:
@@ -142,8 +142,9 @@ def checkpoint_label(path: Path) -> str:
 
 
 @st.cache_data(ttl=2, show_spinner=False)
-def _stage_checkpoints() -> dict[str, dict[str, Any]]:
-    """Checkpoint path -> its epoch and accuracy, for every stage in the store (best.pt and last.pt)."""
+def _stage_checkpoints(store_path: str) -> dict[str, dict[str, Any]]:
+    """Checkpoint path -> its epoch and accuracy, for every stage in the store at ``store_path`` (best.pt and
+    last.pt)."""
     return store().checkpoint_index()
 
 

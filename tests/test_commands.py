@@ -2,6 +2,7 @@
 import csv
 import io
 import json
+import os
 
 import pytest
 
@@ -148,6 +149,16 @@ def test_delete_asks_and_reports_the_space_freed(finished, capsys, monkeypatch):
     assert not folder.exists() and not RunStore().has_run("tiny")
     assert main(["delete", "tiny", "--yes"]) == 2  # unknown now: one sentence
     assert "There is no run named 'tiny'" in capsys.readouterr().err
+
+
+def test_delete_of_several_runs_checks_them_all_before_deleting_any(finished, capsys):
+    store = RunStore()
+    store.create_run("quiet", {"name": "quiet", "stages": []})
+    store.set_state("quiet", "running", pid=os.getpid())  # a live trainer that stopped reporting
+    store._write("UPDATE runs SET heartbeat = 0 WHERE name = 'quiet'")
+    assert main(["delete", "tiny", "quiet", "--yes"]) == 2
+    assert "has a live trainer" in capsys.readouterr().err
+    assert store.has_run("tiny") and paths.run_dir("tiny").is_dir()  # nothing went
 
 
 def test_unwritable_outputs_a_closed_prompt_and_a_damaged_store_are_one_sentence(finished, tmp_path, capsys,

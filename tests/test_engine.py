@@ -248,8 +248,11 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
 def test_early_stopping_ends_a_stage_without_gain_and_resume_moves_on(tmp_path, monkeypatch, select, flat_key):
     real = engine.evaluation.class_result
 
-    def flat(*args, **kwargs):  # the selected validation metric never improves
-        return {**real(*args, **kwargs), flat_key: 0.5}
+    rising = iter([0.1, 0.2, 0.3, 0.4, 0.5])
+
+    def flat(*args, **kwargs):  # the selected validation metric never improves; the other one always does
+        other = "balanced_acc" if flat_key == "accuracy" else "accuracy"
+        return {**real(*args, **kwargs), flat_key: 0.5, other: next(rising)}
 
     monkeypatch.setattr(engine.evaluation, "class_result", flat)
     raw = tiny_config(tmp_path, epochs=(4, 1))
@@ -261,6 +264,21 @@ def test_early_stopping_ends_a_stage_without_gain_and_resume_moves_on(tmp_path, 
     assert last["stopped_early"] and last["epoch"] == 3 and "optimizer" not in last
     assert engine.find_resume_point(parse_config(raw), "tiny").stage == 2
     assert store.stages("tiny")[0]["completed_epochs"] == 3
+
+
+def test_early_stopping_state_saved_before_select_counts_the_selected_metric_anew():
+    from types import SimpleNamespace
+
+    def restored(early, select):
+        st = SimpleNamespace(stage=SimpleNamespace(select=select), best=0.8, totals=[0.0, 0.0, 0.0], last_lr=None,
+                             _load_restored=lambda: None)
+        engine._StageState.load_trainer_state(st, {"early_stopping": early})
+        return st.best_selected, st.stale_epochs
+
+    older = {"best": 0.3, "stale": 2}  # an older ResLens counted balanced accuracy, whatever picked best.pt
+    assert restored(older, "balanced") == (0.3, 2)
+    assert restored(older, "accuracy") == (0.8, 0)  # from the best accuracy so far (best.pt's), patience anew
+    assert restored({**older, "select": "accuracy"}, "accuracy") == (0.3, 2)
 
 
 @pytest.mark.parametrize("select, best_epoch", [("accuracy", 3), ("balanced", 2)])

@@ -171,3 +171,5 @@ def test_the_loss_weighs_soft_targets_as_it_weighs_hard_labels(weighted, smoothi
     expected = (w_a * library(logits, labels) + w_b * library(logits, partner)) / (w_a + w_b)
     assert torch.allclose(loss(logits, mixed), expected)
     assert torch.allclose(library(logits, mixed), expected) != weighted  # what nn.CrossEntropyLoss gets wrong
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer calls it: the weighing stays in fp32
+        assert torch.allclose(loss(logits, mixed), expected, rtol=1e-6)

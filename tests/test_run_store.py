@@ -1,8 +1,10 @@
+import os
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -286,3 +288,16 @@ def test_a_store_from_a_newer_reslens_is_refused_untouched(tmp_path):
         RunStore(path)
     assert path.read_bytes() == before
     assert "phase" not in _columns(path, "runs")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")
+def test_another_users_process_on_a_reused_pid_is_not_the_trainer(monkeypatch):
+    from core.run_store import pid_alive, process_started
+
+    def not_permitted(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    me, started = os.getpid(), process_started(os.getpid())
+    monkeypatch.setattr(run_store.os, "kill", not_permitted)  # as for a process another user owns
+    assert pid_alive(me, started) and pid_alive(me)
+    assert not pid_alive(me, started + 1)  # the pid was handed on: not the process recorded

@@ -33,7 +33,7 @@ def test_a_run_writes_scalars_hparams_and_the_confusion_matrix(tmp_path):
     hparams = sorted(p.name for p in folder.iterdir() if p.is_dir())
     assert hparams == ["stage1-s1", "stage2-s2"]
     stage = EventAccumulator(str(folder / "stage1-s1")).Reload()
-    assert "hparam/best_val_acc" in stage.Tags()["scalars"]
+    assert "hparam/best_score" in stage.Tags()["scalars"]
 
 
 def test_training_works_without_tensorboard(tmp_path, monkeypatch):

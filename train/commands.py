@@ -205,7 +205,7 @@ def delete(args: argparse.Namespace) -> int:
 
     store = RunStore()
     for name in args.run_names:
-        store.get_run(name)  # every name known before anything goes
+        jobs.check_deletable(store.get_run(name))  # every run known and deletable before anything goes
     sizes = {name: jobs.disk_usage(name) for name in args.run_names}
     listed = ", ".join(f"{n} ({iec_bytes(s)})" for n, s in sizes.items())
     if not args.yes and not confirmed(f"Delete {listed} with all their checkpoints and metrics?", "Deleting runs"):

@@ -722,7 +722,8 @@ class _StageState:
     def trainer_state(self) -> dict[str, Any]:
         """What ``last.pt`` keeps besides model, optimizer and scheduler for an exact resume."""
         state = {"rng": rng_state(), "epoch_totals": self.host_totals(), "last_lr": self.last_lr,
-                 "early_stopping": {"best": self.best_selected, "stale": self.stale_epochs}}
+                 "early_stopping": {"best": self.best_selected, "stale": self.stale_epochs,
+                                    "select": self.stage.select}}
         return {**state, **{name: obj.state_dict() for name, obj in self.stateful().items()}}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
@@ -733,7 +734,10 @@ class _StageState:
         self._device_totals = None
         self.last_lr = state.get("last_lr", self.last_lr)
         early = state.get("early_stopping") or {}
-        self.best_selected, self.stale_epochs = early.get("best"), int(early.get("stale", 0))
+        if early.get("select", "balanced") == self.stage.select:
+            self.best_selected, self.stale_epochs = early.get("best"), int(early.get("stale", 0))
+        else:  # saved before `select`, counting balanced accuracy: count the selected metric from the best so far
+            self.best_selected, self.stale_epochs = self.best, 0
         own = ("rng", "epoch_totals", "last_lr", "early_stopping")
         self._restored = {k: v for k, v in state.items() if k not in own}
         self._load_restored()

@@ -192,11 +192,11 @@ def cache_entries() -> list[CacheEntry]:
         if path.name.startswith("."):
             continue
         try:
-            size = path.stat().st_size
+            stat = path.stat()
             side_stat = _side(path).stat() if _side(path).exists() else None
         except FileNotFoundError:  # cleared meanwhile
             continue
-        last_used = side_stat.st_mtime if side_stat else path.stat().st_mtime
+        size, last_used = stat.st_size, side_stat.st_mtime if side_stat else stat.st_mtime
         entries.append(CacheEntry(path, size + (side_stat.st_size if side_stat else 0), _label(_read_side(path)),
                                   last_used))
     return sorted(entries, key=lambda e: e.last_used, reverse=True)

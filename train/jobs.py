@@ -209,16 +209,20 @@ def disk_usage(name: str) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
+def check_deletable(run: dict[str, Any]) -> None:
+    """``RunStoreError`` when the run is queued or running, or its trainer is alive though silent."""
+    if run["state"] in ACTIVE_STATES:
+        raise RunStoreError(f"Run {run['name']!r} is still {run['state']}; stop it before deleting it.")
+    refuse_live_trainer(run, doing="deleting it")
+
+
 def delete(name: str) -> int:
     """Delete run ``name`` for good: its folder and everything the store holds about it; returns the bytes freed.
 
     A queued or running run is refused (stop it first); so is a name the store does not know.
     """
     store = RunStore()
-    run = store.get_run(name)
-    if run["state"] in ACTIVE_STATES:
-        raise RunStoreError(f"Run {name!r} is still {run['state']}; stop it before deleting it.")
-    refuse_live_trainer(run, doing="deleting it")
+    check_deletable(store.get_run(name))
     freed = disk_usage(name)
     store.delete_run(name)
     shutil.rmtree(paths.run_dir(name), ignore_errors=True)

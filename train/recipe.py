@@ -41,7 +41,8 @@ def training_loss(weight: torch.Tensor | None, label_smoothing: float) -> Callab
         if not targets.is_floating_point():
             return F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing)
         total = F.cross_entropy(logits, targets, weight=weight, label_smoothing=label_smoothing, reduction="sum")
-        return total / (targets.sum() if weight is None else (targets @ weight).sum())
+        # an element-wise product, not a matmul: autocast would run a matmul in bf16
+        return total / (targets.sum() if weight is None else (targets * weight).sum())
 
     return loss
 

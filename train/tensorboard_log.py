@@ -55,12 +55,13 @@ class TensorBoardLog:
             self.writer.add_image(f"confusion/{stage}", confusion_image(confusion), epoch, dataformats="HWC")
         self.writer.flush()
 
-    def hparams(self, stage: str, config: dict[str, Any], best_val_acc: float | None) -> None:
+    def hparams(self, stage: str, config: dict[str, Any], best_score: float | None) -> None:
+        """The stage's hyperparameters with its best value of the metric its ``select`` names."""
         if self.writer is None:
             return
         plain = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()
                  if v is not None}
-        self.writer.add_hparams(plain, {"hparam/best_val_acc": best_val_acc if best_val_acc is not None else 0.0},
+        self.writer.add_hparams(plain, {"hparam/best_score": best_score if best_score is not None else 0.0},
                                 run_name=stage)
         self.writer.flush()
 
