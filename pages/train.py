@@ -490,9 +490,10 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
     from train import jobs
 
     name = run["name"]
-    with column.popover("Delete", icon=":material/delete:", disabled=common.is_live(run) or jobs.has_live_trainer(run),
+    alive = jobs.has_live_trainer(run)
+    with column.popover("Delete", icon=":material/delete:", disabled=common.is_live(run) or alive,
                         help="A run whose trainer is still alive (even paused) cannot be deleted: stop it first."
-                        if jobs.has_live_trainer(run) else None):
+                        if alive else None):
         st.markdown(f"Delete **{name}** for good: its checkpoints, log and metrics "
                     f"({iec_bytes(jobs.disk_usage(name))} on disk)?")
         if st.button("Delete for good", key=f"delete-{name}", type="primary"):
@@ -504,14 +505,14 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
 
 def cache_section() -> None:
     """The image cache on disk (each split decoded once, per size): what it holds, and a button that clears it."""
-    from train.image_cache import cache_entries, remove_cache, sweep_stale_builds
+    from train.image_cache import cache_entries, remove_cache, swept_sentence, sweep_stale_builds
 
     swept = sweep_stale_builds()  # partial files of builds whose process died
     entries = cache_entries()
     total = sum(e.size for e in entries)
     with st.expander(f"Image cache on disk: {len(entries)} cached splits, {iec_bytes(total)}"):
         if swept:
-            st.info(f"Removed the partial files of cache builds whose process died: freed {iec_bytes(swept)}.")
+            st.info(swept_sentence(swept))
         if "cache_cleared" in st.session_state:
             st.success(st.session_state.pop("cache_cleared"), icon=":material/delete:")
         if not entries:

@@ -12,7 +12,8 @@ import time
 
 from core.errors import UserError
 from core.sizes import iec_bytes
-from train.image_cache import CacheEntry, cache_dir, cache_entries, remove_cache, sweep_stale_builds
+from train.image_cache import (CacheEntry, cache_dir, cache_entries, remove_cache, swept_sentence,
+                               sweep_stale_builds)
 
 DAY_S = 86_400.0
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--unused-days only applies with --clear.")
     swept = sweep_stale_builds()
     if swept:
-        print(f"Removed the partial files of cache builds whose process died: freed {iec_bytes(swept)}.")
+        print(swept_sentence(swept))
     entries = cache_entries()
     if not args.clear:
         print(f"Image cache in {cache_dir()}: {len(entries)} cached splits, "

@@ -140,6 +140,11 @@ def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers:
     return CachedSplit(path, skipped)
 
 
+def swept_sentence(freed: int) -> str:
+    """What ``sweep_stale_builds`` did, for the cache command and the Train page."""
+    return f"Removed the partial files of cache builds whose process died: freed {iec_bytes(freed)}."
+
+
 def sweep_stale_builds() -> int:
     """Remove partial cache files whose builder died (SIGKILL, power loss); live builds keep theirs. The bytes
     freed (a build reserves its whole size at its start)."""
