@@ -108,6 +108,15 @@ def test_overrides_by_number_name_and_for_all_stages():
     assert two_stages()["stages"][1].get("epochs") is None  # the input is not modified
 
 
+def test_names_are_text_and_never_empty():
+    config = parse_config(apply_overrides(two_stages(), ["name=2024", "stages.1.name=7"]))
+    assert config.name == "2024" and config.stages[0].name == "7"  # YAML numbers are fine names, kept as text
+    with pytest.raises(ConfigError, match="the config: name: Run name '' is not allowed"):
+        parse_config(apply_overrides(two_stages(), ["name="]))
+    with pytest.raises(ConfigError, match="stage 1: name '' must be letters"):
+        parse_config(apply_overrides(two_stages(), ["stages.1.name="]))
+
+
 @pytest.mark.parametrize("bad", ["epochs", "stages.3.epochs=1", "stages.nope.lr=1", "colour=red", "stages.1=2"])
 def test_bad_overrides(bad):
     with pytest.raises(ConfigError, match="Override"):

@@ -325,8 +325,9 @@ def _check_keys(raw: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _validate_pipeline(config: PipelineConfig) -> None:
+    config.name = _name_text(config.name)
     try:
-        paths.safe_name(str(config.name))
+        paths.safe_name(config.name)
     except ValueError as exc:
         raise ConfigError(f"the config: name: {exc}") from None
     if config.arch not in ARCHS:
@@ -503,11 +504,19 @@ def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, che
         s.init = str(init)
 
 
+def _name_text(value: Any) -> Any:
+    """A name as text: YAML reads ``name: 2024`` as a number (a fine name) and ``name:`` as None (empty, refused)."""
+    if value is None:
+        return ""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def _check_stage_names(stages: list[StageConfig]) -> None:
     seen: set[str] = set()
     for i, s in enumerate(stages):
+        s.name = _name_text(s.name)
         try:
-            paths.safe_name(str(s.name))
+            paths.safe_name(s.name)
         except ValueError:
             raise ConfigError(f"{stage_label(i)}: name {s.name!r} must be letters, digits, '.', '_' or '-'.",
                               stage=i, field="name") from None
