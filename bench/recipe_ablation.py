@@ -11,7 +11,13 @@ Each variant is the study's final Caltech-101 stage (``train/configs/caltech101-
 - ``lr-x2``: twice the learning rate;
 - ``res-ramp``: a resolution schedule: training grows from 3/4 of the image size to the full size over the first
   3/4 of the epochs (``train_size_start``), validation at the full size throughout;
-- ``bs-half`` / ``bs-x2``: half / twice the batch size, with the learning rate scaled in proportion.
+- ``bs-half`` / ``bs-x2``: half / twice the batch size, with the learning rate scaled in proportion;
+- ``epochs-x2``: twice the epochs (the same schedule, stretched);
+- ``size-x1.25``: training and validation at 1.25 times the image size (96 -> 120 px at the GPU scale).
+
+``--init scratch`` trains every variant from scratch instead (runs named ``ablate-<scale>-scratch-<variant>``):
+that is how the from-scratch recipe is tuned, e.g. on a GPU
+``--scale gpu --init scratch --variants base,mix,epochs-x2,size-x1.25``.
 
 Test-time flips (``tta``) and the test resolution need no training: each finished variant's ``best.pt`` (the
 weights it validated best, the averaged ones for ``ema``) is evaluated on the validation split without and with
@@ -49,7 +55,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "res-ramp": {"train_size_start": "0.75x image_size"},
     "bs-half": {"batch_size": "0.5x", "lr": "0.5x"},
     "bs-x2": {"batch_size": "2x", "lr": "2x"},
+    "epochs-x2": {"epochs": "2x"},
+    "size-x1.25": {"image_size": "1.25x"},
 }
+SCRATCH = "scratch"  # --init scratch: no pretrained checkpoint
 SCALED = re.compile(r"(?P<factor>\d+(?:\.\d+)?)x(?: (?P<of>\w+))?")  # "2x": of the key itself; "0.75x image_size"
 
 
@@ -71,8 +80,9 @@ def _shipped_stage() -> dict[str, Any]:
     return load_config(REPO / CONFIG, check_data=False).stages[0].to_dict()
 
 
-def settings(variant: str, scale: str, epochs: int | None, init: Path) -> dict[str, Any]:
-    """The final stage's overrides: the study's scale, the pretrained init, then the variant's change."""
+def settings(variant: str, scale: str, epochs: int | None, init: Path | str) -> dict[str, Any]:
+    """The final stage's overrides: the study's scale, the init (a checkpoint or "scratch"), then the variant's
+    change."""
     # epochs validate without flips (as the first variants were run); the flip columns evaluate best.pt both ways
     values = {**SCALES[scale].get("caltech101", {}), "init": str(init), "tta": False}
     if epochs:
@@ -86,7 +96,12 @@ def train_variant(variant: str, args: argparse.Namespace, store: RunStore) -> Ou
     sets = [x for key, value in settings(variant, args.scale, args.epochs, args.init).items()
             for x in ("--set", f"stages.caltech101.{key}={json.dumps(value)}")]
     run_args = [CONFIG, "--data-root", str(args.data_root), *sets]
-    return train_or_reuse(variant, f"ablate-{args.scale}-{variant}", run_args, args, store)
+    return train_or_reuse(variant, run_name(variant, args), run_args, args, store)
+
+
+def run_name(variant: str, args: argparse.Namespace) -> str:
+    """``ablate-<scale>-<variant>``, with ``scratch-`` before the variant for runs without a pretrained init."""
+    return f"ablate-{args.scale}-{'scratch-' if args.init == SCRATCH else ''}{variant}"
 
 
 def figures(run: str, args: argparse.Namespace, flip: bool, image_size: int | None = None) -> tuple[float, float]:
@@ -116,19 +131,22 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, help="epochs of the Caltech-101 stage (default: the scale's)")
     parser.add_argument("--data-root", type=Path, default=REPO / "data")
     parser.add_argument("--home", type=Path, default=REPO / "checkpoints" / "study")
-    parser.add_argument("--init", type=Path, help="pretrained checkpoint (default: the study's Tiny ImageNet stage)")
+    parser.add_argument("--init", help="pretrained checkpoint, or 'scratch' (default: the study's Tiny ImageNet "
+                        "stage)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--test-sizes", default="", help="also test each best.pt at these resolutions, e.g. 64,80,96")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     args.home, args.data_root = args.home.resolve(), args.data_root.resolve()
-    args.init = (args.init or args.home / "runs" / f"study-{args.scale}-tiny" / "stage1-tinyimagenet" / "best.pt")
-    if not args.init.is_file():
-        parser.error(f"no pretrained checkpoint at {args.init}; run bench/study.py --pipelines tiny first")
+    if args.init != SCRATCH:
+        args.init = Path(args.init or args.home / "runs" / f"study-{args.scale}-tiny" / "stage1-tinyimagenet"
+                         / "best.pt").resolve()
+        if not args.init.is_file():
+            parser.error(f"no pretrained checkpoint at {args.init}; run bench/study.py --pipelines tiny first")
     os.environ["RESLENS_HOME"] = str(args.home)
     store = RunStore(args.home / "reslens.sqlite")
-    lines = [f"Scale `{args.scale}`, Caltech-101 stage from `{args.init.name}` of the Tiny ImageNet stage; "
-             "validation split (1,736 images, 101 classes).", "",
+    start = "from scratch" if args.init == SCRATCH else f"from `{args.init.name}` of the Tiny ImageNet stage"
+    lines = [f"Scale `{args.scale}`, Caltech-101 stage {start}; validation split (1,736 images, 101 classes).", "",
              "| variant | change | acc (last epoch) | balanced (last epoch) | best.pt acc | best.pt acc, flips | "
              "best.pt balanced | best.pt balanced, flips | stage time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
