@@ -497,7 +497,7 @@ def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
 def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     """``<root>/<class>``: split per class by the Caltech hash (``split_files``)."""
     found, empty = _class_folders(root)
-    split_options = {k: default if options.get(k) is None else options[k] for k, default in _CALTECH_SPLIT.items()}
+    split_options = {k: default if options.get(k) is None else options[k] for k, default in SPLIT_OPTIONS.items()}
     files = {c: split_files(f, c, split, **split_options) for c, f in found.items()}
     how = (f"the last {split_options['train_per_class']} per class train" if split_options["train_per_class"]
            else f"{100 * split_options['val_fraction']:g}% of each class held out")
@@ -640,7 +640,7 @@ def _fetch_torchvision(class_name: str) -> Callable[[Path, str], None]:
     return fetch
 
 
-_CALTECH_SPLIT = {"val_fraction": 0.2, "seed": 0, "train_per_class": None}
+SPLIT_OPTIONS = {"val_fraction": 0.2, "seed": 0, "train_per_class": None}  # the stratified split's defaults
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 # the archives torchvision's Caltech101/Caltech256 download (named here for messages and progress totals)
 CALTECH101_URL = "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip"
@@ -661,13 +661,13 @@ def _registry() -> dict[str, DatasetInfo]:
                     "101 object classes (BACKGROUND_Google is not a class), 31 to 800 photos each, some grayscale; "
                     "seeded stratified split (val_fraction, or train_per_class as in Fei-Fei et al.).",
                     "caltech101/101_ObjectCategories", CALTECH101_URL,
-                    dict(_CALTECH_SPLIT), *_files_set(_caltech101_listing),
+                    dict(SPLIT_OPTIONS), *_files_set(_caltech101_listing),
                     _fetch_torchvision("Caltech101"), "caltech101/caltech-101.zip"),
         DatasetInfo("caltech256", "Caltech-256",
                     "256 object classes in 257 folders: 257.clutter is not a class unless include_clutter=True; "
                     "seeded stratified split (val_fraction, or train_per_class as in Griffin et al.).",
                     "caltech256/256_ObjectCategories", CALTECH256_URL,
-                    {**_CALTECH_SPLIT, "include_clutter": False}, *_files_set(_caltech256_listing),
+                    {**SPLIT_OPTIONS, "include_clutter": False}, *_files_set(_caltech256_listing),
                     _fetch_torchvision("Caltech256"), "caltech256/256_ObjectCategories.tar"),
         DatasetInfo("imagefolder", "Image folder",
                     "Your own images: root is the folder, " + IMAGEFOLDER_LAYOUT + "; class names are the folder "

@@ -104,6 +104,17 @@ def test_config_needs_the_folder_itself_as_root(tmp_path):
     assert stage.root == str((tmp_path / "pets").resolve())  # relative to the config's folder, not a parent
 
 
+def test_split_options_of_an_image_folder_are_typed_like_caltechs(tmp_path):
+    make_imagefolder(tmp_path / "pets")
+    stage = parse_config(_stage(root="pets", options={"val_fraction": 0.25, "seed": 0}), base_dir=tmp_path).stages[0]
+    assert stage.options == {"val_fraction": 0.25, "seed": 0}  # a fraction, as the README's example has it
+    for options, message in (({"seed": 0.5}, "options.seed must be an integer"),
+                             ({"train_per_class": 2.5}, "options.train_per_class must be an integer"),
+                             ({"val_fraction": "a fifth"}, "options.val_fraction must be a number")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(_stage(root="pets", options=options), base_dir=tmp_path)
+
+
 def test_data_report_of_both_layouts(tmp_path, capsys):
     flat, split = make_imagefolder(tmp_path / "flat"), make_imagefolder(tmp_path / "split", "split")
     assert main(["data", "imagefolder", "--root", str(split), "--json"]) == 0

@@ -434,7 +434,7 @@ def _check_dataset(name: Any) -> None:
 
 
 def _check_options(s: StageConfig) -> None:
-    from core.datasets import COMMON_OPTIONS, DATASETS
+    from core.datasets import COMMON_OPTIONS, DATASETS, SPLIT_OPTIONS
 
     accepted = {**DATASETS[s.dataset].options, **COMMON_OPTIONS}
     unknown = sorted(set(s.options) - set(accepted))
@@ -442,8 +442,8 @@ def _check_options(s: StageConfig) -> None:
         names = ", ".join(accepted) or "none"
         raise ConfigError(f"data set {s.dataset} has no option {unknown[0]!r} (its options: {names}).",
                           field="options")
-    for key, value in s.options.items():
-        _check_option(key, value, accepted[key])
+    for key, value in s.options.items():  # an image folder's split options default to None ("not given")
+        _check_option(key, value, SPLIT_OPTIONS.get(key) if accepted[key] is None else accepted[key])
 
 
 def _check_option(key: str, value: Any, default: Any) -> None:
