@@ -231,3 +231,14 @@ def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
     assert suggest([1e-3, 1e-2, 1e-1], [1.0, 1.5, 2.0]) is None  # never falls
     assert main(["lr-find", str(path), "--stage", "2"]) == 2
     assert "--stage must be between 1 and 1" in capsys.readouterr().err
+
+
+def test_help_names_every_command_with_a_whole_sentence():
+    from train.cli import COMMAND_MODULES, build_parser, first_sentence
+
+    assert first_sentence("List it (what, size); --clear deletes it, or the part\n    unused. Partial files go.") == \
+        "List it (what, size); --clear deletes it, or the part unused."
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    helps = {choice.dest: choice.help for choice in sub._choices_actions}
+    assert sorted(helps) == sorted(name for names in COMMAND_MODULES.values() for name in names)
+    assert all(text and text.endswith(".") and "\n" not in text for text in helps.values()), helps

@@ -1,6 +1,6 @@
 """`python -m train COMMAND ...`: every command-line entry point of ResLens.
 
-Each command lives in its own module, which exports ``COMMANDS = {name: (add_arguments, run)}``:
+Each module named in ``COMMAND_MODULES`` exports ``COMMANDS = {name: (add_arguments, run)}`` for its commands:
 ``add_arguments(parser)`` declares the flags and ``run(args) -> int`` does the work and returns the
 exit status. Errors meant for users (``core.errors.UserError``) are printed as one sentence.
 """
@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable
 
-# module -> the commands it provides (kept here so `--help` lists them without importing torch)
+# module -> the commands it provides, in the order `--help` lists them
 COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "train.commands": ("run", "resume", "list", "export", "eval", "delete"),
     "train.data_report": ("data",),
@@ -29,6 +29,15 @@ def _load(module: str) -> dict[str, tuple[Callable, Callable]]:
     return importlib.import_module(module).COMMANDS
 
 
+def first_sentence(doc: str | None) -> str | None:
+    """A docstring's first sentence on one line (what `--help` shows next to a command)."""
+    if not doc:
+        return None
+    text = " ".join(doc.split())
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m train", description="ResLens training and explanation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         for name in names:
             add_arguments, run = commands[name]
-            p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
+            p = sub.add_parser(name, help=first_sentence(run.__doc__))
             add_arguments(p)
             p.set_defaults(_run=run)
     return parser
