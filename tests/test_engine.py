@@ -182,12 +182,12 @@ def assert_same_run(a: dict, b: dict) -> None:
         assert all(torch.equal(state[k], other[k]) for k in state), key
 
 
-@pytest.mark.parametrize("stop_step, workers, recipe, data_path",
-                         [(5, 0, {}, "workers"), (3, 1, {}, "workers"),
+@pytest.mark.parametrize("stop_step, workers, recipe, data_path",  # plain mid-epoch is in each recipe's case
+                         [(3, 1, {}, "workers"),
                           (5, 0, {"mix": "both", "ema": 0.9, "tta": True}, "workers"), (5, 0, {}, "device"),
                           (3, 0, {"mix": "both", "ema": 0.9, "tta": True}, "device"),
                           (5, 1, {"train_size_start": 24, "train_size_ramp": 1.0, "image_size": 40}, "workers")],
-                         ids=["mid-epoch", "epoch-boundary", "mid-epoch-mix-ema-tta", "mid-epoch-device-path",
+                         ids=["epoch-boundary", "mid-epoch-mix-ema-tta", "mid-epoch-device-path",
                               "epoch-boundary-device-path-mix-ema-tta", "mid-epoch-resolution-schedule"])
 def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_step, workers, recipe, data_path):
     """SIGTERM mid-epoch (after step 5 of 3-step epochs) or during an epoch's last step, then resume in a
@@ -198,7 +198,9 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_st
 
     import numpy as np
 
-    raw = tiny_config(tmp_path, epochs=(3, 2), augment="strong", num_workers=workers, label_smoothing=0.1, **recipe)
+    second = 2 if "train_size_start" in recipe else 1  # a resolution schedule needs 2 epochs in every stage
+    raw = tiny_config(tmp_path, epochs=(3, second), augment="strong", num_workers=workers, label_smoothing=0.1,
+                      **recipe)
     raw["stages"][1]["imbalance"] = "weighted_sampler"
     raw["data_path"] = data_path
     kinds = []  # what the device path augmented (train/device_batches.py)
