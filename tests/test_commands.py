@@ -242,3 +242,16 @@ def test_help_names_every_command_with_a_whole_sentence():
     helps = {choice.dest: choice.help for choice in sub._choices_actions}
     assert sorted(helps) == sorted(name for names in COMMAND_MODULES.values() for name in names)
     assert all(text and text.endswith(".") and "\n" not in text for text in helps.values()), helps
+
+
+def test_a_command_imports_only_its_own_module(tmp_path):
+    """`python -m train list` starts in a fraction of a second: neither torch nor the other commands are imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from train.cli import main; status = main(['list']); "
+            "print(status, 'torch' in sys.modules, 'train.explain_cmd' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=paths.REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 False False"

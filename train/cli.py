@@ -38,10 +38,13 @@ def first_sentence(doc: str | None) -> str | None:
     return text if end < 0 else text[: end + 1]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, or only those of ``command``'s module when it names one: a command imports only
+    what it needs (`list`, `compare` and `delete` start in a second, without torch)."""
     parser = argparse.ArgumentParser(prog="python -m train", description="ResLens training and explanation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module, names in COMMAND_MODULES.items():
+    chosen = {m: names for m, names in COMMAND_MODULES.items() if command in names} or COMMAND_MODULES
+    for module, names in chosen.items():
         try:
             commands = _load(module)
         except ModuleNotFoundError as exc:
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.errors import UserError
     from train.signals import Terminated, raise_on_stop
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
     try:
         with raise_on_stop():  # SIGTERM/SIGHUP end a command cleanly (the trainer has its own stop handling)
             status = int(args._run(args) or 0)
