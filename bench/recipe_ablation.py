@@ -12,7 +12,7 @@ Each variant is the study's final Caltech-101 stage (``train/configs/caltech101-
 - ``res-ramp``: a resolution schedule: training grows from 3/4 of the image size to the full size over the first
   3/4 of the epochs (``train_size_start``), validation at the full size throughout;
 - ``bs-half`` / ``bs-x2``: half / twice the batch size, with the learning rate scaled in proportion;
-- ``epochs-x2``: twice the epochs (the same schedule, stretched);
+- ``epochs-x2``: twice the epochs and warm-up epochs (the same schedule, stretched);
 - ``size-x1.25``: training and validation at 1.25 times the image size (96 -> 120 px at the GPU scale).
 
 ``--init scratch`` trains every variant from scratch instead (runs named ``ablate-<scale>-scratch-<variant>``):
@@ -55,7 +55,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "res-ramp": {"train_size_start": "0.75x image_size"},
     "bs-half": {"batch_size": "0.5x", "lr": "0.5x"},
     "bs-x2": {"batch_size": "2x", "lr": "2x"},
-    "epochs-x2": {"epochs": "2x"},
+    "epochs-x2": {"epochs": "2x", "warmup_epochs": "2x"},
     "size-x1.25": {"image_size": "1.25x"},
 }
 SCRATCH = "scratch"  # --init scratch: no pretrained checkpoint

@@ -109,12 +109,14 @@ def test_overrides_by_number_name_and_for_all_stages():
 
 
 def test_names_are_text_and_never_empty():
-    config = parse_config(apply_overrides(two_stages(), ["name=2024", "stages.1.name=7"]))
-    assert config.name == "2024" and config.stages[0].name == "7"  # YAML numbers are fine names, kept as text
-    with pytest.raises(ConfigError, match="the config: name: Run name '' is not allowed"):
-        parse_config(apply_overrides(two_stages(), ["name="]))
-    with pytest.raises(ConfigError, match="stage 1: name '' must be letters"):
-        parse_config(apply_overrides(two_stages(), ["stages.1.name="]))
+    for override, where in (("name", "the config"), ("stages.1.name", "stage 1")):
+        with pytest.raises(ConfigError, match=f"^{where}: name is empty; give it a name"):
+            parse_config(apply_overrides(two_stages(), [f"{override}="]))
+        for value, shown in (("2024", "2024"), ("010", "8"), ("1.5", "1.5"), ("true", "True")):  # YAML's readings
+            with pytest.raises(ConfigError, match=rf"^{where}: name {shown} must be text; quote it in YAML"):
+                parse_config(apply_overrides(two_stages(), [f"{override}={value}"]))
+    config = parse_config(apply_overrides(two_stages(), ["name='2024'", "stages.1.name='7'"]))
+    assert config.name == "2024" and config.stages[0].name == "7"
 
 
 @pytest.mark.parametrize("bad", ["epochs", "stages.3.epochs=1", "stages.nope.lr=1", "colour=red", "stages.1=2"])

@@ -182,7 +182,7 @@ def assert_same_run(a: dict, b: dict) -> None:
         assert all(torch.equal(state[k], other[k]) for k in state), key
 
 
-@pytest.mark.parametrize("stop_step, workers, recipe, data_path",  # plain mid-epoch is in each recipe's case
+@pytest.mark.parametrize("stop_step, workers, recipe, data_path",  # mid-epoch: with a recipe, or on the device
                          [(3, 1, {}, "workers"),
                           (5, 0, {"mix": "both", "ema": 0.9, "tta": True}, "workers"), (5, 0, {}, "device"),
                           (3, 0, {"mix": "both", "ema": 0.9, "tta": True}, "device"),

@@ -401,6 +401,14 @@ def test_scorecam_matches_pytorch_grad_cam(resnet18, images):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)
 
 
+def test_scorecam_with_aug_smoothing_matches_pytorch_grad_cam(resnet18, images):
+    small = images[:1, :, :32, :32]  # a forward per channel (128 in layer2) times each augmentation: kept small
+    ours = explain(resnet18, small, "layer2", [300], methods="scorecam", aug_smooth=True).maps["layer2"]["scorecam"]
+    theirs = _library("ScoreCAM", resnet18, "layer2", small, [300], aug_smooth=True)
+    assert theirs.std() > 0.05
+    torch.testing.assert_close(ours[:, 0], theirs, rtol=0, atol=2e-3)
+
+
 def test_scorecam_and_smoothing_leave_the_model_as_it_was(resnet18, images):
     model = copy.deepcopy(resnet18).train()
     before = _snapshot(model)

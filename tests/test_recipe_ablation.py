@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def load_bench():
+    """The script as a module; the import path it extends (bench/ first) is put back for the other tests."""
     spec = importlib.util.spec_from_file_location("recipe_ablation", REPO / "bench" / "recipe_ablation.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = path
     return module
 
 
@@ -20,7 +26,8 @@ def test_variants_scale_the_stage_they_change():
     base = bench.settings("base", "gpu", None, "scratch")
     assert base == {"init": "scratch", "tta": False}  # the shipped config as it is, validated without flips
     assert bench.settings("size-x1.25", "gpu", None, "scratch")["image_size"] == 120  # 1.25 x the shipped 96 px
-    assert bench.settings("epochs-x2", "cpu", 6, "scratch")["epochs"] == 12  # twice the epochs asked for
+    longer = bench.settings("epochs-x2", "cpu", 6, "scratch")
+    assert (longer["epochs"], longer["warmup_epochs"]) == (12, 2)  # twice the epochs asked for, and the warm-up
     half = bench.settings("bs-half", "cpu", None, Path("/ckpt/best.pt"))
     assert (half["batch_size"], half["lr"], half["init"]) == (32, 0.025, "/ckpt/best.pt")  # 64 / 0.05 at cpu
     ramp = bench.settings("res-ramp", "cpu", None, "scratch")

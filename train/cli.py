@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.signals import Terminated, raise_on_stop
 
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(next((a for a in argv if not a.startswith("-")), None)).parse_args(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else None  # `-h run` is the top-level help
+    args = build_parser(command).parse_args(argv)
     try:
         with raise_on_stop():  # SIGTERM/SIGHUP end a command cleanly (the trainer has its own stop handling)
             status = int(args._run(args) or 0)

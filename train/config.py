@@ -325,7 +325,7 @@ def _check_keys(raw: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _validate_pipeline(config: PipelineConfig) -> None:
-    config.name = _name_text(config.name)
+    config.name = _name_text(config.name, "the config")
     try:
         paths.safe_name(config.name)
     except ValueError as exc:
@@ -463,7 +463,9 @@ def _check_option(key: str, value: Any, default: Any) -> None:
 
 
 def _kind(default: Any) -> str:
-    return "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+    if isinstance(default, bool):
+        return "true or false"
+    return {int: "an integer", float: "a number", str: "text"}.get(type(default), f"a {type(default).__name__}")
 
 
 def _check_data_present(s: StageConfig) -> None:
@@ -504,17 +506,21 @@ def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, che
         s.init = str(init)
 
 
-def _name_text(value: Any) -> Any:
-    """A name as text: YAML reads ``name: 2024`` as a number (a fine name) and ``name:`` as None (empty, refused)."""
-    if value is None:
-        return ""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+def _name_text(value: Any, where: str, stage: int | None = None) -> str:
+    """A name as text. YAML reads ``name: 2024`` as a number and ``name:`` as nothing: both are refused with how
+    to write them, rather than renamed (YAML 1.1 reads 010 as 8)."""
+    if value is None or value == "":
+        raise ConfigError(f"{where}: name is empty; give it a name.", stage=stage, field="name")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: name {value!r} must be text; quote it in YAML (name: '{value}').",
+                          stage=stage, field="name")
+    return value
 
 
 def _check_stage_names(stages: list[StageConfig]) -> None:
     seen: set[str] = set()
     for i, s in enumerate(stages):
-        s.name = _name_text(s.name)
+        s.name = _name_text(s.name, stage_label(i), stage=i)
         try:
             paths.safe_name(s.name)
         except ValueError:
