@@ -449,7 +449,8 @@ def job_controls(run: dict[str, Any]) -> None:
     with st.expander("Config of this run"):
         st.code(run.get("config_yaml") or yaml.safe_dump(run["config"], sort_keys=False), language="yaml")
     st.caption(f"Last lines of {jobs.log_path(name)}")
-    st.code(jobs.tail_log(name, 30) or "(no log yet)", language=None)
+    st.code(jobs.tail_log(name, 30) or "(no log file yet: a run launched here writes one; a run started with "
+            "`python -m train run` prints to its terminal instead)", language=None)
 
 
 def lr_find_section(config: dict[str, Any], ready: bool) -> None:

@@ -198,6 +198,7 @@ def test_runs_table_has_date_duration_data_sets_and_the_config_one_click_away():
     assert {"started", "duration", "data sets", "device", "best val accuracy"} <= set(table.columns)
     assert table["data sets"].tolist() == ["shapes → shapes-lt"]
     assert any(e.label == "Config of this run" for e in at.expander)
+    assert any("prints to its terminal" in c.value for c in at.code)  # no log.txt: this run was not launched here
 
 
 def test_checkpoint_labels_say_stage_epoch_accuracy_and_date():
