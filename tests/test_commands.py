@@ -242,15 +242,19 @@ def test_help_names_every_command_with_a_whole_sentence():
     helps = {choice.dest: choice.help for choice in sub._choices_actions}
     assert sorted(helps) == sorted(name for names in COMMAND_MODULES.values() for name in names)
     assert all(text and text.endswith(".") and "\n" not in text for text in helps.values()), helps
+    for module, names in COMMAND_MODULES.items():  # read from the sources: the same as each imported command's
+        own = next(a for a in build_parser(names[0])._actions if a.dest == "command")
+        assert {c.dest: c.help for c in own._choices_actions} == {name: helps[name] for name in names}
 
 
 def test_a_command_imports_only_its_own_module(tmp_path):
-    """`python -m train list` starts in a fraction of a second: neither torch nor the other commands are imported."""
+    """`python -m train list` and `--help` start in a fraction of a second: neither torch nor the other commands
+    are imported."""
     import subprocess
     import sys
 
-    code = ("import sys; from train.cli import main; status = main(['list']); "
-            "print(status, 'torch' in sys.modules, 'train.explain_cmd' in sys.modules)")
+    code = ("import sys; from train.cli import build_parser, main; status = main(['list']); build_parser(); "
+            "print(status, 'torch' in sys.modules, 'train.explain_cmd' in sys.modules)")  # build_parser(): --help
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=paths.REPO_ROOT)
     assert done.returncode == 0, done.stderr

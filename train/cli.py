@@ -2,14 +2,18 @@
 
 Each module named in ``COMMAND_MODULES`` exports ``COMMANDS = {name: (add_arguments, run)}`` for its commands:
 ``add_arguments(parser)`` declares the flags and ``run(args) -> int`` does the work and returns the
-exit status. Errors meant for users (``core.errors.UserError``) are printed as one sentence.
+exit status. Errors meant for users (``core.errors.UserError``) are printed as one sentence. A command imports
+only its own module; ``--help`` reads the literal ``COMMANDS`` table and docstrings from the sources.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 # module -> the commands it provides, in the order `--help` lists them
@@ -29,6 +33,19 @@ def _load(module: str) -> dict[str, tuple[Callable, Callable]]:
     return importlib.import_module(module).COMMANDS
 
 
+def summaries(module: str) -> dict[str, str | None]:
+    """A module's commands and their help, read from its source without importing it (torch takes seconds):
+    its ``COMMANDS = {"name": (add_arguments, run), ...}`` and the first sentence of each ``run``'s docstring."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return {}
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    docs = {node.name: ast.get_docstring(node) for node in tree.body if isinstance(node, ast.FunctionDef)}
+    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                 and any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in node.targets))
+    return {key.value: first_sentence(docs.get(value.elts[1].id)) for key, value in zip(table.keys, table.values)}
+
+
 def first_sentence(doc: str | None) -> str | None:
     """A docstring's first sentence on one line (what `--help` shows next to a command)."""
     if not doc:
@@ -39,23 +56,20 @@ def first_sentence(doc: str | None) -> str | None:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """Every command's parser, or only those of ``command``'s module when it names one: a command imports only
-    what it needs (`list`, `compare` and `delete` start in a second, without torch)."""
+    """The parser of ``command``'s module, which alone is imported (`list` starts in a fraction of a second,
+    without torch); for anything else (``--help``, a typo) every command, named from the sources."""
     parser = argparse.ArgumentParser(prog="python -m train", description="ResLens training and explanation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    chosen = {m: names for m, names in COMMAND_MODULES.items() if command in names} or COMMAND_MODULES
-    for module, names in chosen.items():
-        try:
-            commands = _load(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        for name in names:
-            add_arguments, run = commands[name]
-            p = sub.add_parser(name, help=first_sentence(run.__doc__))
-            add_arguments(p)
-            p.set_defaults(_run=run)
+    owner = next((m for m, names in COMMAND_MODULES.items() if command in names), None)
+    if owner is None:
+        for module in COMMAND_MODULES:
+            for name, summary in summaries(module).items():
+                sub.add_parser(name, help=summary)
+        return parser
+    for name, (add_arguments, run) in _load(owner).items():
+        p = sub.add_parser(name, help=first_sentence(run.__doc__))
+        add_arguments(p)
+        p.set_defaults(_run=run)
     return parser
 
 
