@@ -16,17 +16,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-# module -> the commands it provides, in the order `--help` lists them
-COMMAND_MODULES: dict[str, tuple[str, ...]] = {
-    "train.commands": ("run", "resume", "list", "export", "eval", "delete"),
-    "train.data_report": ("data",),
-    "train.explain_cmd": ("explain",),
-    "train.compare_cmd": ("compare",),
-    "train.lr_find": ("lr-find",),
-    "train.ood_cmd": ("ood-thresholds",),
-    "train.export_model": ("export-model",),
-    "train.cache_cmd": ("cache",),
-}
+# the modules with commands, in the order `--help` lists them (each module's commands: its COMMANDS table)
+COMMAND_MODULES = ("train.commands", "train.data_report", "train.explain_cmd", "train.compare_cmd", "train.lr_find",
+                   "train.ood_cmd", "train.export_model", "train.cache_cmd")
 
 
 def _load(module: str) -> dict[str, tuple[Callable, Callable]]:
@@ -60,10 +52,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     without torch); for anything else (``--help``, a typo) every command, named from the sources."""
     parser = argparse.ArgumentParser(prog="python -m train", description="ResLens training and explanation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    owner = next((m for m, names in COMMAND_MODULES.items() if command in names), None)
+    listed = {module: summaries(module) for module in COMMAND_MODULES}
+    owner = next((module for module, names in listed.items() if command in names), None)
     if owner is None:
-        for module in COMMAND_MODULES:
-            for name, summary in summaries(module).items():
+        for names in listed.values():
+            for name, summary in names.items():
                 sub.add_parser(name, help=summary)
         return parser
     for name, (add_arguments, run) in _load(owner).items():

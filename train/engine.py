@@ -129,16 +129,11 @@ def make_optimizer(model: nn.Module, stage: StageConfig) -> torch.optim.Optimize
     return torch.optim.SGD(groups, lr=stage.lr, momentum=stage.momentum)
 
 
-def _native_cuda_bf16() -> bool:
-    """bf16 in hardware (Ampere and later); older GPUs would only emulate it, slowly: they get fp16 instead."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
-
-
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Mixed precision: bf16 on GPUs that have it, fp16 on older GPUs, bf16 on CPUs with native bf16
     (AVX512-BF16/AMX: ~1.5x faster training here, bench/train_throughput.py), else none."""
-    if device.type == "cuda":
-        return torch.bfloat16 if _native_cuda_bf16() else torch.float16
+    if device.type == "cuda":  # bf16 in hardware (Ampere and later); older GPUs would only emulate it, slowly
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return torch.bfloat16
     return None
@@ -522,7 +517,7 @@ class Trainer:
                 self._diverged(st, epoch, st.step + 1, value)
             lr = st.optimizer.param_groups[0]["lr"]
             st.optimizer.zero_grad(set_to_none=True)
-            st.backward(loss)
+            st.backward(loss, scaled=self.amp == torch.float16)
             if st.ema is not None:
                 st.ema.update_parameters(st.model)
             st.scheduler.step()
@@ -789,11 +784,10 @@ class _StageState:
         w = class_weights(self.data.train_counts, self.stage.imbalance, self.stage.cb_beta)
         return w.to(device) if w is not None else None
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Backward and optimizer step (with a gradient scaler for fp16 autocast)."""
+    def backward(self, loss: torch.Tensor, scaled: bool) -> None:
+        """Backward and optimizer step (``scaled``: with a gradient scaler, for fp16 autocast)."""
         if self._scaler is None:
-            fp16 = loss.is_cuda and not _native_cuda_bf16()
-            self._scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+            self._scaler = torch.amp.GradScaler("cuda", enabled=scaled)
             self._load_restored()
         self._scaler.scale(loss).backward()
         self._scaler.step(self.optimizer)
