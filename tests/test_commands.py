@@ -240,6 +240,8 @@ def test_help_names_every_command_with_a_whole_sentence():
 
     assert first_sentence("List it (what, size); --clear deletes it, or the part\n    unused. Partial files go.") == \
         "List it (what, size); --clear deletes it, or the part unused."
+    assert first_sentence("Train a pipeline, e.g. the demo, i.e. two stages. More.") == \
+        "Train a pipeline, e.g. the demo, i.e. two stages."
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     helps = {choice.dest: choice.help for choice in sub._choices_actions}
     commands = {module: list(importlib.import_module(module).COMMANDS) for module in COMMAND_MODULES}

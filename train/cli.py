@@ -12,6 +12,7 @@ import ast
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -38,13 +39,16 @@ def summaries(module: str) -> dict[str, str | None]:
     return {key.value: first_sentence(docs.get(value.elts[1].id)) for key, value in zip(table.keys, table.values)}
 
 
+SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)\. ")  # a full stop, not the one of "e.g. "
+
+
 def first_sentence(doc: str | None) -> str | None:
     """A docstring's first sentence on one line (what `--help` shows next to a command)."""
     if not doc:
         return None
     text = " ".join(doc.split())
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
+    end = SENTENCE_END.search(text)
+    return text if end is None else text[: end.start() + 1]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
