@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import math
 import os
 import pickle
 import shutil
@@ -24,6 +25,7 @@ from core.tempfiles import locked_temp, sweep_stale
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "num_classes", "class_names", "preprocessing", "model")
+IMAGE_SIZES = (16, 1024)  # the input sizes a checkpoint may ask for: those the trainer accepts (train/config.py)
 
 
 class CheckpointError(UserError, ValueError):
@@ -151,10 +153,55 @@ def _validated(path: Path, data: Any) -> dict[str, Any]:
             f"Checkpoint {path} has format version {version}, newer than this ResLens reads ({FORMAT_VERSION}); "
             "update ResLens to open it."
         )
+    why = _bad_value(data)
+    if why:
+        raise CheckpointError(f"Checkpoint {path} is damaged or was not written by ResLens: {why}.")
     if len(data["class_names"]) != data["num_classes"]:
         raise CheckpointError(f"Checkpoint {path} is inconsistent: {data['num_classes']} classes but "
                               f"{len(data['class_names'])} class names.")
+    if not _ood_record_ok(data.get("ood")):
+        data["ood"] = None  # thresholds that cannot be read are as good as none (`ood-thresholds` writes them anew)
     return data
+
+
+def _bad_value(data: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's values (types and sane ranges), or None."""
+    names, pre, state = data["class_names"], data["preprocessing"], data["model"]
+    if not isinstance(data["num_classes"], int) or isinstance(data["num_classes"], bool):
+        return f"num_classes is {data['num_classes']!r}, not a whole number"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return "class_names is not a list of names"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "model is not a dictionary of weight tensors"
+    if not isinstance(pre, dict):
+        return "preprocessing is not a dictionary"
+    size, resize = pre.get("image_size"), pre.get("resize")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, resize)):
+        return f"preprocessing needs whole-number image_size and resize, got {size!r} and {resize!r}"
+    if not (IMAGE_SIZES[0] <= size <= IMAGE_SIZES[1] and size <= resize <= 2 * size):
+        return (f"preprocessing image_size {size} / resize {resize} are out of range (image_size {IMAGE_SIZES[0]} "
+                f"to {IMAGE_SIZES[1]} pixels, resize from image_size to twice it)")
+    for key in ("mean", "std"):
+        values = pre.get(key)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            return f"preprocessing {key} is {values!r}, not three numbers"
+    if min(pre["std"]) <= 0:
+        return f"preprocessing std {pre['std']!r} must be positive"
+    return None
+
+
+def _numbers(values: Any) -> bool:
+    return isinstance(values, list) and len(values) > 1 and all(isinstance(v, (int, float)) for v in values)
+
+
+def _ood_record_ok(record: Any) -> bool:
+    """Whether an ``"ood"`` record (core.ood.calibrate) holds numbers where numbers belong; absent counts as ok."""
+    if not record:
+        return True
+    return (isinstance(record, dict)
+            and all(isinstance(record.get(k), (int, float)) for k in ("msp_threshold", "energy_threshold"))
+            and all(_numbers(record.get(k)) for k in ("msp_quantiles", "energy_quantiles")))
 
 
 def checkpoint_info(path: str | os.PathLike[str], data: dict[str, Any] | None = None) -> CheckpointInfo:
@@ -196,6 +243,10 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     data = load_checkpoint(path)
     info = checkpoint_info(path, data)
     check_compatible(info, arch, class_names)
+    broken = [k for k, v in data["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"Checkpoint {path} holds weights that are not numbers (NaN or infinite, first in "
+                              f"{broken[0]}): the file is damaged.")
     model = build_model(info.arch, info.num_classes, "scratch")
     load_weights(model, data["model"], path)
     return model.to(device).eval(), info

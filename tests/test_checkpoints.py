@@ -89,6 +89,49 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path):
         load_model(path)
 
 
+def _set(key, value):
+    """A change to a payload: ``key`` may be ``"preprocessing.image_size"``."""
+    def change(payload):
+        *parents, last = key.split(".")
+        target = payload
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change, match", ids=[
+    "huge-image-size", "zero-image-size", "no-resize", "resize-text", "std-zero", "names-a-string",
+    "names-numbers", "model-a-list", "classes-text"], argvalues=[
+    (_set("preprocessing.image_size", 100_000), "image_size 100000 / resize 37 are out of range"),
+    (_set("preprocessing.image_size", 0), "out of range"),
+    (lambda p: p["preprocessing"].pop("resize"), "whole-number image_size and resize"),
+    (_set("preprocessing.resize", "256"), "whole-number image_size and resize"),
+    (_set("preprocessing.std", [0.2, 0.0, 0.2]), "std .* must be positive"),
+    (_set("class_names", "abc"), "class_names is not a list of names"),
+    (_set("class_names", [1, "b", "c"]), "class_names is not a list of names"),
+    (_set("model", [1, 2]), "model is not a dictionary of weight tensors"),
+    (_set("num_classes", "3"), "num_classes is '3'"),
+])
+def test_damaged_values_are_refused_in_one_sentence(tmp_path, change, match):
+    payload = _payload()
+    change(payload)
+    path = save_checkpoint(tmp_path / "x.pt", payload)
+    with pytest.raises(CheckpointError, match=f"damaged or was not written by ResLens: .*{match}"):
+        load_checkpoint(path)
+
+
+def test_unreadable_ood_thresholds_count_as_none_and_nan_weights_are_refused(tmp_path):
+    payload = _payload()
+    payload["ood"] = {"msp_threshold": "x"}
+    path = save_checkpoint(tmp_path / "x.pt", payload)
+    assert load_model(path)[1].ood is None
+    payload["model"]["fc.bias"][1] = float("nan")
+    path = save_checkpoint(tmp_path / "x.pt", payload)
+    with pytest.raises(CheckpointError, match=r"not numbers \(NaN or infinite, first in fc.bias\)"):
+        load_model(path)
+
+
 def _fail_midway(error):
     real_save = torch.save
 
