@@ -145,8 +145,11 @@ def pick_target(key: str, probs: Any, class_names: list[str], column: Any) -> in
 def explain_one(index: int, stem: str, checkpoint: Path, picked: Picture, class_names: list[str],
                 options: dict[str, Any]) -> Card | None:
     """The image's predictions, out-of-distribution verdict and class; its maps, computed (cached)."""
+    import numpy as np
+
     from core import ood
     from core.explain_files import prediction_record
+    from core.overlay import framed
 
     image = cam.image_of(picked)
     logits = cam.logits(checkpoint, picked)
@@ -160,7 +163,8 @@ def explain_one(index: int, stem: str, checkpoint: Path, picked: Picture, class_
     else:
         right.caption(verdict.sentence)
     cells = grid(1 + len(options["layers"]))
-    cells[0].image(image, caption=f"{picked.name} ({image.width}x{image.height})", width="stretch")
+    cells[0].image(framed(np.asarray(image)), caption=f"{picked.name} ({image.width}x{image.height})",
+                   width="stretch")
     if not options["layers"]:
         right.caption("Choose at least one layer in the sidebar.")
         return None

@@ -107,14 +107,15 @@ def failed_run(name: str = "demo-failed", error: str = "The loss became NaN at e
     store.set_state(name, "failed", error=error)
 
 
-def png_bytes(size: int = 48, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
-    """A small real PNG with a square on a background."""
+def png_bytes(size: int = 48, colour: tuple[int, int, int] = (200, 30, 30), height: int | None = None) -> bytes:
+    """A small real PNG with a rectangle on a background (``size`` square, or ``size`` wide and ``height`` high)."""
     import io
 
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (size, size), (240, 240, 240))
-    ImageDraw.Draw(image).rectangle((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=colour)
+    height = height or size
+    image = Image.new("RGB", (size, height), (240, 240, 240))
+    ImageDraw.Draw(image).rectangle((size // 4, height // 4, 3 * size // 4, 3 * height // 4), fill=colour)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

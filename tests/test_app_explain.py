@@ -34,14 +34,15 @@ def test_builtin_samples_are_explained_with_no_upload(explain_page):
 def test_upload_good_and_broken_files_each_get_their_own_answer(explain_page):
     at = explain_page
     at.file_uploader[0].set_value([("square.png", fx.png_bytes(80), "image/png"),
-                                   ("notes.jpg", b"this is not a picture", "image/jpeg")]).run()
+                                   ("notes.jpg", b"this is not a picture", "image/jpeg"),
+                                   ("strip.png", fx.png_bytes(1500, height=1), "image/png")]).run()
     assert not at.exception
-    assert [s.value for s in at.subheader] == ["square.png", "notes.jpg"]
+    assert [s.value for s in at.subheader] == ["square.png", "notes.jpg", "strip.png"]
     errors = [e.value for e in at.error]
-    assert len(errors) == 1 and "notes.jpg" in errors[0]
+    assert len(errors) == 1 and "notes.jpg" in errors[0]  # a picture 1 px high is shown (framed), not an error
     assert "Traceback" not in errors[0]
-    assert any(m.value.startswith("Explaining **") for m in at.markdown)
-    assert [b.proto.label for b in at.download_button] == ["Download everything (zip)", "Download PNG"]
+    assert sum(m.value.startswith("Explaining **") for m in at.markdown) == 2
+    assert [b.proto.label for b in at.download_button] == ["Download everything (zip)"] + ["Download PNG"] * 2
 
 
 def test_two_uploads_with_the_same_name_both_show(explain_page):

@@ -9,7 +9,8 @@ from PIL import Image
 
 from core.errors import UserError
 from core.models import Preprocessing
-from core.overlay import COLORMAPS, OverlayError, cam_on_original, colorize, colour_bar_png, overlay
+from core.overlay import (MIN_LEGEND_WIDTH, COLORMAPS, OverlayError, cam_on_original, colorize, colour_bar_png,
+                          overlay)
 
 PRE = Preprocessing.for_size(64)  # resize the short side to 73, centre-crop 64
 
@@ -94,6 +95,20 @@ def test_legend_is_added_below_with_the_colormap_gradient():
     assert np.abs(row.astype(int) - low).sum(axis=1).min() <= 6
     assert np.abs(row.astype(int) - high).sum(axis=1).min() <= 6
     assert _decode(colour_bar_png(200, "jet", signed=True, scale=2.0)).shape[1] == 200
+
+
+@pytest.mark.parametrize("width, height, shape", [(2048, 1, (256, 2048)), (2, 900, (900, 113)), (300, 200, None)])
+def test_pictures_of_extreme_shape_are_framed_not_squashed(width, height, shape):
+    image = _original(width, height)
+    out = _decode(overlay(image, _hot_spot(5, 5), PRE, legend=False))
+    expected = shape or (height, width)
+    assert out.shape[:2] == expected
+    top, left = (expected[0] - height) // 2, (expected[1] - width) // 2
+    plain = _decode(overlay(image, _hot_spot(5, 5), PRE, legend=False, opacity=0.0))
+    assert np.array_equal(plain[top : top + height, left : left + width], np.asarray(image))  # pixels untouched
+    assert (plain[:top] == 255).all() and (plain[:, :left] == 255).all()  # framed on white
+    with_bar = _decode(overlay(image, _hot_spot(5, 5), PRE))
+    assert with_bar.shape[1] == max(expected[1], MIN_LEGEND_WIDTH) and with_bar.shape[0] > expected[0]
 
 
 def test_signed_maps_use_a_symmetric_scale():
