@@ -53,13 +53,33 @@ def load_source(source: str, root: str | os.PathLike[str] | None = None) -> Imag
 
     Raises ``ImageError``/``DatasetMissing``/``DatasetError`` (user errors) when it cannot be read.
     """
+    from core.datasets import DatasetError
+
+    named = _data_set_image(source)
+    if named is None:
+        return load_image(source)
+    name, split, index = named
+    data = _opened(name, None if root is None else str(root), split)
+    if index >= len(data):
+        raise DatasetError(f"{source} names image {index} of the {name} {split} split, which has {len(data)} "
+                           "images now: the data set changed since this result was stored.")
+    return data.load_raw(index)
+
+
+def missing_files(sources: list[str]) -> list[str]:
+    """The sources that name image files no longer on disk (their data set was moved or deleted)."""
+    return [s for s in sources if _data_set_image(s) is None and not os.path.exists(s)]
+
+
+def _data_set_image(source: str) -> tuple[str, str, int] | None:
+    """(data set, split, index) of a ``name:split:index`` source; None for a file path."""
     from core.datasets import DATASETS
 
     name, _, rest = source.partition(":")
     split, _, index = rest.partition(":")
     if name in DATASETS and split in ("train", "val") and index.isdigit():
-        return _opened(name, None if root is None else str(root), split).load_raw(int(index))
-    return load_image(source)
+        return name, split, int(index)
+    return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -3,6 +3,7 @@ plus a gallery of misclassified images with Grad-CAM on demand."""
 from __future__ import annotations
 
 import math
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,8 @@ def confusion_view(result: dict[str, Any]) -> None:
 
 def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int | None = None) -> None:
     """The stored misclassified images (a run keeps its last validated epoch's), and Grad-CAM with ``checkpoint``."""
+    from core.samples import missing_files
+
     st.subheader("Misclassified validation images")
     if not samples:
         st.caption("None stored for this choice.")
@@ -132,6 +135,12 @@ def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int |
     classes = sorted({s["true"] for s in samples})
     only = st.selectbox("True class", ["all"] + classes)
     chosen = [s for s in samples if only == "all" or s["true"] == only][:GALLERY_SIZE]
+    missing = missing_files([s["source"] for s in chosen])
+    if missing and len(missing) == len(chosen):
+        st.warning(f"These images are no longer at {os.path.commonpath([os.path.dirname(m) for m in missing])}: the data set was moved or deleted "
+                   "after these results were stored (the figures above still hold).",
+                   icon=":material/folder_off:")
+        return
     cols = st.columns(4)
     for i, sample in enumerate(chosen):
         with cols[i % 4], common.shown_errors("This image"):

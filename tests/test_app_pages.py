@@ -153,6 +153,22 @@ def test_classes_gallery_shows_grad_cam_on_demand():
     assert at.image[0].value != plain and "Grad-CAM" in at.image[0].captions[0]
 
 
+def test_classes_says_once_that_the_images_were_moved(tmp_path):
+    from core.run_store import RunStore
+
+    checkpoint = fx.finished_run()
+    result = RunStore().class_results("demo-done", 1)
+    gone = [{"source": str(tmp_path / "moved" / c / "1.png"), "true": c, "predicted": "star", "confidence": .9}
+            for c in ("heart", "moon", "ring")]
+    RunStore().add_evaluation(str(checkpoint), "imagefolder", "val", result, gone)
+    at = open_page("pages/classes.py")
+    at.segmented_control[0].set_value("an evaluation").run()
+    assert not at.error and not at.image
+    assert [w.value for w in at.warning] == [f"These images are no longer at {tmp_path / 'moved'}: the data set was "
+                                             "moved or deleted after these results were stored (the figures above "
+                                             "still hold)."]
+
+
 def test_classes_shows_a_train_eval_result():
     from core.run_store import RunStore
 

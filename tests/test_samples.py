@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from core.images import ImageError
-from core.samples import builtin_samples, load_source
+from core.datasets import DatasetError
+from core.samples import builtin_samples, load_source, missing_files
 from core.synthetic import ShapesDataset
 
 
@@ -30,3 +31,13 @@ def test_load_source_reads_synthetic_sources_and_files(tmp_path):
 def test_load_source_of_a_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(ImageError):
         load_source(str(tmp_path / "gone.jpg"))
+
+
+def test_a_source_past_the_end_of_its_split_and_moved_files_are_named(tmp_path):
+    size = len(ShapesDataset("shapes-lt", "val"))
+    with pytest.raises(DatasetError, match=f"names image 99999 of the shapes-lt val split, which has {size} images"):
+        load_source("shapes-lt:val:99999")
+    kept = tmp_path / "kept.png"
+    Image.new("RGB", (4, 4)).save(kept)
+    gone = str(tmp_path / "cat" / "gone.png")
+    assert missing_files(["shapes-lt:val:99999", str(kept), gone]) == [gone]  # files only; data sets say it later
