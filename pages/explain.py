@@ -65,6 +65,11 @@ def pick_layers(layers: list[Any]) -> tuple[str, ...]:
     st.markdown("**Layers** (side by side)", help="Grouped by stage, in forward order, with each map's "
                 "resolution. Deep layers: coarse but class-specific; shallow ones: sharp but noisy "
                 "(try LayerCAM there).")
+    kind = tuple((i.name, i.resolution) for i in layers)  # choices carry over between checkpoints of one kind
+    if st.session_state.get("layers-of") != kind:  # another architecture or input size: its own defaults
+        for key in [k for k in st.session_state if str(k).startswith("layers-")]:
+            del st.session_state[key]
+        st.session_state["layers-of"] = kind
     groups = layers_by_stage(layers)
     default = recommended_layer(layers)
     chosen: set[str] = set()

@@ -30,7 +30,8 @@ def shapes_classes() -> list[str]:
     return list(ShapesDataset("shapes-lt", "val").classes)
 
 
-def make_checkpoint(path: Path, classes: list[str] | None = None, run_name: str = "fixture") -> Path:
+def make_checkpoint(path: Path, classes: list[str] | None = None, run_name: str = "fixture",
+                    image_size: int = IMAGE_SIZE) -> Path:
     """A real ResLens checkpoint of an untrained ResNet-18 (deterministic weights) at ``path``."""
     import torch
 
@@ -39,7 +40,7 @@ def make_checkpoint(path: Path, classes: list[str] | None = None, run_name: str 
     model = build_model("resnet18", len(classes), "scratch")
     return save_checkpoint(path, {
         "arch": "resnet18", "num_classes": len(classes), "class_names": classes,
-        "preprocessing": Preprocessing.for_size(IMAGE_SIZE).to_dict(), "model": model.state_dict(),
+        "preprocessing": Preprocessing.for_size(image_size).to_dict(), "model": model.state_dict(),
         "epoch": 0, "stage_index": 0, "stage_name": "finetune", "run_name": run_name, "metrics": {},
     })
 

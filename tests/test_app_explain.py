@@ -118,6 +118,27 @@ def test_each_image_has_its_own_class(explain_page):
     assert len(tables) == 3 and all(t.proto.selection_mode for t in tables)  # rows can be clicked
 
 
+def test_another_kind_of_model_gets_its_own_layer_defaults(explain_page):
+    from core import paths
+
+    at = explain_page
+    small = at.selectbox(key="explain_checkpoint").value
+    large = fx.make_checkpoint(paths.reslens_home() / "exported" / "large.pt", image_size=128)
+    at = AppTest.from_file(fx.APP, default_timeout=90).run()  # a fresh session lists the new file
+    at.switch_page("pages/explain.py").run()
+    at.selectbox(key="explain_checkpoint").set_value(small).run()
+
+    def chosen() -> list[str]:
+        return [v for m in at.sidebar.multiselect if m.key.startswith("layers-") for v in m.value]
+
+    assert chosen() == ["layer2"]  # 8x8 maps at 64 px
+    at.multiselect(key="layers-layer1").set_value(["layer1.0.conv1"]).run()
+    at.selectbox(key="explain_checkpoint").set_value(large).run()
+    assert not at.exception and chosen() == ["layer3"]  # 8x8 maps at 128 px: its own default, nothing stale
+    at.selectbox(key="explain_checkpoint").set_value(small).run()
+    assert chosen() == ["layer2"]
+
+
 def test_without_thresholds_the_page_says_how_to_add_them(explain_page):
     assert any("ood-thresholds" in c.value for c in explain_page.caption)
 
