@@ -82,7 +82,8 @@ def confused_pairs(confusion: np.ndarray, classes: Sequence[str], top: int = 10)
 def class_result(classes: Sequence[str], confusion: np.ndarray, train_counts: Sequence[int] | None = None,
                  top5_acc: float | None = None) -> dict[str, Any]:
     """The per-class record the run store keeps (JSON-ready): counts, recall (``per_class_acc``), precision,
-    F1, the confusion matrix, accuracy, balanced accuracy and, when given, top-5 accuracy."""
+    F1, the confusion matrix, accuracy, balanced accuracy and, when given, top-5 accuracy (None with 5 classes or
+    fewer, where every class is in the top 5)."""
     confusion = np.asarray(confusion)
     recall, precision = per_class_accuracy(confusion), per_class_precision(confusion)
     return {
@@ -96,7 +97,7 @@ def class_result(classes: Sequence[str], confusion: np.ndarray, train_counts: Se
         "confusion": confusion.astype(int).tolist(),
         "accuracy": accuracy(confusion),
         "balanced_acc": balanced_accuracy(confusion),
-        "top5_acc": top5_acc,
+        "top5_acc": top5_acc if len(classes) > 5 else None,
     }
 
 

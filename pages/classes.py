@@ -72,7 +72,8 @@ def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
     cols[0].metric("Accuracy", f"{result['accuracy']:.1%}", help="Correct images / all validation images.")
     top5 = result.get("top5_acc")
     cols[5].metric("Top-5 accuracy", "n/a" if top5 is None else f"{top5:.1%}",
-                   help="Images whose true class is among the model's 5 most likely classes.")
+                   help="Images whose true class is among the model's 5 most likely classes (n/a with 5 "
+                   "classes or fewer: every class is then among them).")
     cols[1].metric("Balanced accuracy", f"{result['balanced_acc']:.1%}",
                    delta=f"{result['balanced_acc'] - result['accuracy']:+.1%} vs accuracy", delta_color="off",
                    help="Mean of the per-class accuracies: every class counts the same, however small.")
@@ -101,7 +102,8 @@ def confusion_view(result: dict[str, Any]) -> None:
     pairs = pd.DataFrame(confused_pairs(confusion, classes, top=15))
     st.markdown("**Most-confused pairs**")
     if pairs.empty:
-        st.caption("No confusion at all: every validation image is classified correctly.")
+        st.caption("No validation images in this result." if not any(map(any, confusion)) else
+                   "No confusion at all: every validation image is classified correctly.")
     else:
         st.dataframe(pairs, hide_index=True, width="stretch",
                      column_config={"rate": st.column_config.NumberColumn("share of true class", format="percent")})

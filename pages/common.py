@@ -132,8 +132,10 @@ def checkpoint_label(path: Path) -> str:
             rel = None
     parts = [" / ".join(rel.parts) if rel is not None else str(path)]
     known = _stage_checkpoints(str(paths.store_path())).get(str(path))
-    if known:
-        parts += [f"epoch {known['epoch']}"] + ([f"{known['acc']:.1%}"] if known.get("acc") is not None else [])
+    if known and known.get("epoch") is not None:
+        parts.append(f"epoch {known['epoch']}")
+    if known and known.get("acc") is not None:
+        parts.append(f"{known['acc']:.1%}")
     try:
         parts.append(f"{datetime.fromtimestamp(path.stat().st_mtime):%Y-%m-%d %H:%M}")
     except OSError:

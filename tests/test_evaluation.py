@@ -81,7 +81,8 @@ def test_precision_recall_f1_and_top5():
     assert r["per_class_acc"] == [0.75, 0.5, None]  # recall
     assert r["precision"] == [1.0, 2 / 3, 0.0]
     assert r["f1"] == [pytest.approx(2 * 0.75 / 1.75), pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5)), 0.0]
-    assert r["top5_acc"] == 0.9
+    assert r["top5_acc"] is None  # 3 classes: always in the top 5, so not a figure
+    assert class_result(list("abcdef"), np.eye(6, dtype=int), top5_acc=0.9)["top5_acc"] == 0.9
     # d has images but is never predicted, e neither has images nor is predicted: F1 = 2TP / (2TP + FP + FN)
     confusion = np.array([[3, 1, 0, 0, 0], [0, 2, 2, 0, 0], [0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
     r = class_result(list("abcde"), confusion)
