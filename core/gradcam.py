@@ -373,10 +373,12 @@ def _resolve_targets(logits: Tensor, targets: int | Sequence[int] | Tensor | Non
         chosen = _per_image(to_device(targets.long(), logits.device), batch)
         return chosen, (chosen >= 0) & (chosen < classes)
     try:
-        array = np.asarray(targets, dtype=np.int64)
+        given = np.asarray(targets)
+        array = given.astype(np.int64)
     except (TypeError, ValueError, OverflowError) as error:
-        raise GradCAMError("Target classes must be whole numbers, one per image or several per image as [B, K].") \
-            from error
+        array = given = None
+    if array is None or given.dtype.kind not in "iuf" or not np.array_equal(array, given):  # 1.5 is not class 1
+        raise GradCAMError("Target classes must be whole numbers, one per image or several per image as [B, K].")
     if array.size and (array.min() < 0 or array.max() >= classes):
         raise GradCAMError(f"Target classes must be between 0 and {classes - 1}.")
     return _per_image(to_device(torch.from_numpy(array), logits.device), batch), None

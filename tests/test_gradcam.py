@@ -259,6 +259,8 @@ def test_works_under_no_grad_and_inference_mode_and_restores_them(resnet50, imag
     [
         ("layer1.0.relu", None, "more than once"),  # raised inside the forward pass, by the hook
         ("layer4", [0, 5000], "between 0 and 999"),  # raised after the forward pass
+        ("layer4", [1.5, 2], "whole numbers"),  # not silently class 1
+        ("layer4", ["1", "2"], "whole numbers"),
         ("nope", None, "no layer named"),
         ("fc", None, "spatial map"),
     ],
