@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from core import paths
 from core.errors import UserError
@@ -209,6 +209,7 @@ class RunStore:
         self.path = Path(path) if path is not None else paths.store_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._patience, self._say = 0.0, (lambda text: None)  # see be_patient
         try:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
@@ -231,8 +232,30 @@ class RunStore:
     def _write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         return self._write_many([(sql, params)])[-1]
 
+    def be_patient(self, seconds: float, say: Callable[[str], None]) -> None:
+        """Let writes wait up to ``seconds`` for a lock another process holds (a trainer: a database browser or
+        backup holding the store pauses a run instead of failing it), and ``say`` once that it waits."""
+        self._patience, self._say = seconds, say
+
     def _write_many(self, statements: Iterable[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[sqlite3.Cursor]:
         """Run statements in one short write transaction (BEGIN IMMEDIATE waits for other writers)."""
+        statements, started, said = list(statements), time.monotonic(), False
+        while True:
+            try:
+                return self._transaction(statements)
+            except sqlite3.OperationalError as exc:
+                waited = time.monotonic() - started
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if waited >= self._patience:
+                    raise RunStoreError(f"The run store {self.path} is locked by another process (a database "
+                                        f"browser or a backup?) and stayed locked for {waited:.0f} s; close it and "
+                                        "try again.") from exc
+                if not said:
+                    self._say(f"The run store {self.path} is locked by another process; waiting for it.")
+                    said = True
+
+    def _transaction(self, statements: list[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[sqlite3.Cursor]:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -301,3 +301,20 @@ def test_another_users_process_on_a_reused_pid_is_not_the_trainer(monkeypatch):
     monkeypatch.setattr(run_store.os, "kill", not_permitted)  # as for a process another user owns
     assert pid_alive(me, started) and pid_alive(me)
     assert not pid_alive(me, started + 1)  # the pid was handed on: not the process recorded
+
+
+def test_a_lock_held_by_another_process_is_one_sentence_or_waited_out(monkeypatch, _isolated):
+    monkeypatch.setattr(run_store, "BUSY_TIMEOUT_MS", 100)
+    store = RunStore()
+    store.create_run("r1", {"name": "demo", "stages": []})
+    other = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)  # a browser holding a lock
+    other.execute("BEGIN IMMEDIATE")
+    with pytest.raises(RunStoreError, match=r"is locked by another process \(a database browser or a backup\?\)"):
+        store.heartbeat("r1", step=1)
+    said: list[str] = []
+    store.be_patient(30, said.append)  # a trainer: waits for the lock instead of failing the run
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    store.heartbeat("r1", step=2)
+    assert store.get_run("r1")["step"] == 2
+    assert said == [f"The run store {store.path} is locked by another process; waiting for it."]
+    other.close()

@@ -45,6 +45,7 @@ from train.tensorboard_log import TensorBoardLog
 
 HEARTBEAT_S = 2.0
 STEP_FLUSH_S = 2.0
+STORE_PATIENCE_S = 3600.0  # a run waits this long for a run store another process locked, then fails
 MISCLASSIFIED_KEPT = 200
 
 
@@ -825,6 +826,8 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
     message and re-raised (a ``UserError`` for problems the user can fix).
     """
     trainer = Trainer(config, run_name, ctx, store, show_progress)
+    if store is not None:
+        store.be_patient(STORE_PATIENCE_S, trainer.display.message)
     main_store: Any = trainer.store
     main_store.set_state(run_name, "running", pid=os.getpid())
     main_store.heartbeat(run_name, device=f"{ctx.device} x{ctx.world}" if ctx.enabled else str(ctx.device))
