@@ -21,8 +21,8 @@ from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
 from core.sizes import iec_bytes
 from pages import common
-from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig, parse_config,
-                          parse_settings, parse_yaml, stage_rows, stages_from_rows)
+from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig, YamlRefused,
+                          parse_config, parse_settings, parse_yaml, stage_rows, stages_from_rows)
 from train.data_report import class_rows, format_report, summarize
 
 common.setup("Train")
@@ -63,6 +63,8 @@ def read_uploaded(data: bytes, filename: str) -> dict[str, Any]:
     """A pipeline YAML the user opened; a ConfigError sentence when it is not one."""
     try:
         raw = parse_yaml(data.decode("utf-8"))
+    except YamlRefused as exc:
+        raise ConfigError(f"{filename} was refused: {exc}.") from None
     except (UnicodeDecodeError, yaml.YAMLError):
         raise ConfigError(f"{filename} is not a readable YAML file.") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):

@@ -40,6 +40,10 @@ def test_defaults_filled_in():
         ({"epochs": "many"}, "stage 2 (finetune): epochs must be an integer, got 'many'"),
         ({"name": "pretrain"}, "stage 2 (pretrain): name 'pretrain' is used by an earlier stage"),
         ({"init": "missing.pt"}, "stage 2 (finetune): init checkpoint"),
+        ({"freeze_epochs": 9}, "stage 2 (finetune): freeze_epochs (9) cannot exceed epochs (4)"),
+        ({"batch_size": 1, "image_size": 32}, "stage 2 (finetune): batch_size 1 cannot train at 32 px"),
+        ({"root": 5}, "stage 2 (finetune): root must be a folder path (text), got 5"),
+        ({"root": ""}, "stage 2 (finetune): root is empty"),
     ],
 )
 def test_bad_stage_values_get_one_sentence(finetune, message):
@@ -119,7 +123,8 @@ def test_names_are_text_and_never_empty():
     assert config.name == "2024" and config.stages[0].name == "7"
 
 
-@pytest.mark.parametrize("bad", ["epochs", "stages.3.epochs=1", "stages.nope.lr=1", "colour=red", "stages.1=2"])
+@pytest.mark.parametrize("bad", ["epochs", "stages.3.epochs=1", "stages.nope.lr=1", "colour=red", "stages.1=2",
+                                 "arch.x=1", "stages.1.epochs.x=2"])
 def test_bad_overrides(bad):
     with pytest.raises(ConfigError, match="Override"):
         apply_overrides(two_stages(), [bad])

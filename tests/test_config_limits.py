@@ -6,7 +6,7 @@ import pytest
 from core import paths
 from core.run_store import RunStore
 from train.cli import main
-from train.config import ConfigError, load_config, parse_config
+from train.config import ConfigError, load_config, parse_config, parse_yaml
 
 SHAPES = {"dataset": "shapes"}
 
@@ -75,3 +75,12 @@ def test_cli_refuses_before_any_run_row_exists(override, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not RunStore().has_run("odd") and not paths.run_dir("odd").exists()
+
+
+def test_a_key_given_twice_is_refused_with_its_line_but_merged_defaults_may_be_overridden(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("stages:\n  - dataset: shapes\n    epochs: 1\n    lr: 0.1\n    epochs: 3\n")
+    with pytest.raises(ConfigError, match=rf"^Config file {path} was refused: line 5: key 'epochs' is given twice\.$"):
+        load_config(path)
+    merged = parse_yaml("base: &b {epochs: 1, lr: 0.1}\nstage: {<<: *b, epochs: 3}\n")
+    assert merged["stage"] == {"epochs": 3, "lr": 0.1}

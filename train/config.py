@@ -63,8 +63,28 @@ MAX_SEED = 2**31 - 1
 MAX_EPOCHS = 100_000
 
 
-class YamlTooComplex(yaml.YAMLError):
+class YamlRefused(yaml.YAMLError):
+    """A readable document refused for a reason said in words (its message)."""
+
+
+class YamlTooComplex(YamlRefused):
     """A document nested too deeply or expanding (through aliases) into too many values."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """A mapping whose keys are each given once: YAML would silently keep the last of ``epochs: 1 ... epochs: 3``."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue  # merged defaults may be overridden; other non-text keys are refused later
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise YamlRefused(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_YamlLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 
 
 def parse_yaml(text: str) -> Any:
@@ -251,7 +271,7 @@ def load_config(
         raise ConfigError(f"Config file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Config file {path} cannot be read ({type(exc).__name__}: {exc}).") from None
-    except YamlTooComplex as exc:
+    except YamlRefused as exc:
         raise ConfigError(f"Config file {path} was refused: {exc}.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -398,10 +418,19 @@ def _validate_stage(s: StageConfig, first: bool) -> None:
         raise fail("train_layers", f"train_layers must be all, head or from:layer1..4, got {s.train_layers!r}.")
     if s.train_size_start:
         _check_resolution_schedule(s)
-    if s.warmup_epochs > s.epochs:
-        raise fail("warmup_epochs", f"warmup_epochs ({s.warmup_epochs}) cannot exceed epochs ({s.epochs}).")
+    for key in ("warmup_epochs", "freeze_epochs"):
+        if getattr(s, key) > s.epochs:
+            raise fail(key, f"{key} ({getattr(s, key)}) cannot exceed epochs ({s.epochs}).")
+    smallest = s.train_size_start or s.image_size
+    if s.batch_size == 1 and smallest <= 32:
+        raise fail("batch_size", f"batch_size 1 cannot train at {smallest} px: the last feature map is then 1x1, one "
+                   "value per channel, which BatchNorm cannot normalise; use a batch of 2 or more, or 33 px or more.")
     if not isinstance(s.options, dict):
         raise fail("options", f"options must be a mapping, got {s.options!r}.")
+    if s.root is not None and not isinstance(s.root, str):
+        raise fail("root", f"root must be a folder path (text), got {s.root!r}.")
+    if s.root is not None and not s.root.strip():
+        raise fail("root", "root is empty; give a folder, or leave root out for the data root.")
     if not isinstance(s.init, str) or not s.init:
         raise fail("init", "init must be scratch, imagenet, previous or a checkpoint path.")
     if s.init == "previous" and first:
@@ -609,7 +638,7 @@ def apply_overrides(raw: Any, overrides: Iterable[str]) -> Any:
             raise ConfigError(f"Override {item!r} must look like KEY=VALUE, e.g. stages.2.epochs=3.")
         try:
             value = parse_yaml(text)
-        except YamlTooComplex as exc:
+        except YamlRefused as exc:
             raise ConfigError(f"Override {item!r} was refused: {exc}.") from None
         except yaml.YAMLError:
             raise ConfigError(f"Override {item!r}: the value is not valid YAML.") from None
@@ -633,7 +662,7 @@ def _apply_one(raw: Any, key: str, value: Any, item: str) -> None:
     else:
         raise ConfigError(f"Override {item!r}: unknown key {parts[0]!r}.")
     for target in targets:
-        _set_path(target, parts, value)
+        _set_path(target, parts, value, item)
 
 
 def _find_stage(stages: list[Any], ref: str, item: str) -> dict[str, Any]:
@@ -647,9 +676,11 @@ def _find_stage(stages: list[Any], ref: str, item: str) -> dict[str, Any]:
     raise ConfigError(f"Override {item!r}: there is no stage named {ref!r}.")
 
 
-def _set_path(target: dict[str, Any], parts: list[str], value: Any) -> None:
+def _set_path(target: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
     for part in parts[:-1]:
         target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"Override {item!r}: {part} is a single value, not a mapping of keys.")
     target[parts[-1]] = value
 
 
