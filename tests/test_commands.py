@@ -222,6 +222,11 @@ def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
     result = lr_range_test(load_config(path), steps=8, start=1e-4, end=1.0, device="cpu")
     assert 3 <= len(result.lrs) == len(result.losses) <= 8
     assert result.lrs[0] == pytest.approx(1e-4) and result.lrs == sorted(result.lrs)
+    again = lr_range_test(load_config(path), steps=8, start=1e-4, end=1.0, device="cpu")  # the image cache built now
+    assert again.losses == result.losses  # the same seed gives the same test, whether the cache was built or found
+    assert main(["lr-find", str(path), "--end", "inf"]) == 2
+    assert main(["lr-find", str(path), "--csv", str(tmp_path / "no" / "such" / "lr.csv")]) == 2
+    assert "--csv: folder" in capsys.readouterr().err
     csv_path = tmp_path / "lr.csv"
     code = main(["lr-find", str(path), "--steps", "6", "--start", "1e-4", "--end", "1", "--csv", str(csv_path)])
     out = capsys.readouterr().out
