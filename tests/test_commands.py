@@ -143,9 +143,9 @@ def test_delete_asks_and_reports_the_space_freed(finished, capsys, monkeypatch):
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert main(["delete", "tiny"]) == 1 and folder.exists()
     monkeypatch.setattr("builtins.input", lambda prompt: "y")
-    assert main(["delete", "tiny"]) == 0
+    assert main(["delete", "tiny", "tiny"]) == 0  # named twice: deleted once
     out = capsys.readouterr().out
-    assert "Deleted run tiny." in out and f"Freed {size / 2**20:.1f} MiB." in out
+    assert out.count("Deleted run tiny.") == 1 and f"Freed {size / 2**20:.1f} MiB." in out
     assert not folder.exists() and not RunStore().has_run("tiny")
     assert main(["delete", "tiny", "--yes"]) == 2  # unknown now: one sentence
     assert "There is no run named 'tiny'" in capsys.readouterr().err

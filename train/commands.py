@@ -203,16 +203,16 @@ def delete(args: argparse.Namespace) -> int:
     """Delete runs for good (checkpoints, log, metrics), after a confirmation; says how much space was freed."""
     from train import jobs
 
-    store = RunStore()
-    for name in args.run_names:
+    store, names = RunStore(), list(dict.fromkeys(args.run_names))  # a name given twice is deleted once
+    for name in names:
         jobs.check_deletable(store.get_run(name))  # every run known and deletable before anything goes
-    sizes = {name: jobs.disk_usage(name) for name in args.run_names}
+    sizes = {name: jobs.disk_usage(name) for name in names}
     listed = ", ".join(f"{n} ({iec_bytes(s)})" for n, s in sizes.items())
     if not args.yes and not confirmed(f"Delete {listed} with all their checkpoints and metrics?", "Deleting runs"):
         print("Nothing deleted.")
         return 1
     freed = 0
-    for name in args.run_names:
+    for name in names:
         freed += jobs.delete(name)
         print(f"Deleted run {name}.")
     print(f"Freed {iec_bytes(freed)}.")
