@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from core import paths
-from core.checkpoints import REQUIRED_KEYS, load_checkpoint
+from core.checkpoints import REQUIRED_KEYS, load_checkpoint, save_checkpoint
 from core.run_store import RunStore
 from tests.data_fixtures import make_caltech101
 from train import distributed as ddp
@@ -243,6 +243,13 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
         run_tiny(changed, resume=True)
     with pytest.raises(TrainingFailed, match=r"sample order differs \(seed 0 \(now 7\)\)"):
         run_tiny({**raw, "seed": 7}, resume=True)
+    last = paths.run_dir("tiny") / "stage1-s1" / "last.pt"
+    payload = load_checkpoint(last)
+    classes, payload["class_names"] = payload["class_names"], payload["class_names"][:-1] + ["emu"]
+    save_checkpoint(last, payload)  # as if a class folder had been swapped since the stop
+    with pytest.raises(TrainingFailed, match=rf"classes changed since the checkpoint \({len(classes)} -> "
+                                             rf"{len(classes)} classes; added {classes[-1]}; removed emu\); put the "):
+        run_tiny(raw, resume=True)
     assert RunStore().get_run("tiny")["state"] == "failed"
 
 

@@ -39,7 +39,7 @@ from train.device_batches import DeviceBatches, use_device_path
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
 from train.recipe import Mixer, batch_mixer, training_loss, weight_average
-from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
+from train.reproducible import SeededItems, class_change, resume_mismatch, rng_state, set_rng_state
 from train.signals import StopFlag, start_workers, worker_init_fn
 from train.tensorboard_log import TensorBoardLog
 
@@ -368,6 +368,10 @@ class Trainer:
         workers = stage.num_workers
         self.display.message(f"{label}: preparing {stage.dataset} (decoded once into the image cache)")
         data = load_stage_data(stage, self.ctx, workers, check=None if self.ctx.enabled else self._check_stop)
+        changed = None if checkpoint is None else class_change(checkpoint["class_names"], data.classes)
+        if changed:
+            raise TrainingFailed(f"{label} cannot resume: its data set's classes changed since the checkpoint "
+                                 f"({changed}); put the folders back as they were and resume, or start a new run.")
         torch.manual_seed(self.config.seed * 1000 + index)  # after the cache: building it draws random numbers
         model = self._build_model(index, stage, data, checkpoint)
         train_loader, sampler = self._train_loader(stage, data)
