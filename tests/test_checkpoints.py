@@ -58,6 +58,21 @@ def test_truncated_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_bytes_changed_on_disk_are_caught_by_the_checksums_as_zipfile_finds_them(tmp_path):
+    import zipfile
+
+    path = save_checkpoint(tmp_path / "x.pt", _payload())
+    records = zipfile.ZipFile(path).infolist()
+    assert checkpoints.first_damaged_record(path, records) is None
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # a zeroed block inside the weights
+    path.write_bytes(data)
+    damaged = zipfile.ZipFile(path).testzip()
+    assert damaged is not None and checkpoints.first_damaged_record(path, records) == damaged
+    with pytest.raises(CheckpointError, match=f"its record {damaged} does not match its checksum"):
+        load_checkpoint(path)
+
+
 def test_plain_state_dict_is_not_a_reslens_checkpoint(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save(build_model("resnet18", 2).state_dict(), path)
