@@ -236,15 +236,30 @@ def checkpoint_info(path: str | os.PathLike[str], data: dict[str, Any] | None = 
     )
 
 
+def class_change(before: list[str], now: list[str]) -> str | None:
+    """How a data set's classes changed between a checkpoint and now (``None``: the same, in the same order)."""
+    if list(before) == list(now):
+        return None
+    added, removed = [c for c in now if c not in before], [c for c in before if c not in now]
+    parts = [f"{len(before)} -> {len(now)} classes"]
+    parts += [f"added {_few(added)}"] * bool(added) + [f"removed {_few(removed)}"] * bool(removed)
+    if not (added or removed):
+        parts.append("the same names in another order")
+    return "; ".join(parts)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
 def check_compatible(info: CheckpointInfo, arch: str | None = None, class_names: list[str] | None = None) -> None:
     """Raise ``CheckpointError`` when the checkpoint's architecture or classes differ from what is expected."""
     if arch is not None and info.arch != arch:
         raise CheckpointError(f"Checkpoint {info.path} holds a {info.arch}, but a {arch} is expected.")
-    if class_names is not None and list(class_names) != info.class_names:
-        raise CheckpointError(
-            f"Checkpoint {info.path} was trained on {info.num_classes} classes that differ from the "
-            f"{len(class_names)} classes expected here."
-        )
+    changed = None if class_names is None else class_change(info.class_names, list(class_names))
+    if changed:
+        raise CheckpointError(f"Checkpoint {info.path} was trained on other classes than those expected here "
+                              f"({changed}).")
 
 
 def load_weights(model: nn.Module, state: dict[str, Any], source: object) -> nn.Module:

@@ -92,8 +92,10 @@ def test_other_architecture_or_classes_say_so(tmp_path):
     path = save_checkpoint(tmp_path / "x.pt", _payload())
     with pytest.raises(CheckpointError, match="holds a resnet18, but a resnet50 is expected"):
         load_model(path, arch="resnet50")
-    with pytest.raises(CheckpointError, match="3 classes that differ from the 4 classes"):
+    with pytest.raises(CheckpointError, match=r"other classes than those expected here \(3 -> 4 classes; added d\)"):
         load_model(path, class_names=["a", "b", "c", "d"])
+    with pytest.raises(CheckpointError, match=r"\(3 -> 3 classes; added x; removed c\)"):
+        load_model(path, class_names=["a", "b", "x"])
 
 
 def test_weights_that_do_not_fit_the_architecture(tmp_path):

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from core import evaluation, ood, paths
-from core.checkpoints import load_checkpoint, load_weights, save_checkpoint
+from core.checkpoints import class_change, load_checkpoint, load_weights, save_checkpoint
 from core.errors import UserError
 from core.models import Preprocessing, build_model
 from core.run_store import RunStore
@@ -39,7 +39,7 @@ from train.device_batches import DeviceBatches, use_device_path
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
 from train.recipe import Mixer, batch_mixer, training_loss, weight_average
-from train.reproducible import SeededItems, class_change, resume_mismatch, rng_state, set_rng_state
+from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
 from train.signals import StopFlag, start_workers, worker_init_fn
 from train.tensorboard_log import TensorBoardLog
 

@@ -93,20 +93,3 @@ def resume_mismatch(checkpoint: dict[str, Any], same_config: bool, sampler: dict
         what = ", ".join(f"{k} {stored[k]} (now {sampler.get(k)})" for k in differ)
         return f"its checkpoint's sample order differs ({what})"
     return None
-
-
-
-def class_change(before: list[str], now: list[str]) -> str | None:
-    """How a data set's classes changed between a checkpoint and now (``None``: the same, in the same order)."""
-    if list(before) == list(now):
-        return None
-    added, removed = [c for c in now if c not in before], [c for c in before if c not in now]
-    parts = [f"{len(before)} -> {len(now)} classes"]
-    parts += [f"added {_few(added)}"] * bool(added) + [f"removed {_few(removed)}"] * bool(removed)
-    if not (added or removed):
-        parts.append("the same names in another order")
-    return "; ".join(parts)
-
-
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
