@@ -20,7 +20,6 @@ from PIL import Image
 from core.errors import UserError
 
 MAX_SHOWN_RATIO = 8  # a shown picture is framed so that no side is more than this many times the other
-MIN_LEGEND_WIDTH = 200  # an overlay with a colour bar is at least this wide, so the bar's text can be read
 
 class OverlayError(UserError, ValueError):
     """A colormap, opacity or map that cannot be rendered, said in one sentence."""
@@ -126,18 +125,18 @@ def overlay(
     colours = colorize(unit, colormap).astype(np.float32)
     weight = (opacity * inside)[..., None]
     blended = np.round(rgb * (1 - weight) + colours * weight).astype(np.uint8)
-    blended = framed(blended, min_width=MIN_LEGEND_WIDTH if legend else 0)
+    blended = framed(blended)  # a picture 2 px wide gets a colour bar wide enough to read
     if legend:
         bar = colour_bar(blended.shape[1], colormap, signed=signed, scale=s, label=label)
         blended = np.vstack([blended, bar])
     return encode_png(blended)
 
 
-def framed(rgb: np.ndarray, max_ratio: float = MAX_SHOWN_RATIO, min_width: int = 0) -> np.ndarray:
-    """``rgb`` [h, w, 3] centred on white, so that no side is more than ``max_ratio`` times the other and it is at
-    least ``min_width`` wide: a picture 1 px high stays visible. The pixels themselves are untouched."""
+def framed(rgb: np.ndarray, max_ratio: float = MAX_SHOWN_RATIO) -> np.ndarray:
+    """``rgb`` [h, w, 3] centred on white, so that no side is more than ``max_ratio`` times the other: a picture
+    1 px high stays visible. The pixels themselves are untouched."""
     h, w = rgb.shape[:2]
-    width = max(w, min_width, math.ceil(h / max_ratio))
+    width = max(w, math.ceil(h / max_ratio))
     height = max(h, math.ceil(width / max_ratio))
     if (height, width) == (h, w):
         return rgb

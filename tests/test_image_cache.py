@@ -151,6 +151,7 @@ def test_the_cache_is_listed_and_cleared_by_age(tmp_path, capsys, monkeypatch):
     assert f"Deleted 1 cached splits; freed {freed / 2**10:.1f} KiB." in capsys.readouterr().out
     assert not val_path.exists() and not val_path.with_suffix(".json").exists() and train_path.exists()
     assert main(["cache", "--unused-days", "7"]) == 2  # only with --clear
+    assert main(["cache", "--clear", "--unused-days", "nan", "--yes"]) == 2
     assert main(["cache", "--clear", "--yes"]) == 0 and cache_entries() == []
 
 

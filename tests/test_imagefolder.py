@@ -110,7 +110,10 @@ def test_split_options_of_an_image_folder_are_typed_like_caltechs(tmp_path):
     assert stage.options == {"val_fraction": 0.25, "seed": 0}  # a fraction, as the README's example has it
     for options, message in (({"seed": 0.5}, "options.seed must be an integer"),
                              ({"train_per_class": 2.5}, "options.train_per_class must be an integer"),
-                             ({"val_fraction": "a fifth"}, "options.val_fraction must be a number")):
+                             ({"val_fraction": "a fifth"}, "options.val_fraction must be a number"),
+                             ({"seed": -1}, r"options.seed must be between 0 and 2147483647, got -1"),
+                             ({"val_fraction": 0.1, "train_per_class": 2}, "give val_fraction or train_per_class, "
+                                                                           "not both")):
         with pytest.raises(ConfigError, match=message):
             parse_config(_stage(root="pets", options=options), base_dir=tmp_path)
 

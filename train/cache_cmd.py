@@ -29,7 +29,7 @@ def unused_for(entries: list[CacheEntry], days: float | None, now: float | None 
     """The entries no run has used for ``days`` (all of them when ``days`` is None)."""
     if days is None:
         return list(entries)
-    if days < 0:
+    if not days >= 0:  # NaN too
         raise UserError(f"--unused-days must be 0 or more, not {days:g}.")
     now = time.time() if now is None else now
     return [e for e in entries if now - e.last_used >= days * DAY_S]

@@ -473,6 +473,11 @@ def _check_options(s: StageConfig) -> None:
                           field="options")
     for key, value in s.options.items():  # an image folder's split options default to None ("not given")
         _check_option(key, value, SPLIT_OPTIONS.get(key) if accepted[key] is None else accepted[key])
+    if s.options.get("val_fraction") is not None and s.options.get("train_per_class") is not None:
+        raise ConfigError("options: give val_fraction or train_per_class, not both (train_per_class alone sets the "
+                          "split).", field="options")
+    if s.options.get("seed") is not None and not 0 <= s.options["seed"] <= MAX_SEED:
+        raise ConfigError(f"options.seed must be between 0 and {MAX_SEED}, got {s.options['seed']!r}.", field="options")
 
 
 def _check_option(key: str, value: Any, default: Any) -> None:
