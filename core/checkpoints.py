@@ -188,15 +188,19 @@ def _validated(path: Path, data: Any) -> dict[str, Any]:
 
 def _bad_value(data: dict[str, Any]) -> str | None:
     """What is wrong with a checkpoint's values (types and sane ranges), or None."""
-    names, pre, state = data["class_names"], data["preprocessing"], data["model"]
+    names, state = data["class_names"], data["model"]
     if not isinstance(data["num_classes"], int) or isinstance(data["num_classes"], bool):
         return f"num_classes is {data['num_classes']!r}, not a whole number"
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return "class_names is not a list of names"
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return "model is not a dictionary of weight tensors"
-    if not isinstance(pre, dict):
-        return "preprocessing is not a dictionary"
+    return _bad_preprocessing(data["preprocessing"])
+
+
+def _bad_preprocessing(pre: Any) -> str | None:
+    if not isinstance(pre, dict) or not isinstance(pre.get("extra") or {}, dict):
+        return "preprocessing is not a dictionary (with an optional dictionary 'extra')"
     size, resize = pre.get("image_size"), pre.get("resize")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, resize)):
         return f"preprocessing needs whole-number image_size and resize, got {size!r} and {resize!r}"
@@ -205,16 +209,19 @@ def _bad_value(data: dict[str, Any]) -> str | None:
                 f"to {IMAGE_SIZES[1]} pixels, resize from image_size to twice it)")
     for key in ("mean", "std"):
         values = pre.get(key)
-        if not (isinstance(values, (list, tuple)) and len(values) == 3
-                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(_finite(v) for v in values)):
             return f"preprocessing {key} is {values!r}, not three numbers"
     if min(pre["std"]) <= 0:
         return f"preprocessing std {pre['std']!r} must be positive"
     return None
 
 
-def _numbers(values: Any) -> bool:
-    return isinstance(values, list) and len(values) > 1 and all(isinstance(v, (int, float)) for v in values)
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite_list(values: Any) -> bool:
+    return isinstance(values, list) and len(values) > 1 and all(_finite(v) for v in values)
 
 
 def _ood_record_ok(record: Any) -> bool:
@@ -222,8 +229,8 @@ def _ood_record_ok(record: Any) -> bool:
     if not record:
         return True
     return (isinstance(record, dict)
-            and all(isinstance(record.get(k), (int, float)) for k in ("msp_threshold", "energy_threshold"))
-            and all(_numbers(record.get(k)) for k in ("msp_quantiles", "energy_quantiles")))
+            and all(_finite(record.get(k)) for k in ("msp_threshold", "energy_threshold"))
+            and all(_finite_list(record.get(k)) for k in ("msp_quantiles", "energy_quantiles")))
 
 
 def checkpoint_info(path: str | os.PathLike[str], data: dict[str, Any] | None = None) -> CheckpointInfo:
@@ -242,7 +249,10 @@ def class_change(before: list[str], now: list[str]) -> str | None:
         return None
     added, removed = [c for c in now if c not in before], [c for c in before if c not in now]
     parts = [f"{len(before)} -> {len(now)} classes"]
-    parts += [f"added {_few(added)}"] * bool(added) + [f"removed {_few(removed)}"] * bool(removed)
+    if added:
+        parts.append(f"added {_few(added)}")
+    if removed:
+        parts.append(f"removed {_few(removed)}")
     if not (added or removed):
         parts.append("the same names in another order")
     return "; ".join(parts)

@@ -84,6 +84,7 @@ METHOD_LABELS: dict[str, str] = {
     "scorecam": "Score-CAM",
 }
 SCORECAM_BATCH = 64  # masked images per forward pass
+WHOLE_TARGETS = "Target classes must be whole numbers, one per image or several per image as [B, K]."
 
 
 class GradCAMError(UserError, ValueError):
@@ -370,15 +371,17 @@ def _resolve_targets(logits: Tensor, targets: int | Sequence[int] | Tensor | Non
             raise GradCAMError(f"top_k must be between 1 and {classes}, the number of classes.")
         return logits.detach().topk(top_k, dim=1).indices, None
     if isinstance(targets, Tensor):
+        if targets.is_floating_point() or targets.is_complex():  # the dtype alone: no host sync
+            raise GradCAMError(WHOLE_TARGETS)
         chosen = _per_image(to_device(targets.long(), logits.device), batch)
         return chosen, (chosen >= 0) & (chosen < classes)
     try:
         given = np.asarray(targets)
-        array = given.astype(np.int64)
-    except (TypeError, ValueError, OverflowError) as error:
-        array = given = None
-    if array is None or given.dtype.kind not in "iuf" or not np.array_equal(array, given):  # 1.5 is not class 1
-        raise GradCAMError("Target classes must be whole numbers, one per image or several per image as [B, K].")
+    except (TypeError, ValueError) as error:
+        raise GradCAMError(WHOLE_TARGETS) from error
+    if given.dtype.kind not in "iuf" or not np.isfinite(given).all() or not (given == np.round(given)).all():
+        raise GradCAMError(WHOLE_TARGETS)  # 1.5 is not class 1
+    array = given.astype(np.int64)
     if array.size and (array.min() < 0 or array.max() >= classes):
         raise GradCAMError(f"Target classes must be between 0 and {classes - 1}.")
     return _per_image(to_device(torch.from_numpy(array), logits.device), batch), None

@@ -21,6 +21,7 @@ from core.errors import UserError
 
 MAX_SHOWN_RATIO = 8  # a shown picture is framed so that no side is more than this many times the other
 
+
 class OverlayError(UserError, ValueError):
     """A colormap, opacity or map that cannot be rendered, said in one sentence."""
 
@@ -115,7 +116,9 @@ def overlay(
 
     ``cam`` is in [0, 1] (Grad-CAM, Grad-CAM++, LayerCAM, counterfactual) or, with ``signed=True``, a raw
     signed map shown on the symmetric scale [-scale, scale] (default: its largest magnitude). ``opacity`` is
-    the map's weight in [0, 1]. With ``legend`` a colour bar saying what the colours mean is drawn below.
+    the map's weight in [0, 1]. With ``legend`` a colour bar saying what the colours mean is drawn below. A
+    picture of extreme shape is framed on white first (``framed``: 2048x1 becomes 2048x256), so it and its colour
+    bar can be seen.
     """
     if not 0 <= opacity <= 1:
         raise OverlayError(f"Opacity must be between 0 and 1, not {opacity}.")

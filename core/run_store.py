@@ -46,6 +46,7 @@ STATES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
 ACTIVE_STATES = ("queued", "running")
 STALE_AFTER_S = 15.0
 BUSY_TIMEOUT_MS = 30_000
+LOCK_RETRY_S = 0.5  # a patient writer's pause between waits for another process's lock
 # 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
 # 2: every column in the CREATE statements
 SCHEMA_VERSION = 3
@@ -245,7 +246,7 @@ class RunStore:
                 return self._transaction(statements)
             except sqlite3.OperationalError as exc:
                 waited = time.monotonic() - started
-                if "locked" not in str(exc) and "busy" not in str(exc):
+                if "database is locked" not in str(exc):  # the busy timeout ran out; other errors do not wait
                     raise
                 if waited >= self._patience:
                     raise RunStoreError(f"The run store {self.path} is locked by another process (a database "
@@ -254,6 +255,7 @@ class RunStore:
                 if not said:
                     self._say(f"The run store {self.path} is locked by another process; waiting for it.")
                     said = True
+                time.sleep(LOCK_RETRY_S)
 
     def _transaction(self, statements: list[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[sqlite3.Cursor]:
         conn = self._conn()

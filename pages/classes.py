@@ -139,14 +139,22 @@ def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int |
     chosen = [s for s in samples if only == "all" or s["true"] == only][:GALLERY_SIZE]
     missing = missing_files([s["source"] for s in chosen])
     if missing and len(missing) == len(chosen):
-        st.warning(f"These images are no longer at {os.path.commonpath([os.path.dirname(m) for m in missing])}: the data set was moved or deleted "
-                   "after these results were stored (the figures above still hold).",
-                   icon=":material/folder_off:")
+        st.warning(f"These images are no longer at {_folder_of(missing)}: the data set was moved or deleted after "
+                   "these results were stored (the figures above still hold).", icon=":material/folder_off:")
         return
     cols = st.columns(4)
     for i, sample in enumerate(chosen):
         with cols[i % 4], common.shown_errors("This image"):
             gallery_item(i, sample, checkpoint)
+
+
+def _folder_of(files: list[str]) -> str:
+    """The folder the files share, or a plain phrase when they share none worth naming."""
+    try:
+        folder = os.path.commonpath([os.path.dirname(f) for f in files])
+    except ValueError:  # absolute and relative paths mixed
+        folder = ""
+    return folder if folder.strip(os.sep) else "their stored paths"
 
 
 def gallery_item(i: int, sample: dict[str, Any], checkpoint: Path | None) -> None:

@@ -119,7 +119,7 @@ def _set(key, value):
 
 @pytest.mark.parametrize("change, match", ids=[
     "huge-image-size", "zero-image-size", "no-resize", "resize-text", "std-zero", "names-a-string",
-    "names-numbers", "model-a-list", "classes-text"], argvalues=[
+    "names-numbers", "model-a-list", "classes-text", "extra-a-number"], argvalues=[
     (_set("preprocessing.image_size", 100_000), "image_size 100000 / resize 37 are out of range"),
     (_set("preprocessing.image_size", 0), "out of range"),
     (lambda p: p["preprocessing"].pop("resize"), "whole-number image_size and resize"),
@@ -129,6 +129,7 @@ def _set(key, value):
     (_set("class_names", [1, "b", "c"]), "class_names is not a list of names"),
     (_set("model", [1, 2]), "model is not a dictionary of weight tensors"),
     (_set("num_classes", "3"), "num_classes is '3'"),
+    (_set("preprocessing.extra", 5), "preprocessing is not a dictionary"),
 ])
 def test_damaged_values_are_refused_in_one_sentence(tmp_path, change, match):
     payload = _payload()
@@ -140,9 +141,11 @@ def test_damaged_values_are_refused_in_one_sentence(tmp_path, change, match):
 
 def test_unreadable_ood_thresholds_count_as_none_and_nan_weights_are_refused(tmp_path):
     payload = _payload()
-    payload["ood"] = {"msp_threshold": "x"}
-    path = save_checkpoint(tmp_path / "x.pt", payload)
-    assert load_model(path)[1].ood is None
+    for broken in ({"msp_threshold": "x"}, {"msp_threshold": float("nan"), "energy_threshold": 1.0,
+                                            "msp_quantiles": [0.1, 0.9], "energy_quantiles": [1.0, 2.0]}):
+        payload["ood"] = broken
+        path = save_checkpoint(tmp_path / "x.pt", payload)
+        assert load_model(path)[1].ood is None
     payload["model"]["fc.bias"][1] = float("nan")
     path = save_checkpoint(tmp_path / "x.pt", payload)
     with pytest.raises(CheckpointError, match=r"not numbers \(NaN or infinite, first in fc.bias\)"):

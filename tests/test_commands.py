@@ -226,7 +226,9 @@ def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
     assert again.losses == result.losses  # the same seed gives the same test, whether the cache was built or found
     assert main(["lr-find", str(path), "--end", "inf"]) == 2
     assert main(["lr-find", str(path), "--csv", str(tmp_path / "no" / "such" / "lr.csv")]) == 2
-    assert "--csv: folder" in capsys.readouterr().err
+    assert main(["lr-find", str(path), "--csv", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--csv: folder" in err and f"--csv: {tmp_path} is a folder." in err
     csv_path = tmp_path / "lr.csv"
     code = main(["lr-find", str(path), "--steps", "6", "--start", "1e-4", "--end", "1", "--csv", str(csv_path)])
     out = capsys.readouterr().out

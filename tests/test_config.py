@@ -130,6 +130,11 @@ def test_bad_overrides(bad):
         apply_overrides(two_stages(), [bad])
 
 
+def test_an_override_fills_options_left_empty():
+    raw = apply_overrides({"stages": [{"dataset": "shapes", "options": None}]}, ["stages.1.options.seed=3"])
+    assert raw["stages"][0]["options"] == {"seed": 3}
+
+
 def test_missing_dataset_under_existing_root(tmp_path):
     raw = {"stages": [{"name": "cal", "dataset": "caltech101", "root": str(tmp_path)}]}
     with pytest.raises(ConfigError, match=r"stage 1 \(cal\): The Caltech-101 data set was not found"):

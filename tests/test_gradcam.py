@@ -261,6 +261,8 @@ def test_works_under_no_grad_and_inference_mode_and_restores_them(resnet50, imag
         ("layer4", [0, 5000], "between 0 and 999"),  # raised after the forward pass
         ("layer4", [1.5, 2], "whole numbers"),  # not silently class 1
         ("layer4", ["1", "2"], "whole numbers"),
+        ("layer4", [float("nan"), 1], "whole numbers"),
+        ("layer4", torch.tensor([1.5, 2.0]), "whole numbers"),  # a tensor too (its dtype says so: no host sync)
         ("nope", None, "no layer named"),
         ("fc", None, "spatial map"),
     ],

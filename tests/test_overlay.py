@@ -105,7 +105,8 @@ def test_pictures_of_extreme_shape_are_framed_not_squashed(width, height, shape)
     top, left = (expected[0] - height) // 2, (expected[1] - width) // 2
     plain = _decode(overlay(image, _hot_spot(5, 5), PRE, legend=False, opacity=0.0))
     assert np.array_equal(plain[top : top + height, left : left + width], np.asarray(image))  # pixels untouched
-    assert (plain[:top] == 255).all() and (plain[:, :left] == 255).all()  # framed on white
+    for margin in (plain[:top], plain[top + height :], plain[:, :left], plain[:, left + width :]):
+        assert (margin == 255).all()  # framed on white, on every side it grew
     with_bar = _decode(overlay(image, _hot_spot(5, 5), PRE))
     assert with_bar.shape[1] == expected[1] and with_bar.shape[0] > expected[0]  # the bar as wide as the frame
 

@@ -683,7 +683,9 @@ def _find_stage(stages: list[Any], ref: str, item: str) -> dict[str, Any]:
 
 def _set_path(target: dict[str, Any], parts: list[str], value: Any, item: str) -> None:
     for part in parts[:-1]:
-        target = target.setdefault(part, {})
+        if target.get(part) is None:  # absent, or `options:` left empty in the YAML
+            target[part] = {}
+        target = target[part]
         if not isinstance(target, dict):
             raise ConfigError(f"Override {item!r}: {part} is a single value, not a mapping of keys.")
     target[parts[-1]] = value

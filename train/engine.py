@@ -830,8 +830,8 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
     message and re-raised (a ``UserError`` for problems the user can fix).
     """
     trainer = Trainer(config, run_name, ctx, store, show_progress)
-    if store is not None:
-        store.be_patient(STORE_PATIENCE_S, trainer.display.message)
+    if store is not None and not ctx.enabled:  # under torchrun the other processes could not wait as long
+        store.be_patient(STORE_PATIENCE_S, lambda text: print(text, file=sys.stderr, flush=True))
     main_store: Any = trainer.store
     main_store.set_state(run_name, "running", pid=os.getpid())
     main_store.heartbeat(run_name, device=f"{ctx.device} x{ctx.world}" if ctx.enabled else str(ctx.device))

@@ -58,8 +58,8 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
     from train.image_cache import Normalizer
     from train.recipe import training_loss
 
-    if not (0 < start < end and math.isfinite(end)):
-        raise UserError(f"The range test needs 0 < start < end, got start {start:g} and end {end:g}.")
+    if not (0 < start < end < math.inf):
+        raise UserError(f"The range test needs 0 < start < end, both finite, got start {start:g} and end {end:g}.")
     if steps < 3:
         raise UserError(f"The range test needs at least 3 steps, got {steps}.")
     stage = config.stages[stage_index]
@@ -129,8 +129,10 @@ def run(args: argparse.Namespace) -> int:
 
     from train.config import load_config
 
-    if args.csv and not Path(args.csv).expanduser().parent.is_dir():
-        raise UserError(f"--csv: folder {Path(args.csv).expanduser().parent} does not exist.")
+    csv_path = Path(args.csv).expanduser() if args.csv else None
+    if csv_path is not None and (csv_path.is_dir() or not csv_path.parent.is_dir()):
+        raise UserError(f"--csv: {csv_path} is a folder." if csv_path.is_dir() else
+                        f"--csv: folder {csv_path.parent} does not exist.")
     config = load_config(args.config, args.overrides, data_root=args.data_root)
     if not 1 <= args.stage <= len(config.stages):
         raise UserError(f"--stage must be between 1 and {len(config.stages)}, got {args.stage}.")
@@ -140,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'LR':>10}  LOSS (smoothed)")
     for k in range(0, len(result.lrs), max(1, len(result.lrs) // 20)):
         print(f"{result.lrs[k]:>10.2e}  {result.losses[k]:.4f}")
-    if args.csv:
-        Path(args.csv).expanduser().write_text("lr,loss\n" + "".join(f"{a!r},{b!r}\n" for a, b in zip(result.lrs, result.losses)))
+    if csv_path is not None:
+        csv_path.write_text("lr,loss\n" + "".join(f"{a!r},{b!r}\n" for a, b in zip(result.lrs, result.losses)))
     if result.suggestion is None:
         print("No suggestion: the loss did not fall; try a wider range (--start, --end) or more --steps.")
         return 1
