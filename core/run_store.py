@@ -208,7 +208,11 @@ class RunStore:
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else paths.store_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunStoreError(f"The run store's folder {self.path.parent} cannot be made "
+                                f"({exc.strerror or exc}); set RESLENS_HOME to a folder you can write to.") from exc
         self._local = threading.local()
         self._patience, self._say = 0.0, (lambda text: None)  # see be_patient
         try:
@@ -216,6 +220,8 @@ class RunStore:
         except sqlite3.DatabaseError as exc:
             damaged = "" if isinstance(exc, sqlite3.OperationalError) else (
                 "; it is damaged or not a ResLens run store: move it away and ResLens starts a new one")
+            if not os.access(self.path.parent, os.W_OK):
+                damaged = "; its folder is read-only: set RESLENS_HOME to a folder you can write to"
             raise RunStoreError(f"The run store {self.path} cannot be used ({exc}){damaged}.") from exc
 
     # ----------------------------------------------------------------- plumbing

@@ -318,3 +318,11 @@ def test_a_lock_held_by_another_process_is_one_sentence_or_waited_out(monkeypatc
     assert store.get_run("r1")["step"] == 2
     assert said == [f"The run store {store.path} is locked by another process; waiting for it."]
     other.close()
+
+
+def test_a_home_that_is_a_file_is_one_sentence(tmp_path):
+    home = tmp_path / "not-a-folder"
+    home.write_text("x")
+    with pytest.raises(RunStoreError, match=rf"^The run store's folder {home} cannot be made \(File exists\); set "
+                                            "RESLENS_HOME to a folder you can write to\\.$"):
+        RunStore(home / "reslens.sqlite")
