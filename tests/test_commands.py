@@ -90,8 +90,12 @@ def test_eval_at_another_test_resolution_feeds_images_of_that_size(finished, cap
 def test_eval_refuses_a_data_set_with_other_classes(finished, tmp_path, capsys):
     other = make_caltech101(tmp_path / "other", {"x": 3, "y": 3})
     best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    from train.image_cache import cache_entries
+
+    cached = [e.path for e in cache_entries()]
     assert main(["eval", str(best), "--dataset", "caltech101", "--root", str(other)]) == 2
-    assert "classes" in capsys.readouterr().err
+    assert "other classes than those expected here" in capsys.readouterr().err
+    assert [e.path for e in cache_entries()] == cached  # refused before any image was decoded
 
 
 @pytest.mark.parametrize("argv, message", [

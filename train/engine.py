@@ -892,7 +892,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     its classes must match the checkpoint's, or a ``CheckpointError`` says so.
     """
     from core.checkpoints import check_compatible, checkpoint_info
-    from core.datasets import class_counts
+    from core.datasets import class_counts, open_dataset
 
     raw = load_checkpoint(path)
     info = checkpoint_info(path, raw)
@@ -906,9 +906,11 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     pre = info.preprocessing
     if image_size is not None:
         pre = pre.at_size(image_size)
-    cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size))
+    labeled = open_dataset(name, root, split, **options)
     classes = list(getattr(labeled, "class_labels", None) or labeled.classes)
-    check_compatible(info, class_names=classes)
+    check_compatible(info, class_names=classes)  # before the split is decoded into the image cache
+    cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size),
+                                        opened=labeled)
     target = ddp.pick_device(device)
     model = build_model(info.arch, info.num_classes, "scratch")
     load_weights(model, raw["model"], path)

@@ -385,14 +385,15 @@ class Normalizer(torch.nn.Module):
 
 def open_cached_split(name: str, root: str | None, split: str, options: dict[str, Any], size: int,
                       transform: Any, workers: int = 0, build: bool = True,
-                      check: Callable[[], None] | None = None) -> tuple[CachedImages, Any]:
+                      check: Callable[[], None] | None = None, opened: Any = None) -> tuple[CachedImages, Any]:
     """``(CachedImages, the underlying LabeledImages)`` for one split of a registered data set.
 
-    ``check`` runs after every decoded batch of a build (it may raise to stop it).
+    ``check`` runs after every decoded batch of a build (it may raise to stop it); ``opened`` is the split already
+    opened with ``core.datasets.open_dataset`` (its classes checked before anything is decoded).
     """
     from core.datasets import open_dataset
 
-    dataset = open_dataset(name, root, split, **options)
+    dataset = opened if opened is not None else open_dataset(name, root, split, **options)
     description = {"dataset": name, "root": str(root), "split": split, "options": options}
     cached = cached_pixels(dataset, size, description, workers, build, check)
     skipped = set(cached.skipped)
