@@ -47,6 +47,18 @@ def run_dir(name: str) -> Path:
     return resolve_inside(runs_dir(), safe_name(name))
 
 
+def typed_path(text: str, base: str | os.PathLike[str]) -> Path:
+    """A path a person typed: ``~`` expanded, a relative one taken under ``base``, resolved. ``ValueError`` (one
+    sentence) for a NUL byte or a ``~user`` with no home folder here."""
+    if "\x00" in text:
+        raise ValueError(f"Path {text!r} contains a NUL byte.")
+    try:
+        path = Path(text.strip()).expanduser()
+    except RuntimeError:  # ~nosuchuser
+        raise ValueError(f"Path {text!r} starts with a ~ that names no user's home folder here.") from None
+    return (path if path.is_absolute() else Path(base) / path).resolve()
+
+
 def resolve_inside(base: Path, user_path: str | os.PathLike[str]) -> Path:
     """Resolve ``user_path`` relative to ``base``; refuse anything that lands outside ``base``."""
     base = Path(base).resolve()

@@ -99,7 +99,7 @@ def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool
         if common.is_live(run):
             progress(run, store.stages(run["name"]))
         elif run["state"] == "failed":
-            st.error(f"{run['name']}: {run.get('error') or 'failed'}")
+            common.show_run_error(run.get("error") or "failed", prefix=f"{run['name']}: ")
     panels(runs, per_step, smoothing)
 
 

@@ -3,6 +3,7 @@ unpacked safely) and read their data report, check it before launch against exac
 will open, run it as its own process, and follow every job (state, Stop, Resume, log, error)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
@@ -22,7 +23,7 @@ from core.images import MAX_UPLOAD_MB
 from core.sizes import iec_bytes
 from pages import common
 from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig, YamlRefused,
-                          parse_config, parse_settings, parse_yaml, stage_rows, stages_from_rows)
+                          check_stage_keys, parse_config, parse_settings, parse_yaml, stage_rows, stages_from_rows)
 from train.data_report import class_rows, format_report, summarize
 
 common.setup("Train")
@@ -71,6 +72,7 @@ def read_uploaded(data: bytes, filename: str) -> dict[str, Any]:
         raise ConfigError(f"{filename} is not a pipeline: it needs a 'stages' list.")
     try:
         parse_settings(raw)  # its stages are edited here; its top-level settings must already be valid
+        check_stage_keys(raw["stages"])
     except ConfigError as exc:
         raise ConfigError(f"{filename}: {exc}") from None
     return raw
@@ -201,9 +203,9 @@ def column_config(frame: pd.DataFrame) -> dict[str, Any]:
 
 
 def absolute_root(text: str) -> Path:
-    """A folder the user typed: ``~`` expanded; a relative path is taken under the data root."""
-    path = Path(text.strip()).expanduser()
-    return (path if path.is_absolute() else paths.data_root() / path).resolve()
+    """A folder the user typed: ``~`` expanded; a relative path is taken under the data root (``ValueError``, one
+    sentence, for a path that cannot be one)."""
+    return paths.typed_path(text, paths.data_root())
 
 
 def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
@@ -213,7 +215,8 @@ def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
     for stage in config.get("stages", []):
         stage = dict(stage)
         if isinstance(stage.get("root"), str) and stage["root"].strip():
-            stage["root"] = str(absolute_root(stage["root"]))
+            with contextlib.suppress(ValueError):  # kept as typed: the check below says why it cannot be read
+                stage["root"] = str(absolute_root(stage["root"]))
         elif stage.get("dataset") == "imagefolder" and images is not None:
             stage["root"] = str(images)
         stages.append(stage)
@@ -334,7 +337,13 @@ def _images_body() -> Path | None:
 def typed_folder() -> Path | None:
     text = st.text_input("Image folder", key="images_folder", placeholder="/path/to/my-images",
                          help=f"An absolute path, or a path under the data root ({paths.data_root()}).")
-    return absolute_root(text) if text.strip() else None
+    if not text.strip():
+        return None
+    try:
+        return absolute_root(text)
+    except ValueError as exc:
+        st.error(str(exc), icon=":material/error:")
+        return None
 
 
 def uploaded_folder() -> Path | None:
@@ -433,7 +442,7 @@ def job_controls(run: dict[str, Any]) -> None:
 
     name, state = run["name"], run["state"]
     if state == "failed":
-        st.error(run.get("error") or "The run failed without saying why; see its log below.")
+        common.show_run_error(run.get("error") or "The run failed without saying why; see its log below.")
     elif state == "interrupted":
         st.warning("The trainer stopped without saying so (killed, or the machine restarted). Resume continues "
                    "from the last completed epoch.")

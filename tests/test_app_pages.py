@@ -92,6 +92,17 @@ def test_train_lists_jobs_with_failed_error_and_stop_resume_states():
     assert not buttons["Stop"].disabled and buttons["Resume"].disabled
 
 
+def test_a_long_error_shows_its_first_line_and_the_rest_on_demand():
+    lines = [f"  File 'x_{i}.py', line {i}" for i in range(200)]
+    fx.failed_run("long", error="\n".join(["RuntimeError: it broke", *lines, "Traceback (most recent call last)"]))
+    at = open_page("pages/train.py")
+    assert at.dataframe[-1].value["error"].tolist() == ["RuntimeError: it broke"]
+    at.selectbox(key="job_pick").set_value("long").run()
+    assert [e.value for e in at.error] == ["RuntimeError: it broke"]
+    assert "The whole message" in [e.label for e in at.expander]
+    assert any(lines[199] in c.value for c in at.code)
+
+
 def test_monitor_shows_progress_eta_and_curves_of_a_live_run():
     fx.running_run()
     at = open_page("pages/monitor.py")

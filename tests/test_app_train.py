@@ -113,11 +113,19 @@ def test_a_pipeline_file_opens_and_saves_back():
     assert [b.label for b in at.get("download_button")] == ["Save as YAML"]
 
 
-def test_a_file_that_is_not_a_pipeline_is_one_sentence():
+@pytest.mark.parametrize("text, message", [
+    (b"just: text\n", "x.yaml is not a pipeline: it needs a 'stages' list."),
+    (b"stages:\n  - {dataset: shapes, bogus: 1}\n", "x.yaml: stage 1: unknown key 'bogus'; allowed keys are "),
+    (b"stages:\n  - {dataset: shapes, name: a}\n  - 7\n", "x.yaml: stage 2: each stage must be a mapping of keys, "
+                                                         "got 7."),
+    (b"stages:\n  - {dataset: shapes, epochs: " + b"9" * 5000 + b"}\n", "x.yaml was refused: a value cannot be read"),
+])
+def test_a_file_that_is_not_a_pipeline_is_one_sentence_not_a_smaller_pipeline(text, message):
     at = open_page("pages/train.py")
     at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
-    at.file_uploader(key="pipeline_file").set_value(("x.yaml", b"just: text\n", "application/yaml")).run()
-    assert [e.value for e in at.error] == ["x.yaml is not a pipeline: it needs a 'stages' list."]
+    at.file_uploader(key="pipeline_file").set_value(("x.yaml", text, "application/yaml")).run()
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith(message) and not at.exception, errors
 
 
 @pytest.mark.parametrize("line, reason", [

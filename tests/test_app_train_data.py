@@ -87,6 +87,17 @@ def test_a_folder_that_is_not_an_image_folder_blocks_launch(tmp_path):
     assert launch_button(at).disabled and not at.exception
 
 
+@pytest.mark.parametrize("typed, message", [
+    ("a\x00b", "Path 'a\\x00b' contains a NUL byte."),
+    ("~nosuchuser/x", "Path '~nosuchuser/x' starts with a ~ that names no user's home folder here."),
+])
+def test_a_folder_path_that_cannot_be_one_is_one_sentence_and_the_page_stays(typed, message):
+    at = train_page(IMAGES)
+    at.text_input(key="images_folder").set_value(typed).run()
+    assert message in [e.value for e in at.error] and not at.exception
+    assert launch_button(at).disabled
+
+
 def _pets_zip(tmp_path: Path) -> bytes:
     folder = make_imagefolder(tmp_path / "src")
     return zip_folder(folder, tmp_path / "pets.zip", "pets/").read_bytes()

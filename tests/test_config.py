@@ -44,6 +44,8 @@ def test_defaults_filled_in():
         ({"batch_size": 1, "image_size": 32}, "stage 2 (finetune): batch_size 1 cannot train at 32 px"),
         ({"root": 5}, "stage 2 (finetune): root must be a folder path (text), got 5"),
         ({"root": ""}, "stage 2 (finetune): root is empty"),
+        ({"root": "a\x00b"}, "stage 2 (finetune): root: Path 'a\\x00b' contains a NUL byte."),
+        ({"init": "~nosuchuser/x.pt"}, "stage 2 (finetune): init: Path '~nosuchuser/x.pt' starts with a ~ that names"),
     ],
 )
 def test_bad_stage_values_get_one_sentence(finetune, message):

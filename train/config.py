@@ -96,6 +96,8 @@ def parse_yaml(text: str) -> Any:
             return None
         _check_expanded_size(node)
         return loader.construct_document(node)
+    except ValueError as exc:  # a number of 5,000 digits, a date with month 13
+        raise YamlRefused(f"a value cannot be read ({str(exc).split(':')[0]})") from None
     finally:
         loader.dispose()
 
@@ -301,6 +303,18 @@ def parse_config(
             raise exc.in_stage(i, stage_label(i, stage_raw if isinstance(stage_raw, dict) else None)) from None
     _check_stage_names(config.stages)
     return config
+
+
+def check_stage_keys(stages: list[Any]) -> None:
+    """Every stage a mapping of known keys (what the stage table cannot show is refused, not dropped)."""
+    allowed = {f.name for f in fields(StageConfig)}
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise ConfigError(f"{stage_label(i)}: each stage must be a mapping of keys, got {stage!r}.", stage=i)
+        try:
+            _check_keys(stage, allowed)
+        except ConfigError as exc:
+            raise exc.in_stage(i, stage_label(i, stage)) from None
 
 
 def parse_settings(raw: dict[str, Any]) -> PipelineConfig:
@@ -530,14 +544,21 @@ def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, che
     if s.root is None:
         s.root = str(Path(data_root).resolve() if data_root is not None else paths.data_root())
     else:
-        s.root = str((base / Path(s.root).expanduser()).resolve())
+        s.root = str(_typed(s.root, base, "root"))
     if check_data:
         _check_data_present(s)
     if s.init not in ("scratch", "imagenet", "previous"):
-        init = (base / Path(s.init).expanduser()).resolve()
+        init = _typed(s.init, base, "init")
         if check_data and not init.is_file():
             raise ConfigError(f"init checkpoint {init} does not exist.", field="init")
         s.init = str(init)
+
+
+def _typed(text: str, base: Path, key: str) -> Path:
+    try:
+        return paths.typed_path(text, base)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}", field=key) from None
 
 
 def _name_text(value: Any, where: str, stage: int | None = None) -> str:
