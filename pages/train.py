@@ -209,7 +209,7 @@ def absolute_root(text: str) -> Path:
 
 
 def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
-    """The config with every stage's root as the trainer will read it: typed roots made absolute, and empty
+    """The config with every stage's root and init as the trainer will read them: typed ones made absolute, empty
     imagefolder roots set to the chosen image folder (so the check, the YAML and the launch all agree)."""
     stages = []
     for stage in config.get("stages", []):
@@ -219,6 +219,10 @@ def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
                 stage["root"] = str(absolute_root(stage["root"]))
         elif stage.get("dataset") == "imagefolder" and images is not None:
             stage["root"] = str(images)
+        init = stage.get("init")
+        if isinstance(init, str) and init.strip() and init not in ("scratch", "imagenet", "previous"):
+            with contextlib.suppress(ValueError):  # as for roots; an init path is taken under the data root too
+                stage["init"] = str(absolute_root(init))
         stages.append(stage)
     return {**config, "stages": stages}
 
@@ -238,6 +242,11 @@ def show_problems(config: dict[str, Any], error: ConfigError | None, images: Pat
             where += ": "
         st.error(f"{where}{exc}", icon=":material/error:")
         return False
+    for i, stage in enumerate(pipeline.stages):
+        if stage.init not in ("scratch", "imagenet", "previous") and not Path(stage.init).is_file():
+            st.error(f"Row {i + 1}, column **{column_label('init')}**: checkpoint {stage.init} does not exist.",
+                     icon=":material/error:")
+            return False
     missing = missing_data(pipeline)
     for name, root, folder in missing:
         if folder != images:  # a chosen image folder that is missing already says so above

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from core import paths
 from tests import app_fixtures as fx
 
 PAGES = ("app.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/compare.py", "pages/explain.py")
@@ -74,6 +75,11 @@ def test_train_shows_a_config_error_next_to_its_row_and_column_and_blocks_launch
     at.run()
     errors = [e.value for e in at.error]
     assert any(e.startswith("Row 1, column **learning rate**: stage 1") and "lr must be > 0" in e for e in errors), errors
+    assert next(b for b in at.button if b.label == "Launch").disabled
+    at.session_state[editor_key] = {"edited_rows": {1: {"init": "missing.pt"}}, "added_rows": [], "deleted_rows": []}
+    at.run()  # a checkpoint to start from that is not there: said before Launch, under the data root like roots
+    assert [e.value for e in at.error] == [f"Row 2, column **init**: checkpoint {paths.data_root() / 'missing.pt'} "
+                                           "does not exist."]
     assert next(b for b in at.button if b.label == "Launch").disabled
 
 
