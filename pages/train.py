@@ -22,8 +22,9 @@ from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
 from core.sizes import iec_bytes
 from pages import common
-from train.config import (ARCHS, CHOICES, PIPELINE_DEFAULTS, ConfigError, PipelineConfig, YamlRefused,
-                          check_stage_keys, parse_config, parse_settings, parse_yaml, stage_rows, stages_from_rows)
+from train.config import (ARCHS, CHOICES, NAMED_INITS, PIPELINE_DEFAULTS, ConfigError, PipelineConfig,
+                          YamlRefused, check_stage_keys, parse_config, parse_settings, parse_yaml, stage_rows,
+                          stages_from_rows)
 from train.data_report import class_rows, format_report, summarize
 
 common.setup("Train")
@@ -175,7 +176,7 @@ def hidden_columns() -> list[str]:
 
 def column_config(frame: pd.DataFrame) -> dict[str, Any]:
     """Every column as text (kept as typed, checked by train/config.py), choices as select boxes."""
-    inits = ["scratch", "imagenet", "previous"] + [str(p) for p in common.find_checkpoints()]
+    inits = list(NAMED_INITS) + [str(p) for p in common.find_checkpoints()]
     inits += [v for v in frame["init"].dropna().unique() if v not in inits]
     config: dict[str, Any] = {k: st.column_config.TextColumn(column_label(k)) for k in frame.columns}
     config["dataset"] = st.column_config.SelectboxColumn(column_label("dataset"), options=list(DATASETS))
@@ -220,7 +221,7 @@ def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
         elif stage.get("dataset") == "imagefolder" and images is not None:
             stage["root"] = str(images)
         init = stage.get("init")
-        if isinstance(init, str) and init.strip() and init not in ("scratch", "imagenet", "previous"):
+        if isinstance(init, str) and init.strip() and init not in NAMED_INITS:
             with contextlib.suppress(ValueError):  # as for roots; an init path is taken under the data root too
                 stage["init"] = str(absolute_root(init))
         stages.append(stage)
@@ -243,7 +244,7 @@ def show_problems(config: dict[str, Any], error: ConfigError | None, images: Pat
         st.error(f"{where}{exc}", icon=":material/error:")
         return False
     for i, stage in enumerate(pipeline.stages):
-        if stage.init not in ("scratch", "imagenet", "previous") and not Path(stage.init).is_file():
+        if stage.init not in NAMED_INITS and not Path(stage.init).is_file():
             st.error(f"Row {i + 1}, column **{column_label('init')}**: checkpoint {stage.init} does not exist.",
                      icon=":material/error:")
             return False

@@ -60,6 +60,7 @@ _YamlLoader.add_implicit_resolver(
 MAX_YAML_DEPTH = 32  # nesting levels; a pipeline needs 4
 MAX_YAML_NODES = 20_000  # values after every alias is expanded (billion laughs)
 MAX_SEED = 2**31 - 1
+NAMED_INITS = ("scratch", "imagenet", "previous")  # a stage's init: one of these, or a checkpoint's path
 MAX_EPOCHS = 100_000
 
 
@@ -547,7 +548,7 @@ def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, che
         s.root = str(_typed(s.root, base, "root"))
     if check_data:
         _check_data_present(s)
-    if s.init not in ("scratch", "imagenet", "previous"):
+    if s.init not in NAMED_INITS:
         init = _typed(s.init, base, "init")
         if check_data and not init.is_file():
             raise ConfigError(f"init checkpoint {init} does not exist.", field="init")
