@@ -101,7 +101,7 @@ def runs_table(runs: list[dict[str, Any]]) -> None:
         "epoch": r.get("epoch"),
         "best val accuracy": r.get("best_val_acc"),
         "device": r.get("device") or "",
-        "error": (r.get("error") or "").strip().partition("\n")[0],
+        "error": first_line(r.get("error") or ""),
     } for r in runs]), hide_index=True, width="stretch",
         column_config={"best val accuracy": st.column_config.NumberColumn(format="percent"),
                        "started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")})
@@ -150,11 +150,14 @@ def _stage_checkpoints(store_path: str) -> dict[str, dict[str, Any]]:
     return store().checkpoint_index()
 
 
+def first_line(text: str) -> str:
+    return text.strip().partition("\n")[0]
+
+
 def show_run_error(text: str, prefix: str = "") -> None:
     """A failed run's stored error: its first line in the box, the rest (a multi-line message) verbatim below."""
-    first, _, rest = text.strip().partition("\n")
-    st.error(prefix + first, icon=":material/error:")
-    if rest.strip():
+    st.error(prefix + first_line(text), icon=":material/error:")
+    if first_line(text) != text.strip():
         with st.expander("The whole message"):
             st.code(text.strip(), language=None)
 

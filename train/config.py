@@ -308,14 +308,17 @@ def parse_config(
 
 def check_stage_keys(stages: list[Any]) -> None:
     """Every stage a mapping of known keys (what the stage table cannot show is refused, not dropped)."""
-    allowed = {f.name for f in fields(StageConfig)}
     for i, stage in enumerate(stages):
-        if not isinstance(stage, dict):
-            raise ConfigError(f"{stage_label(i)}: each stage must be a mapping of keys, got {stage!r}.", stage=i)
         try:
-            _check_keys(stage, allowed)
+            _check_stage_shape(stage)
         except ConfigError as exc:
-            raise exc.in_stage(i, stage_label(i, stage)) from None
+            raise exc.in_stage(i, stage_label(i, stage if isinstance(stage, dict) else None)) from None
+
+
+def _check_stage_shape(raw: Any) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"each stage must be a mapping of keys, got {type(raw).__name__}.")
+    _check_keys(raw, {f.name for f in fields(StageConfig)})
 
 
 def parse_settings(raw: dict[str, Any]) -> PipelineConfig:
@@ -337,9 +340,7 @@ def stage_label(index: int, stage: StageConfig | dict[str, Any] | None = None) -
 
 def _parse_stage(i: int, raw: Any, base: Path, data_root: str | Path | None, check_data: bool) -> StageConfig:
     """Stage ``i`` (its position: the default name, whether ``init: previous`` has a stage before it)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"each stage must be a mapping of keys, got {type(raw).__name__}.")
-    _check_keys(raw, {f.name for f in fields(StageConfig)})
+    _check_stage_shape(raw)
     if "dataset" not in raw:
         raise ConfigError("'dataset' is required.", field="dataset")
     values = {**raw}
