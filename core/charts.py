@@ -28,20 +28,32 @@ _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#
 def ema(values: Sequence[float], weight: float) -> np.ndarray:
     """Debiased exponential moving average (TensorBoard's smoothing); NaNs are skipped, not spread.
 
-    ``weight`` 0 returns the values unchanged; 0.99 is very smooth.
+    ``weight`` 0 returns the values unchanged; 0.99 is very smooth. This is pandas' ``ewm(adjust=True)``, which
+    divides by the weights seen so far: the same as TensorBoard's division by ``1 - weight ** n``.
     """
     if not 0 <= weight < 1:
         raise ValueError("smoothing weight must be in [0, 1)")
-    out = np.full(len(values), np.nan)
-    last, debias, seen = 0.0, 1.0, False
-    for i, value in enumerate(np.asarray(values, dtype=float)):
-        if math.isnan(value):
-            continue
-        last = last * weight + (1 - weight) * value
-        debias = debias * weight if seen else weight
-        seen = True
-        out[i] = last / (1 - debias) if debias < 1 else value
+    raw = np.asarray(values, dtype=float)
+    out = pd.Series(raw).ewm(alpha=1 - weight, adjust=True, ignore_na=True).mean().to_numpy().copy()
+    out[np.isnan(raw)] = np.nan
     return out
+
+
+MAX_POINTS = 2000  # per drawn curve: a half-width chart is ~700 px wide, so more points only cost bytes
+
+
+def thinned(x: np.ndarray, y: np.ndarray, max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` points of a curve: in each of ``max_points / 2`` runs of consecutive points, its
+    lowest and highest (so a spike stays visible), plus the first and last point. Short curves are unchanged."""
+    n = len(y)
+    if n <= max_points:
+        return x, y
+    edges = np.linspace(0, n, max_points // 2 - 1, dtype=int)
+    finite = np.where(np.isnan(y), np.inf, y), np.where(np.isnan(y), -np.inf, y)
+    lows = [a + int(np.argmin(finite[0][a:b])) for a, b in zip(edges[:-1], edges[1:])]
+    highs = [a + int(np.argmax(finite[1][a:b])) for a, b in zip(edges[:-1], edges[1:])]
+    keep = np.unique(np.array([0, n - 1, *lows, *highs]))
+    return np.asarray(x)[keep], y[keep]
 
 
 def global_x(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -102,11 +114,13 @@ def curves_figure(
             dash = dashes[m % len(dashes)]
             line_colour = colour if len(frames) > 1 else _PALETTE[m % len(_PALETTE)]
             if smoothing > 0:
-                fig.add_scatter(x=x, y=y, mode="lines", line=dict(color=line_colour, width=1, dash=dash),
+                xs, ys = thinned(x.to_numpy(), y)
+                fig.add_scatter(x=xs, y=ys, mode="lines", line=dict(color=line_colour, width=1, dash=dash),
                                 opacity=0.25, showlegend=False, hoverinfo="skip")
                 stages = frame["stage"].to_numpy()  # each stage smoothed on its own: a new stage is a new curve
                 y = np.concatenate([ema(y[stages == s], smoothing) for s in pd.unique(stages)])
-            fig.add_scatter(x=x, y=y, name=label, mode="lines+markers" if len(x) < 40 else "lines",
+            xs, ys = thinned(x.to_numpy(), y)
+            fig.add_scatter(x=xs, y=ys, name=label, mode="lines+markers" if len(x) < 40 else "lines",
                             line=dict(color=line_colour, dash=dash), connectgaps=True)
         names = list((stage_names or {}).get(run, []))
         for start, stage in stage_boundaries(frame, x):

@@ -26,6 +26,48 @@ def test_ema_is_debiased_and_smooths():
         charts.ema([1.0], 1.0)
 
 
+def _tensorboard_ema(values, weight):
+    """TensorBoard's smoothing written out as a loop (the reference ``charts.ema`` is checked against)."""
+    out, last, steps = [], 0.0, 0
+    for value in values:
+        if math.isnan(value):
+            out.append(math.nan)
+            continue
+        last, steps = last * weight + (1 - weight) * value, steps + 1
+        out.append(last / (1 - weight ** steps))
+    return out
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.6, 0.99])
+def test_ema_matches_tensorboards_loop_with_gaps(weight):
+    values = np.random.default_rng(1).normal(size=500)
+    values[[0, 5, 6, 250, 499]] = np.nan
+    np.testing.assert_allclose(charts.ema(values, weight), _tensorboard_ema(values, weight), rtol=1e-9, atol=1e-12)
+
+
+def test_thinned_keeps_short_curves_and_the_extremes_of_long_ones():
+    x, y = np.arange(10.0), np.arange(10.0)
+    assert charts.thinned(x, y, 20)[1] is y
+    x = np.arange(100_000.0)
+    y = np.sin(x / 5000) + np.random.default_rng(0).normal(scale=0.01, size=x.size)
+    y[31_337], y[77_000], y[500] = 9.0, -9.0, np.nan  # a spike each way and a gap
+    tx, ty = charts.thinned(x, y, 2000)
+    assert len(tx) <= 2000 and np.all(np.diff(tx) > 0)
+    assert tx[0] == 0 and tx[-1] == x[-1]
+    assert 31_337 in tx and 77_000 in tx  # spikes survive thinning
+    np.testing.assert_array_equal(ty, y[tx.astype(int)])
+    assert np.diff(tx).max() <= 2 * 100_000 / 998  # every stretch of the curve keeps points: no long hole
+
+
+def test_curves_figure_thins_long_per_step_curves():
+    n = 50_000
+    frame = pd.DataFrame({"stage": np.repeat([0, 1], n // 2), "epoch": 1, "step": np.tile(np.arange(1, n // 2 + 1), 2),
+                          "train_loss": np.linspace(3, 0.5, n)})
+    fig = charts.curves_figure({"a": frame}, ["train_loss"], x_column="step", smoothing=0.6)
+    assert len(fig.data) == 2 and all(len(t.x) <= charts.MAX_POINTS for t in fig.data)
+    assert fig.data[1].x[-1] == n and fig.data[1].y[-1] == pytest.approx(0.5, abs=1e-3)
+
+
 def _frame(rows):
     return pd.DataFrame(rows, columns=["stage", "epoch", "step", "val_acc"])
 

@@ -80,7 +80,7 @@ def _claim_run(config: Any, store: RunStore, run_name: str | None) -> str | None
         ours = row.get("pid") in (None, os.getpid())
         if ours and row["stored_state"] == "queued":
             return run_name
-        if ours and row["stored_state"] == "stopped" and not store.metrics(run_name, "step"):
+        if ours and row["stored_state"] == "stopped" and not store.has_metrics(run_name):
             return None
     return prepare_run(config, store, run_name, state="queued")
 
