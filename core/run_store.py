@@ -45,6 +45,7 @@ from core.errors import UserError
 STATES = ("queued", "running", "finished", "failed", "stopped", "interrupted")
 ACTIVE_STATES = ("queued", "running")
 STALE_AFTER_S = 15.0
+QUEUED_WITHOUT_TRAINER_S = 60.0  # a queued run gets its trainer's pid within milliseconds of being queued
 BUSY_TIMEOUT_MS = 30_000
 LOCK_RETRY_S = 0.5  # a patient writer's pause between waits for another process's lock
 # 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
@@ -190,13 +191,17 @@ def _proc_stat(pid: int) -> list[str] | None:
 
 
 def resolve_state(row: dict[str, Any], now: float | None = None) -> str:
-    """The state a reader should show: dead or silent active runs read as ``interrupted``."""
+    """The state a reader should show: dead or silent active runs, and queued runs that never got a trainer,
+    read as ``interrupted``."""
     state = row["state"]
     if state not in ACTIVE_STATES:
         return state
     now = time.time() if now is None else now
     if row.get("pid") and not pid_alive(row["pid"], row.get("pid_started")):
         return "interrupted"
+    since = now - (row.get("heartbeat") or row.get("created") or now)
+    if state == "queued" and not row.get("pid") and since > QUEUED_WITHOUT_TRAINER_S:
+        return "interrupted"  # the app died between queueing the run and starting its trainer
     heartbeat = row.get("heartbeat")
     if state == "running" and heartbeat is not None and now - heartbeat > STALE_AFTER_S:
         return "interrupted"
@@ -320,16 +325,18 @@ class RunStore:
         config_yaml: str = "",
         config_path: str | None = None,
         state: str = "queued",
+        pid: int | None = None,
     ) -> None:
-        """Add run ``name`` (a safe name) in ``state``; raise ``RunStoreError`` if it exists."""
+        """Add run ``name`` (a safe name) in ``state``, trained by process ``pid`` when known; raise
+        ``RunStoreError`` if it exists."""
         paths.safe_name(name)
         _check_state(state)
         now = time.time()
         try:
             self._write(
-                "INSERT INTO runs (name, config_json, config_yaml, config_path, created, updated, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, json.dumps(config), config_yaml, config_path, now, now, state),
+                "INSERT INTO runs (name, config_json, config_yaml, config_path, created, updated, state, pid,"
+                " pid_started) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, json.dumps(config), config_yaml, config_path, now, now, state, pid, process_started(pid)),
             )
         except sqlite3.IntegrityError:
             raise RunStoreError(f"A run named {name!r} already exists; choose another name or resume it.") from None

@@ -1,5 +1,6 @@
 import os
 import sqlite3
+import os
 import subprocess
 import sys
 import threading
@@ -56,6 +57,16 @@ def test_stale_heartbeat_reads_interrupted(store, monkeypatch):
     assert store.list_runs()[0]["state"] == "interrupted"
     store.set_state("r1", "finished")
     assert store.list_runs()[0]["state"] == "finished"
+
+
+def test_queued_run_that_never_got_a_trainer_reads_interrupted(store, monkeypatch):
+    store.create_run("mine", {}, pid=os.getpid())  # a CLI trainer queues its own run under its pid
+    assert store.get_run("mine")["pid"] == os.getpid()
+    assert store.get_run("r1")["state"] == "queued"  # no pid yet: the app is about to start the trainer
+    later = time.time() + run_store.QUEUED_WITHOUT_TRAINER_S + 1
+    monkeypatch.setattr(run_store.time, "time", lambda: later)
+    states = {r["name"]: r["state"] for r in store.list_runs()}
+    assert states == {"r1": "interrupted", "mine": "queued"}  # the app died before starting it; ours is alive
 
 
 def test_failed_state_keeps_error(store):

@@ -82,7 +82,7 @@ def _claim_run(config: Any, store: RunStore, run_name: str | None) -> str | None
             return run_name
         if ours and row["stored_state"] == "stopped" and not store.has_metrics(run_name):
             return None
-    return prepare_run(config, store, run_name, state="queued")
+    return prepare_run(config, store, run_name, state="queued", pid=os.getpid())
 
 
 # -------------------------------------------------------------------- resume

@@ -39,9 +39,11 @@ def _candidates(base: str) -> Iterable[str]:
 
 
 def prepare_run(
-    config: PipelineConfig, store: RunStore, run_name: str | None = None, state: str = "queued"
+    config: PipelineConfig, store: RunStore, run_name: str | None = None, state: str = "queued",
+    pid: int | None = None,
 ) -> str:
-    """Claim the run name in the store, then write ``<run dir>/config.yaml``; return the name.
+    """Claim the run name in the store (for trainer process ``pid`` when known), then write
+    ``<run dir>/config.yaml``; return the name.
 
     An explicit ``run_name`` that is taken (in the store or on disk) raises ``RunStoreError``; without
     one, the config's name gets a numeric suffix when needed. The store row is claimed first, so two
@@ -60,7 +62,8 @@ def prepare_run(
         if run_name is None and paths.run_dir(name).exists():
             continue  # a folder left by a deleted run: never mix its files with a new run's
         try:
-            store.create_run(name, config.to_dict(), config_yaml=text, config_path=config.source, state=state)
+            store.create_run(name, config.to_dict(), config_yaml=text, config_path=config.source, state=state,
+                             pid=pid)
         except RunStoreError:
             if run_name is not None:
                 raise
