@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Union
 
 from core import paths
-from core.datasets import skipped_folder
+from core.datasets import SPLITS, skipped_folder
 from core.errors import UserError
 from core.images import MAX_FILE_BYTES, ImageError, is_image_name, read_header
 from core.sizes import iec_bytes
@@ -215,12 +215,13 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 def _dataset_folder(work: Path) -> Path:
-    """The folder holding the class folders: wrapper folders (``pets/`` around ``pets/cat``...) are stepped into."""
+    """The folder holding the class folders: wrapper folders (``pets/`` around ``pets/cat``...) are stepped into,
+    but not a lone ``train/`` or ``val/`` (a split without its other half is refused, as for a typed folder)."""
     folder = work
     while True:
         dirs = _visible_dirs(folder)
         loose = any(p.is_file() for p in folder.iterdir())
-        if loose or len(dirs) != 1 or not _visible_dirs(dirs[0]):
+        if loose or len(dirs) != 1 or dirs[0].name in SPLITS or not _visible_dirs(dirs[0]):
             return folder
         folder = dirs[0]
 

@@ -111,6 +111,8 @@ MALICIOUS = {
     "not class folders": (lambda img: _zip([("a.png", img), ("b.png", img)]), ZipLimits(),
                           "needs at least two class folders with images"),
     "not a zip": (lambda img: img, ZipLimits(), "is not a readable .zip archive"),
+    "train/ without val/": (lambda img: _zip([("train/cat/a.png", img), ("train/dog/b.png", img)]), ZipLimits(),
+                            "has a train/ folder of classes but no val/ folder"),  # as a typed folder is refused
 }
 
 
