@@ -228,15 +228,20 @@ def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
     return {**config, "stages": stages}
 
 
-def show_problems(config: dict[str, Any], error: ConfigError | None, images: Path | None = None) -> bool:
+def show_problems(config: dict[str, Any], error: ConfigError | None, images: Path | None = None,
+                  images_refused: bool = False) -> bool:
     """Show the first config error (the table's ``error``, else validation's) with its row and column, any data
     missing where a stage will read it (data sets get a download button), and the data report of every image
-    folder a stage uses (``images`` has its own above); True if all is well."""
+    folder a stage uses (``images`` has its own above); True if all is well. With ``images_refused`` (the image
+    section above refused its folder or zip), a stage left without a root is not reported a second time."""
     try:
         if error is not None:
             raise error
         pipeline = parse_config(config, base_dir=CONFIG_DIR, check_data=False)
     except ConfigError as exc:
+        if images_refused and exc.field == "root" and exc.stage is not None \
+                and not config["stages"][exc.stage].get("root"):
+            return False
         where = ""
         if exc.stage is not None:
             where = f"Row {exc.stage + 1}" + (f", column **{column_label(exc.field)}**" if exc.field else "")
@@ -327,10 +332,14 @@ def images_section(config: dict[str, Any]) -> Path | None:
     """Your own images: a folder or an uploaded .zip; returns the folder after showing its data report. Open
     when a stage reads an image folder or one is chosen."""
     wanted = any(s.get("dataset") == "imagefolder" for s in config.get("stages", []))
-    chosen = bool(st.session_state.get("images_folder") or st.session_state.get("images_zip"))
-    with st.expander("Your own images: a folder, or a .zip of class folders", expanded=wanted or chosen,
+    with st.expander("Your own images: a folder, or a .zip of class folders", expanded=wanted or images_chosen(),
                      icon=":material/photo_library:"):
         return _images_body()
+
+
+def images_chosen() -> bool:
+    """Whether a folder is typed or a zip dropped in the image section."""
+    return bool(st.session_state.get("images_folder") or st.session_state.get("images_zip"))
 
 
 def _images_body() -> Path | None:
@@ -559,7 +568,7 @@ def body() -> None:
     config, error = pipeline_editor()
     images = images_section(config)
     config = with_roots(config, images)
-    ready = show_problems(config, error, images)
+    ready = show_problems(config, error, images, images_refused=images is None and images_chosen())
     if ready:
         st.success(f"The pipeline is valid: {len(config['stages'])} stage(s).", icon=":material/check:")
     with st.expander("The pipeline as YAML"):
