@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from core.errors import UserError
-from core.run_store import RunStore
+from core.run_store import ACTIVE_STATES, RunStore
 
 MISSING = None  # the value a key has in a run whose config lacks it
 
@@ -44,13 +44,15 @@ class RunRows:
     config: dict[str, Any]
     stages: dict[int, dict[str, Any]]
     epochs: pd.DataFrame
+    state: str = "finished"
     _class_results: dict[int, dict[str, Any] | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, store: RunStore, run: str) -> RunRows:
         """Read ``run`` (``RunNotFound`` when the store has no such run)."""
-        config = store.get_run(run)["config"] or {}
-        return cls(store, run, config, {s["idx"]: s for s in store.stages(run)}, store.metrics_frame(run, "epoch"))
+        row = store.get_run(run)
+        return cls(store, run, row["config"] or {}, {s["idx"]: s for s in store.stages(run)},
+                   store.metrics_frame(run, "epoch"), row["state"])
 
     @cached_property
     def class_stages(self) -> list[int]:
@@ -306,12 +308,22 @@ def _compare_classes(rows_a: RunRows, rows_b: RunRows, stage: int | None) -> Cla
     return comparison
 
 
+ENDED_EARLY = {"failed": "it failed", "stopped": "it was stopped", "interrupted": "it was interrupted"}
+
+
+def _why_none(state: str) -> str:
+    """Why a run has no per-class results, after 'has no per-class results'."""
+    if state in ENDED_EARLY:
+        return f": {ENDED_EARLY[state]} before its first epoch ended"
+    return " yet: they are stored at the end of every epoch" if state in ACTIVE_STATES else ""
+
+
 def _pick_stage(rows: RunRows, stage: int | None) -> tuple[int, str | None]:
     """(0-based stage index, None) or (-1, the sentence saying why the run has nothing to compare there)."""
     with_results = rows.class_stages
     if stage is None:
         if not with_results:
-            return -1, f"Run {rows.name} has no per-class results yet: they are stored at the end of every epoch."
+            return -1, f"Run {rows.name} has no per-class results{_why_none(rows.state)}."
         return with_results[-1], None
     if stage - 1 not in with_results:
         return -1, f"Run {rows.name} has no per-class results for stage {stage}."

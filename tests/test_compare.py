@@ -1,6 +1,8 @@
 """core/compare.py: configs side by side, per-stage results, per-class changes of one run against another."""
 from __future__ import annotations
 
+import os
+
 from collections import Counter
 
 import pytest
@@ -82,6 +84,17 @@ def test_a_chosen_stage_is_used_in_both_runs(store):
         "Run scratch has no per-class results for stage 2."
     c = compare_classes(store, "scratch", "staged", stage=1)  # caltech against tinyimagenet
     assert "share no class names" in c.message
+
+
+@pytest.mark.parametrize("state, why", [
+    ("failed", ": it failed before its first epoch ended."),
+    ("stopped", ": it was stopped before its first epoch ended."),
+    ("running", " yet: they are stored at the end of every epoch."),
+])
+def test_a_run_without_per_class_results_says_why_by_its_state(store, state, why):
+    store.create_run("empty", {"name": "empty", "stages": [cf.stage_config("caltech", "caltech101")]})
+    store.set_state("empty", state, pid=os.getpid() if state == "running" else None)
+    assert compare_classes(store, "scratch", "empty").message == f"Run empty has no per-class results{why}"
 
 
 def test_classes_are_matched_by_name_whatever_their_order():
