@@ -48,6 +48,7 @@ class CheckpointInfo:
     run_name: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     ood: dict[str, Any] | None = None  # out-of-distribution thresholds (core.ood), absent in older checkpoints
+    batches_done: int = 0  # > 0: saved in the middle of ``epoch`` (a stopped run's last.pt), after that many batches
 
     @property
     def num_classes(self) -> int:
@@ -240,8 +241,13 @@ def checkpoint_info(path: str | os.PathLike[str], data: dict[str, Any] | None = 
         path=Path(path), arch=data["arch"], class_names=list(data["class_names"]),
         preprocessing=Preprocessing.from_dict(data["preprocessing"]), epoch=data.get("epoch"),
         stage_name=data.get("stage_name"), run_name=data.get("run_name"), metrics=dict(data.get("metrics") or {}),
-        ood=data.get("ood") or None,
+        ood=data.get("ood") or None, batches_done=_count(data.get("batches_done")),
     )
+
+
+def _count(value: Any) -> int:
+    """A stored count, or 0 when it is missing or not a positive whole number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def class_change(before: list[str], now: list[str]) -> str | None:

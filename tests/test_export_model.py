@@ -114,6 +114,17 @@ def test_missing_package_and_bad_folder_are_one_sentence(checkpoint, tmp_path, c
     assert "Cannot create the output folder" in capsys.readouterr().err
 
 
+def test_a_mid_epoch_last_pt_is_exported_with_a_note(checkpoint, tmp_path, capsys):
+    from core.checkpoints import load_checkpoint, save_checkpoint
+
+    assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "best")]) == 0
+    assert "Note:" not in capsys.readouterr().out
+    stopped = save_checkpoint(tmp_path / "last.pt", {**load_checkpoint(checkpoint), "epoch": 3, "batches_done": 17})
+    assert main(["export-model", str(stopped), "--format", "torchscript", "--out", str(tmp_path / "last")]) == 0
+    assert "Note: last.pt was saved in the middle of epoch 3 (after 17 batches)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "last" / "model.json").read_text())["source"]["batches_done_in_epoch"] == 17
+
+
 def test_export_zip_holds_the_folder(checkpoint):
     from train.export_model import export_zip
 

@@ -59,7 +59,7 @@ def model_description(info: Any, fmt: str) -> dict[str, Any]:
                   "layout": "NCHW"},
         "output": {"name": "logits", "shape": ["batch", info.num_classes], "softmax": "not applied"},
         "source": {"checkpoint": str(info.path), "run": info.run_name, "stage": info.stage_name,
-                   "epoch": info.epoch, "metrics": info.metrics},
+                   "epoch": info.epoch, "batches_done_in_epoch": info.batches_done, "metrics": info.metrics},
         "ood": info.ood,
     }
 
@@ -120,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     target = export_model(args.checkpoint, args.format, args.out)
     print(f"wrote {target}, model.json and predict.py to {target.parent} "
           f"(try: python {target.parent / 'predict.py'} IMAGE)")
+    source = json.loads((target.parent / "model.json").read_text())["source"]
+    if source["batches_done_in_epoch"]:
+        print(f"Note: {Path(args.checkpoint).name} was saved in the middle of epoch {source['epoch']} (after "
+              f"{source['batches_done_in_epoch']} batches), when its run was stopped; its weights are partly "
+              "trained. The stage's best.pt holds its best validated model.")
     return 0
 
 
