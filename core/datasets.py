@@ -461,10 +461,14 @@ def skipped_folder(name: str) -> bool:
 def _images_under(folder: Path) -> list[Path]:
     """Image files in ``folder`` and its sub-folders (hidden files and folders skipped), sorted."""
     found: list[Path] = []
-    for here, dirs, names in os.walk(folder):
+    for here, dirs, names in os.walk(folder, onerror=_raise):
         dirs[:] = [d for d in dirs if not skipped_folder(d)]
         found += [Path(here) / n for n in names if is_image_name(n)]
     return sorted(found)
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
 
 
 def _class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
@@ -482,6 +486,9 @@ def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
                            "apply; remove it (split options are for a folder of class folders).")
     train, empty = _class_folders(root / "train")
     classes = sorted(train)
+    if not classes:
+        raise DatasetError(f"{root / 'train'} holds no class folders with images: expected "
+                           "train/<class>/<image> and val/<class>/<image>.")
     found, _ = _class_folders(root / split) if split == "val" else (train, empty)
     strays = sorted(set(found) - set(classes))
     if strays:
@@ -506,22 +513,39 @@ def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
 
 
 def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:
-    train, val = root / "train", root / "val"
-    if train.is_dir() and val.is_dir():
-        listing = _split_layout(root, split, options)
-    elif (train.is_dir() or val.is_dir()) and _class_folders(train if train.is_dir() else val)[0]:
-        there, absent = ("train", "val") if train.is_dir() else ("val", "train")
-        raise DatasetError(f"{root} has a {there}/ folder of classes but no {absent}/ folder; give both, or "
-                           "put the class folders directly in the root.")
-    else:
-        listing = _flat_layout(root, split, options)
+    try:
+        os.listdir(root)  # an unreadable root is named as such, not as its train/ folder
+        listing = _imagefolder_layout(root, split, options)
+    except PermissionError as exc:
+        raise DatasetError(f"Cannot read {exc.filename or root}: permission denied. Every folder of an image "
+                           "folder must be readable, or its images would be left out silently.") from None
     if len(listing.classes) < 2:
         found = f"only {listing.classes[0]!r}" if listing.classes else "none"
         loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
         outside = f"; {loose} images lie directly in it, outside any class folder" if loose else ""
         raise DatasetError(f"{root} needs at least two class folders with images ({found} found{outside}): "
                            f"expected {IMAGEFOLDER_LAYOUT}.")
+    if split == "val" and not any(listing.files.values()):
+        why = ("its val/ folder holds no images of the classes in train/" if (root / "train").is_dir()
+               else "every class has a single image, so none is held out")
+        raise DatasetError(f"{root} has no validation images: {why}. Validation needs at least one image; give "
+                           "classes two images or more.")
     return listing
+
+
+def _imagefolder_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
+    train, val = root / "train", root / "val"
+    if train.is_dir() and val.is_dir():
+        return _split_layout(root, split, options)
+    if (train.is_dir() or val.is_dir()) and _class_folders(train if train.is_dir() else val)[0]:
+        there, absent = ("train", "val") if train.is_dir() else ("val", "train")
+        raise DatasetError(f"{root} has a {there}/ folder of classes but no {absent}/ folder; give both, or "
+                           "put the class folders directly in the root.")
+    named = {p.name.lower(): p.name for p in root.iterdir() if p.is_dir()}
+    if {"train", "val"} <= set(named):
+        raise DatasetError(f"{root} has {named['train']}/ and {named['val']}/ folders: name them train/ and val/ "
+                           "(lower case) to use them as the split, or they are taken for two classes.")
+    return _flat_layout(root, split, options)
 
 
 # ---------------------------------------------------------------- CIFAR-100

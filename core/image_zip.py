@@ -11,6 +11,7 @@ a hidden temporary folder that is renamed into place only once the result is a v
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -45,8 +46,8 @@ class ZipLimits:
     max_members: int = 50_000
     max_total_bytes: int = 4 << 30
     max_file_bytes: int = MAX_FILE_BYTES
-    max_ratio: float = 100.0  # uncompressed / compressed size of one member ...
-    ratio_floor_bytes: int = 1 << 20  # ... checked for members larger than this (tiny files compress well)
+    max_ratio: float = 100.0  # uncompressed / compressed size of one member, and of all the images together ...
+    ratio_floor_bytes: int = 1 << 20  # ... checked above this size (tiny files compress well)
 
 
 @dataclass(frozen=True)
@@ -137,12 +138,16 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
         members.append((info, relative))
     if not members:
         raise ArchiveError(f"{name} holds no image files (JPEG, PNG, WebP, BMP, GIF or TIFF in class folders).")
+    packed = sum(info.compress_size for info, _ in members)
+    if total > limits.ratio_floor_bytes and total > limits.max_ratio * max(packed, 1):
+        raise ArchiveError(f"{name} holds images that expand {total / max(packed, 1):.0f} times as a whole (more than "
+                           f"{limits.max_ratio:.0f}); it looks like a zip bomb and is refused.")
     return members, skipped
 
 
 def _member_path(info: zipfile.ZipInfo, name: str) -> str:
     """The member's path inside the target folder, or an ``ArchiveError`` when it could lead outside it."""
-    raw = info.filename
+    raw = _utf8_name(info)
     text = raw.replace("\\", "/")
     if "\0" in text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
         raise ArchiveError(f"{name} holds {raw!r}, an absolute path; archives that write outside their folder "
@@ -156,6 +161,17 @@ def _member_path(info: zipfile.ZipInfo, name: str) -> str:
     if info.flag_bits & 0x1:
         raise ArchiveError(f"{name} holds {raw!r}, which is encrypted; ResLens cannot read encrypted archives.")
     return "/".join(parts)
+
+
+def _utf8_name(info: zipfile.ZipInfo) -> str:
+    """The member's name: zipfile reads names without the UTF-8 flag as cp437, but many zip tools write UTF-8
+    without setting it; such a name is read as UTF-8 when its bytes are valid UTF-8."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
 
 
 def _hidden(relative: str) -> bool:
@@ -179,15 +195,33 @@ def _extract(archive: zipfile.ZipFile, members: list[Member], work: Path, name: 
     total, unreadable = 0, []
     for info, relative in members:
         target = paths.resolve_inside(work, relative)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        total += _copy_member(archive, info, target, name, min(info.file_size, limits.max_file_bytes),
-                              limits.max_total_bytes - total)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            total += _copy_member(archive, info, target, name, min(info.file_size, limits.max_file_bytes),
+                                  limits.max_total_bytes - total)
+        except OSError as exc:
+            raise ArchiveError(_write_problem(exc, info, target, work, name)) from None
         try:
             read_header(target)
         except ImageError:
             target.unlink()
             unreadable.append(f"{info.filename} (not a readable image)")
     return unreadable
+
+
+def _write_problem(exc: OSError, info: zipfile.ZipInfo, target: Path, work: Path, name: str) -> str:
+    """The sentence for an archive member that could not be written."""
+    if exc.errno == errno.ENOSPC:
+        free = shutil.disk_usage(work).free
+        return f"{name} does not fit on the disk: {iec_bytes(free)} free in {work.parent} when it was full."
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"{name} holds a name too long for this disk's file system: {info.filename[:80]}..."
+    clash = next((p for p in target.parents if p.is_file()), target if target.is_dir() else None)
+    if clash is not None:
+        return f"{name} holds {clash.relative_to(work).as_posix()} both as a file and as a folder."
+    if isinstance(exc, FileExistsError):  # two names one file on a case-insensitive disk
+        return f"{name} lists {info.filename} more than once."
+    return f"{name} could not be unpacked at {info.filename} ({exc.strerror or exc})."
 
 
 def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str, allowed: int,
@@ -202,8 +236,6 @@ def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, 
                     raise ArchiveError(f"{name} holds {info.filename}, which unpacks to more bytes than it "
                                        "declares or than the size limit; it is refused.")
                 dst.write(chunk)
-    except FileExistsError:
-        raise ArchiveError(f"{name} lists {info.filename} more than once.") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
         raise ArchiveError(f"{name} is damaged or uses an unsupported compression ({info.filename}: {exc}).") \
             from None

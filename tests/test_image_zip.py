@@ -111,6 +111,16 @@ MALICIOUS = {
     "not class folders": (lambda img: _zip([("a.png", img), ("b.png", img)]), ZipLimits(),
                           "needs at least two class folders with images"),
     "not a zip": (lambda img: img, ZipLimits(), "is not a readable .zip archive"),
+    "bomb of small files": (lambda img: _zip([("cat/a.png", img)] + [(f"dog/{i}.bmp", b"\0" * (900 << 10))
+                                                                      for i in range(3)]),
+                            ZipLimits(), r"holds images that expand \d+ times as a whole \(more than 100\); it looks "
+                                         "like a zip bomb"),
+    "a file and a folder": (lambda img: _zip([("cat.png", img), ("cat.png/x.png", img), ("dog/b.png", img)]),
+                            ZipLimits(), "holds cat.png both as a file and as a folder"),
+    "a folder and a file": (lambda img: _zip([("cat/a.png/b.png", img), ("cat/a.png", img), ("dog/c.png", img)]),
+                            ZipLimits(), "holds cat/a.png both as a file and as a folder"),
+    "name too long": (lambda img: _zip([("L" * 300 + "/a.png", img), ("dog/b.png", img)]),
+                      ZipLimits(), "holds a name too long for this disk's file system: LLLL"),
     "train/ without val/": (lambda img: _zip([("train/cat/a.png", img), ("train/dog/b.png", img)]), ZipLimits(),
                             "has a train/ folder of classes but no val/ folder"),  # as a typed folder is refused
 }
@@ -126,6 +136,32 @@ def test_a_malicious_or_unusable_zip_is_refused_in_one_sentence_and_leaves_nothi
     assert isinstance(info.value, UserError) and text.startswith("evil.zip ") and "\n" not in text
     assert nothing_left(), list(paths.uploads_dir().rglob("*"))
     assert not (tmp_path.parent / "escape.png").exists() and not Path("/tmp/abs.png").exists()
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import core.image_zip
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(core.image_zip, "_copy_member", full)
+    with pytest.raises(ArchiveError, match=r"^pets.zip does not fit on the disk: .* free in "):
+        unpack_image_zip(pets_zip(tmp_path), "pets.zip")
+    assert nothing_left()
+
+
+def test_utf8_names_without_the_utf8_flag_keep_their_class_names(tmp_path):
+    img = image_bytes(tmp_path)
+    names = {"XXX/a.png": "猫/a.png", "dXXg/b.png": "dög/b.png"}  # placeholders as long as the UTF-8 bytes
+    assert all(len(k.encode()) == len(v.encode()) for k, v in names.items())
+    data = _zip([(k, img) for k in names])
+    for placeholder, real in names.items():  # zipfile would set the flag itself: write the bytes in by hand
+        data = data.replace(placeholder.encode(), real.encode())
+    assert not any(i.flag_bits & 0x800 for i in zipfile.ZipFile(io.BytesIO(data)).infolist())
+    found = unpack_image_zip(data, "names.zip")
+    assert sorted(class_counts("imagefolder", found.folder, "train")) == ["dög", "猫"]
 
 
 def test_bytes_are_counted_while_extracting_even_past_the_declared_checks(tmp_path, monkeypatch):

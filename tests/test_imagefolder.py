@@ -62,6 +62,10 @@ def test_train_and_val_folders_are_the_split(tmp_path):
     ("one class", DatasetError, r"\(only 'cat' found\)"),
     ("loose images", DatasetError, "5 images lie directly in it, outside any class folder"),
     ("train only", DatasetError, "has a train/ folder of classes but no val/ folder"),
+    ("empty val", DatasetError, "has no validation images: its val/ folder holds no images of the classes in train/"),
+    ("one image each", DatasetError, "has no validation images: every class has a single image, so none is held out"),
+    ("capitals", DatasetError, "has Train/ and Val/ folders: name them train/ and val/ \\(lower case\\)"),
+    ("empty train", DatasetError, r"set/train holds no class folders with images"),
 ])
 def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_path, case, error, message):
     root = {"none": None, "absent": tmp_path / "absent"}.get(case, tmp_path / "set")
@@ -75,7 +79,36 @@ def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_p
     elif case == "train only":
         make_imagefolder(tmp_path / "set", "split")
         shutil.rmtree(tmp_path / "set" / "val")
+    elif case == "empty val":
+        make_imagefolder(tmp_path / "set", "split")
+        shutil.rmtree(tmp_path / "set" / "val")
+        (tmp_path / "set" / "val" / "cat").mkdir(parents=True)
+    elif case == "one image each":
+        make_imagefolder(tmp_path / "set", sizes={"cat": 1, "dog": 1, "emu": 1})
+    elif case == "capitals":
+        make_imagefolder(tmp_path / "set", "split")
+        for name in ("train", "val"):
+            (tmp_path / "set" / name).rename(tmp_path / "set" / name.capitalize())
+    elif case == "empty train":
+        make_imagefolder(tmp_path / "set", sizes={"cat": 3, "dog": 3})
+        (tmp_path / "set" / "train").mkdir()
+        (tmp_path / "set" / "val").mkdir()
     with pytest.raises(error, match=message):
+        class_counts("imagefolder", root, "val" if case in ("empty val", "one image each") else "train")
+
+
+def test_a_folder_that_cannot_be_read_is_named_not_left_out(tmp_path, monkeypatch):
+    root = make_imagefolder(tmp_path / "set", sizes={"cat": 3, "dog": 3})
+    walk = datasets.os.walk
+
+    def unreadable_dog(folder, onerror=None, **kw):  # as os.walk reports a folder chmod 000 (tests run as root)
+        if Path(folder).name == "dog":
+            onerror(PermissionError(13, "Permission denied", str(folder)))
+            return iter(())
+        return walk(folder, onerror=onerror, **kw)
+
+    monkeypatch.setattr(datasets.os, "walk", unreadable_dog)
+    with pytest.raises(DatasetError, match=r"Cannot read .*set/dog: permission denied"):
         class_counts("imagefolder", root)
 
 
