@@ -7,12 +7,15 @@ looks like a zip bomb: too many members, a member or a total over ``ZipLimits`` 
 are checked first, and the bytes really written are counted while extracting), or a member that expands more
 than ``max_ratio`` times. Only image files (``core.images.is_image_name`` whose header Pillow reads) are kept;
 the others are skipped and listed by name. A refused archive leaves nothing behind: members are extracted into
-a hidden temporary folder that is renamed into place only once the result is a valid image folder.
+a hidden temporary folder that is renamed into place only once the result is a valid image folder. The same
+archive dropped again (the same SHA-256) gets the folder it was unpacked into before, while that folder exists.
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -73,6 +76,10 @@ def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str
     """Check, extract and validate an archive of class folders (see the module docstring); ``name`` is the
     uploaded file's name, used in messages and for the folder."""
     parent = Path(parent) if parent is not None else paths.uploads_dir()
+    digest = _sha256(source)
+    earlier = _unpacked_before(parent, digest)
+    if earlier is not None:
+        return earlier
     made_parent = not parent.exists()
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".unpacking-", dir=parent))
@@ -82,13 +89,47 @@ def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str
             unreadable = _extract(archive, members, work, name, limits)
         inner = _dataset_folder(work)
         _check_image_folder(inner, work, name)
+        (work / MARKER).write_text(json.dumps({"sha256": digest, "folder": inner.relative_to(work).as_posix(),
+                                               "images": len(members) - len(unreadable),
+                                               "skipped": skipped + unreadable}))
         target = _claim(work, parent, upload_name(name))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         if made_parent:
             _remove_if_empty(parent)
         raise
-    return Unpacked(target / inner.relative_to(work), target, len(members) - len(unreadable), skipped + unreadable)
+    return _unpacked(target)
+
+
+MARKER = ".reslens-upload.json"  # in each unpacked folder: the archive's SHA-256 and what was kept (hidden)
+
+
+def _unpacked(target: Path) -> Unpacked:
+    about = json.loads((target / MARKER).read_text())
+    return Unpacked(target / about["folder"], target, about["images"], about["skipped"])
+
+
+def _unpacked_before(parent: Path, digest: str) -> Unpacked | None:
+    """The folder the same archive was unpacked into before, when it is still there (a zip dropped again)."""
+    for marker in sorted(parent.glob(f"*/{MARKER}")):
+        try:
+            found = _unpacked(marker.parent)
+            if json.loads(marker.read_text())["sha256"] == digest and found.folder.is_dir():
+                return found
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a marker someone edited: that folder is not reused
+    return None
+
+
+def _sha256(source: ZipSource) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return hashlib.sha256(source).hexdigest()
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    digest = hashlib.file_digest(source, "sha256").hexdigest()
+    source.seek(0)
+    return digest
 
 
 def describe_skipped(skipped: list[str], shown: int = 8) -> str:

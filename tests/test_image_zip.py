@@ -47,9 +47,16 @@ def test_a_zip_of_class_folders_is_unpacked_under_the_data_root(tmp_path):
     assert {"pets/cat/notes.txt (not an image)", "pets/cat/.DS_Store (hidden)", "pets/cat/.hidden_cat.jpg (hidden)",
             "__MACOSX/pets/cat/._cat_0.jpg (hidden)", "pets/cat/fake.jpg (not a readable image)"} <= skipped
     kept = sorted(p.relative_to(found.target).as_posix() for p in found.target.rglob("*") if p.is_file())
+    kept.remove(".reslens-upload.json")  # the archive's checksum, so the same zip dropped again is reused
     assert all(not Path(k).name.startswith(".") and k.split(".")[-1].lower() != "txt" for k in kept)
-    again = unpack_image_zip(pets_zip(tmp_path / "2"), "My Pets (1).zip")
-    assert again.target == paths.uploads_dir() / "My-Pets-1-2"  # a second upload never mixes with the first
+    data = pets_zip(tmp_path / "2")
+    assert unpack_image_zip(data, "pets again.zip") == found  # the same archive again: its folder is reused
+    other = io.BytesIO(data)
+    with zipfile.ZipFile(other, "a") as zf:
+        zf.writestr("dog/extra.png", image_bytes(tmp_path))
+    again = unpack_image_zip(other, "My Pets (1).zip")
+    assert again.target == paths.uploads_dir() / "My-Pets-1-2"  # another archive never mixes with the first
+    assert again.images == found.images + 1
 
 
 def test_upload_names_are_safe_folder_names():
