@@ -211,3 +211,16 @@ def test_a_stage_trains_on_an_image_folder(tmp_path, layout):
     val = class_counts("imagefolder", root, "val")
     assert result["val_counts"] == [val[c] for c in CLASSES] and result["classes"] == CLASSES
     assert all(root in Path(w["source"]).parents for w in store.misclassified("mine", 0))
+
+
+def test_a_checkpoint_split_by_options_is_evaluated_on_a_train_val_folder(tmp_path):
+    """The split options a flat folder was trained with do not apply to a root with its own train/ and val/."""
+    from tests.test_engine import run_tiny
+    from train.engine import evaluate_checkpoint
+
+    config = tiny_stage(make_imagefolder(tmp_path / "flat"))
+    config["stages"][0]["options"] = {"val_fraction": 0.5, "seed": 3}
+    assert run_tiny(config, name="opts") == "finished"
+    split = make_imagefolder(tmp_path / "split", "split")
+    result = evaluate_checkpoint(RunStore().stages("opts")[0]["best_path"], root=str(split), device="cpu")
+    assert result.result["val_counts"] == [IMAGEFOLDER_VAL_SIZES[c] for c in CLASSES]

@@ -892,7 +892,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     its classes must match the checkpoint's, or a ``CheckpointError`` says so.
     """
     from core.checkpoints import check_compatible, checkpoint_info
-    from core.datasets import class_counts, open_dataset
+    from core.datasets import SPLIT_OPTIONS, class_counts, open_dataset
 
     raw = load_checkpoint(path)
     info = checkpoint_info(path, raw)
@@ -902,6 +902,8 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
         raise UserError(f"Checkpoint {path} does not say which data set it was trained on; pass --dataset.")
     same = name == trained.get("dataset")
     options = dict(trained.get("options") or {}) if same else {}
+    if root and all((Path(root) / split_name).is_dir() for split_name in ("train", "val")):
+        options = {k: v for k, v in options.items() if k not in SPLIT_OPTIONS}  # its folders are the split
     root = root or (trained.get("root") if same else None)
     pre = info.preprocessing
     if image_size is not None:
