@@ -64,6 +64,18 @@ def test_a_damaged_cache_is_rebuilt_with_one_line(tmp_path, damage, capsys):
     assert [len(again)] == [18] and again[0][0].shape == (3, 32, 32)
 
 
+def test_an_image_replaced_in_place_gets_a_new_cache(tmp_path):
+    from PIL import Image
+
+    root = make_caltech101(tmp_path, TINY_SIZES)
+    first, labeled = open_cached_split("caltech101", str(root), "train", {}, 37, augmentation("none", 32))
+    before, path = np.array(first.pixels()), first.path
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(labeled.files[0], "JPEG")  # same name, other pixels
+    again = _open(root)
+    assert again.path != path and not np.array_equal(np.array(again.pixels())[0], before[0])
+    assert np.array(again.pixels())[0].min() > 240  # the white image, decoded anew
+
+
 def test_deleting_the_cache_mid_run_does_not_fail_it(tmp_path, monkeypatch):
     real_after = Trainer._after_step
 

@@ -8,9 +8,9 @@ uint8). Later epochs and later runs memory-map that file. ``CachedImages`` then 
 uint8 tensors per sample (``data_path: workers``; ``train/device_batches.py`` does the same batch-wise on the
 device); normalisation happens on the device, batch-wise (``Normalizer``).
 
-The cache key covers the data set name, root, split, options, size and the list of image sources;
-editing an image file in place without renaming it is not detected (delete the cache folder then: runs
-that are training keep their memory maps and finish). A side file ``<key>.json`` records the shape, size
+The cache key covers the data set name, root, split, options, size and the list of image sources with each
+file's size and modification time, so an image replaced or edited in place gets a new cache (runs that are
+training keep their memory maps and finish). A side file ``<key>.json`` records the shape, size
 and a fingerprint of the pixels; a cache file that is truncated, damaged, swapped or overwritten is rebuilt
 with one line saying so. Before a build the space it needs is checked and reserved (``posix_fallocate``), so a
 full disk is one sentence (``CacheError``), never a SIGBUS; partial files of dead builders are swept.
@@ -56,11 +56,21 @@ def cache_dir() -> Path:
 
 
 def cache_key(description: dict[str, Any], sources: Sequence[str]) -> str:
-    """A stable name for one cached split (what was asked plus which images it holds)."""
+    """A stable name for one cached split: what was asked, plus which images it holds and, for image files, their
+    size and modification time (an image edited in place gets a new cache)."""
     digest = hashlib.sha256(json.dumps({**description, "version": CACHE_VERSION}, sort_keys=True).encode())
     for source in sources:
-        digest.update(source.encode() + b"\0")
+        digest.update(source.encode() + b"\0" + _file_stamp(source))
     return digest.hexdigest()[:24]
+
+
+def _file_stamp(source: str) -> bytes:
+    """Size and modification time of an image file; nothing for other sources (a synthetic image's index)."""
+    try:
+        stat = os.stat(source)
+    except (OSError, ValueError):
+        return b""
+    return f"{stat.st_size}:{stat.st_mtime_ns}\0".encode()
 
 
 class _Decoded(Dataset):
