@@ -8,6 +8,7 @@ input size, before any colour scaling) and the predictions (JSON and CSV).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
@@ -22,10 +23,18 @@ import numpy as np
 PREDICTION_COLUMNS = ("image", "rank", "class", "index", "probability", "explained_class", "ood")
 
 
+MAX_PART_BYTES = 60  # four parts, their separators and the suffix stay under file systems' 255-byte names
+
+
 def file_part(text: str) -> str:
-    """``text`` made safe inside a file name: '++' -> 'pp', anything but letters, digits, '.', '-' -> '-'."""
-    cleaned = re.sub(r"[^A-Za-z0-9.\-]+", "-", str(text).replace("++", "pp")).strip("-.")
-    return cleaned or "x"
+    """``text`` made safe inside a file name: '++' -> 'pp', anything but letters (any script), digits, '.' and '-'
+    -> '-'; a part longer than ``MAX_PART_BYTES`` is cut and ends in a short hash of the whole, so it stays unique."""
+    cleaned = re.sub(r"(?:[^\w.\-]|_)+", "-", str(text).replace("++", "pp")).strip("-.") or "x"
+    if len(cleaned.encode()) <= MAX_PART_BYTES:
+        return cleaned
+    digest = hashlib.sha256(cleaned.encode()).hexdigest()[:8]
+    cut = cleaned.encode()[:MAX_PART_BYTES - 9].decode(errors="ignore")
+    return f"{cut}-{digest}"
 
 
 def map_name(image: str, layer: str, method: str, class_name: str, ext: str = "png") -> str:
@@ -72,10 +81,16 @@ def predictions_csv(records: Iterable[dict[str, Any]]) -> str:
     for record in records:
         verdict = (record.get("ood") or {}).get("level", "")
         for rank, p in enumerate(record["predictions"], start=1):
-            writer.writerow({"image": record["image"], "rank": rank, "class": p["class"], "index": p["index"],
-                             "probability": p["probability"], "explained_class": record["explained_class"],
-                             "ood": verdict})
+            writer.writerow({"image": _cell(record["image"]), "rank": rank, "class": _cell(p["class"]),
+                             "index": p["index"], "probability": p["probability"],
+                             "explained_class": _cell(record["explained_class"]), "ood": verdict})
     return out.getvalue()
+
+
+def _cell(text: str) -> str:
+    """Text that a spreadsheet would run as a formula ('=cmd|...': class names can come from anyone's zip) is
+    written with a leading apostrophe, as OWASP advises for CSV exports."""
+    return f"'{text}" if str(text)[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 @dataclass(frozen=True)

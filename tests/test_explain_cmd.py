@@ -197,3 +197,26 @@ def test_a_predictions_file_not_ours_is_left_alone_and_nothing_is_written(checkp
     err = capsys.readouterr().err
     assert f"{out / 'predictions.json'} exists and is not a predictions file of `python -m train explain`" in err
     assert (out / "predictions.json").read_bytes() == foreign and [p.name for p in out.iterdir()] == ["predictions.json"]
+
+
+def test_long_and_non_latin_class_names_make_short_distinct_file_names():
+    from core.explain_files import map_name
+
+    long_a, long_b = "L" * 240 + "a", "L" * 240 + "b"
+    names = [map_name("dog", "layer4.2.conv3", "gradcampp", c) for c in (long_a, long_b, "猫", "Ünïcode name")]
+    assert all(len(n.encode()) <= 255 for n in names) and names[0] != names[1]
+    assert names[2] == "dog_layer4.2.conv3_gradcampp_猫.png" and names[3].endswith("_Ünïcode-name.png")
+
+
+def test_predictions_csv_does_not_hand_formulas_to_a_spreadsheet():
+    import csv
+    import io
+
+    import numpy as np
+
+    from core.explain_files import prediction_record, predictions_csv
+
+    record = prediction_record("=HYPERLINK(1)", np.array([0.7, 0.3]), ["=cmd|' /C calc'!A0", "-cat"], 0)
+    rows = list(csv.DictReader(io.StringIO(predictions_csv([record]))))
+    assert [r["class"] for r in rows] == ["'=cmd|' /C calc'!A0", "'-cat"]
+    assert rows[0]["image"] == "'=HYPERLINK(1)" and rows[0]["explained_class"] == "'=cmd|' /C calc'!A0"
