@@ -195,6 +195,11 @@ class ClassChange:
         return None if self.acc_a is None or self.acc_b is None else self.acc_b - self.acc_a
 
 
+def _exact(delta: float) -> float:
+    """A change without float noise: 3/5 - 2/5 and 2/5 - 1/5 are the same 20 points, ties are ties."""
+    return round(delta, 9)
+
+
 @dataclass
 class ClassComparison:
     """Per-class accuracy of run B against run A; ``message`` says why there are no classes when there are none,
@@ -211,18 +216,18 @@ class ClassComparison:
 
     def gains(self, k: int) -> list[ClassChange]:
         """The ``k`` classes B improved most (largest positive change first; ties by class name)."""
-        better = [c for c in self.classes if c.delta is not None and c.delta > 0]
-        return sorted(better, key=lambda c: (-c.delta, c.name))[:max(0, k)]
+        better = [c for c in self.classes if c.delta is not None and _exact(c.delta) > 0]
+        return sorted(better, key=lambda c: (-_exact(c.delta), c.name))[:max(0, k)]
 
     def losses(self, k: int) -> list[ClassChange]:
         """The ``k`` classes B got most worse at (largest drop first; ties by class name)."""
-        worse = [c for c in self.classes if c.delta is not None and c.delta < 0]
-        return sorted(worse, key=lambda c: (c.delta, c.name))[:max(0, k)]
+        worse = [c for c in self.classes if c.delta is not None and _exact(c.delta) < 0]
+        return sorted(worse, key=lambda c: (_exact(c.delta), c.name))[:max(0, k)]
 
     def summary(self) -> dict[str, Any]:
         """How many classes got better, worse or stayed, and the mean change (the change in balanced accuracy
         over the shared classes)."""
-        deltas = [c.delta for c in self.classes if c.delta is not None]
+        deltas = [_exact(c.delta) for c in self.classes if c.delta is not None]
         return {"classes": len(self.classes), "better": sum(d > 0 for d in deltas), "worse": sum(d < 0 for d in deltas),
                 "same": sum(d == 0 for d in deltas),
                 "mean_change": sum(deltas) / len(deltas) if deltas else None}

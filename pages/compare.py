@@ -67,13 +67,13 @@ def classes_view(comparison: Comparison) -> None:
         return
     summary = result.summary()
     st.caption(f"{other}: stage {result.stage_b} ({result.dataset_b}) against {baseline}: stage {result.stage_a} "
-               f"({result.dataset_a}). {summary['better']} classes better, {summary['worse']} worse, "
-               f"{summary['same']} the same. " + (result.message or ""))
+               f"({result.dataset_a}). {summary['classes']} class{'es' * (summary['classes'] != 1)}: "
+               f"{summary['better']} better, {summary['worse']} worse, {summary['same']} the same. " + (result.message or ""))
     frame = result.frame()
     left, right = st.columns([3, 2])
     left.plotly_chart(charts.class_scatter_figure(frame, baseline, other), width="stretch")
     with right:
-        top = st.slider("Classes listed", 1, max(1, min(30, len(frame))), min(10, len(frame)))
+        top = st.slider("Classes listed", 1, min(30, len(frame)), min(10, len(frame))) if len(frame) > 1 else 1
         changes_table("Biggest gains", result, [c.name for c in result.gains(top)], frame)
         changes_table("Biggest losses", result, [c.name for c in result.losses(top)], frame)
 
@@ -84,10 +84,10 @@ def changes_table(title: str, result: ClassComparison, names: list[str], frame: 
         st.caption("None.")
         return
     rows = frame.set_index("class").loc[names].reset_index()
-    shown = rows[["class", "train images", "accuracy A", "accuracy B", "change"]].rename(
-        columns={"accuracy A": result.run_a, "accuracy B": result.run_b})
+    shown = rows[["class", "train images", "accuracy A", "accuracy B", "change"]]  # headed by the run names below
     st.dataframe(shown.assign(change=shown["change"] * 100), hide_index=True, width="stretch", column_config={
-        result.run_a: PERCENT, result.run_b: PERCENT,
+        "accuracy A": st.column_config.NumberColumn(result.run_a, format="percent"),
+        "accuracy B": st.column_config.NumberColumn(result.run_b, format="percent"),
         "change": st.column_config.NumberColumn("change (points)", format="%+.1f"),
         "train images": st.column_config.NumberColumn(format="%d")})
 

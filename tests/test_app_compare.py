@@ -77,3 +77,18 @@ def test_a_chosen_stage_without_shared_classes_is_a_sentence_and_more_runs_pick_
     pick = next(s for s in at.selectbox if s.label.startswith("Run set against"))
     pick.set_value("staged").run()
     assert "stage 1 of scratch (caltech101) and stage 1 of staged (tinyimagenet) share no class names" in texts(at)
+
+
+def test_runs_named_like_table_columns_and_a_single_shared_class_are_compared():
+    store = RunStore()
+    cf.scratch_run(store, name="class")
+    cf.staged_run(store, name="change")
+    at = open_page(PAGE)
+    assert not at.exception and not at.error, [e.value for e in at.exception]
+    gains = at.dataframe[2].value
+    assert gains["class"].tolist() == ["dog", "cat", "bee"]
+    cf.write_run(store, "one", [cf.stage_config("caltech", "caltech101")],
+                 [[cf.result_with([cf.CLASSES[0], "q"], [5, 7], [8, 8])]])
+    at.multiselect[0].set_value(["class", "one"]).run()
+    assert not at.exception and not at.slider  # one class in common: listed without a slider
+    assert "1 class: 0 better, 1 worse, 0 the same." in texts(at)  # ant fell from 90% to 50%

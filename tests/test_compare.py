@@ -156,3 +156,11 @@ def test_a_comparison_reads_each_thing_from_the_store_once(store, monkeypatch, s
     methods = Counter(name for name, _, _ in calls)
     assert methods["get_run"] == 2 and methods["stages"] == 2 and methods["metrics_frame"] == 2
     assert methods["class_results"] == 2  # the one compared stage of each run, not every stage
+
+
+def test_equal_changes_are_ties_listed_by_name_whatever_the_float_noise():
+    a = cf.result_with(["a", "b", "c"], [3, 2, 1])
+    b = cf.result_with(["a", "b", "c"], [4, 3, 2])  # +10 points each: 0.4-0.3, 0.3-0.2, 0.2-0.1 differ in floats
+    c = class_comparison("a", a, "b", b)
+    assert [x.name for x in c.gains(3)] == ["a", "b", "c"]
+    assert c.summary()["better"] == 3
