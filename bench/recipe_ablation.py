@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from core.run_store import RunStore  # noqa: E402
-from study import SCALES, Outcome, summarize, train_or_reuse  # noqa: E402
+from study import SCALES, Outcome, check_before_training, positive_int, summarize, train_or_reuse  # noqa: E402
 
 CONFIG = "train/configs/caltech101-scratch.yaml"  # its one stage is the study's final Caltech-101 stage
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -128,7 +128,7 @@ def size_table(runs: dict[str, str], sizes: list[int], args: argparse.Namespace)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--epochs", type=int, help="epochs of the Caltech-101 stage (default: the scale's)")
+    parser.add_argument("--epochs", type=positive_int, help="epochs of the Caltech-101 stage (default: the scale's)")
     parser.add_argument("--data-root", type=Path, default=REPO / "data")
     parser.add_argument("--home", type=Path, default=REPO / "checkpoints" / "study")
     parser.add_argument("--init", help="pretrained checkpoint, or 'scratch' (default: the study's Tiny ImageNet "
@@ -138,6 +138,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     args.home, args.data_root = args.home.resolve(), args.data_root.resolve()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    try:
+        sizes = [positive_int(size) for size in args.test_sizes.split(",") if size.strip()]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"--test-sizes {args.test_sizes!r}: {exc}")
+    check_before_training(parser, args)
     if args.init != SCRATCH:
         args.init = Path(args.init or args.home / "runs" / f"study-{args.scale}-tiny" / "stage1-tinyimagenet"
                          / "best.pt").resolve()
@@ -151,7 +160,7 @@ def main() -> int:
              "best.pt balanced | best.pt balanced, flips | stage time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     runs: dict[str, str] = {}
-    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    for variant in variants:
         outcome = train_variant(variant, args, store)
         s = summarize(store, outcome)
         change = ", ".join(f"{k}: {v}" for k, v in VARIANTS[variant].items()) or "the shipped recipe"
@@ -163,7 +172,6 @@ def main() -> int:
         lines.append(f"| {variant} | {change} | {s['acc']:.1%} | {s['balanced']:.1%} | {acc:.1%} | {flip_acc:.1%} | "
                      f"{balanced:.1%} | {flip_balanced:.1%} | {s['final_stage_s']:.0f} s |")
         print("\n".join(lines), flush=True)
-    sizes = [int(size) for size in args.test_sizes.split(",") if size.strip()]
     if sizes:
         lines += size_table(runs, sizes, args)
     report = "\n".join(lines)

@@ -118,7 +118,7 @@ def train_or_reuse(key: str, run: str, run_args: list[str], args: argparse.Names
     done = subprocess.run(command, cwd=REPO, env=_env(args))
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        print(f"[{key}] failed (exit {done.returncode}); see {args.home}/runs/{run}/log.txt", flush=True)
+        print(f"[{key}] failed (exit {done.returncode}); its output is above", flush=True)
         return Outcome(key, run, skipped=f"failed (exit {done.returncode})", wall_s=wall)
     return Outcome(key, run, wall_s=wall)
 
@@ -204,6 +204,29 @@ def compare_report(results: list[tuple[Outcome, dict[str, Any] | None]], args: a
     return f"`python -m train compare {done['scratch']['run']} {done[best]['run']} --format md`:\n\n{found.stdout}"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def check_before_training(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before hours of training, a report that could not be written or a data root without Caltech-101
+    (every pipeline ends on it)."""
+    from core.datasets import class_counts
+    from core.errors import UserError
+
+    out = args.out
+    if out is not None and (out.is_dir() or not out.resolve().parent.is_dir()):
+        parser.error(f"--out {out}: " + ("that is a folder" if out.is_dir() else "its folder does not exist"))
+    try:
+        class_counts("caltech101", args.data_root)
+    except UserError as exc:
+        parser.error(str(exc))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
@@ -213,13 +236,14 @@ def main() -> int:
                         help="ResLens home for the study's runs (kept, so an interrupted study carries on)")
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"subset of {', '.join(PIPELINES)}")
     parser.add_argument("--device", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs")
+    parser.add_argument("--threads", type=positive_int, help="OMP_NUM_THREADS for the runs")
     parser.add_argument("--workers", type=int, help="DataLoader workers for every stage of a new run (default: the "
                         "configs'); the figures do not depend on it, per-sample seeds fix every draw")
     parser.add_argument("--fresh", action="store_true", help="train every pipeline again")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args()
     args.home, args.data_root = args.home.resolve(), args.data_root.resolve()
+    check_before_training(parser, args)
     args.home.mkdir(parents=True, exist_ok=True)
     os.environ["RESLENS_HOME"] = str(args.home)
     store = RunStore(args.home / "reslens.sqlite")

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,3 +41,19 @@ def test_scratch_runs_are_named_apart_from_pretrained_ones():
     bench = load_bench()
     assert bench.run_name("mix", argparse.Namespace(scale="gpu", init="scratch")) == "ablate-gpu-scratch-mix"
     assert bench.run_name("mix", argparse.Namespace(scale="cpu", init=Path("/x/best.pt"))) == "ablate-cpu-mix"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--variants", "base,typo"], "unknown variant 'typo'; choose from base, mix"),
+    (["--test-sizes", "64,abc"], "--test-sizes '64,abc': invalid literal"),
+    (["--epochs", "0"], "argument --epochs: must be at least 1, not 0"),
+    (["--out", "/no/such/folder/report.md"], "--out /no/such/folder/report.md: its folder does not exist"),
+    ([], "The Caltech-101 data set was not found at"),
+])
+def test_arguments_are_refused_before_anything_trains(tmp_path, extra, message):
+    """A typo must not surface after hours of training: every argument is checked first."""
+    done = subprocess.run([sys.executable, "bench/recipe_ablation.py", "--init", "scratch", "--home",
+                           str(tmp_path / "home"), "--data-root", str(tmp_path / "nodata"), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert not (tmp_path / "home").exists()  # nothing started
