@@ -135,3 +135,9 @@ def test_the_real_command_reports_an_unknown_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "train", "compare", "ghost", "phantom"], cwd=REPO,
                           env=os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout, done.stderr) == (2, "", "error: There is no run named 'ghost'.\n")
+
+
+def test_a_full_disk_is_one_sentence(runs, capsys):
+    assert main(["compare", "scratch", "staged", "-o", "/dev/full"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: the output could not be written: No space left on device.\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import importlib
 import importlib.util
 import os
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the user named cannot be read or written (-o, --plot, --csv, inputs)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:  # the output (-o or stdout)
+            _discard_stdout()
+            print(f"error: the output could not be written: {exc.strerror}.", file=sys.stderr)
+            return 2
         if exc.filename is None:
             raise
         print(f"error: {exc.filename}: {exc.strerror or exc}.", file=sys.stderr)
