@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # a file the user named cannot be read or written (-o, --plot, --csv, inputs)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT) and exc.filename is None:  # the output (-o or stdout)
-            _discard_stdout()
+            try:
+                sys.stdout.flush()
+            except OSError:  # stdout is the full disk: what is left would fail again at exit
+                _discard_stdout()
             print(f"error: the output could not be written: {exc.strerror}.", file=sys.stderr)
             return 2
         if exc.filename is None:
