@@ -168,6 +168,11 @@ def format_eta(seconds: float | None) -> str:
     return f"{s} s"
 
 
+def format_rate(value: float) -> str:
+    """A speed with its meaningful digits: '1234', '12', '2.4', '0.42'."""
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
 def progress_fraction(done: int | None, total: int | None) -> float:
     """done/total clamped to [0, 1]; 0 when unknown."""
     if not done or not total or total <= 0:

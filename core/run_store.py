@@ -49,8 +49,8 @@ QUEUED_WITHOUT_TRAINER_S = 60.0  # a queued run gets its trainer's pid within mi
 BUSY_TIMEOUT_MS = 30_000
 LOCK_RETRY_S = 0.5  # a patient writer's pause between waits for another process's lock
 # 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
-# 2: every column in the CREATE statements
-SCHEMA_VERSION = 3
+# 2: every column in the CREATE statements; 3: runs.pid_started; 4: runs.stage_steps
+SCHEMA_VERSION = 4
 
 STEP_METRICS = ("train_loss", "lr")
 EPOCH_METRICS = (
@@ -58,10 +58,11 @@ EPOCH_METRICS = (
 )
 METRIC_COLUMNS = tuple(dict.fromkeys(STEP_METRICS + EPOCH_METRICS))
 PROGRESS_FIELDS = ("stage", "epoch", "step", "done_steps", "total_steps", "eta_s", "stage_eta_s", "images_per_s",
-                   "device", "gpu", "phase")
+                   "device", "gpu", "phase", "stage_steps")
 # columns that older stores may lack (before schema 2 ResLens added them on every open, unversioned; schema 3 added
-# pid_started)
-_OLDER_LAYOUT_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT", "phase": "TEXT", "pid_started": "INTEGER"}}
+# pid_started, schema 4 stage_steps)
+_OLDER_LAYOUT_COLUMNS = {"runs": {"stage_eta_s": "REAL", "gpu": "TEXT", "phase": "TEXT", "pid_started": "INTEGER",
+                                  "stage_steps": "INTEGER"}}
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -86,7 +87,8 @@ CREATE TABLE IF NOT EXISTS runs (
     stage_eta_s REAL,
     gpu TEXT,
     phase TEXT,
-    pid_started INTEGER
+    pid_started INTEGER,
+    stage_steps INTEGER
 );
 CREATE TABLE IF NOT EXISTS stages (
     run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE,
@@ -360,7 +362,8 @@ class RunStore:
 
         Progress fields (``PROGRESS_FIELDS``): ``stage``, ``epoch``, ``step``, ``done_steps``, ``total_steps``,
         ``eta_s`` (pipeline), ``stage_eta_s`` (running stage), ``images_per_s``, ``device``, ``gpu`` (a list
-        of per-GPU dicts, stored as JSON), ``phase`` (``compiling`` during a torch.compile warm-up, else None).
+        of per-GPU dicts, stored as JSON), ``phase`` (``compiling`` during a torch.compile warm-up, else None),
+        ``stage_steps`` (the running stage's optimizer steps in all; ``step`` counts them).
         """
         unknown = set(progress) - set(PROGRESS_FIELDS)
         if unknown:

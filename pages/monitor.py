@@ -40,12 +40,14 @@ def eta_text(seconds: float | None) -> str:
 def progress(run: dict[str, Any], stages: list[dict[str, Any]]) -> None:
     """Progress bars with the trainer's ETAs (heartbeat): the running stage's and the whole pipeline's."""
     index = run.get("stage")
-    speed = f", {run['images_per_s']:.0f} images/s" if run.get("images_per_s") else ""
+    speed = f", {charts.format_rate(run['images_per_s'])} images/s" if run.get("images_per_s") else ""
     st.markdown(f"**{run['name']}** · {common.badge(run['state'])}{speed}")
     total = max(len(stage_names(run.get("config"))), len(stages))
     if index is not None and index < len(stages):
         stage = stages[index]
-        st.progress(charts.progress_fraction(stage["completed_epochs"], stage["epochs"]),
+        done = (run.get("step"), run.get("stage_steps")) if run.get("stage_steps") else \
+            (stage["completed_epochs"], stage["epochs"])  # a store written before stage_steps was reported
+        st.progress(charts.progress_fraction(*done),
                     text=f"Stage {index + 1} of {total} ({stage['name']}): epoch {run.get('epoch') or 1} "
                          f"of {stage['epochs']}; ETA {eta_text(run.get('stage_eta_s'))}")
     st.progress(charts.progress_fraction(run.get("done_steps"), run.get("total_steps")),
@@ -78,6 +80,10 @@ def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None
     if all(f.empty for f in frames.values()):
         st.info("No metrics yet: the first ones appear after the first steps of training.")
         return
+    waiting = [name for name, f in frames.items() if f.empty] if not per_step else []
+    if waiting:
+        st.caption(f"{', '.join(waiting)}: no epoch has finished yet; choose per step to see "
+                   f"{'its' if len(waiting) == 1 else 'their'} curves.")
     kind = "step" if per_step else "epoch"
     by_kind = {kind: frames}
     names = {r["name"]: stage_names(r.get("config")) for r in runs}
@@ -92,7 +98,10 @@ def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None
 
 def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool) -> None:
     store = common.store()
-    runs = [store.get_run(n) for n in names]
+    by_name = {r["name"]: r for r in store.list_runs()}
+    runs = [by_name[n] for n in names if n in by_name]
+    if len(runs) < len(names):
+        st.rerun(scope="app")  # a run was deleted meanwhile (another tab, the CLI): the choice is made again
     if was_live and not any(common.is_live(r) for r in runs):
         st.rerun(scope="app")  # nothing live any more: one full rerun turns the refresh off
     for run in runs:

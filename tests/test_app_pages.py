@@ -6,6 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import paths
+from core.run_store import RunStore
 from tests import app_fixtures as fx
 
 PAGES = ("app.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/compare.py", "pages/explain.py")
@@ -114,9 +115,13 @@ def test_monitor_shows_progress_eta_and_curves_of_a_live_run():
     at = open_page("pages/monitor.py")
     stage_bar, pipeline_bar = at.get("progress")
     assert stage_bar.proto.text.startswith("Stage 1 of 1 (pretrain): epoch 2 of 4; ETA ")
-    assert stage_bar.value == 25  # 1 of 4 epochs completed
+    assert stage_bar.value == 25  # 1 of 4 epochs completed: a store without stage_steps
     assert pipeline_bar.proto.text == "Pipeline: step 9 of 20; ETA 42 s" and pipeline_bar.value == 45
     assert len(at.get("plotly_chart")) == 4
+    RunStore().heartbeat("demo-live", step=9, stage_steps=20, images_per_s=2.44)
+    at.run()
+    assert at.get("progress")[0].value == 45  # step 9 of the stage's 20, not whole epochs
+    assert "2.4 images/s" in texts(at)
 
 
 def test_monitor_says_when_a_live_run_is_compiling():
@@ -140,6 +145,20 @@ def test_monitor_overlays_several_runs():
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     names = {t.get("name") for t in figure["data"] if t.get("name")}
     assert {"demo-done · train loss", "demo-live · train loss"} <= names
+
+
+def test_monitor_says_which_overlaid_run_has_no_epoch_yet_and_survives_a_deleted_run():
+    fx.finished_run()
+    fx.running_run()
+    RunStore().truncate_after("demo-live", 0, 0)  # its first epoch has not finished
+    RunStore().log_steps("demo-live", 0, 1, [{"step": 1, "train_loss": 2.0, "lr": 0.05}])
+    at = open_page("pages/monitor.py")
+    at.multiselect[0].set_value(["demo-done", "demo-live"]).run()
+    assert "demo-live: no epoch has finished yet; choose per step to see its curves." in texts(at)
+    RunStore().set_state("demo-live", "stopped")
+    RunStore().delete_run("demo-live")  # from another tab or the command line, while it is chosen here
+    at.run()
+    assert not at.exception and at.multiselect[0].value == ["demo-done"]
 
 
 def test_classes_draws_everything_from_the_store():

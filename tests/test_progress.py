@@ -39,6 +39,13 @@ def test_estimating_until_steady_and_a_slow_start_does_not_count(clock):
     assert p.eta_s == pytest.approx(100 - STEADY_STEPS - 1)
 
 
+def test_fields_carry_the_running_stages_own_step_count(clock):
+    p = Progress()
+    p.set_plan([StageWork(10, 1, pixels_per_step=1.0), StageWork(20, 2, pixels_per_step=4.0)], done_steps=0)
+    p.start_epoch(1, 1, 3)
+    assert (p.fields()["step"], p.fields()["stage_steps"], p.fields()["total_steps"]) == (3, 20, 30)
+
+
 def test_stage_eta_never_exceeds_the_pipeline_eta_which_counts_later_stages(clock):
     p = Progress()
     p.set_plan([StageWork(10, 1, pixels_per_step=1.0), StageWork(20, 2, pixels_per_step=4.0)], done_steps=0)

@@ -137,7 +137,8 @@ class Progress:
     def fields(self) -> dict[str, Any]:
         return {"stage": self.stage, "epoch": self.epoch, "step": self.step, "done_steps": self.done_steps,
                 "total_steps": self.total_steps, "images_per_s": self.images_per_s, "eta_s": self.eta_s,
-                "stage_eta_s": self.stage_eta_s, "phase": self.phase}
+                "stage_eta_s": self.stage_eta_s, "phase": self.phase,
+                "stage_steps": self.plan[self.stage].steps if self.stage < len(self.plan) else None}
 
 
 def gpu_usage(device: Any) -> list[dict[str, Any]] | None:
