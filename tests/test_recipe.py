@@ -22,6 +22,27 @@ def test_batch_mixer_gives_soft_labels_of_two_classes(mix):
     assert ((soft > 0).sum(1) <= 2).all() and not torch.equal(mixed, images)
 
 
+def test_mixing_under_a_batch_seed_ignores_the_process_generator():
+    """Under torchrun only rank 0 validates, so the ranks' generators drift apart, and a resume restores rank 0's on
+    every rank: the mix must come from (seed, epoch, step, rank) alone to resume bit-exactly."""
+    from train.reproducible import batch_seed, seeded
+
+    mixer = batch_mixer(StageConfig(name="s", dataset="shapes", mix="both"), 4)
+    images, labels = torch.rand(6, 3, 16, 16), torch.arange(6) % 4
+    results = []
+    for state in (1, 2):
+        torch.manual_seed(state)  # a different generator state each time
+        with seeded(batch_seed(0, 3, 17, 1)):
+            results.append(mixer(images, labels))
+        assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(state)))  # untouched
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    with seeded(batch_seed(0, 3, 17, 0)):
+        other_rank = mixer(images, labels)
+    with seeded(batch_seed(0, 3, 18, 1)):
+        next_step = mixer(images, labels)
+    assert not torch.equal(other_rank[1], results[0][1]) or not torch.equal(next_step[1], results[0][1])
+
+
 def test_no_mixer_when_off():
     assert batch_mixer(StageConfig(dataset="shapes"), 4) is None
 

@@ -39,7 +39,7 @@ from train.device_batches import DeviceBatches, use_device_path
 from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
 from train.progress import Progress, StageWork, gpu_usage
 from train.recipe import Mixer, batch_mixer, training_loss, weight_average
-from train.reproducible import SeededItems, resume_mismatch, rng_state, set_rng_state
+from train.reproducible import SeededItems, batch_seed, resume_mismatch, rng_state, seeded, set_rng_state
 from train.signals import StopFlag, start_workers, worker_init_fn
 from train.tensorboard_log import TensorBoardLog
 
@@ -512,7 +512,8 @@ class Trainer:
             labels = labels.to(self.ctx.device, non_blocking=True)
             targets = labels
             if st.mixer is not None:  # soft targets; "correct" then counts the larger of the two classes
-                images, targets = st.mixer(images, labels)
+                with seeded(batch_seed(self.config.seed, epoch, st.step, self.ctx.rank)):
+                    images, targets = st.mixer(images, labels)
                 labels = targets.argmax(1)
             with torch.autocast(self.ctx.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = model(images)

@@ -4,14 +4,17 @@ A training sample's augmentation is drawn from its own seed, derived from (pipel
 position in the epoch's order): ``SeededItems`` runs the dataset's transform under that seed, in
 the main process or in any DataLoader worker, so a resumed epoch augments its remaining samples
 exactly as the uninterrupted run would have, whatever the number of workers (the batched device path,
-train/device_batches.py, seeds each batch with its first sample's seed). Everything else that
+train/device_batches.py, seeds each batch with its first sample's seed); MixUp/CutMix draw under a seed of
+(pipeline seed, epoch, step, rank), ``batch_seed``, so they too are the same on every rank after a resume.
+Everything else that
 draws random numbers in the trainer's process (Python, NumPy, torch CPU and CUDA generators) is
 captured by ``rng_state`` into the checkpoint and put back by ``set_rng_state`` on resume.
 """
 from __future__ import annotations
 
 import random
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +54,20 @@ class SeededItems(Dataset):
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of one rank's training step (MixUp/CutMix draws): the same wherever the run was stopped and on
+    whichever rank validates, unlike the process's generators, which only rank 0's checkpoint saves."""
+    return sample_seed(seed, epoch, -(1 + step * 1024 + rank))  # negative positions: never a sample's seed
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from the CPU generator under ``seed``, leaving the caller's generator as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def rng_state() -> dict[str, Any]:
