@@ -54,7 +54,13 @@ def run(args: argparse.Namespace) -> int:
         state = train_run(config, name, ctx, store, show_progress=not args.quiet)
     finally:
         ddp.teardown(ctx)
-    return 0 if state == "finished" else 1
+    return exit_status(state, ctx)
+
+
+def exit_status(state: str, ctx: Any) -> int:
+    """0 for a finished run, else 1; under torchrun the other ranks of a stopped run exit 0, because torchrun ends
+    every rank at once when one fails, and rank 0 may still be recording the stop."""
+    return 0 if state == "finished" or (state == "stopped" and not ctx.is_main) else 1
 
 
 def _fail_queued_row(run_name: str | None, error: str) -> None:
@@ -108,7 +114,7 @@ def resume(args: argparse.Namespace) -> int:
                           show_progress=not args.quiet)
     finally:
         ddp.teardown(ctx)
-    return 0 if state == "finished" else 1
+    return exit_status(state, ctx)
 
 
 def _check_resumable(row: dict[str, Any]) -> None:

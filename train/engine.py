@@ -501,7 +501,7 @@ class Trainer:
         if val_loss is not None and not math.isfinite(val_loss):
             self._diverged(st, epoch, None, val_loss)
         self._end_epoch(st, epoch, metrics)
-        if self.stop.requested:
+        if self._stop_agreed():
             raise StopRequested()
 
     def _train_steps(self, st: "_StageState", model: nn.Module, epoch: int, batch_index: int) -> list[float]:
@@ -544,6 +544,13 @@ class Trainer:
             return loss, self.stop.requested
         loss_value, stop = ddp.all_sum(self.ctx, [float(loss), float(self.stop.requested)])
         return loss_value / self.ctx.world, stop > 0
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop: a signal may reach one rank only (the app stops rank 0's pid), and
+        one that lands after an epoch's last step must stop every rank there, or the others wait for it forever."""
+        if not self.ctx.enabled:
+            return self.stop.requested
+        return ddp.all_sum(self.ctx, [float(self.stop.requested)])[0] > 0
 
     @staticmethod
     def _diverged(st: "_StageState", epoch: int, step: int | None, value: float) -> None:
