@@ -101,6 +101,38 @@ def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt)
     assert ran.stdout.startswith(f"{image}: {fx.shapes_classes()[best]} {float(probabilities[best]):.1%}")
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.skipif(
+    not (HAS_ONNXRUNTIME and HAS_ONNX_EXPORT), reason="onnx, onnxscript and onnxruntime are not installed"))])
+def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpoint, tmp_path, fmt):
+    """Transparency over grey and the EXIF orientation, as core.images.load_image: the same top-5 as the model."""
+    from PIL import Image
+
+    from core.images import load_image
+
+    out = tmp_path / "export"
+    assert main(["export-model", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    clear = Image.new("RGBA", (60, 40), (0, 0, 0, 0))
+    clear.paste((200, 30, 30, 255), (15, 5, 45, 35))
+    clear.save(tmp_path / "alpha.png")
+    turned = Image.new("RGB", (64, 32), (10, 10, 220))
+    turned.paste((250, 250, 0), (0, 0, 20, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: to be turned 90 degrees when read
+    turned.save(tmp_path / "rot.jpg", exif=exif)
+    model, info = load_model(checkpoint)
+    transform = info.preprocessing.eval_transform()
+    names = ("alpha.png", "rot.jpg")
+    with torch.no_grad():
+        expected = model(torch.stack([transform(load_image(tmp_path / n)) for n in names])).softmax(1)
+    ran = subprocess.run([sys.executable, str(out / "predict.py"), *names], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert ran.returncode == 0 and "Warning" not in ran.stderr, ran.stderr
+    for name, line, probabilities in zip(names, ran.stdout.splitlines(), expected):
+        top = probabilities.topk(min(5, len(probabilities)))
+        shown = ", ".join(f"{fx.shapes_classes()[i]} {p:.1%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+        assert line == f"{name}: {shown}"
+
+
 def test_missing_package_and_bad_folder_are_one_sentence(checkpoint, tmp_path, capsys, monkeypatch):
     import train.export_model
 
@@ -112,6 +144,16 @@ def test_missing_package_and_bad_folder_are_one_sentence(checkpoint, tmp_path, c
     blocker.write_text("x")
     assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(blocker / "sub")]) == 2
     assert "Cannot create the output folder" in capsys.readouterr().err
+    assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(blocker)]) == 2
+    assert f"The output folder {blocker} is a file" in capsys.readouterr().err
+    (tmp_path / "taken" / "model.pt").mkdir(parents=True)
+    assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err == f"error: Cannot write the model to {tmp_path / 'taken' / 'model.pt'}: it is " \
+                                      "a folder.\n"
+    if Path("/sys/kernel").is_dir():  # sysfs: not even root may create a file there
+        code = main(["export-model", str(checkpoint), "--format", "torchscript", "--out", "/sys/kernel"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: Cannot write in the output folder /sys/kernel: "), err
 
 
 def test_a_mid_epoch_last_pt_is_exported_with_a_note(checkpoint, tmp_path, capsys):
@@ -121,7 +163,9 @@ def test_a_mid_epoch_last_pt_is_exported_with_a_note(checkpoint, tmp_path, capsy
     assert "Note:" not in capsys.readouterr().out
     stopped = save_checkpoint(tmp_path / "last.pt", {**load_checkpoint(checkpoint), "epoch": 3, "batches_done": 17})
     assert main(["export-model", str(stopped), "--format", "torchscript", "--out", str(tmp_path / "last")]) == 0
-    assert "Note: last.pt was saved in the middle of epoch 3 (after 17 batches)" in capsys.readouterr().out
+    out = capsys.readouterr().out  # 3 epochs done, 17 batches into the fourth
+    assert "Note: last.pt was saved in the middle of epoch 4 (after 17 batches)" in out
+    assert "The stage has no validated model (best.pt) yet." in out
     assert json.loads((tmp_path / "last" / "model.json").read_text())["source"]["batches_done_in_epoch"] == 17
 
 

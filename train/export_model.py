@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -52,7 +53,7 @@ def model_description(info: Any, fmt: str) -> dict[str, Any]:
         "format": fmt, "file": FORMATS[fmt], "arch": info.arch, "num_classes": info.num_classes,
         "class_names": info.class_names,
         "preprocessing": {"resize": pre.resize, "image_size": pre.image_size, "mean": list(pre.mean),
-                          "std": list(pre.std), "steps": ["RGB", f"resize short side to {pre.resize} (bilinear)",
+                          "std": list(pre.std), "steps": ["RGB (EXIF orientation applied, transparency over grey 128)", f"resize short side to {pre.resize} (bilinear)",
                                                           f"centre-crop {pre.image_size}", "scale to [0, 1]",
                                                           "normalise (x - mean) / std"]},
         "input": {"name": "input", "shape": ["batch", 3, pre.image_size, pre.image_size], "dtype": "float32",
@@ -73,11 +74,14 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
     _check_packages(fmt)
     model, info = load_model(checkpoint)
     folder = Path(out)
+    if folder.is_file():
+        raise ExportError(f"The output folder {folder} is a file; name a folder (it is made when missing).")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.") from exc
     target = folder / FORMATS[fmt]
+    _check_writable(folder, target)
     example = torch.zeros(1, 3, info.preprocessing.image_size, info.preprocessing.image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice, the ONNX exporter's chatter
@@ -86,6 +90,18 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
     (folder / "model.json").write_text(json.dumps(description, indent=2))
     (folder / "predict.py").write_text((TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text())
     return target
+
+
+def _check_writable(folder: Path, target: Path) -> None:
+    """Refuse, in one sentence, a model file that is a folder or a folder that cannot be written (the exporters
+    would fail with their own tracebacks)."""
+    if target.is_dir():
+        raise ExportError(f"Cannot write the model to {target}: it is a folder.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".reslens-write-test-"):
+            pass
+    except OSError as exc:
+        raise ExportError(f"Cannot write in the output folder {folder}: {exc.strerror or exc}.") from exc
 
 
 def _write(model: torch.nn.Module, example: torch.Tensor, fmt: str, target: Path) -> None:
@@ -104,8 +120,6 @@ def _write(model: torch.nn.Module, example: torch.Tensor, fmt: str, target: Path
 
 def export_zip(checkpoint: str | os.PathLike[str], fmt: str) -> bytes:
     """The exported folder as zip bytes (the app's download button)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="reslens-export-") as tmp:
         export_model(checkpoint, fmt, tmp)
         buffer = io.BytesIO()
@@ -122,9 +136,11 @@ def run(args: argparse.Namespace) -> int:
           f"(try: python {target.parent / 'predict.py'} IMAGE)")
     source = json.loads((target.parent / "model.json").read_text())["source"]
     if source["batches_done_in_epoch"]:
-        print(f"Note: {Path(args.checkpoint).name} was saved in the middle of epoch {source['epoch']} (after "
+        best = Path(args.checkpoint).with_name("best.pt")
+        print(f"Note: {Path(args.checkpoint).name} was saved in the middle of epoch {source['epoch'] + 1} (after "
               f"{source['batches_done_in_epoch']} batches), when its run was stopped; its weights are partly "
-              "trained. The stage's best.pt holds its best validated model.")
+              "trained. " + (f"{best} holds the stage's best validated model." if best.is_file() else
+                             "The stage has no validated model (best.pt) yet."))
     return 0
 
 

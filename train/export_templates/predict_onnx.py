@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from PIL import Image
+from PIL import Image, ImageOps
 
 HERE = Path(__file__).resolve().parent
 
@@ -27,11 +27,20 @@ def prepare(image: Image.Image, pre: dict) -> np.ndarray:
     return pixels.transpose(2, 0, 1)[None].astype(np.float32)
 
 
+def open_rgb(path: str) -> Image.Image:
+    """The image as ResLens reads it: turned by its EXIF orientation, transparency laid over grey (128)."""
+    image = ImageOps.exif_transpose(Image.open(path))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (128, 128, 128, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def main(paths: list[str]) -> None:
     about = json.loads((HERE / "model.json").read_text())
     session = onnxruntime.InferenceSession(str(HERE / about["file"]), providers=["CPUExecutionProvider"])
     for path in paths:
-        logits = session.run(None, {"input": prepare(Image.open(path).convert("RGB"), about["preprocessing"])})[0][0]
+        logits = session.run(None, {"input": prepare(open_rgb(path), about["preprocessing"])})[0][0]
         probabilities = np.exp(logits - logits.max())
         probabilities /= probabilities.sum()
         ranked = ", ".join(f"{about['class_names'][i]} {probabilities[i]:.1%}" for i in np.argsort(-probabilities)[:5])

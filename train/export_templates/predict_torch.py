@@ -5,11 +5,12 @@ safetensors weights (torchvision's architecture named in model.json, plus the sa
 """
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 
 HERE = Path(__file__).resolve().parent
@@ -17,12 +18,23 @@ HERE = Path(__file__).resolve().parent
 
 def load(about: dict) -> torch.nn.Module:
     if about["format"] == "torchscript":
-        return torch.jit.load(str(HERE / about["file"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # newer torch deprecates TorchScript; it still loads
+            return torch.jit.load(str(HERE / about["file"]))
     from safetensors.torch import load_file
 
     model = getattr(torchvision.models, about["arch"])(weights=None, num_classes=about["num_classes"])
     model.load_state_dict(load_file(str(HERE / about["file"])))
     return model
+
+
+def open_rgb(path: str) -> Image.Image:
+    """The image as ResLens reads it: turned by its EXIF orientation, transparency laid over grey (128)."""
+    image = ImageOps.exif_transpose(Image.open(path))
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (128, 128, 128, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def main(paths: list[str]) -> None:
@@ -35,7 +47,7 @@ def main(paths: list[str]) -> None:
     model = load(about).eval()
     for path in paths:
         with torch.no_grad():
-            logits = model(prepare(Image.open(path).convert("RGB")).unsqueeze(0))[0]
+            logits = model(prepare(open_rgb(path)).unsqueeze(0))[0]
         probabilities = logits.softmax(dim=0)
         top = probabilities.topk(min(5, len(probabilities)))
         ranked = ", ".join(f"{about['class_names'][i]} {p:.1%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
