@@ -85,6 +85,9 @@ def test_eval_at_another_test_resolution_feeds_images_of_that_size(finished, cap
     assert [e["data"]["image_size"] for e in RunStore().evaluations()] == [40, trained[0]]  # newest first
     assert main(["eval", str(best), "--image-size", "8"]) == 2
     assert "--image-size must be between 16 and 1024" in capsys.readouterr().err
+    for command in ("eval", "ood-thresholds"):  # both evaluate the checkpoint
+        assert main([command, str(best), "--batch-size", "0"]) == 2
+        assert "--batch-size must be at least 1, got 0." in capsys.readouterr().err
 
 
 def test_eval_refuses_a_data_set_with_other_classes(finished, tmp_path, capsys):

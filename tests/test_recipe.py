@@ -85,7 +85,7 @@ def test_flip_averages_the_logits_of_each_image_and_its_mirror():
 
 def test_config_checks_the_recipe_keys(tmp_path):
     raw = tiny_config(tmp_path, (1,))
-    for key, value in (("mix", "blend"), ("mix_alpha", 0), ("ema", 1.0), ("ema", -0.1), ("tta", "yes")):
+    for key, value in (("mix", "blend"), ("mix_alpha", 0), ("mix_alpha", 1e-60), ("ema", 1.0), ("ema", -0.1), ("tta", "yes")):
         bad = {**raw, "stages": [{**raw["stages"][0], key: value}]}
         with pytest.raises(ConfigError, match=key):
             parse_config(bad)

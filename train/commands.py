@@ -257,8 +257,6 @@ def evaluate(args: argparse.Namespace) -> int:
     from core.evaluation import confused_pairs
     from train.engine import evaluate_checkpoint
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.image_size is not None and not 16 <= args.image_size <= 1024:
         raise UserError(f"--image-size must be between 16 and 1024 pixels, got {args.image_size}.")
     found = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.device,

@@ -414,7 +414,7 @@ def _validate_stage(s: StageConfig, first: bool) -> None:
         "cb_beta": (0, True, 1, False, False),
         "num_workers": (0, True, 64, True, True),
         "patience": (0, True, None, False, True),
-        "mix_alpha": (0, False, None, False, False),
+        "mix_alpha": (0.001, True, None, False, False),  # smaller underflows to 0 in float32 (Beta needs > 0)
         "ema": (0, True, 1, False, False),
         "train_size_start": (0, True, 1024, True, True),
         "train_size_ramp": (0, False, 1, True, False),

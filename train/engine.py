@@ -902,6 +902,8 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     from core.checkpoints import check_compatible, checkpoint_info
     from core.datasets import SPLIT_OPTIONS, class_counts, open_dataset
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     raw = load_checkpoint(path)
     info = checkpoint_info(path, raw)
     trained = raw.get("stage_config") or {}
