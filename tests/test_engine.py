@@ -251,6 +251,30 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
                                              rf"{len(classes)} classes; added {classes[-1]}; removed emu\); put the "):
         run_tiny(raw, resume=True)
     assert RunStore().get_run("tiny")["state"] == "failed"
+    payload["class_names"] = classes
+    payload["sampler"] = {**payload["sampler"], "n": payload["sampler"]["n"] + 1}  # as if an image had been added
+    save_checkpoint(last, payload)
+    with pytest.raises(TrainingFailed, match=rf"its training images changed since the checkpoint "
+                                             rf"\({payload['sampler']['n']} then, {payload['sampler']['n'] - 1} now"):
+        run_tiny(raw, resume=True)
+
+
+def test_a_resume_with_another_number_of_processes_says_how_and_keeps_the_run_resumable(tmp_path, monkeypatch):
+    raw = tiny_config(tmp_path, epochs=(2,))
+    real_after = Trainer._after_step
+    monkeypatch.setattr(Trainer, "_after_step", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
+    assert run_tiny(raw) == "stopped"
+    monkeypatch.setattr(Trainer, "_after_step", real_after)
+    last = paths.run_dir("tiny") / "stage1-s1" / "last.pt"
+    payload = load_checkpoint(last)
+    payload["sampler"] = {**payload["sampler"], "world": 2}  # as if checkpointed under torchrun with 2 processes
+    save_checkpoint(last, payload)
+    with pytest.raises(engine.ResumeRefused, match=r"^stage 1 \(s1\) was checkpointed by 2 training processes and "
+                                                   r"this resume has 1: .* resume it with 2 \(torchrun "
+                                                   r"--nproc_per_node=2 -m train resume RUN\)\.$"):
+        run_tiny(raw, resume=True)
+    run = RunStore().get_run("tiny")
+    assert (run["state"], run["error"]) == ("stopped", None)  # not failed: resumed rightly, it goes on
 
 
 @pytest.mark.parametrize("select, flat_key", [("accuracy", "accuracy"), ("balanced", "balanced_acc")])

@@ -53,6 +53,11 @@ class TrainingFailed(UserError):
     """Training cannot go on (diverged loss, ...); the message says why and what to try."""
 
 
+class ResumeRefused(UserError):
+    """A resume that cannot continue the run as it is now run (another number of processes); the run keeps the
+    state it had, and the message says how to resume it."""
+
+
 class StopRequested(Exception):
     """SIGTERM/SIGINT arrived; ``last.pt`` has been saved."""
 
@@ -382,6 +387,8 @@ class Trainer:
         if checkpoint is not None:
             start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
             expected = {**sampler.state_dict(), "epoch": start_epoch, "start": batches_done * stage.batch_size}
+            if checkpoint.get("sampler", {}).get("world", self.ctx.world) != self.ctx.world:
+                raise ResumeRefused(_other_world(label, checkpoint["sampler"]["world"], self.ctx.world))
             problem = resume_mismatch(checkpoint, self.config.written_for(index, checkpoint), expected)
             if problem:
                 raise TrainingFailed(f"{label} cannot resume: {problem}; start a new run instead.")
@@ -829,6 +836,13 @@ def _epoch_line(label: str, epoch: int, epochs: int, m: dict[str, Any]) -> str:
             f"{f('images_per_s', '.1f')} img/s, {f('epoch_time_s', '.1f')} s")
 
 
+def _other_world(label: str, then: int, now: int) -> str:
+    """How to resume a stage checkpointed by ``then`` processes, asked of ``now``."""
+    how = "python -m train resume RUN" if then == 1 else f"torchrun --nproc_per_node={then} -m train resume RUN"
+    return (f"{label} was checkpointed by {then} training process{'es' * (then != 1)} and this resume has {now}: "
+            f"its sample order depends on that number, so resume it with {then} ({how}).")
+
+
 # --------------------------------------------------------------- entry point
 def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunStore | None,
               resume: bool = False, show_progress: bool = True) -> str:
@@ -841,6 +855,7 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
     if store is not None and not ctx.enabled:  # under torchrun the other processes could not wait as long
         store.be_patient(STORE_PATIENCE_S, lambda text: print(text, file=sys.stderr, flush=True))
     main_store: Any = trainer.store
+    before = main_store.get_run(run_name) if resume and store is not None else {}
     main_store.set_state(run_name, "running", pid=os.getpid())
     main_store.heartbeat(run_name, device=f"{ctx.device} x{ctx.world}" if ctx.enabled else str(ctx.device))
     beat = Heartbeat(store, run_name, trainer.progress, ctx.device) if (store is not None and ctx.is_main) else None
@@ -852,6 +867,11 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
         main_store.set_state(run_name, "stopped")
         trainer.display.message(f"Run {run_name} stopped; `python -m train resume {run_name}` continues it.")
         return "stopped"
+    except ResumeRefused:
+        if before:
+            state = "stopped" if before["stored_state"] in ("queued", "running") else before["stored_state"]
+            main_store.set_state(run_name, state, error=before.get("error"))
+        raise
     except UserError as exc:
         main_store.set_state(run_name, "failed", error=str(exc))
         raise

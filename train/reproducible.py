@@ -106,6 +106,9 @@ def resume_mismatch(checkpoint: dict[str, Any], same_config: bool, sampler: dict
     stored = checkpoint.get("sampler") or {}
     keys = ("seed", "n", "world", "epoch", "start") if "n" in stored else ("seed",)  # older files: seed only
     differ = [k for k in keys if k in stored and stored[k] != sampler.get(k)]
+    if "n" in differ:
+        return (f"its training images changed since the checkpoint ({stored['n']} then, {sampler.get('n')} now: "
+                "images were added or removed)")
     if differ:
         what = ", ".join(f"{k} {stored[k]} (now {sampler.get(k)})" for k in differ)
         return f"its checkpoint's sample order differs ({what})"
