@@ -452,3 +452,11 @@ def test_a_training_step_never_reads_a_tensor_on_the_host(tmp_path, monkeypatch)
     assert run_tiny(tiny_config(tmp_path, epochs=(2,), label_smoothing=0.1)) == "finished"
     assert {function for function, _ in reads} & STEP_CODE == set(), reads
     assert ("_flush_steps", "tolist") not in reads and any(f == "host_floats" for f, _ in reads)
+
+
+def test_a_share_of_one_image_at_32_px_is_refused_before_training():
+    engine.check_shard("stage 1 (s1)", 2, 1, 32)
+    engine.check_shard("stage 1 (s1)", 1, 2, 64)  # a 2x2 last feature map: BatchNorm has 4 values
+    with pytest.raises(TrainingFailed, match=r"^stage 1 \(s1\) cannot train: each of the 2 training processes gets 1 "
+                                             r"training image, a batch of 1, .* use fewer processes"):
+        engine.check_shard("stage 1 (s1)", 1, 2, 32)

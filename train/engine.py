@@ -380,6 +380,7 @@ class Trainer:
         torch.manual_seed(self.config.seed * 1000 + index)  # after the cache: building it draws random numbers
         model = self._build_model(index, stage, data, checkpoint)
         train_loader, sampler = self._train_loader(stage, data)
+        check_shard(label, len(sampler), self.ctx.world, stage.train_size_start or stage.image_size)
         per_epoch = steps_per_epoch(len(sampler), stage.batch_size)
         optimizer = make_optimizer(model, stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, per_epoch))
@@ -834,6 +835,15 @@ def _epoch_line(label: str, epoch: int, epochs: int, m: dict[str, Any]) -> str:
     return (f"{label} epoch {epoch}/{epochs}: train loss {f('train_loss')} acc {f('train_acc', '.3f')} | "
             f"val loss {f('val_loss')} acc {f('val_acc', '.3f')} balanced {f('val_balanced_acc', '.3f')} | "
             f"{f('images_per_s', '.1f')} img/s, {f('epoch_time_s', '.1f')} s")
+
+
+def check_shard(label: str, images: int, world: int, smallest: int) -> None:
+    """Refuse a process's share of one training image at 32 px or less: a batch of 1 with a 1x1 last feature map,
+    which BatchNorm cannot normalise (the config refuses batch_size 1 there; a small set split over processes too)."""
+    if images < 2 and smallest <= 32:
+        raise TrainingFailed(f"{label} cannot train: each of the {world} training processes gets {images} training "
+                             f"image, a batch of 1, which BatchNorm cannot normalise at {smallest} px; use fewer "
+                             "processes, more images, or 33 px or more.")
 
 
 def _other_world(label: str, then: int, now: int) -> str:
