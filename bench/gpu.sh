@@ -14,13 +14,20 @@ DEVICE=cuda
 QUICK=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --device) DEVICE="$2"; shift 2 ;;
+    --device) [ $# -ge 2 ] || { echo "gpu.sh: --device needs a value (cuda or cpu)" >&2; exit 2; }
+              DEVICE="$2"; shift 2 ;;
     --device=*) DEVICE="${1#*=}"; shift ;;
     --quick) QUICK=1; shift ;;
     -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown option $1 (use --device cuda|cpu, --quick)" >&2; exit 2 ;;
   esac
 done
+
+case "$DEVICE" in cuda|cpu) ;; *) echo "gpu.sh: --device must be cuda or cpu, not $DEVICE" >&2; exit 2 ;; esac
+if [ "$DEVICE" = cuda ] && ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu.sh: PyTorch sees no CUDA GPU here; run it on a GPU machine, or try the CPU paths with --device cpu --quick" >&2
+  exit 2
+fi
 
 ROOT="${RESLENS_BENCH_ROOT:-/work/shared/data/caltech101-mini}"
 WORKERS="${RESLENS_BENCH_WORKERS:-$(python -c 'import os; print(max(0, min(12, (os.cpu_count() or 1) - 2)))')}"

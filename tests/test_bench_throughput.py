@@ -5,6 +5,7 @@ import importlib.util
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +42,19 @@ def test_throughput_table_has_every_contender_and_the_trainer(tmp_path, capsys):
 def test_gpu_script_refuses_an_unknown_option():
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--devcie", "cpu"], capture_output=True, text=True, check=False)
     assert done.returncode == 2 and "unknown option --devcie" in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device"], "--device needs a value (cuda or cpu)"),
+    (["--device", "tpu"], "--device must be cuda or cpu, not tpu"),
+])
+def test_gpu_script_refuses_a_bad_device_at_once(args, message):
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), *args], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and message in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_script_without_a_gpu_refuses_before_measuring():
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh")], capture_output=True, text=True, check=False,
+                          timeout=120)
+    assert done.returncode == 2 and "PyTorch sees no CUDA GPU here" in done.stderr and not done.stdout
