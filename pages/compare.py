@@ -95,7 +95,7 @@ def changes_table(title: str, result: ClassComparison, names: list[str], frame: 
 def curves_view(comparison: Comparison) -> None:
     st.subheader("Curves")
     if all(frame.empty for frame in comparison.curves.values()):
-        st.info("No epoch has finished in these runs yet.")
+        st.info("These runs have no finished epoch to draw.")
         return
     cols = st.columns(len(CURVE_PANELS))
     for col, (title, metrics) in zip(cols, CURVE_PANELS):

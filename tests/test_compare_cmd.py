@@ -101,6 +101,10 @@ def test_plot_writes_a_png_and_links_it_from_the_report(runs, tmp_path, capsys):
     assert f"![staged against scratch]({png})" in capsys.readouterr().out
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 400
+    (tmp_path / "reports" / "pictures").mkdir(parents=True)
+    report, html = tmp_path / "reports" / "r.md", tmp_path / "reports" / "pictures" / "s.html"
+    assert main(["compare", "scratch", "staged", "--plot", str(html), "-o", str(report)]) == 0
+    assert "[staged against scratch (interactive)](pictures/s.html)" in report.read_text()  # read from reports/
 
 
 def test_plot_with_several_runs_writes_one_file_per_comparable_run(runs, tmp_path, capsys):

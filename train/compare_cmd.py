@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     written = write_plots(comparison, args.plot) if args.plot else []
     text = {"md": markdown, "csv": to_csv, "json": to_json}[args.format](comparison, args.top)
     if args.format == "md" and written:
-        text += "\n" + "".join(f"![{c.run_b} against {c.run_a}]({path})\n" for c, path in written)
+        text += "\n" + "".join(plot_link(c, path, args.output) + "\n" for c, path in written)
     if args.output:
         Path(args.output).write_text(text)
     else:
@@ -60,6 +61,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ pictures
+def plot_link(c: ClassComparison, path: Path, output: str | None) -> str:
+    """A markdown link to a written picture, relative to the report's folder (``-o``) so it works where the report
+    is read: an image for .png/.svg/.pdf, a plain link for an interactive .html."""
+    where = Path(os.path.relpath(Path(path).resolve(), Path(output).resolve().parent)) if output else Path(path)
+    text = f"{c.run_b} against {c.run_a}"
+    return f"[{text} (interactive)]({where.as_posix()})" if where.suffix == ".html" else f"![{text}]({where.as_posix()})"
+
+
 def plot_paths(base: str, comparisons: list[ClassComparison]) -> list[Path]:
     """``base`` for one comparison; ``<stem>-<run><suffix>`` for each of several."""
     path = Path(base)
