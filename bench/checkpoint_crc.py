@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = best_of(args.repeats, lambda: first_damaged_record(path, records))
         load = best_of(args.repeats, lambda: torch.load(path, weights_only=True, map_location="cpu"))
         size = path.stat().st_size / 2**20
-    print(f"| checkpoint | ZipFile.testzip | first_damaged_record | torch.load | speed-up over testzip | "
+    print("| checkpoint | ZipFile.testzip | first_damaged_record | torch.load | speed-up over testzip | "
           "check / load |\n| --- | --- | --- | --- | --- | --- |")
     print(f"| {size:.0f} MiB | {library * 1000:.0f} ms | {ours * 1000:.0f} ms | {load * 1000:.0f} ms | "
           f"{library / ours:.1f}x | {ours / load:.2f} |")

@@ -36,8 +36,9 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from core import paths
 from core.errors import UserError
@@ -272,15 +273,8 @@ class RunStore:
 
     def _transaction(self, statements: list[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[sqlite3.Cursor]:
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            cursors = [conn.execute(sql, params) for sql, params in statements]
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return cursors
+        with _immediate(conn):
+            return [conn.execute(sql, params) for sql, params in statements]
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in self._conn().execute(sql, params).fetchall()]
@@ -293,16 +287,10 @@ class RunStore:
             return
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             conn.execute("PRAGMA journal_mode=WAL")  # persistent, and not allowed inside a transaction
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(conn):
             if self._known_version(conn) < SCHEMA_VERSION:  # read again: another process may have upgraded it
                 _upgrade(conn)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def _known_version(self, conn: sqlite3.Connection) -> int:
         """The store's schema version; ``RunStoreError`` (and the file left alone) when a newer ResLens wrote it."""
@@ -608,6 +596,19 @@ class RunStore:
             r["data"] = json.loads(r["data"])
             r["misclassified"] = json.loads(r["misclassified"])
         return rows
+
+
+@contextmanager
+def _immediate(conn: sqlite3.Connection) -> Iterator[None]:
+    """One BEGIN IMMEDIATE transaction (it waits for other writers): committed, or rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:

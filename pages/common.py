@@ -205,11 +205,11 @@ def dataset_presence() -> "pd.DataFrame":
     """One row per registered data set under the data root: present or not (a folder check), what it is."""
     import pandas as pd
 
-    from core.datasets import DATASETS, OWN_FOLDER, dataset_path
+    from core.datasets import DATASETS, dataset_path
 
     rows = []
     for name, info in DATASETS.items():
-        if info.folder == OWN_FOLDER:
+        if info.own_folder:
             rows.append({"data set": name, "present": True, "where": "your own folder (the stage's root; Train page)",
                          "about": info.description})
             continue

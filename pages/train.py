@@ -16,7 +16,7 @@ import streamlit as st
 import yaml
 
 from core import charts, paths
-from core.datasets import DATASETS, OWN_FOLDER, dataset_path, download
+from core.datasets import DATASETS, dataset_path, download
 from core.errors import UserError
 from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
@@ -25,6 +25,7 @@ from pages import common
 from train.config import (ARCHS, CHOICES, NAMED_INITS, PIPELINE_DEFAULTS, ConfigError, PipelineConfig,
                           YamlRefused, check_stage_keys, parse_config, parse_settings, parse_yaml, stage_rows,
                           stages_from_rows)
+from train import jobs
 from train.data_report import class_rows, format_report, summarize
 
 common.setup("Train")
@@ -295,7 +296,7 @@ def image_folders(pipeline: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
 
 def missing_box(name: str, root: str, folder: Path) -> None:
     info = DATASETS[name]
-    if info.folder == OWN_FOLDER:
+    if info.own_folder:
         st.error(f"There is no folder {folder}: set the stage's root to your image folder.",
                  icon=":material/folder_off:")
         return
@@ -419,8 +420,6 @@ def launch_section(config: dict[str, Any], ready: bool) -> None:
     left, right = st.columns([1, 3])
     device = left.selectbox("Device", ["auto", "cpu", "cuda", "mps"], help="auto: a GPU when one is seen.")
     if right.button("Launch", type="primary", disabled=not ready, icon=":material/rocket_launch:"):
-        from train import jobs
-
         name = jobs.launch(config, device=None if device == "auto" else device)
         st.session_state["selected_run"] = name
         st.session_state["monitor_runs"] = [name]
@@ -457,8 +456,6 @@ def _jobs(was_live: bool) -> None:
 
 
 def job_controls(run: dict[str, Any]) -> None:
-    from train import jobs
-
     name, state = run["name"], run["state"]
     if state == "failed":
         common.show_run_error(run.get("error") or "The run failed without saying why; see its log below.")
@@ -518,8 +515,6 @@ def lr_find_section(config: dict[str, Any], ready: bool) -> None:
 
 def delete_control(column: Any, run: dict[str, Any]) -> None:
     """A Delete button that asks first (with the space it frees); a live run cannot be deleted."""
-    from train import jobs
-
     name = run["name"]
     alive = jobs.has_live_trainer(run)
     with column.popover("Delete", icon=":material/delete:", disabled=common.is_live(run) or alive,

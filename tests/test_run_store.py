@@ -1,6 +1,5 @@
 import os
 import sqlite3
-import os
 import subprocess
 import sys
 import threading

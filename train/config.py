@@ -519,12 +519,12 @@ def _kind(default: Any) -> str:
 
 
 def _check_data_present(s: StageConfig) -> None:
-    from core.datasets import DATASETS, OWN_FOLDER, DatasetError, DatasetMissing, class_counts
+    from core.datasets import DATASETS, DatasetError, DatasetMissing, class_counts  # here: it imports torch
 
-    folder = DATASETS[s.dataset].folder
-    if folder is None:
+    info = DATASETS[s.dataset]
+    if info.folder is None:
         return
-    if folder != OWN_FOLDER and not Path(str(s.root)).is_dir():
+    if not info.own_folder and not Path(str(s.root)).is_dir():
         raise ConfigError(f"root {s.root} does not exist; download {s.dataset} there or set root.", field="root")
     try:
         class_counts(s.dataset, s.root, "train", **s.options)
@@ -532,15 +532,10 @@ def _check_data_present(s: StageConfig) -> None:
         raise ConfigError(str(exc), field="root") from None
 
 
-def _is_own_folder(name: str) -> bool:
-    """Whether the data set's root is its own folder (imagefolder) rather than the parent of a named one."""
-    from core.datasets import DATASETS, OWN_FOLDER
-
-    return DATASETS[name].folder == OWN_FOLDER
-
-
 def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, check_data: bool) -> None:
-    if s.root is None and _is_own_folder(s.dataset):
+    from core.datasets import DATASETS
+
+    if s.root is None and DATASETS[s.dataset].own_folder:
         raise ConfigError(f"root is required for dataset {s.dataset}: the folder that holds your images "
                           "(one folder per class, or train/ and val/ folders of class folders).", field="root")
     if s.root is None:

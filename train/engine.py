@@ -28,7 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from core import evaluation, ood, paths
-from core.checkpoints import class_change, load_checkpoint, load_weights, save_checkpoint
+from core.checkpoints import (check_compatible, checkpoint_info, class_change, load_checkpoint, load_weights,
+                              save_checkpoint)
+from core.datasets import SPLIT_OPTIONS, class_counts, open_dataset
 from core.errors import UserError
 from core.models import Preprocessing, build_model
 from core.run_store import RunStore
@@ -151,12 +153,10 @@ class StageData:
     val: CachedImages
     classes: list[str]
     train_counts: list[int]
-    val_source: Callable[[int], str]
     preprocessing: Preprocessing
 
 
-def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int,
-                    check: Callable[[], None] | None = None) -> StageData:
+def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None] | None = None) -> StageData:
     """Both splits, decoded once into the image cache (rank 0 builds it, other ranks wait).
 
     ``check`` runs after every batch a build decodes (it raises to stop the build).
@@ -165,19 +165,20 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, workers: int,
 
     def open_split(split: str, augment: str, build: bool) -> tuple[CachedImages, Any]:
         return open_cached_split(stage.dataset, stage.root, split, stage.options, pre.resize,
-                                 augmentation(augment, stage.image_size), workers, build=build, check=check)
+                                 augmentation(augment, stage.image_size), stage.num_workers, build=build,
+                                 check=check)
 
     if not ctx.is_main:
         ddp.barrier(ctx)  # rank 0 is building the cache
-    (train, raw_train), (val, _) = (open_split("train", stage.augment, ctx.is_main),
-                                          open_split("val", "none", ctx.is_main))
+    train, raw_train = open_split("train", stage.augment, ctx.is_main)
+    val, _ = open_split("val", "none", ctx.is_main)
     if ctx.is_main:
         ddp.barrier(ctx)
     classes = list(getattr(raw_train, "class_labels", None) or raw_train.classes)
     counts = [0] * len(classes)
     for t in train.targets:
         counts[t] += 1
-    return StageData(train, val, classes, counts, val.source, pre)
+    return StageData(train, val, classes, counts, pre)
 
 
 # ------------------------------------------------------------------- progress
@@ -355,8 +356,6 @@ class Trainer:
 
     def _plan(self) -> list[StageWork]:
         """Every stage's work, for progress and ETA (counted from file lists, nothing decoded)."""
-        from core.datasets import class_counts
-
         plan = []
         for s in self.config.stages:
             train = sum(class_counts(s.dataset, s.root, "train", **s.options).values())
@@ -370,9 +369,8 @@ class Trainer:
     def _run_stage(self, index: int, checkpoint: dict[str, Any] | None) -> None:
         stage = self.config.stages[index]
         label = stage_label(index, stage)
-        workers = stage.num_workers
         self.display.message(f"{label}: preparing {stage.dataset} (decoded once into the image cache)")
-        data = load_stage_data(stage, self.ctx, workers, check=None if self.ctx.enabled else self._check_stop)
+        data = load_stage_data(stage, self.ctx, check=None if self.ctx.enabled else self._check_stop)
         changed = None if checkpoint is None else class_change(checkpoint["class_names"], data.classes)
         if changed:
             raise TrainingFailed(f"{label} cannot resume: its data set's classes changed since the checkpoint "
@@ -626,7 +624,7 @@ class Trainer:
         self.tb.epoch(earlier + epoch + 1, metrics, stage_dir(self.run_name, st.index, st.stage).name, confusion)
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
         self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
-        wrong = evaluation.misclassified(preds, st.data.classes, st.data.val_source, MISCLASSIFIED_KEPT)
+        wrong = evaluation.misclassified(preds, st.data.classes, st.data.val.source, MISCLASSIFIED_KEPT)
         self.store.save_misclassified(self.run_name, st.index, epoch + 1, wrong)
         return metrics
 
@@ -929,9 +927,6 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     The data set (and its root and options) defaults to the one the checkpoint was trained on;
     its classes must match the checkpoint's, or a ``CheckpointError`` says so.
     """
-    from core.checkpoints import check_compatible, checkpoint_info
-    from core.datasets import SPLIT_OPTIONS, class_counts, open_dataset
-
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     raw = load_checkpoint(path)

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from core import paths
 from core.run_store import ACTIVE_STATES, RunStore, RunStoreError, pid_alive
-from train.config import PipelineConfig, load_config, parse_config
+from train.config import PipelineConfig, apply_overrides, load_config, parse_config
 
 LOG_NAME = "log.txt"
 CONFIG_NAME = "config.yaml"
@@ -86,8 +86,6 @@ def launch(
     Returns the run name. Config problems raise ``ConfigError`` before anything is written.
     """
     if isinstance(config, dict):
-        from train.config import apply_overrides
-
         pipeline = parse_config(apply_overrides(config, overrides))
     else:
         pipeline = load_config(config, overrides)

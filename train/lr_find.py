@@ -64,7 +64,7 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
         raise UserError(f"The range test needs at least 3 steps, got {steps}.")
     stage = config.stages[stage_index]
     ctx = ddp.Dist(0, 1, ddp.pick_device(device))
-    data = load_stage_data(stage, ctx, stage.num_workers)
+    data = load_stage_data(stage, ctx)
     torch.manual_seed(config.seed)  # after the cache: building it draws random numbers
     caveat = None
     if init is None and stage.init == "previous":  # the previous stage has not been trained here
