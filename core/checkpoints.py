@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import struct
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -250,6 +251,10 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
 def class_change(before: list[str], now: list[str]) -> str | None:
     """How a data set's classes changed between a checkpoint and now (``None``: the same, in the same order)."""
     if list(before) == list(now):
@@ -260,6 +265,8 @@ def class_change(before: list[str], now: list[str]) -> str | None:
         parts.append(f"added {_few(added)}")
     if removed:
         parts.append(f"removed {_few(removed)}")
+    if added and sorted(map(_nfc, added)) == sorted(map(_nfc, removed)):
+        parts.append("the same names written in another Unicode form: folders copied between macOS and Linux?")
     if not (added or removed):
         parts.append("the same names in another order")
     return "; ".join(parts)

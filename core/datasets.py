@@ -275,6 +275,9 @@ def _prepare(name: str, root: str | Path | None, split: str,
     own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
     if info.own_folder:
         base = _own_root(info, root)
+        if base.is_file() and base.suffix.lower() == ".zip":
+            raise DatasetMissing(f"{base} is a .zip file, not a folder: unpack it, or drop it on the Train page, "
+                                 "which unpacks it safely.")
         if not base.is_dir():
             raise DatasetMissing(f"There is no folder {base}; the root of {info.name} must be the folder that "
                                  f"holds your images: {IMAGEFOLDER_LAYOUT}.")

@@ -98,6 +98,15 @@ def test_other_architecture_or_classes_say_so(tmp_path):
         load_model(path, class_names=["a", "b", "x"])
 
 
+def test_a_class_renamed_to_another_unicode_form_says_so():
+    from core.checkpoints import class_change
+
+    nfc, nfd = "caf\u00e9", "cafe\u0301"  # the same name as macOS and Linux may write it
+    assert class_change(["bar", nfd], ["bar", nfc]) == (f"2 -> 2 classes; added {nfc}; removed {nfd}; the same names "
+                                                        "written in another Unicode form: folders copied between "
+                                                        "macOS and Linux?")
+
+
 def test_weights_that_do_not_fit_the_architecture(tmp_path):
     payload = _payload()
     payload["model"] = build_model("resnet34", 3).state_dict()

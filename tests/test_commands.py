@@ -232,6 +232,8 @@ def test_lr_find_sweeps_and_suggests(tmp_path, capsys):
     again = lr_range_test(load_config(path), steps=8, start=1e-4, end=1.0, device="cpu")  # the image cache built now
     assert again.losses == result.losses  # the same seed gives the same test, whether the cache was built or found
     assert main(["lr-find", str(path), "--end", "inf"]) == 2
+    assert main(["lr-find", str(path), "--steps", "1000000000"]) == 2
+    assert "The range test takes 3 to 10000 steps, got 1000000000." in capsys.readouterr().err
     assert main(["lr-find", str(path), "--csv", str(tmp_path / "no" / "such" / "lr.csv")]) == 2
     assert main(["lr-find", str(path), "--csv", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -62,13 +62,14 @@ def test_train_and_val_folders_are_the_split(tmp_path):
     ("one class", DatasetError, r"\(only 'cat' found\)"),
     ("loose images", DatasetError, "5 images lie directly in it, outside any class folder"),
     ("train only", DatasetError, "has a train/ folder of classes but no val/ folder"),
+    ("a zip", DatasetMissing, r"set.zip is a .zip file, not a folder: unpack it, or drop it on the Train page"),
     ("empty val", DatasetError, "has no validation images: its val/ folder holds no images of the classes in train/"),
     ("one image each", DatasetError, "has no validation images: every class has a single image, so none is held out"),
     ("capitals", DatasetError, "has Train/ and Val/ folders: name them train/ and val/ \\(lower case\\)"),
     ("empty train", DatasetError, r"set/train holds no class folders with images"),
 ])
 def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_path, case, error, message):
-    root = {"none": None, "absent": tmp_path / "absent"}.get(case, tmp_path / "set")
+    root = {"none": None, "absent": tmp_path / "absent", "a zip": tmp_path / "set.zip"}.get(case, tmp_path / "set")
     if case == "empty":
         (tmp_path / "set" / "notes").mkdir(parents=True)
     elif case == "one class":
@@ -79,6 +80,8 @@ def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_p
     elif case == "train only":
         make_imagefolder(tmp_path / "set", "split")
         shutil.rmtree(tmp_path / "set" / "val")
+    elif case == "a zip":
+        (tmp_path / "set.zip").write_bytes(b"PK\5\6" + bytes(18))
     elif case == "empty val":
         make_imagefolder(tmp_path / "set", "split")
         shutil.rmtree(tmp_path / "set" / "val")

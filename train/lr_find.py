@@ -46,6 +46,9 @@ def suggest(lrs: list[float], losses: list[float]) -> float | None:
     return float(lrs[best]) if slopes[best] < 0 else None
 
 
+MAX_STEPS = 10_000  # a sweep is a quick look before training; 100 steps are usually enough
+
+
 def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: float = 1e-6, end: float = 1.0,
                   device: str | None = None, on_step: Callable[[int, int], None] | None = None,
                   init: str | None = None) -> LRFindResult:
@@ -60,8 +63,8 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
 
     if not (0 < start < end < math.inf):
         raise UserError(f"The range test needs 0 < start < end, both finite, got start {start:g} and end {end:g}.")
-    if steps < 3:
-        raise UserError(f"The range test needs at least 3 steps, got {steps}.")
+    if not 3 <= steps <= MAX_STEPS:
+        raise UserError(f"The range test takes 3 to {MAX_STEPS} steps, got {steps}.")
     stage = config.stages[stage_index]
     ctx = ddp.Dist(0, 1, ddp.pick_device(device))
     data = load_stage_data(stage, ctx)
