@@ -88,6 +88,7 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
         _write(model.eval(), example, fmt, target)
     description = model_description(info, fmt)
     (folder / "model.json").write_text(json.dumps(description, indent=2))
+    target.chmod((folder / "model.json").stat().st_mode & 0o777)  # safetensors writes 0600: as its neighbours
     (folder / "predict.py").write_text((TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text())
     return target
 
