@@ -47,7 +47,7 @@ SPLITS = ("train", "val")
 # options every data set accepts; they concern how images are read (the image cache applies them)
 COMMON_OPTIONS: dict[str, Any] = {"skip_unreadable": False}
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
-Progress = Callable[[int, "int | None"], None]
+DownloadProgress = Callable[[int, "int | None"], None]
 OWN_FOLDER = "."  # DatasetInfo.folder of a set whose root is its own folder (imagefolder)
 IMAGEFOLDER_LAYOUT = ("one folder of images per class (<root>/<class>/<image>), or <root>/train/<class>/<image> "
                       "plus <root>/val/<class>/<image>")
@@ -192,7 +192,7 @@ def dataset_path(name: str, root: str | Path | None = None) -> Path | None:
     return _root(root) / info.folder if info.folder else None
 
 
-def download(name: str, root: str | Path | None = None, progress: Progress | None = None) -> Path:
+def download(name: str, root: str | Path | None = None, progress: DownloadProgress | None = None) -> Path:
     """Fetch data set ``name`` into ``root`` unless it is already there; returns its folder.
 
     ``progress(done_bytes, total_bytes)`` is called about twice a second while the archive downloads
@@ -222,7 +222,7 @@ def download(name: str, root: str | Path | None = None, progress: Progress | Non
 
 
 @contextmanager
-def _watch_download(archive: Path, url: str, progress: Progress | None) -> Iterator[None]:
+def _watch_download(archive: Path, url: str, progress: DownloadProgress | None) -> Iterator[None]:
     """Call ``progress(done, total)`` every half second while ``archive`` grows, and once at the end."""
     if progress is None:
         yield

@@ -3,8 +3,8 @@
 Plain and readable, in the style of torchvision's classification references. Each stage builds a
 ResNet from its ``init`` with a new head, trains it for ``epochs`` epochs (per-step LR schedule with
 linear warm-up, optional head-only epochs first), validates after every epoch (per-class results
-and confusion matrix into the store) and writes ``last.pt`` (every epoch) and ``best.pt`` (best
-``val_acc``) atomically under ``<run dir>/stage<k>-<name>/``.
+and confusion matrix into the store) and writes ``last.pt`` (every epoch) and ``best.pt`` (the best value of
+the stage's ``select`` metric) atomically under ``<run dir>/stage<k>-<name>/``.
 
 Faults: SIGTERM/SIGINT/SIGHUP (to the trainer or its whole process group, see train/signals.py)
 finish the current step, save ``last.pt`` (mid-epoch position included) and mark the run ``stopped``;
@@ -129,7 +129,7 @@ def lr_lambda(stage: StageConfig, steps_per_epoch: int) -> Callable[[int], float
 def make_optimizer(model: nn.Module, stage: StageConfig) -> torch.optim.Optimizer:
     """SGD (Nesterov-free, momentum) or AdamW over every parameter; no weight decay on norms and biases."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": stage.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if stage.optimizer == "adamw":
@@ -174,7 +174,7 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None]
     val, _ = open_split("val", "none", ctx.is_main)
     if ctx.is_main:
         ddp.barrier(ctx)
-    classes = list(getattr(raw_train, "class_labels", None) or raw_train.classes)
+    classes = list(raw_train.class_labels)
     counts = [0] * len(classes)
     for t in train.targets:
         counts[t] += 1
@@ -600,7 +600,8 @@ class Trainer:
 
     def _validate(self, st: "_StageState", epoch: int, totals: list[float], elapsed: float,
                   carried: float = 0.0) -> dict[str, Any]:
-        """Epoch metrics (``carried``: images of this epoch trained before a resume, not timed here)."""
+        """The epoch's metrics; on rank 0 it also validates and records them (store, TensorBoard, misclassified
+        samples, OOD thresholds). ``carried``: images of this epoch trained before a resume, not timed here."""
         loss_sum, correct, seen = totals
         timed = seen - carried * self.ctx.world
         metrics: dict[str, Any] = {
@@ -944,7 +945,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     if image_size is not None:
         pre = pre.at_size(image_size)
     labeled = open_dataset(name, root, split, **options)
-    classes = list(getattr(labeled, "class_labels", None) or labeled.classes)
+    classes = list(labeled.class_labels)
     check_compatible(info, class_names=classes)  # before the split is decoded into the image cache
     cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size),
                                         opened=labeled)
