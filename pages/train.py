@@ -204,9 +204,9 @@ def column_config(frame: pd.DataFrame) -> dict[str, Any]:
     return config
 
 
-def absolute_root(text: str) -> Path:
-    """A folder the user typed: ``~`` expanded; a relative path is taken under the data root (``ValueError``, one
-    sentence, for a path that cannot be one)."""
+def absolute_path(text: str) -> Path:
+    """A folder or checkpoint path the user typed: ``~`` expanded; a relative path is taken under the data root
+    (``ValueError``, one sentence, for a path that cannot be one)."""
     return paths.typed_path(text, paths.data_root())
 
 
@@ -218,41 +218,28 @@ def with_roots(config: dict[str, Any], images: Path | None) -> dict[str, Any]:
         stage = dict(stage)
         if isinstance(stage.get("root"), str) and stage["root"].strip():
             with contextlib.suppress(ValueError):  # kept as typed: the check below says why it cannot be read
-                stage["root"] = str(absolute_root(stage["root"]))
+                stage["root"] = str(absolute_path(stage["root"]))
         elif stage.get("dataset") == "imagefolder" and images is not None:
             stage["root"] = str(images)
         init = stage.get("init")
         if isinstance(init, str) and init.strip() and init not in NAMED_INITS:
             with contextlib.suppress(ValueError):  # as for roots; an init path is taken under the data root too
-                stage["init"] = str(absolute_root(init))
+                stage["init"] = str(absolute_path(init))
         stages.append(stage)
     return {**config, "stages": stages}
 
 
 def show_problems(config: dict[str, Any], error: ConfigError | None, images: Path | None = None,
                   images_refused: bool = False) -> bool:
-    """Show the first config error (the table's ``error``, else validation's) with its row and column, any data
-    missing where a stage will read it (data sets get a download button), and the data report of every image
-    folder a stage uses (``images`` has its own above); True if all is well. With ``images_refused`` (the image
-    section above refused its folder or zip), a stage left without a root is not reported a second time."""
-    try:
-        if error is not None:
-            raise error
-        pipeline = parse_config(config, base_dir=CONFIG_DIR, check_data=False)
-    except ConfigError as exc:
-        if images_refused and exc.field == "root" and exc.stage is not None \
-                and not config["stages"][exc.stage].get("root"):
-            return False
-        where = ""
-        if exc.stage is not None:
-            where = f"Row {exc.stage + 1}" + (f", column **{column_label(exc.field)}**" if exc.field else "")
-            where += ": "
-        st.error(f"{where}{exc}", icon=":material/error:")
+    """Show the first config problem at its row and column, any data missing where a stage will read it (data sets
+    get a download button), and the data report of every image folder a stage uses (``images`` has its own above);
+    True if all is well."""
+    pipeline = validated(config, error, images_refused)
+    if pipeline is None:
         return False
     for i, stage in enumerate(pipeline.stages):
         if stage.init not in NAMED_INITS and not Path(stage.init).is_file():
-            st.error(f"Row {i + 1}, column **{column_label('init')}**: checkpoint {stage.init} does not exist.",
-                     icon=":material/error:")
+            st.error(f"{cell_ref(i, 'init')}checkpoint {stage.init} does not exist.", icon=":material/error:")
             return False
     missing = missing_data(pipeline)
     for name, root, folder in missing:
@@ -261,11 +248,33 @@ def show_problems(config: dict[str, Any], error: ConfigError | None, images: Pat
     reports_ok = True
     for root, options in image_folders(pipeline):
         if Path(root) == images and not options:
-            reports_ok &= folder_report(root, "{}", common.folder_version(Path(root)))[1] is None
+            reports_ok &= cached_report(Path(root), options)[1] is None
             continue
         with st.expander(f"Data report of {root}" + (f" with {options}" if options else ""), expanded=True):
             reports_ok &= show_folder_report(Path(root), options)
     return not missing and reports_ok
+
+
+def validated(config: dict[str, Any], error: ConfigError | None, images_refused: bool) -> PipelineConfig | None:
+    """The pipeline, or None with its first problem shown (the table's ``error``, else validation's). With
+    ``images_refused`` (the image section above refused its folder or zip), a stage left without a root is not
+    reported a second time."""
+    try:
+        if error is not None:
+            raise error
+        return parse_config(config, base_dir=CONFIG_DIR, check_data=False)
+    except ConfigError as exc:
+        waiting = exc.field == "root" and exc.stage is not None and not config["stages"][exc.stage].get("root")
+        if not (images_refused and waiting):
+            st.error(f"{cell_ref(exc.stage, exc.field)}{exc}", icon=":material/error:")
+        return None
+
+
+def cell_ref(stage: int | None, field: str | None) -> str:
+    """'Row 2, column **root**: ' for a problem in a stage's cell; '' outside the stages."""
+    if stage is None:
+        return ""
+    return f"Row {stage + 1}" + (f", column **{column_label(field)}**" if field else "") + ": "
 
 
 def save_button(config: dict[str, Any]) -> None:
@@ -360,7 +369,7 @@ def typed_folder() -> Path | None:
     if not text.strip():
         return None
     try:
-        return absolute_root(text)
+        return absolute_path(text)
     except ValueError as exc:
         st.error(str(exc), icon=":material/error:")
         return None
@@ -394,7 +403,7 @@ def uploaded_folder() -> Path | None:
 
 def show_folder_report(folder: Path, options: dict[str, Any]) -> bool:
     """The data report of an image folder (as `python -m train data imagefolder` prints it); False on an error."""
-    report, error = folder_report(str(folder), json.dumps(options, sort_keys=True), common.folder_version(folder))
+    report, error = cached_report(folder, options)
     if error is not None:
         st.error(error, icon=":material/error:")
         return False
@@ -405,6 +414,11 @@ def show_folder_report(folder: Path, options: dict[str, Any]) -> bool:
     st.code(format_report(report), language=None)
     st.dataframe(pd.DataFrame(class_rows(report)), hide_index=True, width="stretch", height=240)
     return True
+
+
+def cached_report(folder: Path, options: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """``folder_report`` of the folder as it is now (its version keys the cache)."""
+    return folder_report(str(folder), json.dumps(options, sort_keys=True), common.folder_version(folder))
 
 
 @st.cache_data(show_spinner="Reading the image folder...", max_entries=16)
