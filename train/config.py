@@ -396,35 +396,41 @@ def _number(key: str, value: Any, integer: bool = False) -> float:
 MAX_BATCH_SIZE = 8192  # per process; larger batches do not fit any GPU at ResNet sizes
 
 
+STAGE_RANGES = {  # key: (low, low inclusive, high, high inclusive, integer)
+    "epochs": (1, True, MAX_EPOCHS, True, True),
+    "batch_size": (1, True, MAX_BATCH_SIZE, True, True),
+    "image_size": (16, True, 1024, True, True),
+    "lr": (0, False, 1_000, True, False),
+    "momentum": (0, True, 1, False, False),
+    "weight_decay": (0, True, 1, True, False),
+    "warmup_epochs": (0, True, MAX_EPOCHS, True, False),
+    "label_smoothing": (0, True, 1, False, False),
+    "freeze_epochs": (0, True, MAX_EPOCHS, True, True),
+    "cb_beta": (0, True, 1, False, False),
+    "num_workers": (0, True, 64, True, True),
+    "patience": (0, True, None, False, True),
+    "mix_alpha": (0.001, True, None, False, False),  # smaller underflows to 0 in float32 (Beta needs > 0)
+    "ema": (0, True, 1, False, False),
+    "train_size_start": (0, True, 1024, True, True),
+    "train_size_ramp": (0, False, 1, True, False),
+}
+
+
+def _check_ranges(s: StageConfig) -> None:
+    for key, (low, low_inc, high, high_inc, integer) in STAGE_RANGES.items():
+        value = _number(key, getattr(s, key), integer)
+        if value < low or (value == low and not low_inc):
+            raise ConfigError(f"{key} must be {'>=' if low_inc else '>'} {low}, got {value!r}.", field=key)
+        if high is not None and (value > high or (value == high and not high_inc)):
+            raise ConfigError(f"{key} must be {'<=' if high_inc else '<'} {high}, got {value!r}.", field=key)
+
+
 def _validate_stage(s: StageConfig, first: bool) -> None:
     """Values, ranges and choices of one stage (``first``: it is the pipeline's first stage)."""
     def fail(key: str, text: str) -> ConfigError:
         return ConfigError(text, field=key)
 
-    ranges = {  # key: (low, low inclusive, high, high inclusive, integer)
-        "epochs": (1, True, MAX_EPOCHS, True, True),
-        "batch_size": (1, True, MAX_BATCH_SIZE, True, True),
-        "image_size": (16, True, 1024, True, True),
-        "lr": (0, False, 1_000, True, False),
-        "momentum": (0, True, 1, False, False),
-        "weight_decay": (0, True, 1, True, False),
-        "warmup_epochs": (0, True, MAX_EPOCHS, True, False),
-        "label_smoothing": (0, True, 1, False, False),
-        "freeze_epochs": (0, True, MAX_EPOCHS, True, True),
-        "cb_beta": (0, True, 1, False, False),
-        "num_workers": (0, True, 64, True, True),
-        "patience": (0, True, None, False, True),
-        "mix_alpha": (0.001, True, None, False, False),  # smaller underflows to 0 in float32 (Beta needs > 0)
-        "ema": (0, True, 1, False, False),
-        "train_size_start": (0, True, 1024, True, True),
-        "train_size_ramp": (0, False, 1, True, False),
-    }
-    for key, (low, low_inc, high, high_inc, integer) in ranges.items():
-        value = _number(key, getattr(s, key), integer)
-        if value < low or (value == low and not low_inc):
-            raise fail(key, f"{key} must be {'>=' if low_inc else '>'} {low}, got {value!r}.")
-        if high is not None and (value > high or (value == high and not high_inc)):
-            raise fail(key, f"{key} must be {'<=' if high_inc else '<'} {high}, got {value!r}.")
+    _check_ranges(s)
     for key, allowed in CHOICES.items():
         if getattr(s, key) not in allowed:
             raise fail(key, f"{key} must be one of {', '.join(allowed)}, got {getattr(s, key)!r}.")
