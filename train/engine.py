@@ -46,6 +46,7 @@ from train.signals import StopFlag, start_workers, worker_init_fn
 from train.tensorboard_log import TensorBoardLog
 
 HEARTBEAT_S = 2.0
+PROGRESS_LINE_S = 15.0  # without a terminal (a log file), a progress line this often
 STEP_FLUSH_S = 2.0
 STORE_PATIENCE_S = 3600.0  # a run waits this long for a run store another process locked, then fails
 MISCLASSIFIED_KEPT = 200
@@ -183,10 +184,10 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None]
 
 # ------------------------------------------------------------------- progress
 class Display:
-    """A tqdm bar on a terminal; otherwise a plain progress line every ``every_s`` seconds (for log files)."""
+    """A tqdm bar on a terminal; otherwise a plain progress line every ``PROGRESS_LINE_S`` seconds (log files)."""
 
-    def __init__(self, enabled: bool, every_s: float = 15.0) -> None:
-        self.enabled, self.every_s = enabled, every_s
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self.tty = sys.stdout.isatty() and _has_tqdm()
         self.bar: Any = None
         self.last = 0.0
@@ -227,7 +228,7 @@ class Display:
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss} | {ips} img/s | ETA {eta}", refresh=False)
             self.bar.update(1)
-        elif time.monotonic() - self.last > self.every_s:
+        elif time.monotonic() - self.last > PROGRESS_LINE_S:
             self.last = time.monotonic()
             print(f"  step {progress.step}  loss {loss}  {ips} img/s  ETA {eta}", flush=True)
 
@@ -713,7 +714,7 @@ class _StageState:
     val_batches: DeviceBatches | None = None  # validation on the device path, built at the first epoch's end
     train_size: int = 0  # the training image size the loader makes now (StageConfig.train_size)
     _wrapped: nn.Module | None = None
-    _prefixes: Any = "unset"
+    _prefixes: tuple[str, ...] | None = None  # the trainable layers the wrapped model was made for
     _scaler: Any = None
     _normalize: Normalizer | None = None
     _restored: dict[str, Any] = field(default_factory=dict)  # trainer_state entries waiting for their object
