@@ -524,9 +524,9 @@ def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:
     try:
         os.listdir(root)  # an unreadable root is named as such, not as its train/ folder
         listing = _imagefolder_layout(root, split, options)
-    except PermissionError as exc:
-        raise DatasetError(f"Cannot read {exc.filename or root}: permission denied. Every folder of an image "
-                           "folder must be readable, or its images would be left out silently.") from None
+    except OSError as exc:
+        raise DatasetError(f"Cannot read {exc.filename or root}: {(exc.strerror or str(exc)).lower()}. Every folder "
+                           "of an image folder must be readable, or its images would be left out silently.") from None
     if len(listing.classes) < 2:
         found = f"only {listing.classes[0]!r}" if listing.classes else "none"
         loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
@@ -542,6 +542,10 @@ def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:
 
 
 def _imagefolder_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
+    named = {p.name.lower(): p.name for p in root.iterdir() if p.is_dir()}
+    if {"train", "val"} <= set(named) and (named["train"], named["val"]) != ("train", "val"):
+        raise DatasetError(f"{root} has {named['train']}/ and {named['val']}/ folders: name them train/ and val/ "
+                           "(lower case) to use them as the split, or they are taken for two classes.")
     train, val = root / "train", root / "val"
     if train.is_dir() and val.is_dir():
         return _split_layout(root, split, options)
@@ -549,10 +553,6 @@ def _imagefolder_layout(root: Path, split: str, options: dict[str, Any]) -> List
         there, absent = ("train", "val") if train.is_dir() else ("val", "train")
         raise DatasetError(f"{root} has a {there}/ folder of classes but no {absent}/ folder; give both, or "
                            "put the class folders directly in the root.")
-    named = {p.name.lower(): p.name for p in root.iterdir() if p.is_dir()}
-    if {"train", "val"} <= set(named):
-        raise DatasetError(f"{root} has {named['train']}/ and {named['val']}/ folders: name them train/ and val/ "
-                           "(lower case) to use them as the split, or they are taken for two classes.")
     return _flat_layout(root, split, options)
 
 

@@ -50,7 +50,8 @@ class ZipLimits:
     max_total_bytes: int = 4 << 30
     max_file_bytes: int = MAX_FILE_BYTES
     max_ratio: float = 100.0  # uncompressed / compressed size of one member, and of all the images together ...
-    ratio_floor_bytes: int = 1 << 20  # ... checked above this size (tiny files compress well)
+    ratio_floor_bytes: int = 1 << 20  # ... checked for a member above this size (tiny files compress well) ...
+    archive_ratio_floor_bytes: int = 256 << 20  # ... and for the archive above this (BMPs of plain shapes pack 100x+)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str
     """Check, extract and validate an archive of class folders (see the module docstring); ``name`` is the
     uploaded file's name, used in messages and for the folder."""
     parent = Path(parent) if parent is not None else paths.uploads_dir()
-    digest = _sha256(source)
+    digest = _sha256(source, name)
     earlier = _unpacked_before(parent, digest)
     if earlier is not None:
         return earlier
@@ -86,6 +87,7 @@ def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str
     try:
         with _open_zip(source, name) as archive:
             members, skipped = _plan(archive, name, limits)
+            _check_room(members, parent, name)
             unreadable = _extract(archive, members, work, name, limits)
         inner = _dataset_folder(work)
         _check_image_folder(inner, work, name)
@@ -104,32 +106,43 @@ def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str
 MARKER = ".reslens-upload.json"  # in each unpacked folder: the archive's SHA-256 and what was kept (hidden)
 
 
-def _unpacked(target: Path) -> Unpacked:
-    about = json.loads((target / MARKER).read_text())
-    return Unpacked(target / about["folder"], target, about["images"], about["skipped"])
+def _unpacked(target: Path, about: dict | None = None) -> Unpacked:
+    about = about if about is not None else json.loads((target / MARKER).read_text())
+    return Unpacked(paths.resolve_inside(target, about["folder"]), target, about["images"], about["skipped"])
 
 
 def _unpacked_before(parent: Path, digest: str) -> Unpacked | None:
     """The folder the same archive was unpacked into before, when it is still there (a zip dropped again)."""
     for marker in sorted(parent.glob(f"*/{MARKER}")):
         try:
-            found = _unpacked(marker.parent)
-            if json.loads(marker.read_text())["sha256"] == digest and found.folder.is_dir():
+            about = json.loads(marker.read_text())
+            if about["sha256"] == digest and (found := _unpacked(marker.parent, about)).folder.is_dir():
                 return found
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a marker someone edited: that folder is not reused
     return None
 
 
-def _sha256(source: ZipSource) -> str:
+def _sha256(source: ZipSource, name: str) -> str:
     if isinstance(source, (bytes, bytearray)):
         return hashlib.sha256(source).hexdigest()
-    if isinstance(source, (str, os.PathLike)):
-        with open(source, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-    digest = hashlib.file_digest(source, "sha256").hexdigest()
-    source.seek(0)
-    return digest
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as handle:
+                return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.file_digest(source, "sha256").hexdigest()
+        source.seek(0)
+        return digest
+    except OSError as exc:
+        raise ArchiveError(f"{name} is not a readable .zip archive ({exc.strerror or exc}).") from None
+
+
+def _check_room(members: list[Member], parent: Path, name: str) -> None:
+    """Refuse an archive whose images would not fit on the disk, before anything is written."""
+    needed, free = sum(info.file_size for info, _ in members), shutil.disk_usage(parent).free
+    if needed > free:
+        raise ArchiveError(f"{name} needs {iec_bytes(needed)} for its images, but only {iec_bytes(free)} is free "
+                           f"in {parent}.")
 
 
 def describe_skipped(skipped: list[str], shown: int = 8) -> str:
@@ -163,14 +176,14 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
         if info.is_dir() or not relative:
             continue
         if _hidden(relative):
-            skipped.append(f"{info.filename} (hidden)")
+            skipped.append(f"{_utf8_name(info)} (hidden)")
             continue
         if not is_image_name(relative):
-            skipped.append(f"{info.filename} (not an image)")
+            skipped.append(f"{_utf8_name(info)} (not an image)")
             continue
         _check_declared(info, name, limits)
         if relative in seen:
-            raise ArchiveError(f"{name} lists {info.filename} more than once.")
+            raise ArchiveError(f"{name} lists {_utf8_name(info)} more than once.")
         seen.add(relative)
         total += info.file_size
         if total > limits.max_total_bytes:
@@ -180,7 +193,7 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
     if not members:
         raise ArchiveError(f"{name} holds no image files (JPEG, PNG, WebP, BMP, GIF or TIFF in class folders).")
     packed = sum(info.compress_size for info, _ in members)
-    if total > limits.ratio_floor_bytes and total > limits.max_ratio * max(packed, 1):
+    if total > limits.archive_ratio_floor_bytes and total > limits.max_ratio * max(packed, 1):
         raise ArchiveError(f"{name} holds images that expand {total / max(packed, 1):.0f} times as a whole (more than "
                            f"{limits.max_ratio:.0f}); it looks like a zip bomb and is refused.")
     return members, skipped
@@ -215,6 +228,10 @@ def _utf8_name(info: zipfile.ZipInfo) -> str:
         return info.filename
 
 
+def _cut(text: str, length: int) -> str:
+    return text if len(text) <= length else text[:length] + "..."
+
+
 def _hidden(relative: str) -> bool:
     """A hidden file or one in a hidden folder or macOS's ``__MACOSX`` resource forks."""
     return any(skipped_folder(p) for p in relative.split("/"))
@@ -222,11 +239,11 @@ def _hidden(relative: str) -> bool:
 
 def _check_declared(info: zipfile.ZipInfo, name: str, limits: ZipLimits) -> None:
     if info.file_size > limits.max_file_bytes:
-        raise ArchiveError(f"{name} holds {info.filename}, {iec_bytes(info.file_size)} unpacked; "
+        raise ArchiveError(f"{name} holds {_utf8_name(info)}, {iec_bytes(info.file_size)} unpacked; "
                            f"files over {iec_bytes(limits.max_file_bytes)} are refused.")
     if info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
         ratio = info.file_size / max(info.compress_size, 1)
-        raise ArchiveError(f"{name} holds {info.filename}, which expands {ratio:.0f} times (more than "
+        raise ArchiveError(f"{name} holds {_utf8_name(info)}, which expands {ratio:.0f} times (more than "
                            f"{limits.max_ratio:.0f}); it looks like a zip bomb and is refused.")
 
 
@@ -246,23 +263,22 @@ def _extract(archive: zipfile.ZipFile, members: list[Member], work: Path, name: 
             read_header(target)
         except ImageError:
             target.unlink()
-            unreadable.append(f"{info.filename} (not a readable image)")
+            unreadable.append(f"{_utf8_name(info)} (not a readable image)")
     return unreadable
 
 
 def _write_problem(exc: OSError, info: zipfile.ZipInfo, target: Path, work: Path, name: str) -> str:
     """The sentence for an archive member that could not be written."""
-    if exc.errno == errno.ENOSPC:
-        free = shutil.disk_usage(work).free
-        return f"{name} does not fit on the disk: {iec_bytes(free)} free in {work.parent} when it was full."
+    if exc.errno == errno.ENOSPC:  # the disk filled up meanwhile (_check_room found room before)
+        return f"The disk filled up while {name} was unpacked into {work.parent}; free some space and try again."
     if exc.errno == errno.ENAMETOOLONG:
-        return f"{name} holds a name too long for this disk's file system: {info.filename[:80]}..."
+        return f"{name} holds a name too long for this disk's file system: {_cut(_utf8_name(info), 80)}"
     clash = next((p for p in target.parents if p.is_file()), target if target.is_dir() else None)
     if clash is not None:
         return f"{name} holds {clash.relative_to(work).as_posix()} both as a file and as a folder."
     if isinstance(exc, FileExistsError):  # two names one file on a case-insensitive disk
-        return f"{name} lists {info.filename} more than once."
-    return f"{name} could not be unpacked at {info.filename} ({exc.strerror or exc})."
+        return f"{name} lists {_utf8_name(info)} more than once."
+    return f"{name} could not be unpacked at {_utf8_name(info)} ({exc.strerror or exc})."
 
 
 def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str, allowed: int,
@@ -274,11 +290,11 @@ def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, 
             while chunk := src.read(CHUNK):
                 written += len(chunk)
                 if written > allowed or written > left:
-                    raise ArchiveError(f"{name} holds {info.filename}, which unpacks to more bytes than it "
+                    raise ArchiveError(f"{name} holds {_utf8_name(info)}, which unpacks to more bytes than it "
                                        "declares or than the size limit; it is refused.")
                 dst.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise ArchiveError(f"{name} is damaged or uses an unsupported compression ({info.filename}: {exc}).") \
+        raise ArchiveError(f"{name} is damaged or uses an unsupported compression ({_utf8_name(info)}: {exc}).") \
             from None
     return written
 
@@ -294,7 +310,7 @@ def _dataset_folder(work: Path) -> Path:
     while True:
         dirs = _visible_dirs(folder)
         loose = any(p.is_file() for p in folder.iterdir())
-        if loose or len(dirs) != 1 or dirs[0].name in SPLITS or not _visible_dirs(dirs[0]):
+        if loose or len(dirs) != 1 or dirs[0].name.lower() in SPLITS or not _visible_dirs(dirs[0]):
             return folder
         folder = dirs[0]
 

@@ -120,7 +120,7 @@ MALICIOUS = {
     "not a zip": (lambda img: img, ZipLimits(), "is not a readable .zip archive"),
     "bomb of small files": (lambda img: _zip([("cat/a.png", img)] + [(f"dog/{i}.bmp", b"\0" * (900 << 10))
                                                                       for i in range(3)]),
-                            ZipLimits(), r"holds images that expand \d+ times as a whole \(more than 100\); it looks "
+                            ZipLimits(archive_ratio_floor_bytes=2 << 20), r"holds images that expand \d+ times as a whole \(more than 100\); it looks "
                                          "like a zip bomb"),
     "a file and a folder": (lambda img: _zip([("cat.png", img), ("cat.png/x.png", img), ("dog/b.png", img)]),
                             ZipLimits(), "holds cat.png both as a file and as a folder"),
@@ -145,18 +145,45 @@ def test_a_malicious_or_unusable_zip_is_refused_in_one_sentence_and_leaves_nothi
     assert not (tmp_path.parent / "escape.png").exists() and not Path("/tmp/abs.png").exists()
 
 
+def test_plain_bmps_that_pack_well_are_not_taken_for_a_bomb(tmp_path):
+    """Uncompressed pictures of plain shapes pack over 100 times; a small set of them is an ordinary data set."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(40):
+            image = Image.new("RGB", (128, 128), (255, 255, 255))
+            image.paste((0, 0, 0), (i, i, i + 40, i + 40))
+            out = io.BytesIO()
+            image.save(out, "BMP")
+            zf.writestr(f"{'square' if i % 2 else 'other'}/{i}.bmp", out.getvalue())
+    data = buffer.getvalue()
+    assert sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist()) > 100 * len(data)
+    assert unpack_image_zip(data, "shapes.zip").images == 40
+
+
 def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
+    import shutil
 
     import core.image_zip
+
+    free = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(core.image_zip.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(ArchiveError, match=r"^pets.zip needs \d.* for its images, but only 1000 bytes is free in "):
+        unpack_image_zip(pets_zip(tmp_path), "pets.zip")  # found before anything is written
+    assert nothing_left()
+    monkeypatch.undo()
 
     def full(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(core.image_zip, "_copy_member", full)
-    with pytest.raises(ArchiveError, match=r"^pets.zip does not fit on the disk: .* free in "):
-        unpack_image_zip(pets_zip(tmp_path), "pets.zip")
+    monkeypatch.setattr(core.image_zip, "_copy_member", full)  # the disk filled up meanwhile
+    with pytest.raises(ArchiveError, match=r"^The disk filled up while pets.zip was unpacked into .*; free some"):
+        unpack_image_zip(pets_zip(tmp_path / "2"), "pets.zip")
     assert nothing_left()
+    with pytest.raises(ArchiveError, match=r"^gone.zip is not a readable .zip archive \(No such file"):
+        unpack_image_zip(tmp_path / "gone.zip", "gone.zip")
 
 
 def test_utf8_names_without_the_utf8_flag_keep_their_class_names(tmp_path):

@@ -66,6 +66,7 @@ def test_train_and_val_folders_are_the_split(tmp_path):
     ("empty val", DatasetError, "has no validation images: its val/ folder holds no images of the classes in train/"),
     ("one image each", DatasetError, "has no validation images: every class has a single image, so none is held out"),
     ("capitals", DatasetError, "has Train/ and Val/ folders: name them train/ and val/ \\(lower case\\)"),
+    ("one capital", DatasetError, "has train/ and Val/ folders: name them train/ and val/"),
     ("empty train", DatasetError, r"set/train holds no class folders with images"),
 ])
 def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_path, case, error, message):
@@ -88,9 +89,9 @@ def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_p
         (tmp_path / "set" / "val" / "cat").mkdir(parents=True)
     elif case == "one image each":
         make_imagefolder(tmp_path / "set", sizes={"cat": 1, "dog": 1, "emu": 1})
-    elif case == "capitals":
+    elif case in ("capitals", "one capital"):
         make_imagefolder(tmp_path / "set", "split")
-        for name in ("train", "val"):
+        for name in ("train", "val") if case == "capitals" else ("val",):
             (tmp_path / "set" / name).rename(tmp_path / "set" / name.capitalize())
     elif case == "empty train":
         make_imagefolder(tmp_path / "set", sizes={"cat": 3, "dog": 3})
