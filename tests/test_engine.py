@@ -12,7 +12,7 @@ import yaml
 
 from core import paths
 from core.checkpoints import REQUIRED_KEYS, load_checkpoint, save_checkpoint
-from core.run_store import RunStore
+from core.run_store import RunStore, RunStoreError
 from tests.data_fixtures import make_caltech101
 from train import distributed as ddp
 from train import engine
@@ -271,8 +271,12 @@ def test_a_resume_with_another_number_of_processes_says_how_and_keeps_the_run_re
     save_checkpoint(last, payload)
     with pytest.raises(engine.ResumeRefused, match=r"^stage 1 \(s1\) was checkpointed by 2 training processes and "
                                                    r"this resume has 1: .* resume it with 2 \(torchrun "
-                                                   r"--nproc_per_node=2 -m train resume RUN\)\.$"):
+                                                   r"--nproc_per_node=2 -m train resume tiny\)\.$"):
         run_tiny(raw, resume=True)
+    from train import jobs
+
+    with pytest.raises(RunStoreError, match=r"was checkpointed by 2 training processes and this resume has 1"):
+        jobs.resume("tiny")  # the app's Resume (one process) refuses before queueing anything
     run = RunStore().get_run("tiny")
     assert (run["state"], run["error"]) == ("stopped", None)  # not failed: resumed rightly, it goes on
 

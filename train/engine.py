@@ -337,6 +337,9 @@ class Trainer:
                 sweep_stale(paths.run_dir(self.run_name), ".*.pt.*.tmp", recursive=True)
                 sweep_stale_builds()
             point = find_resume_point(self.config, self.run_name) if resume else ResumePoint(0)
+            refusal = other_world(self.config, self.run_name, point, self.ctx.world)
+            if refusal:
+                raise ResumeRefused(refusal)
             plan = self._plan()
             done = sum(w.steps for w in plan[: point.stage]) + (point.checkpoint or {}).get("step", 0)
             self.progress.set_plan(plan, done)
@@ -387,8 +390,6 @@ class Trainer:
         if checkpoint is not None:
             start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
             expected = {**sampler.state_dict(), "epoch": start_epoch, "start": batches_done * stage.batch_size}
-            if checkpoint.get("sampler", {}).get("world", self.ctx.world) != self.ctx.world:
-                raise ResumeRefused(_other_world(label, checkpoint["sampler"]["world"], self.ctx.world))
             problem = resume_mismatch(checkpoint, self.config.written_for(index, checkpoint), expected)
             if problem:
                 raise TrainingFailed(f"{label} cannot resume: {problem}; start a new run instead.")
@@ -846,11 +847,17 @@ def check_shard(label: str, images: int, world: int, smallest: int) -> None:
                              "processes, more images, or 33 px or more.")
 
 
-def _other_world(label: str, then: int, now: int) -> str:
-    """How to resume a stage checkpointed by ``then`` processes, asked of ``now``."""
-    how = "python -m train resume RUN" if then == 1 else f"torchrun --nproc_per_node={then} -m train resume RUN"
-    return (f"{label} was checkpointed by {then} training process{'es' * (then != 1)} and this resume has {now}: "
-            f"its sample order depends on that number, so resume it with {then} ({how}).")
+def other_world(config: PipelineConfig, run_name: str, point: ResumePoint, world: int) -> str | None:
+    """Why ``world`` processes cannot resume the run at ``point`` (its checkpoint was written by another number,
+    and the sample order depends on it) and how to resume it; None when they can."""
+    then = ((point.checkpoint or {}).get("sampler") or {}).get("world", world)
+    if then == world:
+        return None
+    how = f"python -m train resume {run_name}" if then == 1 else \
+        f"torchrun --nproc_per_node={then} -m train resume {run_name}"
+    return (f"{stage_label(point.stage, config.stages[point.stage])} was checkpointed by {then} training "
+            f"process{'es' * (then != 1)} and this resume has {world}: its sample order depends on that number, so "
+            f"resume it with {then} ({how}).")
 
 
 # --------------------------------------------------------------- entry point

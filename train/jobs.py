@@ -107,6 +107,12 @@ def resume(name: str, device: str | None = None) -> None:
     if run["state"] == "finished":
         raise RunStoreError(f"Run {name!r} has already finished; there is nothing to resume.")
     refuse_live_trainer(run)
+    from train.engine import find_resume_point, other_world  # here: the engine imports torch
+
+    config = parse_config(run["config"], data_root=None, check_data=False)
+    refusal = other_world(config, name, find_resume_point(config, name), world=1)  # the app starts one process
+    if refusal:
+        raise RunStoreError(refusal)
     store.set_state(name, "queued")
     args = ["resume", name] + (["--device", device] if device else [])
     _spawn(name, args, store)
