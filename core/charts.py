@@ -170,7 +170,7 @@ def format_eta(seconds: float | None) -> str:
 
 def format_rate(value: float) -> str:
     """A speed with its meaningful digits: '1234', '12', '2.4', '0.42'."""
-    return f"{value:.0f}" if value >= 10 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+    return f"{value:.0f}" if value >= 9.95 else f"{value:.1f}" if value >= 0.995 else f"{value:.2f}"
 
 
 def progress_fraction(done: int | None, total: int | None) -> float:

@@ -26,8 +26,9 @@ that stage, and a checkpoint's ``epoch`` is the number of completed epochs); ``s
 optimizer steps from 1 within a stage (an epoch row's ``step`` is the last step of that epoch).
 
 Job states: ``queued, running, finished, failed, stopped, interrupted``. Readers get the
-*resolved* state: a ``queued``/``running`` run whose process is gone, or a ``running`` run whose
-heartbeat is older than ``STALE_AFTER_S`` seconds, reads as ``interrupted``.
+*resolved* state: a ``queued``/``running`` run whose process is gone, a ``running`` run whose
+heartbeat is older than ``STALE_AFTER_S`` seconds, or a ``queued`` run that got no trainer within
+``QUEUED_WITHOUT_TRAINER_S``, reads as ``interrupted``.
 """
 from __future__ import annotations
 

@@ -144,4 +144,4 @@ def test_the_real_command_reports_an_unknown_run(tmp_path):
 def test_a_full_disk_is_one_sentence(runs, capsys):
     assert main(["compare", "scratch", "staged", "-o", "/dev/full"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: the output could not be written: No space left on device.\n"
+    assert err == "error: the disk is full (No space left on device); free some space and run it again.\n"

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()
             except OSError:  # stdout is the full disk: what is left would fail again at exit
                 _discard_stdout()
-            print(f"error: the output could not be written: {exc.strerror}.", file=sys.stderr)
+            print(f"error: the disk is full ({exc.strerror}); free some space and run it again.", file=sys.stderr)
             return 2
         if exc.filename is None:
             raise
