@@ -99,9 +99,10 @@ def panels(runs: list[dict[str, Any]], per_step: bool, smoothing: float) -> None
 def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool) -> None:
     store = common.store()
     by_name = {r["name"]: r for r in store.list_runs()}
-    runs = [by_name[n] for n in names if n in by_name]
-    if len(runs) < len(names):
-        st.rerun(scope="app")  # a run was deleted meanwhile (another tab, the CLI): the choice is made again
+    runs = [by_name[n] for n in names if n in by_name]  # a run deleted meanwhile (another tab, the CLI) is left out
+    if not runs:
+        st.info("The chosen runs were deleted.")
+        return
     if was_live and not any(common.is_live(r) for r in runs):
         st.rerun(scope="app")  # nothing live any more: one full rerun turns the refresh off
     for run in runs:
