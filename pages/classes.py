@@ -134,6 +134,11 @@ def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int |
                    f"images of that epoch only, so epoch {epoch}'s are not shown.")
     if checkpoint is not None and checkpoint.is_file():
         st.caption(f"Grad-CAM uses {common.checkpoint_label(checkpoint)}.")
+        held = common.checkpoint_epoch(checkpoint)
+        if kept is not None and held is not None and held != kept:
+            st.caption(f"That checkpoint holds epoch {held}, not the epoch-{kept} model that misclassified these "
+                       "images: its map shows where it finds the class named, and it may itself classify the image "
+                       "otherwise.")
     classes = sorted({s["true"] for s in samples})
     only = st.selectbox("True class", ["all"] + classes)
     chosen = [s for s in samples if only == "all" or s["true"] == only][:GALLERY_SIZE]

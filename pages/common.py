@@ -150,6 +150,11 @@ def _stage_checkpoints(store_path: str) -> dict[str, dict[str, Any]]:
     return store().checkpoint_index()
 
 
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a stage's best.pt or last.pt holds, from the run store (None for other files)."""
+    return (_stage_checkpoints(str(paths.store_path())).get(str(path)) or {}).get("epoch")
+
+
 def first_line(text: str) -> str:
     return text.strip().partition("\n")[0]
 

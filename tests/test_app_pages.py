@@ -176,6 +176,8 @@ def test_classes_draws_everything_from_the_store():
     assert len(at.image) == 2  # the misclassified gallery
     assert not any("were misclassified at epoch" in c.value for c in at.caption)  # the last epoch: its own images
     assert any(c.value.startswith("Grad-CAM uses demo-done / stage2-finetune / best.pt") for c in at.caption)
+    assert any(c.value.startswith("That checkpoint holds epoch 2, not the epoch-3 model that misclassified these")
+               for c in at.caption)  # best.pt is from epoch 2: its map is not the misclassifying model's
     at.selectbox[2].set_value(1).run()  # an earlier epoch: the gallery says whose images it shows
     assert any(c.value.startswith("These were misclassified at epoch 3, the stage's last validated epoch")
                for c in at.caption)
