@@ -124,9 +124,12 @@ def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpo
     names = ("alpha.png", "rot.jpg")
     with torch.no_grad():
         expected = model(torch.stack([transform(load_image(tmp_path / n)) for n in names])).softmax(1)
-    ran = subprocess.run([sys.executable, str(out / "predict.py"), *names], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
-    assert ran.returncode == 0 and "Warning" not in ran.stderr, ran.stderr
+    (tmp_path / "broken.jpg").write_bytes((tmp_path / "rot.jpg").read_bytes()[:300])  # cut short
+    ran = subprocess.run([sys.executable, str(out / "predict.py"), "broken.jpg", *names], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert ran.returncode == 1 and "Warning" not in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+    assert ran.stderr.startswith("broken.jpg: cannot be read as an image (")  # and the others still go on
     for name, line, probabilities in zip(names, ran.stdout.splitlines(), expected):
         top = probabilities.topk(min(5, len(probabilities)))
         shown = ", ".join(f"{fx.shapes_classes()[i]} {p:.1%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))

@@ -36,16 +36,24 @@ def open_rgb(path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str]) -> int:
     about = json.loads((HERE / "model.json").read_text())
     session = onnxruntime.InferenceSession(str(HERE / about["file"]), providers=["CPUExecutionProvider"])
+    failed = 0
     for path in paths:
-        logits = session.run(None, {"input": prepare(open_rgb(path), about["preprocessing"])})[0][0]
+        try:
+            image = open_rgb(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # one bad file: say so, go on
+            print(f"{path}: cannot be read as an image ({exc})", file=sys.stderr)
+            failed += 1
+            continue
+        logits = session.run(None, {"input": prepare(image, about["preprocessing"])})[0][0]
         probabilities = np.exp(logits - logits.max())
         probabilities /= probabilities.sum()
         ranked = ", ".join(f"{about['class_names'][i]} {probabilities[i]:.1%}" for i in np.argsort(-probabilities)[:5])
         print(f"{path}: {ranked}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -37,7 +37,7 @@ def open_rgb(path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str]) -> int:
     about = json.loads((HERE / "model.json").read_text())
     pre = about["preprocessing"]
     prepare = transforms.Compose([
@@ -45,14 +45,22 @@ def main(paths: list[str]) -> None:
         transforms.ToTensor(), transforms.Normalize(pre["mean"], pre["std"]),
     ])
     model = load(about).eval()
+    failed = 0
     for path in paths:
+        try:
+            image = open_rgb(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # one bad file: say so, go on
+            print(f"{path}: cannot be read as an image ({exc})", file=sys.stderr)
+            failed += 1
+            continue
         with torch.no_grad():
-            logits = model(prepare(open_rgb(path)).unsqueeze(0))[0]
+            logits = model(prepare(image).unsqueeze(0))[0]
         probabilities = logits.softmax(dim=0)
         top = probabilities.topk(min(5, len(probabilities)))
         ranked = ", ".join(f"{about['class_names'][i]} {p:.1%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
         print(f"{path}: {ranked}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
