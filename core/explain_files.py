@@ -42,20 +42,30 @@ def map_name(image: str, layer: str, method: str, class_name: str, ext: str = "p
     return "_".join(file_part(p) for p in (image, layer, method, class_name)) + f".{ext}"
 
 
-def unique_stems(names: Sequence[str]) -> list[str]:
+def unique_stems(names: Sequence[str], earlier: dict[str, str] | None = None) -> list[str]:
     """Each name's stem made safe for a file name (``file_part``), with ``-2``, ``-3``... added when two inputs
-    share one (a/dog.jpg and b/dog.png; 'my dog.jpg' and 'my_dog.jpg')."""
+    share one (a/dog.jpg and b/dog.png; 'my dog.jpg' and 'my_dog.jpg'). ``earlier``: stems that earlier calls
+    gave to images (stem -> image), taken unless it was the same image (so a second call never overwrites the
+    maps of another image with the same file name: Caltech's image_0001.jpg, a phone's IMG_0001.JPG)."""
+    earlier = earlier or {}
     taken: set[str] = set()
     stems = []
     for raw in names:
         stem = name = file_part(Path(raw).stem)
         n = 1
-        while name in taken:
+        while name in taken or earlier.get(name, raw) != raw:
             n += 1
             name = f"{stem}-{n}"
         taken.add(name)
         stems.append(name)
     return stems
+
+
+def stems_in(records: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Stem -> image of the maps that prediction records name (a map's name starts with its stem and '_', which
+    no part of a name contains)."""
+    return {name.split("_")[0]: record["image"] for record in records if isinstance(record, dict)
+            for name in (record.get("overlays") or {}).values() if isinstance(name, str)}
 
 
 def prediction_record(image: str, probabilities: np.ndarray, class_names: Sequence[str], explained: int,

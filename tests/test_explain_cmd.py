@@ -102,6 +102,21 @@ def test_same_stem_twice_gets_two_files(checkpoint, inputs, tmp_path):
     assert len(names) == 2 and names[0].startswith("dog-2_layer1_gradcam_") and names[1].startswith("dog_layer1_")
 
 
+def test_a_later_call_never_overwrites_the_maps_of_another_image_with_the_same_name(checkpoint, inputs, tmp_path):
+    """Caltech names its files image_0001.jpg in every class folder, phones IMG_0001.JPG: calls one after the
+    other must keep both maps; the same image again replaces its own."""
+    (tmp_path / "b").mkdir()
+    twin = _write_image(tmp_path / "b" / "dog.png", 20, 20, 3)
+    out = tmp_path / "out"
+    for image in (inputs["dog"], twin, inputs["dog"]):
+        assert main(["explain", str(checkpoint), str(image), "--target", "0", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert [n.split("_")[0] for n in names] == ["dog-2", "dog"]  # two images, two maps; the third call replaced
+    records = json.loads((out / "predictions.json").read_text())["images"]
+    assert sorted((r["image"], *r["overlays"].values()) for r in records) == sorted(
+        [(str(inputs["dog"]), names[1]), (str(twin), names[0])])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

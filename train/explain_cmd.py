@@ -2,7 +2,8 @@
 
 One forward pass per batch serves every ``--layer`` (default: the model's recommended layer). Each overlay is
 named after its image, layer, method and class (``dog_layer2_gradcam_tabby.png``, see core/explain_files.py),
-so later calls with other layers, methods or classes never overwrite earlier ones; ``predictions.json`` and
+so later calls with other layers, methods or classes never overwrite earlier ones, nor do other images with the
+same file name (``dog-2_...``: the stems earlier calls used are read from ``predictions.json``); ``predictions.json`` and
 ``predictions.csv`` gather the records of every call into the folder (a record is replaced only by one for
 the same image, layers, method and class). ``--target`` names a class for every image, or for one image as
 ``IMAGE=CLASS``. An unreadable image is reported with the reason and the others are still written (exit
@@ -25,7 +26,7 @@ import torch
 from core import ood
 from core.cam_scale import SCALES, on_scale, scale_label, shared_scales
 from core.errors import UserError
-from core.explain_files import map_name, npy_bytes, predictions_csv, prediction_record, unique_stems
+from core.explain_files import map_name, npy_bytes, predictions_csv, prediction_record, stems_in, unique_stems
 from core.gradcam import ALL_METHODS, explain, recommended_layer, supported_layers
 from core.images import ImageError, load_image
 from core.overlay import COLORMAPS, overlay
@@ -88,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     assign_targets(pictures, args.target, info.class_names, args.images)
     out = _output_folder(args.out)
     earlier = _earlier_predictions(out)  # before anything is written: a folder holding someone else's file is refused
+    taken = stems_in(earlier.get("images", []))
+    for picture, stem in zip(pictures, unique_stems([str(p.path) for p in pictures], taken)):
+        picture.stem = stem
     top_k = min(max(1, args.top_k), len(info.class_names))
     records = []
     for start in range(0, len(pictures), BATCH):
@@ -172,8 +176,6 @@ def _read_images(paths: list[str]) -> tuple[list[Picture], list[dict[str, str]]]
         except ImageError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failures.append({"image": raw, "error": str(exc)})
-    for picture, stem in zip(pictures, unique_stems([str(p.path) for p in pictures])):
-        picture.stem = stem
     return pictures, failures
 
 
