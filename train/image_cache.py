@@ -89,9 +89,10 @@ class _Decoded(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
         try:
             return self.prepare(self.dataset.load_raw(index)), True
-        except ImageError:
+        except ImageError as exc:
             if not self.skip_unreadable:
-                raise
+                raise ImageError(f"{exc} A stage with options: {{skip_unreadable: true}} leaves out (and lists) the "
+                                 "images that cannot be decoded.") from None
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
 
 
