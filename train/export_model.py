@@ -89,8 +89,15 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
     description = model_description(info, fmt)
     (folder / "model.json").write_text(json.dumps(description, indent=2))
     target.chmod((folder / "model.json").stat().st_mode & 0o777)  # safetensors writes 0600: as its neighbours
-    (folder / "predict.py").write_text((TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text())
+    (folder / "predict.py").write_text(predict_script(fmt))
     return target
+
+
+def predict_script(fmt: str) -> str:
+    """The exported predict.py: the format's template with the shared image reading (image_input.py) put in."""
+    template = (TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text()
+    marker = "# image_input.py (open_rgb, readable) is inserted here by `python -m train export-model`\n"
+    return template.replace(marker, (TEMPLATES / "image_input.py").read_text())
 
 
 def _check_writable(folder: Path, target: Path) -> None:

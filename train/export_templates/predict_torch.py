@@ -28,13 +28,7 @@ def load(about: dict) -> torch.nn.Module:
     return model
 
 
-def open_rgb(path: str) -> Image.Image:
-    """The image as ResLens reads it: turned by its EXIF orientation, transparency laid over grey (128)."""
-    image = ImageOps.exif_transpose(Image.open(path))
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (128, 128, 128, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+# image_input.py (open_rgb, readable) is inserted here by `python -m train export-model`
 
 
 def main(paths: list[str]) -> int:
@@ -45,14 +39,8 @@ def main(paths: list[str]) -> int:
         transforms.ToTensor(), transforms.Normalize(pre["mean"], pre["std"]),
     ])
     model = load(about).eval()
-    failed = 0
-    for path in paths:
-        try:
-            image = open_rgb(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # one bad file: say so, go on
-            print(f"{path}: cannot be read as an image ({exc})", file=sys.stderr)
-            failed += 1
-            continue
+    images, failed = readable(paths)
+    for path, image in images:
         with torch.no_grad():
             logits = model(prepare(image).unsqueeze(0))[0]
         probabilities = logits.softmax(dim=0)
