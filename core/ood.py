@@ -63,6 +63,16 @@ class Assessment:
         return {"level": self.level, "msp": self.msp, "energy": self.energy, "sentence": self.sentence}
 
 
+def _apart(value: float, threshold: float, kind: str, digits: int) -> tuple[str, str]:
+    """The value and its threshold with the fewest decimals, from ``digits``, that tell them apart (a score just
+    under its threshold must not read as equal to it)."""
+    for places in range(digits, digits + 4):
+        shown = format(value, f".{places}{kind}"), format(threshold, f".{places}{kind}")
+        if shown[0] != shown[1]:
+            break
+    return shown
+
+
 def _percentile(value: float, quantiles: list[float]) -> float:
     """Share (0-100) of validation images whose score is below ``value``, from the stored quantiles."""
     levels = np.linspace(0, 100, len(quantiles))
@@ -79,9 +89,10 @@ def assess(logits: np.ndarray, stats: dict[str, Any] | None) -> Assessment:
     p_msp, p_energy = _percentile(msp, stats["msp_quantiles"]), _percentile(lse, stats["energy_quantiles"])
     low_msp, low_energy = msp < stats["msp_threshold"], lse < stats["energy_threshold"]
     share = f"{stats['keep']:.0%}"
-    detail = (f"confidence {msp:.1%} (threshold {stats['msp_threshold']:.1%}, higher than {p_msp:.0f}% of "
-              f"validation images) and energy score {lse:.2f} (threshold {stats['energy_threshold']:.2f}, higher "
-              f"than {p_energy:.0f}% of them)")
+    (msp_text, msp_limit), (lse_text, lse_limit) = _apart(msp, stats["msp_threshold"], "%", 1), \
+        _apart(lse, stats["energy_threshold"], "f", 2)
+    detail = (f"confidence {msp_text} (threshold {msp_limit}, higher than {p_msp:.0f}% of validation images) and "
+              f"energy score {lse_text} (threshold {lse_limit}, higher than {p_energy:.0f}% of them)")
     if low_msp and low_energy:
         return Assessment(msp, lse, p_msp, p_energy, "out",
                           f"Out of distribution: this image is unlike the images the model was trained on, "

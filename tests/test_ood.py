@@ -3,6 +3,7 @@ with its checkpoints, and added to older checkpoints by `python -m train ood-thr
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -47,6 +48,10 @@ def test_verdicts_in_words():
     assert far.energy_percentile < 5 and "validation images" in far.sentence
     unknown = ood.assess(np.array([1.0, 0.0, 0.0, 0.0]), {})
     assert unknown.level == "unknown" and "ood-thresholds" in unknown.sentence
+    just_under = {**stats, "energy_threshold": float(ood.scores(np.array([[9.0, 0.2, -0.5, 0.1]]))[1][0]) + 0.001}
+    close = ood.assess(np.array([9.0, 0.2, -0.5, 0.1]), just_under)  # 0.001 under: the sentence must show it
+    score, threshold = re.search(r"energy score (\S+) \(threshold (\S+),", close.sentence).groups()
+    assert close.level == "borderline" and score != threshold and len(score.split(".")[1]) == 3
 
 
 def test_trainer_stores_thresholds_and_the_command_recomputes_them_for_older_checkpoints(tmp_path):
