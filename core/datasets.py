@@ -517,7 +517,10 @@ def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     how = (f"the last {split_options['train_per_class']} per class train" if split_options["train_per_class"]
            else f"{100 * split_options['val_fraction']:g}% of each class held out")
     note = f"Split: by a hash of seed/class/file ({how}, seed {split_options['seed']})."
-    return Listing(sorted(files), files, excluded=empty, notes=[note])
+    loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
+    stray = [f"{loose} image{'s lie' if loose != 1 else ' lies'} directly in {root}, outside any class folder: "
+             "not used."] if loose else []
+    return Listing(sorted(files), files, excluded=empty, notes=[note, *stray])
 
 
 def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:

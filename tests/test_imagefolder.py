@@ -38,6 +38,10 @@ def test_flat_folder_is_split_per_class_by_the_caltech_hash(tmp_path):
     assert all(train[i][0].mode == "RGB" for i in range(len(train)))  # every format decodes
     assert class_counts("imagefolder", root, "train", train_per_class=1) == dict.fromkeys(CLASSES, 1)
     assert "hash" in train.notes[0]
+    assert not any("outside any class folder" in n for n in train.notes)
+    shutil.copy(train.files[0], root / "stray.jpg")
+    assert open_dataset("imagefolder", root, "train").notes[-1] == \
+        f"1 image lies directly in {root}, outside any class folder: not used."
 
 
 def test_train_and_val_folders_are_the_split(tmp_path):
