@@ -517,7 +517,7 @@ def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     how = (f"the last {split_options['train_per_class']} per class train" if split_options["train_per_class"]
            else f"{100 * split_options['val_fraction']:g}% of each class held out")
     note = f"Split: by a hash of seed/class/file ({how}, seed {split_options['seed']})."
-    loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
+    loose = _loose_images(root)
     stray = [f"{loose} image{'s lie' if loose != 1 else ' lies'} directly in {root}, outside any class folder: "
              "not used."] if loose else []
     return Listing(sorted(files), files, excluded=empty, notes=[note, *stray])
@@ -532,7 +532,7 @@ def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:
                            "of an image folder must be readable, or its images would be left out silently.") from None
     if len(listing.classes) < 2:
         found = f"only {listing.classes[0]!r}" if listing.classes else "none"
-        loose = sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
+        loose = _loose_images(root)
         outside = f"; {loose} images lie directly in it, outside any class folder" if loose else ""
         raise DatasetError(f"{root} needs at least two class folders with images ({found} found{outside}): "
                            f"expected {IMAGEFOLDER_LAYOUT}.")
@@ -542,6 +542,11 @@ def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:
         raise DatasetError(f"{root} has no validation images: {why}. Validation needs at least one image; give "
                            "classes two images or more.")
     return listing
+
+
+def _loose_images(root: Path) -> int:
+    """Images lying directly in an image folder's root, outside any class folder (they are not used)."""
+    return sum(1 for p in root.iterdir() if p.is_file() and is_image_name(p.name))
 
 
 def _imagefolder_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:

@@ -154,9 +154,12 @@ def describe_skipped(skipped: list[str], shown: int = 8) -> str:
 def _open_zip(source: ZipSource, name: str) -> zipfile.ZipFile:
     data = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
     try:
-        return zipfile.ZipFile(data)
+        archive = zipfile.ZipFile(data)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise ArchiveError(f"{name} is not a readable .zip archive ({exc}).") from None
+    for info in archive.infolist():  # once, for paths and messages alike (reading checks orig_filename)
+        info.filename = _utf8_name(info)
+    return archive
 
 
 Member = tuple[zipfile.ZipInfo, str]  # a member to extract and its path inside the target folder
@@ -176,14 +179,14 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
         if info.is_dir() or not relative:
             continue
         if _hidden(relative):
-            skipped.append(f"{_utf8_name(info)} (hidden)")
+            skipped.append(f"{info.filename} (hidden)")
             continue
         if not is_image_name(relative):
-            skipped.append(f"{_utf8_name(info)} (not an image)")
+            skipped.append(f"{info.filename} (not an image)")
             continue
         _check_declared(info, name, limits)
         if relative in seen:
-            raise ArchiveError(f"{name} lists {_utf8_name(info)} more than once.")
+            raise ArchiveError(f"{name} lists {info.filename} more than once.")
         seen.add(relative)
         total += info.file_size
         if total > limits.max_total_bytes:
@@ -201,7 +204,7 @@ def _plan(archive: zipfile.ZipFile, name: str, limits: ZipLimits) -> tuple[list[
 
 def _member_path(info: zipfile.ZipInfo, name: str) -> str:
     """The member's path inside the target folder, or an ``ArchiveError`` when it could lead outside it."""
-    raw = _utf8_name(info)
+    raw = info.filename
     text = raw.replace("\\", "/")
     if "\0" in text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
         raise ArchiveError(f"{name} holds {raw!r}, an absolute path; archives that write outside their folder "
@@ -239,11 +242,11 @@ def _hidden(relative: str) -> bool:
 
 def _check_declared(info: zipfile.ZipInfo, name: str, limits: ZipLimits) -> None:
     if info.file_size > limits.max_file_bytes:
-        raise ArchiveError(f"{name} holds {_utf8_name(info)}, {iec_bytes(info.file_size)} unpacked; "
+        raise ArchiveError(f"{name} holds {info.filename}, {iec_bytes(info.file_size)} unpacked; "
                            f"files over {iec_bytes(limits.max_file_bytes)} are refused.")
     if info.file_size > limits.ratio_floor_bytes and info.file_size > limits.max_ratio * max(info.compress_size, 1):
         ratio = info.file_size / max(info.compress_size, 1)
-        raise ArchiveError(f"{name} holds {_utf8_name(info)}, which expands {ratio:.0f} times (more than "
+        raise ArchiveError(f"{name} holds {info.filename}, which expands {ratio:.0f} times (more than "
                            f"{limits.max_ratio:.0f}); it looks like a zip bomb and is refused.")
 
 
@@ -263,7 +266,7 @@ def _extract(archive: zipfile.ZipFile, members: list[Member], work: Path, name: 
             read_header(target)
         except ImageError:
             target.unlink()
-            unreadable.append(f"{_utf8_name(info)} (not a readable image)")
+            unreadable.append(f"{info.filename} (not a readable image)")
     return unreadable
 
 
@@ -272,13 +275,13 @@ def _write_problem(exc: OSError, info: zipfile.ZipInfo, target: Path, work: Path
     if exc.errno == errno.ENOSPC:  # the disk filled up meanwhile (_check_room found room before)
         return f"The disk filled up while {name} was unpacked into {work.parent}; free some space and try again."
     if exc.errno == errno.ENAMETOOLONG:
-        return f"{name} holds a name too long for this disk's file system: {_cut(_utf8_name(info), 80)}"
+        return f"{name} holds a name too long for this disk's file system: {_cut(info.filename, 80)}"
     clash = next((p for p in target.parents if p.is_file()), target if target.is_dir() else None)
     if clash is not None:
         return f"{name} holds {clash.relative_to(work).as_posix()} both as a file and as a folder."
     if isinstance(exc, FileExistsError):  # two names one file on a case-insensitive disk
-        return f"{name} lists {_utf8_name(info)} more than once."
-    return f"{name} could not be unpacked at {_utf8_name(info)} ({exc.strerror or exc})."
+        return f"{name} lists {info.filename} more than once."
+    return f"{name} could not be unpacked at {info.filename} ({exc.strerror or exc})."
 
 
 def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, name: str, allowed: int,
@@ -290,11 +293,11 @@ def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, 
             while chunk := src.read(CHUNK):
                 written += len(chunk)
                 if written > allowed or written > left:
-                    raise ArchiveError(f"{name} holds {_utf8_name(info)}, which unpacks to more bytes than it "
+                    raise ArchiveError(f"{name} holds {info.filename}, which unpacks to more bytes than it "
                                        "declares or than the size limit; it is refused.")
                 dst.write(chunk)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise ArchiveError(f"{name} is damaged or uses an unsupported compression ({_utf8_name(info)}: {exc}).") \
+        raise ArchiveError(f"{name} is damaged or uses an unsupported compression ({info.filename}: {exc}).") \
             from None
     return written
 

@@ -65,8 +65,8 @@ def model_description(info: Any, fmt: str) -> dict[str, Any]:
     }
 
 
-def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str]) -> Path:
-    """Export the checkpoint's model as ``fmt`` into ``out``; returns the model file's path."""
+def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str]) -> dict[str, Any]:
+    """Export the checkpoint's model as ``fmt`` into ``out``; returns what model.json says of it."""
     from core.checkpoints import load_model
 
     if fmt not in FORMATS:
@@ -90,7 +90,7 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
     (folder / "model.json").write_text(json.dumps(description, indent=2))
     target.chmod((folder / "model.json").stat().st_mode & 0o777)  # safetensors writes 0600: as its neighbours
     (folder / "predict.py").write_text(predict_script(fmt))
-    return target
+    return description
 
 
 def predict_script(fmt: str) -> str:
@@ -139,10 +139,11 @@ def export_zip(checkpoint: str | os.PathLike[str], fmt: str) -> bytes:
 
 def run(args: argparse.Namespace) -> int:
     """Export a checkpoint's model (TorchScript, ONNX or safetensors) with model.json and predict.py."""
-    target = export_model(args.checkpoint, args.format, args.out)
-    print(f"wrote {target}, model.json and predict.py to {target.parent} "
-          f"(try: python {target.parent / 'predict.py'} IMAGE)")
-    source = json.loads((target.parent / "model.json").read_text())["source"]
+    about = export_model(args.checkpoint, args.format, args.out)
+    folder = Path(args.out)
+    print(f"wrote {folder / about['file']}, model.json and predict.py to {folder} "
+          f"(try: python {folder / 'predict.py'} IMAGE)")
+    source = about["source"]
     if source["batches_done_in_epoch"]:
         best = Path(args.checkpoint).with_name("best.pt")
         print(f"Note: {Path(args.checkpoint).name} was saved in the middle of epoch {source['epoch'] + 1} (after "
