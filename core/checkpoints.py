@@ -286,6 +286,17 @@ def check_compatible(info: CheckpointInfo, arch: str | None = None, class_names:
                               f"({changed}).")
 
 
+def inference_weights(data: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint's metrics were measured with: the weight average (EMA) that a stage's
+    unfinished ``last.pt`` keeps for its resume, when there is one, else ``data["model"]``."""
+    ema = (data.get("trainer_state") or {}).get("ema")
+    if isinstance(ema, dict):
+        average = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+        if average.keys() == data["model"].keys() and all(isinstance(v, torch.Tensor) for v in average.values()):
+            return average
+    return data["model"]
+
+
 def load_weights(model: nn.Module, state: dict[str, Any], source: object) -> nn.Module:
     """``model.load_state_dict(state)``, with weights that do not fit reported as one sentence."""
     try:
@@ -304,10 +315,11 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu",
     data = load_checkpoint(path)
     info = checkpoint_info(path, data)
     check_compatible(info, arch, class_names)
-    broken = [k for k, v in data["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    weights = inference_weights(data)
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:
         raise CheckpointError(f"Checkpoint {path} holds weights that are not numbers (NaN or infinite, first in "
                               f"{broken[0]}): the file is damaged.")
     model = build_model(info.arch, info.num_classes, "scratch")
-    load_weights(model, data["model"], path)
+    load_weights(model, weights, path)
     return model.to(device).eval(), info

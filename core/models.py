@@ -126,13 +126,13 @@ def build_model(arch: str = "resnet50", num_classes: int = 1000, init: str | os.
         model.load_state_dict(_imagenet_state_dict(arch))
         source_names = list(_weights(arch).meta["categories"])
     else:
-        from core.checkpoints import load_checkpoint, load_weights
+        from core.checkpoints import inference_weights, load_checkpoint, load_weights
 
         ckpt = load_checkpoint(init)
         if ckpt["arch"] != arch:
             raise ModelError(f"Checkpoint {init} holds a {ckpt['arch']}, but a {arch} was asked for.")
         replace_head(model, int(ckpt["num_classes"]))
-        load_weights(model, ckpt["model"], init)
+        load_weights(model, inference_weights(ckpt), init)
         source_names = list(ckpt.get("class_names") or [None] * int(ckpt["num_classes"]))
     same = len(source_names) == num_classes and (class_names is None or list(class_names) == source_names)
     return model if same else replace_head(model, num_classes)

@@ -92,18 +92,41 @@ def test_config_checks_the_recipe_keys(tmp_path):
 
 
 def test_a_stage_with_mixing_ema_and_flips_validates_and_saves_the_average(tmp_path):
-    """best.pt holds the weights that were validated (the average); last.pt the raw ones. (A stopped run's
-    last.pt keeps the average in trainer_state: tests/test_engine.py resumes one bit-exactly.)"""
-    from train.engine import stage_dir
+    """best.pt and a finished stage's last.pt hold the weights that were validated (the average): evaluating
+    last.pt gives the loss its epoch recorded. (A stopped run's last.pt keeps the raw weights and the average in
+    trainer_state: tests/test_engine.py resumes one bit-exactly.)"""
+    from train.engine import evaluate_checkpoint, stage_dir
 
     raw = tiny_config(tmp_path, (2,), mix="both", ema=0.9, tta=True)
     assert run_tiny(raw) == "finished"
     config = parse_config(raw)
-    last = load_checkpoint(stage_dir("tiny", 0, config.stages[0]) / "last.pt")
+    last_path = stage_dir("tiny", 0, config.stages[0]) / "last.pt"
+    last = load_checkpoint(last_path)
     best = load_checkpoint(stage_dir("tiny", 0, config.stages[0]) / "best.pt")
-    floats = [k for k, v in best["model"].items() if v.is_floating_point()]
-    assert any(not torch.equal(best["model"][k], last["model"][k]) for k in floats) or best["epoch"] != last["epoch"]
+    assert "trainer_state" not in last  # a finished stage: the weights only
+    assert evaluate_checkpoint(last_path).result["loss"] == pytest.approx(last["metrics"]["val_loss"], rel=1e-5)
+    if best["epoch"] == last["epoch"]:
+        assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
     assert best["stage_config"]["ema"] == 0.9 and best["stage_config"]["tta"] is True
+
+
+def test_a_checkpoint_with_a_weight_average_is_used_with_the_average(tmp_path):
+    """An unfinished last.pt keeps the raw weights (to resume) and the EMA in trainer_state; whoever loads it
+    to predict gets the average, which its metrics were measured with."""
+    from core.checkpoints import inference_weights, load_model, save_checkpoint
+    from core.models import Preprocessing, build_model
+
+    model, average = build_model("resnet18", 3, "scratch"), build_model("resnet18", 3, "scratch")
+    ema = {f"module.{k}": v for k, v in average.state_dict().items()} | {"n_averaged": torch.tensor(4)}
+    payload = {"arch": "resnet18", "num_classes": 3, "class_names": ["a", "b", "c"],
+               "preprocessing": Preprocessing.for_size(32).to_dict(),
+               "model": model.state_dict(), "epoch": 1, "trainer_state": {"ema": ema}}
+    path = save_checkpoint(tmp_path / "last.pt", payload)
+    loaded, _ = load_model(path)
+    assert all(torch.equal(v, average.state_dict()[k]) for k, v in loaded.state_dict().items())
+    assert inference_weights({**payload, "trainer_state": {"rng": 1}}) is payload["model"]  # no average: the raw
+    odd = {**payload, "trainer_state": {"ema": {"module.fc.weight": torch.zeros(1)}}}  # not this model's average
+    assert inference_weights(odd) is payload["model"]
 
 
 def test_resolution_schedule_ramps_in_steps_of_8_then_holds_the_image_size():

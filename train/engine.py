@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from core import evaluation, ood, paths
-from core.checkpoints import (check_compatible, checkpoint_info, class_change, load_checkpoint, load_weights,
-                              save_checkpoint)
+from core.checkpoints import (check_compatible, checkpoint_info, class_change, inference_weights, load_checkpoint,
+                              load_weights, save_checkpoint)
 from core.datasets import SPLIT_OPTIONS, class_counts, open_dataset
 from core.errors import UserError
 from core.models import Preprocessing, build_model
@@ -668,7 +668,6 @@ class Trainer:
         payload = {
             "arch": self.config.arch, "num_classes": len(st.data.classes), "class_names": st.data.classes,
             "preprocessing": st.data.preprocessing.to_dict(),
-            "model": (st.evaluated if kind == "best" else st.model).state_dict(),  # best: the EMA when on
             "epoch": epoch, "batches_done": batches_done, "step": st.step,
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
@@ -676,6 +675,8 @@ class Trainer:
             "ood": st.ood,
         }
         stage_done = batches_done == 0 and (epoch >= st.stage.epochs or st.stopped_early)
+        # the weights its metrics were measured with (the EMA when on), except where a resume needs the raw ones
+        payload["model"] = (st.evaluated if kind == "best" or stage_done else st.model).state_dict()
         if kind == "last" and not stage_done:  # a finished stage never resumes: its last.pt keeps the weights only
             payload.update(
                 optimizer=st.optimizer.state_dict(), scheduler=st.scheduler.state_dict(),
@@ -959,7 +960,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
                                         opened=labeled)
     target = ddp.pick_device(device)
     model = build_model(info.arch, info.num_classes, "scratch")
-    load_weights(model, raw["model"], path)
+    load_weights(model, inference_weights(raw), path)
     normalize = Normalizer(pre.mean, pre.std).to(target)
     flip = bool(trained.get("tta")) if flip is None else flip
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
