@@ -20,6 +20,7 @@ import numpy as np
 
 KEEP = 0.95  # share of validation images a threshold lets through
 QUANTILES = 101  # stored quantiles of each score: an image's percentile among the validation images
+FEW_IMAGES = 100  # below this many validation images, the 5% threshold rests on a handful: the verdict says so
 
 
 def scores(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,13 +95,20 @@ def assess(logits: np.ndarray, stats: dict[str, Any] | None) -> Assessment:
     detail = (f"confidence {msp_text} (threshold {msp_limit}, higher than {p_msp:.0f}% of validation images) and "
               f"energy score {lse_text} (threshold {lse_limit}, higher than {p_energy:.0f}% of them)")
     if low_msp and low_energy:
-        return Assessment(msp, lse, p_msp, p_energy, "out",
-                          f"Out of distribution: this image is unlike the images the model was trained on, "
-                          f"so do not trust the prediction: {detail}; {share} of validation images score higher "
-                          "on both.")
-    if low_msp or low_energy:
-        return Assessment(msp, lse, p_msp, p_energy, "borderline",
-                          f"Possibly out of distribution: one score is lower than {share} of validation images "
-                          f"reach, so treat the prediction with caution: {detail}.")
-    return Assessment(msp, lse, p_msp, p_energy, "in",
-                      f"Looks like the training data: {detail}.")
+        level, sentence = "out", (f"Out of distribution: this image is unlike the images the model was trained on, "
+                                  f"so do not trust the prediction: {detail}; {share} of validation images score "
+                                  "higher on both.")
+    elif low_msp or low_energy:
+        level, sentence = "borderline", (f"Possibly out of distribution: one score is lower than {share} of "
+                                         f"validation images reach, so treat the prediction with caution: {detail}.")
+    else:
+        level, sentence = "in", f"Looks like the training data: {detail}."
+    return Assessment(msp, lse, p_msp, p_energy, level, sentence + _few_images(stats.get("val_images")))
+
+
+def _few_images(count: Any) -> str:
+    """A caveat when the thresholds were calibrated on fewer than ``FEW_IMAGES`` validation images."""
+    if not isinstance(count, int) or count >= FEW_IMAGES:
+        return ""
+    return (f" The thresholds come from only {count} validation image{'s' if count != 1 else ''}, so this verdict "
+            "is rough.")

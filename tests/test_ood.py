@@ -52,6 +52,19 @@ def test_verdicts_in_words():
     close = ood.assess(np.array([9.0, 0.2, -0.5, 0.1]), just_under)  # 0.001 under: the sentence must show it
     score, threshold = re.search(r"energy score (\S+) \(threshold (\S+),", close.sentence).groups()
     assert close.level == "borderline" and score != threshold and len(score.split(".")[1]) == 3
+    assert "rough" not in typical.sentence  # 500 validation images: no caveat
+
+
+def test_a_verdict_from_a_handful_of_validation_images_says_it_is_rough():
+    rng = np.random.default_rng(2)
+    val_logits = rng.normal(0, 1, (12, 4)) + np.eye(4)[rng.integers(0, 4, 12)] * 8
+    few = ood.calibrate(*ood.scores(val_logits))
+    for logits in ([9.0, 0.2, -0.5, 0.1], [0.1, 0.0, 0.05, -0.1]):
+        verdict = ood.assess(np.array(logits), few)
+        assert verdict.sentence.endswith("The thresholds come from only 12 validation images, so this verdict is "
+                                         "rough.")
+    one = ood.assess(np.array([9.0, 0.2, -0.5, 0.1]), ood.calibrate(*ood.scores(val_logits[:1])))
+    assert "only 1 validation image," in one.sentence
 
 
 def test_trainer_stores_thresholds_and_the_command_recomputes_them_for_older_checkpoints(tmp_path):
