@@ -17,7 +17,8 @@ Tables (all keyed by the run name):
   ``images_per_s``, ``epoch_time_s``). Unique per (run, kind, stage, epoch, step): writing the same
   row twice replaces it, so a resumed run never duplicates rows.
 * ``class_results`` — per-class counts, correct counts and confusion matrix per (run, stage, epoch).
-* ``misclassified`` — misclassified val samples of the last evaluated epoch of each stage.
+* ``misclassified`` — misclassified val samples of each stage's last evaluated epoch and of its best epoch (the
+  one ``best.pt`` holds).
 * ``evaluations`` — results of ``python -m train eval`` (per-class data plus misclassified samples).
 
 Numbering (what the trainer writes): ``stage`` is the 0-based index of the stage in the
@@ -52,7 +53,7 @@ BUSY_TIMEOUT_MS = 30_000
 LOCK_RETRY_S = 0.5  # a patient writer's pause between waits for another process's lock
 # 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
 # 2: every column in the CREATE statements; 3: runs.pid_started; 4: runs.stage_steps
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 STEP_METRICS = ("train_loss", "lr")
 EPOCH_METRICS = (
@@ -133,7 +134,7 @@ CREATE TABLE IF NOT EXISTS misclassified (
     true_label TEXT NOT NULL,
     predicted TEXT NOT NULL,
     confidence REAL NOT NULL,
-    PRIMARY KEY (run, stage, rank)
+    PRIMARY KEY (run, stage, epoch, rank)
 );
 CREATE TABLE IF NOT EXISTS evaluations (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -541,13 +542,17 @@ class RunStore:
         rows = self._read("SELECT epoch FROM class_results WHERE run = ? AND stage = ? ORDER BY epoch", (name, stage))
         return [r["epoch"] for r in rows]
 
-    def save_misclassified(self, name: str, stage: int, epoch: int, samples: Sequence[dict[str, Any]]) -> None:
-        """Replace the stage's misclassified samples with ``samples`` of ``epoch``.
+    def save_misclassified(self, name: str, stage: int, epoch: int, samples: Sequence[dict[str, Any]],
+                           best_epoch: int | None = None) -> None:
+        """Store ``samples`` of ``epoch``, keeping besides them only those of the stage's best epoch: ``best_epoch``
+        (this epoch when it is the new best), else the stage's ``best_epoch`` in the store.
 
         Each sample: ``{"source": str, "true": class name, "predicted": class name, "confidence": float}``.
         """
         statements: list[tuple[str, Sequence[Any]]] = [
-            ("DELETE FROM misclassified WHERE run = ? AND stage = ?", (name, stage))
+            ("DELETE FROM misclassified WHERE run = ? AND stage = ? AND (epoch = ? OR epoch IS NOT "
+             "COALESCE(?, (SELECT best_epoch FROM stages WHERE run = ? AND idx = ?)))",
+             (name, stage, epoch, best_epoch, name, stage))
         ]
         statements += [
             ("INSERT INTO misclassified VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -556,11 +561,19 @@ class RunStore:
         ]
         self._write_many(statements)
 
-    def misclassified(self, name: str, stage: int, true_label: str | None = None) -> list[dict[str, Any]]:
-        """Misclassified val samples of the stage's last evaluated epoch, most confident first."""
+    def misclassified_epochs(self, name: str, stage: int) -> list[int]:
+        """Epochs of ``stage`` whose misclassified samples are kept (its best and its last), ascending."""
+        rows = self._read("SELECT DISTINCT epoch FROM misclassified WHERE run = ? AND stage = ? ORDER BY epoch",
+                          (name, stage))
+        return [r["epoch"] for r in rows]
+
+    def misclassified(self, name: str, stage: int, true_label: str | None = None,
+                      epoch: int | None = None) -> list[dict[str, Any]]:
+        """Misclassified val samples of ``epoch`` (default: the stage's last evaluated epoch), most confident first."""
         sql = "SELECT epoch, source, true_label AS true, predicted, confidence FROM misclassified" \
-              " WHERE run = ? AND stage = ?"
-        params: list[Any] = [name, stage]
+              " WHERE run = ? AND stage = ? AND epoch = COALESCE(?, (SELECT MAX(epoch) FROM misclassified" \
+              " WHERE run = ? AND stage = ?))"
+        params: list[Any] = [name, stage, epoch, name, stage]
         if true_label is not None:
             sql += " AND true_label = ?"
             params.append(true_label)
@@ -618,11 +631,26 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             conn.execute(statement)
+    if "epoch" not in _primary_key(conn, "misclassified"):  # schema < 5 kept one epoch per stage
+        _rebuild(conn, "misclassified")
     for table, columns in _OLDER_LAYOUT_COLUMNS.items():
         have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
         for column, kind in columns.items():
             if column not in have:
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+def _primary_key(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {r["name"] for r in conn.execute(f"PRAGMA table_info({table})") if r["pk"]}
+
+
+def _rebuild(conn: sqlite3.Connection, table: str) -> None:
+    """Give ``table`` its current layout (a new primary key), keeping its rows: SQLite cannot alter a key."""
+    create = next(s for s in _SCHEMA.split(";") if f"EXISTS {table} (" in s)
+    conn.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+    conn.execute(create)
+    conn.execute(f"INSERT INTO {table} SELECT * FROM {table}_old")
+    conn.execute(f"DROP TABLE {table}_old")
 
 
 def _metric_columns(kind: str) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import streamlit as st
 
 from core import charts
 from core.evaluation import confused_pairs
+from core.run_store import RunStore
 from pages import cam, common
 
 common.setup("Classes")
@@ -47,7 +48,17 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
         return None, [], None
     epoch = c.selectbox("Epoch", epochs[::-1], format_func=lambda e: f"epoch {e}")
     best = stages[stage].get("best_path") or stages[stage].get("last_path")
-    return store.class_results(run, stage, epoch), store.misclassified(run, stage), Path(best) if best else None
+    return (store.class_results(run, stage, epoch), kept_misclassified(store, run, stage, epoch),
+            Path(best) if best else None)
+
+
+def kept_misclassified(store: RunStore, run: str, stage: int, epoch: int) -> list[dict[str, Any]]:
+    """The misclassified images of ``epoch`` when they are kept (a run keeps its best and its last epoch's), else
+    the best epoch's (the model best.pt holds), else the last's."""
+    kept = store.misclassified_epochs(run, stage)
+    best = store.stages(run)[stage].get("best_epoch")
+    shown = epoch if epoch in kept else best if best in kept else None
+    return store.misclassified(run, stage, epoch=shown)
 
 
 def pick_evaluation() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path | None]:
@@ -121,7 +132,7 @@ def confusion_view(result: dict[str, Any]) -> None:
 
 
 def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int | None = None) -> None:
-    """The stored misclassified images (a run keeps its last validated epoch's), and Grad-CAM with ``checkpoint``."""
+    """The stored misclassified images (a run keeps its best and last epochs'), and Grad-CAM with ``checkpoint``."""
     from core.samples import missing_files
 
     st.subheader("Misclassified validation images")
@@ -130,8 +141,8 @@ def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int |
         return
     kept = samples[0].get("epoch")
     if epoch is not None and kept is not None and kept != epoch:
-        st.caption(f"These were misclassified at epoch {kept}, the stage's last validated epoch: a run keeps the "
-                   f"images of that epoch only, so epoch {epoch}'s are not shown.")
+        st.caption(f"These were misclassified at epoch {kept}: a run keeps the images of each stage's best and "
+                   f"last epochs only, so epoch {epoch}'s are not shown.")
     if checkpoint is not None and checkpoint.is_file():
         st.caption(f"Grad-CAM uses {common.checkpoint_label(checkpoint)}.")
         held = common.checkpoint_epoch(checkpoint)

@@ -63,6 +63,9 @@ def finished_run(name: str = "demo-done", with_checkpoint: bool = True) -> Path 
                             epoch_time_s=30.0)
             store.save_class_results(name, stage, epoch, _class_result(classes, epoch - 1))
         store.update_stage(name, stage, completed_epochs=3, best_val_acc=0.65, best_epoch=2)
+    store.save_misclassified(name, 1, 2, [  # the best epoch's (best.pt), kept besides the last epoch's
+        {"source": "shapes-lt:val:5", "true": classes[1], "predicted": classes[0], "confidence": 0.7},
+    ], best_epoch=2)
     store.save_misclassified(name, 1, 3, [
         {"source": "shapes-lt:val:0", "true": classes[0], "predicted": classes[1], "confidence": 0.8},
         {"source": "shapes-lt:val:3", "true": classes[0], "predicted": classes[2], "confidence": 0.6},

@@ -178,9 +178,13 @@ def test_classes_draws_everything_from_the_store():
     assert any(c.value.startswith("Grad-CAM uses demo-done / stage2-finetune / best.pt") for c in at.caption)
     assert any(c.value.startswith("That checkpoint holds epoch 2, not the epoch-3 model that misclassified these")
                for c in at.caption)  # best.pt is from epoch 2: its map is not the misclassifying model's
-    at.selectbox[2].set_value(1).run()  # an earlier epoch: the gallery says whose images it shows
-    assert any(c.value.startswith("These were misclassified at epoch 3, the stage's last validated epoch")
-               for c in at.caption)
+    at.selectbox[2].set_value(2).run()  # the best epoch: its own images, and best.pt is its model
+    assert len(at.image) == 1 and not any("were misclassified at epoch" in c.value for c in at.caption)
+    assert not any(c.value.startswith("That checkpoint holds epoch") for c in at.caption)
+    at.selectbox[2].set_value(1).run()  # an epoch not kept: the best epoch's images, and the page says so
+    assert len(at.image) == 1
+    assert any(c.value.startswith("These were misclassified at epoch 2: a run keeps the images of each stage's best "
+                                  "and last epochs only, so epoch 1's are not shown") for c in at.caption)
 
 
 def test_classes_gallery_shows_grad_cam_on_demand():

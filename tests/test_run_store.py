@@ -138,15 +138,36 @@ def test_class_results_latest_and_by_epoch(store):
     assert store.class_results("r1", 0, epoch=1)["correct"] == [1, 1]
 
 
-def test_misclassified_replaced_per_stage(store):
-    old = [{"source": "a.jpg", "true": "cat", "predicted": "dog", "confidence": 0.6}]
-    new = [{"source": "b.jpg", "true": "cat", "predicted": "dog", "confidence": 0.4},
-           {"source": "c.jpg", "true": "dog", "predicted": "cat", "confidence": 0.9}]
-    store.save_misclassified("r1", 0, 0, old)
-    store.save_misclassified("r1", 0, 1, new)
-    rows = store.misclassified("r1", 0)
-    assert [r["source"] for r in rows] == ["c.jpg", "b.jpg"]
-    assert rows[0]["true"] == "dog" and rows[0]["epoch"] == 1
+def _wrong(*sources):
+    return [{"source": s, "true": "cat", "predicted": "dog", "confidence": 0.5 + i / 10}
+            for i, s in enumerate(sources)]
+
+
+def test_misclassified_of_the_last_and_the_best_epoch_are_kept(store):
+    store.upsert_stage("r1", 0, "s1", "caltech101", 5, ["cat", "dog"])
+    store.save_misclassified("r1", 0, 1, _wrong("a1"), best_epoch=1)
+    store.update_stage("r1", 0, best_epoch=1)
+    store.save_misclassified("r1", 0, 2, _wrong("b1", "b2"))  # not better: epoch 1 stays the best
+    assert store.misclassified_epochs("r1", 0) == [1, 2]
+    rows = store.misclassified("r1", 0)  # the last epoch's, most confident first
+    assert [r["source"] for r in rows] == ["b2", "b1"] and rows[0]["epoch"] == 2
+    assert [r["source"] for r in store.misclassified("r1", 0, epoch=1)] == ["a1"]
+    store.save_misclassified("r1", 0, 3, _wrong("c1"))  # epoch 2's go: neither best nor last
+    assert store.misclassified_epochs("r1", 0) == [1, 3]
+    store.save_misclassified("r1", 0, 4, _wrong("d1"), best_epoch=4)  # a new best: epoch 1's go too
+    store.update_stage("r1", 0, best_epoch=4)
+    assert store.misclassified_epochs("r1", 0) == [4]
+    store.save_misclassified("r1", 0, 4, _wrong("e1"))  # the same epoch again (a resume) replaces its rows
+    assert [r["source"] for r in store.misclassified("r1", 0, epoch=4)] == ["e1"]
+    store.save_misclassified("r1", 1, 1, _wrong("f1"))  # another stage keeps its own
+    assert store.misclassified_epochs("r1", 0) == [4] and store.misclassified("r1", 5) == []
+
+
+def test_misclassified_filtered_by_true_class(store):
+    rows = [{"source": "b.jpg", "true": "cat", "predicted": "dog", "confidence": 0.4},
+            {"source": "c.jpg", "true": "dog", "predicted": "cat", "confidence": 0.9}]
+    store.save_misclassified("r1", 0, 1, rows)
+    assert [r["source"] for r in store.misclassified("r1", 0)] == ["c.jpg", "b.jpg"]
     assert [r["source"] for r in store.misclassified("r1", 0, true_label="cat")] == ["b.jpg"]
 
 
@@ -279,6 +300,25 @@ def test_an_older_store_is_upgraded_once(tmp_path, traced, user_version):
     assert [s for s in traced if not s.startswith(connection_settings)] == ["PRAGMA user_version"]
     assert again.get_run("old")["phase"] == "compiling"
     again.close()
+
+
+def test_a_schema_4_store_keeps_its_misclassified_rows_under_the_new_key(tmp_path):
+    path = tmp_path / "v4.sqlite"
+    _old_store(path, 4)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE misclassified (run TEXT NOT NULL REFERENCES runs(name) ON DELETE CASCADE, stage "
+                 "INTEGER NOT NULL, epoch INTEGER NOT NULL, rank INTEGER NOT NULL, source TEXT NOT NULL, true_label "
+                 "TEXT NOT NULL, predicted TEXT NOT NULL, confidence REAL NOT NULL, PRIMARY KEY (run, stage, rank))")
+    conn.execute("INSERT INTO misclassified VALUES ('old', 0, 3, 0, 'x.jpg', 'cat', 'dog', 0.7)")
+    conn.commit()
+    conn.close()
+    store = RunStore(path)
+    assert store.misclassified("old", 0) == [{"epoch": 3, "source": "x.jpg", "true": "cat", "predicted": "dog",
+                                              "confidence": 0.7}]
+    store.save_misclassified("old", 0, 4, _wrong("y.jpg"), best_epoch=3)  # two epochs now fit the key
+    assert store.misclassified_epochs("old", 0) == [3, 4]
+    store.delete_run("old")  # the rebuilt table still follows its run
+    assert store.misclassified_epochs("old", 0) == []
 
 
 def test_a_new_store_has_every_column_in_its_create_statements(tmp_path):

@@ -628,7 +628,8 @@ class Trainer:
         self.store.log_epoch(self.run_name, st.index, epoch + 1, step=st.step, **metrics)
         self.store.save_class_results(self.run_name, st.index, epoch + 1, result)
         wrong = evaluation.misclassified(preds, st.data.classes, st.data.val.source, MISCLASSIFIED_KEPT)
-        self.store.save_misclassified(self.run_name, st.index, epoch + 1, wrong)
+        self.store.save_misclassified(self.run_name, st.index, epoch + 1, wrong,
+                                      best_epoch=epoch + 1 if st.improves(metrics) else None)
         return metrics
 
     def _val_loader(self, st: "_StageState") -> Any:
@@ -642,7 +643,7 @@ class Trainer:
 
     def _end_epoch(self, st: "_StageState", epoch: int, metrics: dict[str, Any]) -> None:
         score = metrics.get(SELECTED_METRIC[st.stage.select])  # what picks best.pt and drives patience
-        improved = score is not None and (st.best is None or score > st.best)
+        improved = st.improves(metrics)
         if improved:
             st.best = score
         st.stopped_early = ddp.broadcast(self.ctx, st.early_stop(score)) and epoch + 1 < st.stage.epochs
@@ -764,6 +765,11 @@ class _StageState:
         own = ("rng", "epoch_totals", "last_lr", "early_stopping")
         self._restored = {k: v for k, v in state.items() if k not in own}
         self._load_restored()
+
+    def improves(self, metrics: dict[str, Any]) -> bool:
+        """Whether an epoch's metrics beat the stage's best selected metric (a new ``best.pt``)."""
+        score = metrics.get(SELECTED_METRIC[self.stage.select])
+        return score is not None and (self.best is None or score > self.best)
 
     def early_stop(self, score: float | None) -> bool:
         """Record an epoch's selected validation metric; True when ``patience`` epochs passed without a gain."""
