@@ -225,6 +225,8 @@ class RunStore:
                                 f"({exc.strerror or exc}); set RESLENS_HOME to a folder you can write to.") from exc
         self._local = threading.local()
         self._patience, self._say = 0.0, (lambda text: None)  # see be_patient
+        # a store in a folder this user cannot write (a colleague's, a read-only mount) is read, never written
+        self.read_only = self.path.is_file() and not os.access(self.path.parent, os.W_OK)
         try:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
@@ -238,13 +240,26 @@ class RunStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn = self._connect_read_only() if self.read_only else \
+                sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """A read-only connection: ``mode=ro`` while the writer's WAL index (``-shm``) is there to share, else
+        ``immutable`` (a copied or finished store: nothing else writes it, and nothing can create that index)."""
+        uri = self.path.resolve().as_uri()
+        conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        try:
+            conn.execute("PRAGMA user_version")
+            return conn
+        except sqlite3.OperationalError:  # "unable to open database file": no -shm, and none can be made
+            conn.close()
+        return sqlite3.connect(uri + "?immutable=1", uri=True, isolation_level=None)
 
     def _write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:
         return self._write_many([(sql, params)])[-1]
@@ -256,6 +271,9 @@ class RunStore:
 
     def _write_many(self, statements: Iterable[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[sqlite3.Cursor]:
         """Run statements in one short write transaction (BEGIN IMMEDIATE waits for other writers)."""
+        if self.read_only:
+            raise RunStoreError(f"The run store {self.path} can only be read: its folder {self.path.parent} cannot be "
+                                "written by this user. Set RESLENS_HOME to a folder you can write to for this.")
         statements, started, said = list(statements), time.monotonic(), False
         while True:
             try:
@@ -287,6 +305,10 @@ class RunStore:
         version = self._known_version(conn)
         if version == SCHEMA_VERSION:
             return
+        if self.read_only:
+            raise RunStoreError(f"The run store {self.path} was written by an older ResLens (schema {version}) and "
+                                f"must be upgraded once, but its folder {self.path.parent} cannot be written by this "
+                                "user: open it once where it can be written, or copy it to a folder of yours.")
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             conn.execute("PRAGMA journal_mode=WAL")  # persistent, and not allowed inside a transaction
         with _immediate(conn):

@@ -376,3 +376,61 @@ def test_a_home_that_is_a_file_is_one_sentence(tmp_path):
     with pytest.raises(RunStoreError, match=rf"^The run store's folder {home} cannot be made \(File exists\); set "
                                             "RESLENS_HOME to a folder you can write to\\.$"):
         RunStore(home / "reslens.sqlite")
+
+
+def _read_only_folder(monkeypatch, folder):
+    """This user may not write ``folder`` (as root, os.access alone says so: SQLite's read-only modes do the rest)."""
+    real = os.access
+    monkeypatch.setattr(run_store.os, "access", lambda path, mode: False if (Path(path) == folder and mode == os.W_OK)
+                        else real(path, mode))
+
+
+def test_a_store_in_a_folder_that_cannot_be_written_is_read_and_never_written(tmp_path, monkeypatch):
+    path = tmp_path / "shared" / "reslens.sqlite"
+    writer = RunStore(path)
+    writer.create_run("r1", {"name": "demo", "stages": []})
+    writer.log_epoch("r1", 0, 1, val_acc=0.5)
+    writer.close()
+    before = path.read_bytes()
+    _read_only_folder(monkeypatch, path.parent)
+    store = RunStore(path)
+    assert store.read_only and [r["name"] for r in store.list_runs()] == ["r1"]
+    assert store.metrics("r1", "epoch")[0]["val_acc"] == 0.5
+    with pytest.raises(RunStoreError, match=r"can only be read: its folder .*shared cannot be written by this user"):
+        store.set_state("r1", "failed")
+    assert path.read_bytes() == before  # (as root, SQLite may still add an empty WAL next to it: test below)
+
+
+def test_an_older_store_that_cannot_be_written_says_it_needs_one_upgrade(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite"
+    _old_store(path, 2)
+    before = path.read_bytes()
+    _read_only_folder(monkeypatch, tmp_path)
+    with pytest.raises(RunStoreError, match=r"older ResLens \(schema 2\) and must be upgraded once, but its folder"):
+        RunStore(path)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/setpriv").exists(),
+                    reason="needs root and setpriv to drop the capability that lets root write anywhere")
+def test_list_and_compare_read_a_read_only_home(tmp_path):
+    """For real: a RESLENS_HOME folder without write permission, read by a process that cannot override it;
+    nothing in it changes."""
+    home = tmp_path / "home"
+    writer = RunStore(home / "reslens.sqlite")
+    for name in ("a", "b"):
+        writer.create_run(name, {"name": name, "stages": [{"dataset": "shapes", "lr": 0.1}]}, state="finished")
+    writer.close()
+    home.chmod(0o555)
+    before = {f.name: f.read_bytes() for f in home.iterdir()}
+    try:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m", "train"]
+        env = {**os.environ, "RESLENS_HOME": str(home)}
+        listed = subprocess.run([*command, "list"], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert listed.returncode == 0 and {"a", "b"} <= {line.split()[0] for line in listed.stdout.splitlines()}
+        deleted = subprocess.run([*command, "delete", "a", "--yes"], env=env, capture_output=True, text=True,
+                                 cwd=Path(__file__).parents[1])
+        assert deleted.returncode != 0 and "can only be read" in deleted.stderr
+        assert {f.name: f.read_bytes() for f in home.iterdir()} == before
+    finally:
+        home.chmod(0o755)
