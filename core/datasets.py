@@ -33,7 +33,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -504,9 +504,13 @@ def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
                            "with images.")
     others = {p.name: len(_images_under(p)) for p in sorted(root.iterdir())
               if p.is_dir() and p.name not in ("train", "val") and not skipped_folder(p.name)}
+    shared = next((c for c in classes if c in found and os.path.samefile(root / "train" / c, root / "val" / c)), None)
+    if shared is not None:
+        raise DatasetError(f"{root / 'val' / shared} and {root / 'train' / shared} are the same folder (a link): "
+                           "validation would score the training images. Give val/ its own images.")
     files = {c: found.get(c, []) for c in classes}
     note = f"Split: the train/ and val/ folders of {root}."
-    return Listing(classes, files, excluded={**empty, **others}, notes=[note])
+    return Listing(classes, files, excluded={**empty, **others}, notes=[note, *_linked_classes(root / split, found)])
 
 
 def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
@@ -520,7 +524,17 @@ def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     loose = _loose_images(root)
     stray = [f"{loose} image{'s lie' if loose != 1 else ' lies'} directly in {root}, outside any class folder: "
              "not used."] if loose else []
-    return Listing(sorted(files), files, excluded=empty, notes=[note, *stray])
+    return Listing(sorted(files), files, excluded=empty, notes=[note, *stray, *_linked_classes(root, found)])
+
+
+def _linked_classes(folder: Path, classes: Iterable[str]) -> list[str]:
+    """A note for each group of class folders that are one folder (symbolic links): its images count in each."""
+    by_target: dict[str, list[str]] = {}
+    for name in classes:
+        by_target.setdefault(os.path.realpath(folder / name), []).append(name)
+    return [f"Class folders {', '.join(names[:-1])} and {names[-1]} in {folder} are the same folder ({target}, "
+            "through links): its images count in each of these classes." for target, names in by_target.items()
+            if len(names) > 1]
 
 
 def _imagefolder_listing(root: Path, split: str, **options: Any) -> Listing:

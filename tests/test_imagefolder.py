@@ -59,6 +59,25 @@ def test_train_and_val_folders_are_the_split(tmp_path):
         class_counts("imagefolder", root, "val")
 
 
+def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
+    """Links are followed (a set assembled from links is common), but two classes sharing one folder count the same
+    images in both: a note says so. A val/ class linked to its train/ folder would validate on training images."""
+    root = make_imagefolder(tmp_path / "pets")
+    (root / "kitten").symlink_to(root / "cat")
+    (root / "moggy").symlink_to(root / "cat")
+    train = open_dataset("imagefolder", root, "train")
+    assert train.class_labels == sorted([*CLASSES, "kitten", "moggy"])  # followed: each is a class
+    assert train.notes[-1] == (f"Class folders cat, kitten and moggy in {root} are the same folder "
+                               f"({(root / 'cat').resolve()}, through links): its images count in each of these classes.")
+    split = make_imagefolder(tmp_path / "split", "split")
+    assert not any("same folder" in n for n in open_dataset("imagefolder", split, "val").notes)
+    shutil.rmtree(split / "val" / "cat")
+    (split / "val" / "cat").symlink_to(split / "train" / "cat")
+    with pytest.raises(DatasetError, match=r"val/cat and .*train/cat are the same folder \(a link\): validation "
+                                           "would score the training images"):
+        open_dataset("imagefolder", split, "train")
+
+
 @pytest.mark.parametrize("case, error, message", [
     ("none", DatasetError, "needs a root: the folder that holds your images"),
     ("absent", DatasetMissing, "There is no folder .*absent; the root of imagefolder must be"),
