@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from core.datasets import DATASETS
 from core.errors import UserError
 from core.run_store import ACTIVE_STATES, RunStore
 
@@ -83,10 +84,19 @@ def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in config.items():
         if key == "stages" and isinstance(value, list):
             for i, stage in enumerate(value, start=1):
-                _flatten_into(flat, f"stages.{i}", stage if isinstance(stage, Mapping) else {"": stage})
+                _flatten_into(flat, f"stages.{i}", _used_keys(stage) if isinstance(stage, Mapping) else {"": stage})
         else:
             _flatten_into(flat, key, value)
     return flat
+
+
+def _used_keys(stage: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A stage's keys less the ``root`` of a generated data set (it reads no files: the data root it was given
+    changes nothing)."""
+    info = DATASETS.get(stage.get("dataset"))
+    if info is None or info.folder is not None or info.own_folder:
+        return stage
+    return {k: v for k, v in stage.items() if k != "root"}
 
 
 def _flatten_into(flat: dict[str, Any], prefix: str, value: Any) -> None:

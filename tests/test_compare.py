@@ -39,6 +39,15 @@ def test_config_rows_flag_only_the_differences():
     assert list(rows)[:3] == ["arch", "seed", "amp"]  # in the order the keys first appear
 
 
+def test_the_root_of_a_generated_data_set_is_not_a_difference():
+    rows = {r.key: r for r in config_rows({
+        "here": {"stages": [{"dataset": "shapes", "root": "/home/me/data"}, {"dataset": "caltech101", "root": "/a"}]},
+        "there": {"stages": [{"dataset": "shapes", "root": "/srv/data"}, {"dataset": "caltech101", "root": "/b"}]},
+    })}
+    assert "stages.1.root" not in rows  # shapes reads no files: its data root changes nothing
+    assert rows["stages.2.root"].differs  # Caltech's files are read from there
+
+
 def test_stage_results_give_final_and_best_of_every_stage(store):
     (scratch,) = stage_results(store, "scratch")
     assert (scratch.stage, scratch.name, scratch.dataset, scratch.completed_epochs) == (1, "caltech", "caltech101", 2)
