@@ -21,6 +21,7 @@ from core.errors import UserError
 from core.image_zip import ArchiveError, describe_skipped, unpack_image_zip
 from core.images import MAX_UPLOAD_MB
 from core.sizes import iec_bytes
+from core.uploads import delete_uploaded, uploaded_sets
 from pages import common
 from train.config import (ARCHS, CHOICES, NAMED_INITS, PIPELINE_DEFAULTS, ConfigError, PipelineConfig,
                           YamlRefused, check_stage_keys, parse_config, parse_settings, parse_yaml, stage_rows,
@@ -360,6 +361,8 @@ def _images_body() -> Path | None:
     folder = uploaded_folder() if source == IMAGE_SOURCES[1] else typed_folder()
     if folder is not None:
         show_folder_report(folder, {})
+    if source == IMAGE_SOURCES[1]:
+        unpacked_uploads()
     return folder
 
 
@@ -395,10 +398,46 @@ def uploaded_folder() -> Path | None:
     if "error" in entry:
         st.error(entry["error"], icon=":material/block:")
         return None
+    if not Path(entry["folder"]).is_dir():
+        st.info(f"The folder {upload.name} was unpacked into is deleted: remove the file above and drop it again to "
+                "unpack it anew.", icon=":material/folder_off:")
+        return None
     st.success(f"Unpacked {entry['images']} images from {upload.name} into {entry['folder']}.")
     if entry["skipped"]:
         st.warning(describe_skipped(entry["skipped"]))
     return Path(entry["folder"])
+
+
+def unpacked_uploads() -> None:
+    """The zips unpacked so far (size, runs trained on them); delete those no longer needed."""
+    if "uploads_deleted" in st.session_state:
+        st.success(st.session_state.pop("uploads_deleted"), icon=":material/delete:")
+    sets = uploaded_sets(common.store())
+    if not sets:
+        return
+    st.markdown(f"**Unpacked uploads**: {len(sets)} in {paths.uploads_dir()}, "
+                f"{iec_bytes(sum(s.bytes for s in sets))} in all.")
+    st.dataframe(pd.DataFrame([{"folder": s.target.name, "images": s.images, "size": iec_bytes(s.bytes),
+                                "unpacked": f"{datetime.fromtimestamp(s.unpacked):%Y-%m-%d %H:%M}",
+                                "runs trained on it": ", ".join(s.runs) or "-"} for s in sets]),
+                 hide_index=True, width="stretch")
+    by_name = {s.target.name: s for s in sets}
+    chosen = st.multiselect("Delete unpacked uploads", list(by_name), key="uploads_to_delete",
+                            placeholder="folders to delete",
+                            help="Deletes the images unpacked from a zip. Runs trained on them keep their results; "
+                                 "their misclassified images and `eval` need the images again.")
+    if chosen and st.button(f"Delete {len(chosen)} folder{'s' if len(chosen) > 1 else ''}",
+                            icon=":material/delete:", key="delete_uploads"):
+        for name in chosen:
+            try:
+                delete_uploaded(by_name[name], common.store())
+            except UserError as exc:
+                st.error(str(exc), icon=":material/block:")
+                return
+        freed = sum(by_name[name].bytes for name in chosen)
+        st.session_state["uploads_deleted"] = f"Deleted {', '.join(chosen)}; freed {iec_bytes(freed)}."
+        st.session_state.pop("uploads_to_delete", None)
+        st.rerun()
 
 
 def show_folder_report(folder: Path, options: dict[str, Any]) -> bool:

@@ -119,6 +119,21 @@ def test_a_zip_is_unpacked_once_reported_and_launched(tmp_path, launched):
     assert launched[0]["stages"][0]["root"] == str(target)
 
 
+def test_unpacked_uploads_are_listed_and_deleted_on_the_page(tmp_path):
+    at = train_page(IMAGES)
+    at.segmented_control(key="images_from").set_value("a .zip of class folders").run()
+    at.file_uploader(key="images_zip").set_value(("pets.zip", _pets_zip(tmp_path), "application/zip")).run()
+    listed = at.dataframe[-1].value
+    assert list(listed["folder"]) == ["pets"] and list(listed["runs trained on it"]) == ["-"]
+    at.multiselect(key="uploads_to_delete").set_value(["pets"]).run()
+    at.button(key="delete_uploads").click().run()
+    assert not at.exception and not (paths.uploads_dir() / "pets").exists()
+    assert any(s.value.startswith("Deleted pets; freed ") for s in at.success)
+    assert any("pets.zip was unpacked into is deleted: remove the file above and drop it again" in i.value
+               for i in at.info)  # the upload still in the widget does not show a report of a missing folder
+    assert launch_button(at).disabled
+
+
 def test_a_malicious_zip_is_refused_on_the_page_and_leaves_nothing(tmp_path):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
