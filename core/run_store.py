@@ -52,7 +52,7 @@ QUEUED_WITHOUT_TRAINER_S = 60.0  # a queued run gets its trainer's pid within mi
 BUSY_TIMEOUT_MS = 30_000
 LOCK_RETRY_S = 0.5  # a patient writer's pause between waits for another process's lock
 # 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
-# 2: every column in the CREATE statements; 3: runs.pid_started; 4: runs.stage_steps
+# 2: every column in the CREATE statements; 3: runs.pid_started; 4: runs.stage_steps; 5: misclassified keyed by epoch
 SCHEMA_VERSION = 5
 
 STEP_METRICS = ("train_loss", "lr")
