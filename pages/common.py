@@ -167,6 +167,26 @@ def show_run_error(text: str, prefix: str = "") -> None:
             st.code(text.strip(), language=None)
 
 
+def resume_note(run: dict[str, Any], stages: list[dict[str, Any]]) -> str:
+    """What Resume does for a run that is not live: where it continues, from the stage's ``last.pt`` on disk."""
+    index = run.get("stage") or 0
+    last = stages[index].get("last_path") if index < len(stages) else None
+    if last and Path(last).is_file():
+        return "Resume continues from its last saved checkpoint (the step a Stop saved, or the last completed epoch)."
+    return (f"Resume restarts stage {index + 1} from its first epoch: no checkpoint of it was saved (a stage's first "
+            "checkpoint is written when its first epoch ends).")
+
+
+def stopped_note(run: dict[str, Any], stages: list[dict[str, Any]]) -> str | None:
+    """A sentence for a stopped or interrupted run (None for other states)."""
+    if run["state"] == "interrupted":
+        return ("The trainer ended without saying so (killed, or the machine restarted). "
+                + resume_note(run, stages))
+    if run["state"] == "stopped":
+        return "Stopped on request. " + resume_note(run, stages)
+    return None
+
+
 def is_live(run: dict[str, Any]) -> bool:
     """Whether the run is queued or training (its page parts refresh only then)."""
     return run["state"] in ACTIVE_STATES

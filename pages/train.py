@@ -512,9 +512,9 @@ def job_controls(run: dict[str, Any]) -> None:
     name, state = run["name"], run["state"]
     if state == "failed":
         common.show_run_error(run.get("error") or "The run failed without saying why; see its log below.")
-    elif state == "interrupted":
-        st.warning("The trainer stopped without saying so (killed, or the machine restarted). Resume continues "
-                   "from the last completed epoch.")
+    elif state in ("interrupted", "stopped"):
+        note = common.stopped_note(run, common.store().stages(name))
+        (st.warning if state == "interrupted" else st.info)(note, icon=":material/pause_circle:")
     left, middle, third, right = st.columns([1, 1, 1, 3])
     if left.button("Stop", key=f"stop-{name}", disabled=not common.is_live(run), icon=":material/stop:"):
         jobs.stop(name)
@@ -523,7 +523,7 @@ def job_controls(run: dict[str, Any]) -> None:
     if middle.button("Resume", key=f"resume-{name}", disabled=state not in ("stopped", "interrupted", "failed"),
                      icon=":material/replay:"):
         jobs.resume(name)
-        st.toast(f"{name} resumes from its last completed epoch.")
+        st.toast(f"{name} resumes.")
         st.rerun(scope="app")
     delete_control(third, run)
     with st.expander("Config of this run"):

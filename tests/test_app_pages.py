@@ -124,6 +124,26 @@ def test_monitor_shows_progress_eta_and_curves_of_a_live_run():
     assert "2.4 images/s" in texts(at)
 
 
+def test_monitor_and_train_say_how_a_killed_or_stopped_run_resumes(tmp_path):
+    """A run whose trainer died is no longer live: the Monitor says so (it used to drop its progress without a
+    word), and both pages say whether Resume continues from a checkpoint or restarts the stage."""
+    fx.running_run()
+    store = RunStore()
+    store.set_state("demo-live", "running", pid=2 ** 22 + 1)  # a pid no process has: the trainer is gone
+    at = open_page("pages/monitor.py")
+    warned = [w.value for w in at.warning if w.value.startswith("**demo-live** · interrupted")]
+    assert warned and "Resume restarts stage 1 from its first epoch: no checkpoint of it was saved" in warned[0]
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"saved")
+    store.update_stage("demo-live", 0, last_path=str(last))
+    store.set_state("demo-live", "stopped")
+    at = open_page("pages/monitor.py")
+    assert any(i.value.startswith("**demo-live** · stopped: Stopped on request. Resume continues from its last saved "
+                                  "checkpoint") for i in at.info)
+    at.switch_page("pages/train.py").run()
+    assert any(i.value.startswith("Stopped on request. Resume continues") for i in at.info)
+
+
 def test_monitor_says_when_a_live_run_is_compiling():
     from core.run_store import RunStore
 

@@ -177,6 +177,21 @@ def test_stale_temporary_files_are_swept_at_start_and_live_ones_kept(tmp_path):
         live.wait()
 
 
+def test_resume_after_a_kill_before_any_checkpoint_says_the_stage_restarts(tmp_path, capsys):
+    """Killed while its first checkpoint was being written: the epoch is recorded but no file is there."""
+    raw = tiny_config(tmp_path, epochs=(1,))
+    assert run_tiny(raw) == "finished"
+    for checkpoint in (paths.run_dir("tiny") / "stage1-s1").glob("*.pt"):
+        checkpoint.unlink()
+    RunStore().set_state("tiny", "interrupted")
+    capsys.readouterr()
+    assert run_tiny(raw, resume=True) == "finished"
+    assert "stage 1 (s1): no last.pt of it is there, so the stage restarts from epoch 1 (its 1 recorded epoch(s) are " \
+           "trained again)." in capsys.readouterr().err
+    assert run_tiny(tiny_config(tmp_path / "fresh", epochs=(1,)), name="fresh") == "finished"
+    assert "restarts" not in capsys.readouterr().err  # a new run says nothing of the kind
+
+
 def test_resume_after_a_lost_last_pt_keeps_the_better_best(tmp_path, capsys):
     raw = tiny_config(tmp_path, epochs=(1,))
     assert run_tiny(raw) == "finished"

@@ -399,6 +399,8 @@ class Trainer:
             best = kept.get("best_score", kept.get("best_val_acc"))
         else:
             best = self._kept_best(index, stage)
+            if best is None:
+                self._say_restart(index, stage)
         step = start_epoch * per_epoch + batches_done
         self.store.upsert_stage(self.run_name, index, stage.name, stage.dataset, stage.epochs, data.classes)
         self.store.truncate_after(self.run_name, index, start_epoch, step=step)
@@ -437,6 +439,14 @@ class Trainer:
         self.store.update_stage(self.run_name, index, best_path=str(path), best_val_acc=accuracy,
                                 best_epoch=kept.get("epoch"))
         return float(score)
+
+    def _say_restart(self, index: int, stage: StageConfig) -> None:
+        """Say so when a stage with recorded epochs restarts from epoch 1: its ``last.pt`` was never written (the
+        trainer was killed while writing its first one) or was lost."""
+        recorded = self.store.class_result_epochs(self.run_name, index)  # None on ranks other than 0
+        if recorded:
+            print(f"{stage_label(index, stage)}: no last.pt of it is there, so the stage restarts from epoch 1 "
+                  f"(its {len(recorded)} recorded epoch(s) are trained again).", file=sys.stderr, flush=True)
 
     def _build_model(self, index: int, stage: StageConfig, data: StageData,
                      checkpoint: dict[str, Any] | None) -> nn.Module:
