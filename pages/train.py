@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ IMAGES = "(my images: one stage)"
 IMAGE_SOURCES = ("a folder on this machine", "a .zip of class folders")
 UPLOADED = "(the file opened below)"
 LIVE_REFRESH_S = 2.0
+RELAUNCH_AFTER_S = 10.0  # the same pipeline launched again sooner from one tab is a double click, not a new run
 LABELS = {"name": "stage", "dataset": "data set", "lr": "learning rate"}  # others: the key with spaces
 SWITCHES = (("amp", "Mixed precision (amp)", "bf16/fp16 autocast where the device has it."),
             ("channels_last", "channels_last", "NHWC memory layout: faster convolutions on most hardware."))
@@ -472,11 +474,21 @@ def folder_report(root: str, options: str, version: tuple[str, int, int]) -> tup
 def launch_section(config: dict[str, Any], ready: bool) -> None:
     left, right = st.columns([1, 3])
     device = left.selectbox("Device", ["auto", "cpu", "cuda", "mps"], help="auto: a GPU when one is seen.")
-    if right.button("Launch", type="primary", disabled=not ready, icon=":material/rocket_launch:"):
-        name = jobs.launch(config, device=None if device == "auto" else device)
-        st.session_state["selected_run"] = name
-        st.session_state["monitor_runs"] = [name]
-        st.success(f"Run **{name}** started in its own process; closing this tab does not stop it.")
+    if not right.button("Launch", type="primary", disabled=not ready, icon=":material/rocket_launch:"):
+        return
+    digest = hashlib.sha256(json.dumps([config, device], sort_keys=True, default=str).encode()).hexdigest()
+    earlier = st.session_state.get("last_launch")
+    if earlier is not None and earlier[0] == digest and time.monotonic() - earlier[1] < RELAUNCH_AFTER_S:
+        st.info(f"Run **{earlier[2] or 'of this pipeline'}** was launched from this page a moment ago; this click "
+                f"did not start a second one. Click again after {RELAUNCH_AFTER_S:.0f} s to start another run of "
+                "the same pipeline.", icon=":material/block:")
+        return
+    st.session_state["last_launch"] = (digest, time.monotonic(), None)  # before launching: a second click waits
+    name = jobs.launch(config, device=None if device == "auto" else device)
+    st.session_state["last_launch"] = (digest, time.monotonic(), name)
+    st.session_state["selected_run"] = name
+    st.session_state["monitor_runs"] = [name]
+    st.success(f"Run **{name}** started in its own process; closing this tab does not stop it.")
 
 
 def job_list() -> None:

@@ -297,6 +297,13 @@ def test_train_launches_the_edited_pipeline(monkeypatch):
         ("shapes", 2, "scratch", "none"), ("shapes-lt", 1, "previous", "class_balanced")]
     assert pipeline.stages[0].image_size == 32 and isinstance(config["stages"][0]["epochs"], int)
     assert any("my-pipeline" in s.value for s in at.success)
+    next(b for b in at.button if b.label == "Launch").click().run()  # a double click: no second run
+    assert len(launched) == 1
+    assert any(i.value.startswith("Run **my-pipeline** was launched from this page a moment ago; this click did not "
+                                  "start a second one") for i in at.info)
+    at.session_state["last_launch"] = (at.session_state["last_launch"][0], 0.0, "my-pipeline")  # long ago
+    next(b for b in at.button if b.label == "Launch").click().run()  # later: a deliberate second run
+    assert len(launched) == 2
 
 
 def test_monitor_shows_step_curves_before_the_first_epoch_ends():
