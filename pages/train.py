@@ -250,12 +250,23 @@ def show_problems(config: dict[str, Any], error: ConfigError | None, images: Pat
             missing_box(name, root, folder)
     reports_ok = True
     for root, options in image_folders(pipeline):
-        if Path(root) == images and not options:
-            reports_ok &= cached_report(Path(root), options)[1] is None
-            continue
-        with st.expander(f"Data report of {root}" + (f" with {options}" if options else ""), expanded=True):
-            reports_ok &= show_folder_report(Path(root), options)
+        if Path(root) != images or options:  # the chosen folder's report is shown above
+            with st.expander(f"Data report of {root}" + (f" with {options}" if options else ""), expanded=True):
+                show_folder_report(Path(root), options)
+        report, error = cached_report(Path(root), options)
+        reports_ok &= error is None and readable(root, options, report)
     return not missing and reports_ok
+
+
+def readable(root: str, options: dict[str, Any], report: dict[str, Any]) -> bool:
+    """False, with the reason shown, when the stage would stop at an image its data report found unreadable."""
+    unreadable = report["splits"]["all"]["unreadable"]
+    if not unreadable or options.get("skip_unreadable"):
+        return True
+    st.error(f"{len(unreadable)} image(s) under {root} cannot be read, so the run would stop at the first: "
+             f"{unreadable[0]} Remove them, or give the stage options {{skip_unreadable: true}} (Show every column) "
+             "to leave them out.", icon=":material/broken_image:")
+    return False
 
 
 def validated(config: dict[str, Any], error: ConfigError | None, images_refused: bool) -> PipelineConfig | None:

@@ -87,6 +87,25 @@ def test_a_folder_that_is_not_an_image_folder_blocks_launch(tmp_path):
     assert launch_button(at).disabled and not at.exception
 
 
+def test_a_folder_with_an_unreadable_image_blocks_launch_unless_the_stage_skips_them(tmp_path, launched):
+    """The data report finds it; the run would stop at it, so Launch waits for it to go or be skipped."""
+    folder = make_imagefolder(tmp_path / "pets")
+    broken = sorted((folder / "cat").glob("cat_*"))[0]
+    broken.write_text("not an image")
+    at = train_page(IMAGES)
+    at.text_input(key="images_folder").set_value(str(folder)).run()
+    errors = [e.value for e in at.error]
+    assert any(e.startswith(f"1 image(s) under {folder} cannot be read, so the run would stop at the first: {broken} "
+                            "is not a readable image") and "options {skip_unreadable: true}" in e for e in errors), errors
+    assert launch_button(at).disabled
+    at.session_state["stages-(my images: one stage)"] = {
+        "edited_rows": {0: {"options": '{"skip_unreadable": true}'}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    launch_button(at).click().run()
+    assert launched[0]["stages"][0]["options"] == {"skip_unreadable": True}
+
+
 @pytest.mark.parametrize("typed, message", [
     ("a\x00b", "Path 'a\\x00b' contains a NUL byte."),
     ("~nosuchuser/x", "Path '~nosuchuser/x' starts with a ~ that names no user's home folder here."),
