@@ -487,16 +487,16 @@ def launch_section(config: dict[str, Any], ready: bool) -> None:
     device = left.selectbox("Device", ["auto", "cpu", "cuda", "mps"], help="auto: a GPU when one is seen.")
     if not right.button("Launch", type="primary", disabled=not ready, icon=":material/rocket_launch:"):
         return
-    digest = hashlib.sha256(json.dumps([config, device], sort_keys=True, default=str).encode()).hexdigest()
+    launched = f"{digest(config)}-{device}"
     earlier = st.session_state.get("last_launch")
-    if earlier is not None and earlier[0] == digest and time.monotonic() - earlier[1] < RELAUNCH_AFTER_S:
+    if earlier is not None and earlier[0] == launched and time.monotonic() - earlier[1] < RELAUNCH_AFTER_S:
         st.info(f"Run **{earlier[2] or 'of this pipeline'}** was launched from this page a moment ago; this click "
                 f"did not start a second one. Click again after {RELAUNCH_AFTER_S:.0f} s to start another run of "
                 "the same pipeline.", icon=":material/block:")
         return
-    st.session_state["last_launch"] = (digest, time.monotonic(), None)  # before launching: a second click waits
+    st.session_state["last_launch"] = (launched, time.monotonic(), None)  # before launching: a second click waits
     name = jobs.launch(config, device=None if device == "auto" else device)
-    st.session_state["last_launch"] = (digest, time.monotonic(), name)
+    st.session_state["last_launch"] = (launched, time.monotonic(), name)
     st.session_state["selected_run"] = name
     st.session_state["monitor_runs"] = [name]
     st.success(f"Run **{name}** started in its own process; closing this tab does not stop it.")
@@ -556,6 +556,12 @@ def job_controls(run: dict[str, Any]) -> None:
             "`python -m train run` prints to its terminal instead)", language=None)
 
 
+def digest(config: dict[str, Any], index: int | None = None) -> str:
+    """A short fingerprint of the pipeline (or of its stage ``index`` with the pipeline's settings)."""
+    part = config if index is None else {**config, "stages": (config.get("stages") or [])[index:index + 1]}
+    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def lr_find_section(config: dict[str, Any], ready: bool) -> None:
     """The learning-rate range test on one stage of the pipeline above, with its plot and suggestion."""
     with st.expander("Find a learning rate (range test)"):
@@ -574,10 +580,10 @@ def lr_find_section(config: dict[str, Any], ready: bool) -> None:
             result = lr_range_test(parse_config(config, base_dir=CONFIG_DIR), index, int(steps),
                                    on_step=lambda done, total: bar.progress(done / total, text=f"step {done}"))
             bar.empty()
-            st.session_state["lr_find"] = (index, result)
+            st.session_state["lr_find"] = (index, digest(config, index), result)
         found = st.session_state.get("lr_find")
-        if found is not None:
-            stage, result = found
+        if found is not None and found[1] == digest(config, found[0]):  # a result of the pipeline shown, not another
+            stage, _, result = found
             st.plotly_chart(charts.lr_find_figure(result.lrs, result.losses, result.suggestion), width="stretch")
             if result.suggestion is None:
                 st.warning("The loss did not fall over this range: try more steps.")

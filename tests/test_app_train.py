@@ -266,6 +266,8 @@ def test_learning_rate_button_runs_the_range_test_and_plots_it(monkeypatch):
         s.value for s in at.success]
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert figure["layout"]["xaxis"]["type"] == "log"
+    at.selectbox[0].set_value("(empty pipeline)").run()  # another pipeline: the old result is not shown under it
+    assert not any("Suggested learning rate" in s.value for s in at.success) and not at.get("plotly_chart")
 
 
 def test_every_setting_value_has_a_label_on_the_page():
