@@ -279,7 +279,8 @@ def _prepare(name: str, root: str | Path | None, split: str,
             raise DatasetMissing(f"{base} is a .zip file, not a folder: unpack it, or drop it on the Train page, "
                                  "which unpacks it safely.")
         if not base.is_dir():
-            raise DatasetMissing(f"There is no folder {base}; the root of {info.name} must be the folder that "
+            what = "is a file, not a folder" if base.exists() else "does not exist"
+            raise DatasetMissing(f"{base} {what}; the root of {info.name} must be the folder that "
                                  f"holds your images: {IMAGEFOLDER_LAYOUT}.")
     else:
         base = _root(root)

@@ -320,8 +320,8 @@ def image_folders(pipeline: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
 def missing_box(name: str, root: str, folder: Path) -> None:
     info = DATASETS[name]
     if info.own_folder:
-        st.error(f"There is no folder {folder}: set the stage's root to your image folder.",
-                 icon=":material/folder_off:")
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        st.error(f"{folder} {what}: set the stage's root to your image folder.", icon=":material/folder_off:")
         return
     st.warning(f"**{info.title}** is not on this machine (looked for {folder}).", icon=":material/cloud_off:")
     if st.button(f"Download {info.title}", key=f"download-{name}-{root}", icon=":material/download:"):

@@ -80,7 +80,8 @@ def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
 
 @pytest.mark.parametrize("case, error, message", [
     ("none", DatasetError, "needs a root: the folder that holds your images"),
-    ("absent", DatasetMissing, "There is no folder .*absent; the root of imagefolder must be"),
+    ("absent", DatasetMissing, "absent does not exist; the root of imagefolder must be"),
+    ("a file", DatasetMissing, r"notes.txt is a file, not a folder; the root of imagefolder must be"),
     ("empty", DatasetError, r"needs at least two class folders with images \(none found\): expected one folder"),
     ("one class", DatasetError, r"\(only 'cat' found\)"),
     ("loose images", DatasetError, "5 images lie directly in it, outside any class folder"),
@@ -93,8 +94,11 @@ def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
     ("empty train", DatasetError, r"set/train holds no class folders with images"),
 ])
 def test_a_folder_that_is_not_an_image_folder_says_what_layout_is_expected(tmp_path, case, error, message):
-    root = {"none": None, "absent": tmp_path / "absent", "a zip": tmp_path / "set.zip"}.get(case, tmp_path / "set")
-    if case == "empty":
+    root = {"none": None, "absent": tmp_path / "absent", "a zip": tmp_path / "set.zip",
+            "a file": tmp_path / "notes.txt"}.get(case, tmp_path / "set")
+    if case == "a file":
+        root.write_text("my images are elsewhere")
+    elif case == "empty":
         (tmp_path / "set" / "notes").mkdir(parents=True)
     elif case == "one class":
         make_imagefolder(tmp_path / "set", sizes={"cat": 3})
@@ -154,7 +158,7 @@ def _stage(**keys):
 def test_config_needs_the_folder_itself_as_root(tmp_path):
     with pytest.raises(ConfigError, match="stage 1: root is required for dataset imagefolder: the folder"):
         parse_config(_stage(), check_data=False)
-    with pytest.raises(ConfigError, match="stage 1: There is no folder"):
+    with pytest.raises(ConfigError, match="stage 1: .*absent does not exist"):
         parse_config(_stage(root=str(tmp_path / "absent")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="stage 1: .*needs at least two class folders"):
