@@ -76,7 +76,9 @@ def read_uploaded(data: bytes, filename: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list):
         raise ConfigError(f"{filename} is not a pipeline: it needs a 'stages' list.")
     try:
-        parse_settings(raw)  # its stages are edited here; its top-level settings must already be valid
+        # its stages and run name are edited here (a name that cannot be a run's is said there); the other
+        # top-level settings must already be valid
+        parse_settings({k: v for k, v in raw.items() if k != "name"})
         check_stage_keys(raw["stages"])
     except ConfigError as exc:
         raise ConfigError(f"{filename}: {exc}") from None

@@ -143,6 +143,19 @@ def test_an_opened_pipeline_with_a_bad_setting_is_refused_not_changed(line, reas
     assert not at.exception
 
 
+def test_an_opened_pipeline_whose_name_cannot_be_a_run_name_opens_and_the_name_is_fixed_here():
+    at = open_page("pages/train.py")
+    at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
+    text = "name: été run\nstages:\n  - {name: one, dataset: shapes, epochs: 1}\n".encode()
+    at.file_uploader(key="pipeline_file").set_value(("ete.yaml", text, "application/yaml")).run()
+    name_box = next(t for t in at.text_input if t.label == "Run name")
+    assert name_box.value == "été run"
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "Run name 'été run' is not allowed" in errors[0]  # said, and editable right here
+    name_box.set_value("ete-run").run()
+    assert not at.error and not at.exception, [e.value for e in at.error]
+
+
 def test_classes_says_why_a_failed_run_has_no_results():
     fx.failed_run()
     at = open_page("pages/classes.py")
