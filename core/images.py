@@ -80,6 +80,23 @@ def read_header(source: ImageSource, name: str | None = None) -> ImageHeader:
         return ImageHeader(image.format or "", image.mode, image.width, image.height)
 
 
+_ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # a whole file's last bytes: end-of-image, IEND chunk
+
+
+def ends_whole(path: str | os.PathLike[str], image_format: str) -> bool:
+    """Whether a JPEG or PNG file ends with its end marker, as a file cut short does not (other formats: True).
+    Some writers add bytes after it, so a False is only a reason to decode the file to be sure."""
+    ending = _ENDINGS.get(image_format)
+    if ending is None:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-len(ending), os.SEEK_END)
+            return fh.read() == ending
+    except OSError:
+        return False
+
+
 def _label(source: ImageSource, name: str | None) -> str:
     if name:
         return str(name)

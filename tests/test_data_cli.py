@@ -67,6 +67,22 @@ def test_unreadable_image_is_listed(tmp_path, capsys):
     assert code == 0 and "unreadable images: 1" in out and "image_0007.jpg is not a readable image" in out
 
 
+def test_images_cut_short_are_listed_and_bytes_after_the_end_are_not(tmp_path, capsys):
+    """A truncated JPEG or PNG has a readable header: it lacks its end marker, so the report decodes it."""
+    from tests.data_fixtures import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "pets")
+    jpegs = sorted(p for p in root.rglob("*.jpg") if not p.name.startswith("."))  # hidden ones are not read
+    (jpeg, padded), png = jpegs[:2], sorted(root.rglob("*.PNG"))[0]
+    for path in (jpeg, png):
+        path.write_bytes(path.read_bytes()[:-40])
+    padded.write_bytes(padded.read_bytes() + bytes(64))  # some cameras pad after the end marker: still whole
+    code, out, _ = _data(capsys, "imagefolder", "--root", str(root))
+    assert code == 0 and "unreadable images: 2" in out, out
+    assert f"{jpeg} is damaged or truncated" in out and f"{png} is damaged or truncated" in out
+    assert str(padded) not in out
+
+
 def test_download_flag_fetches_then_reports(tmp_path, capsys, monkeypatch):
     with serve_tinyimagenet_zip(tmp_path / "server") as (url, _):
         monkeypatch.setitem(DATASETS, "tinyimagenet", replace(DATASETS["tinyimagenet"], url=url))

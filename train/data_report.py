@@ -15,7 +15,7 @@ from typing import Any
 
 from core.datasets import (DATASETS, SPLITS, LabeledImages, class_counts, dataset_path, download, get_info,
                            open_dataset)
-from core.images import ImageError, read_header
+from core.images import ImageError, ends_whole, load_image, read_header
 from core.sizes import iec_bytes
 
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "F"}
@@ -76,14 +76,18 @@ def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> di
 
 
 def _scan_headers(ds: LabeledImages) -> dict[str, Any]:
-    """Grayscale and unreadable files of a split, from the image headers only (None for in-memory sets)."""
+    """Grayscale and unreadable files of a split (None for in-memory sets), from the image headers; a JPEG or PNG
+    that does not end with its end marker (cut short?) is decoded to be sure."""
     files = getattr(ds, "files", None)
     if files is None:
         return {"grayscale": None, "unreadable": [], "files": False}
     gray, unreadable = 0, []
     for path in files:
         try:
-            gray += read_header(path).mode in GRAY_MODES
+            header = read_header(path)
+            if not ends_whole(path, header.format):
+                load_image(path)
+            gray += header.mode in GRAY_MODES
         except ImageError as exc:
             unreadable.append(str(exc))
     return {"grayscale": gray, "unreadable": unreadable, "files": True}
