@@ -204,13 +204,19 @@ def _decode(image: Image.Image, label: str) -> None:
 
 def _finish(image: Image.Image, label: str) -> Image.Image:
     try:
-        ImageOps.exif_transpose(image, in_place=True)
-    except _DECODE_ERRORS:
-        pass  # unreadable EXIF: keep the pixels as stored
-    try:
-        rgb = to_rgb(image)
+        return oriented_rgb(image)
     except _DECODE_ERRORS as exc:
         raise ImageError(f"{label} uses colour mode {image.mode}, which cannot be converted to RGB ({exc}).") from exc
+
+
+def oriented_rgb(image: Image.Image) -> Image.Image:
+    """What every decoded image becomes: turned by its EXIF orientation, RGB (``to_rgb``), its longer side at most
+    ``MAX_SIDE``. (An exported model's predict.py carries this function's source: it reads images the same way.)"""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # noqa: BLE001 - unreadable EXIF of any kind: keep the pixels as stored
+        pass
+    rgb = to_rgb(image)
     if max(rgb.size) > MAX_SIDE:
         rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     return rgb

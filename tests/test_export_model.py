@@ -104,7 +104,8 @@ def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt)
 @pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.skipif(
     not (HAS_ONNXRUNTIME and HAS_ONNX_EXPORT), reason="onnx, onnxscript and onnxruntime are not installed"))])
 def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpoint, tmp_path, fmt):
-    """Transparency over grey and the EXIF orientation, as core.images.load_image: the same top-5 as the model."""
+    """Transparency over grey, the EXIF orientation, 16-bit grey values (scaled, not clipped white) and a photo
+    larger than core.images.MAX_SIDE, as core.images.load_image reads them: the same top-5 as the model."""
     from PIL import Image
 
     from core.images import load_image
@@ -119,9 +120,14 @@ def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpo
     exif = Image.Exif()
     exif[0x0112] = 6  # stored on its side: to be turned 90 degrees when read
     turned.save(tmp_path / "rot.jpg", exif=exif)
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)  # 16-bit grey: mostly above 255
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    wide = Image.new("RGB", (3000, 900), (20, 120, 20))
+    wide.paste((230, 40, 200), (1300, 300, 1700, 600))
+    wide.save(tmp_path / "wide.png")
     model, info = load_model(checkpoint)
     transform = info.preprocessing.eval_transform()
-    names = ("alpha.png", "rot.jpg")
+    names = ("alpha.png", "rot.jpg", "grey16.png", "wide.png")
     with torch.no_grad():
         expected = model(torch.stack([transform(load_image(tmp_path / n)) for n in names])).softmax(1)
     (tmp_path / "broken.jpg").write_bytes((tmp_path / "rot.jpg").read_bytes()[:300])  # cut short

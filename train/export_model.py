@@ -9,6 +9,7 @@ ONNX and safetensors need their optional packages (requirements-dev.txt); withou
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from core import images
 from core.errors import UserError
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
@@ -94,10 +96,14 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
 
 
 def predict_script(fmt: str) -> str:
-    """The exported predict.py: the format's template with the shared image reading (image_input.py) put in."""
+    """The exported predict.py: the format's template with the image reading put in: ResLens's own
+    (``core.images.oriented_rgb`` and what it calls, by their source) and image_input.py (open_rgb, readable)."""
     template = (TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text()
     marker = "# image_input.py (open_rgb, readable) is inserted here by `python -m train export-model`\n"
-    return template.replace(marker, (TEMPLATES / "image_input.py").read_text())
+    reading = [f"MAX_SIDE = {images.MAX_SIDE!r}\nBACKGROUND = {images.BACKGROUND!r}\n"]
+    reading += [inspect.getsource(f) for f in (images.oriented_rgb, images.to_rgb, images._to_8bit)]
+    reading.append((TEMPLATES / "image_input.py").read_text())
+    return template.replace(marker, "\n\n".join(reading))
 
 
 def _check_writable(folder: Path, target: Path) -> None:

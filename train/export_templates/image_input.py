@@ -1,10 +1,9 @@
 def open_rgb(path: str) -> Image.Image:
-    """The image as ResLens reads it: turned by its EXIF orientation, transparency laid over grey (128)."""
-    image = ImageOps.exif_transpose(Image.open(path))
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (128, 128, 128, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
+    """The image as ResLens reads it (oriented_rgb above is ResLens's own: EXIF orientation, 16-bit values scaled,
+    transparency laid over grey, the longer side at most MAX_SIDE)."""
+    with Image.open(path) as image:
+        image.load()
+        return oriented_rgb(image)
 
 
 def readable(paths: list[str]) -> tuple[list[tuple[str, Image.Image]], int]:

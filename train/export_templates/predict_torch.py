@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from PIL import Image, ImageOps
