@@ -10,6 +10,7 @@ from typing import Any
 import streamlit as st
 
 from core import charts
+from core.errors import UserError
 from core.images import SUPPORTED_EXTENSIONS
 from pages import cam, common
 from pages.cam import Picture
@@ -34,8 +35,18 @@ def pick_checkpoint() -> Path | None:
         if st.button("Go to Home", icon=":material/home:"):
             st.switch_page("app.py")
         return None
+    chosen = st.session_state.get("explain_checkpoint")
+    if chosen is not None and chosen not in found:  # deleted or moved while chosen: not silently another model
+        st.session_state["explain_checkpoint_gone"] = chosen
+        del st.session_state["explain_checkpoint"]
+    gone = st.session_state.get("explain_checkpoint_gone")
+    if gone is not None:
+        st.warning(f"The checkpoint you chose, {gone}, is no longer there (deleted or moved): choose another one.",
+                   icon=":material/folder_off:")
     labels = {path: common.checkpoint_label(path) for path in found}  # read once: the store changes as runs train
     return st.selectbox("Checkpoint", found, format_func=labels.__getitem__, key="explain_checkpoint",
+                        index=None if gone is not None else 0, placeholder="Choose a checkpoint",
+                        on_change=lambda: st.session_state.pop("explain_checkpoint_gone", None),
                         help="Any checkpoint under the ResLens home folder, newest first.")
 
 
@@ -82,12 +93,11 @@ def pick_layers(layers: list[Any]) -> tuple[str, ...]:
     return tuple(info.name for info in layers if info.name in chosen)
 
 
-def controls(checkpoint: Path) -> dict[str, Any]:
-    """The sidebar: method, smoothing, colour scale, colormap, opacity and layers (by stage, with map size)."""
+def controls(layers: list[Any]) -> dict[str, Any]:
+    """The sidebar: method, smoothing, colour scale, colormap, opacity and ``layers`` (by stage, with map size)."""
     from core.cam_scale import SCALES
     from core.overlay import COLORMAPS
 
-    layers = cam.layer_choices(checkpoint)
     with st.sidebar:
         st.header("Explanation")
         method = st.selectbox("Method", list(cam.METHODS), key="explain_method",
@@ -131,18 +141,22 @@ class Card:
 def pick_target(key: str, probs: Any, class_names: list[str], column: Any) -> int:
     """The image's class to explain: a click on a row of its top-5 table, or a class typed in its own box."""
     top5 = charts.probabilities_frame(probs, class_names, k=5)
-    table_key, box_key = f"top5-{key}", f"target-{key}"
+    box_key, drawn_key = f"target-{key}", f"top5-drawn-{key}"
+    table_key = f"top5-{key}-{st.session_state.get(drawn_key, 0)}"  # a new key: a table drawn with no row ticked
 
     def clicked() -> None:
         rows = st.session_state[table_key].selection.rows
         if rows:
             st.session_state[box_key] = str(top5["class"].iloc[rows[0]])
 
+    def typed() -> None:  # a class chosen in the box: the table's ticked row no longer says what is explained
+        st.session_state[drawn_key] = st.session_state.get(drawn_key, 0) + 1
+
     column.dataframe(top5, hide_index=True, width="stretch", key=table_key, on_select=clicked,
                      selection_mode="single-row",
                      column_config={"probability": st.column_config.ProgressColumn(format="percent", min_value=0,
                                                                                    max_value=1)})
-    choice = column.selectbox("Class to explain", [TOP1] + sorted(class_names), key=box_key,
+    choice = column.selectbox("Class to explain", [TOP1] + sorted(class_names), key=box_key, on_change=typed,
                               help="Click a row of the table above, or type here to search every class.")
     return int(probs.argmax()) if choice == TOP1 else class_names.index(choice)
 
@@ -219,9 +233,16 @@ def body() -> None:
     checkpoint = pick_checkpoint()
     if checkpoint is None:
         return
-    _, info = common.load_model(checkpoint)
-    images = pick_images()
-    options = controls(checkpoint)
+    images = pick_images()  # drawn before the model loads: a checkpoint that fails keeps the uploads
+    try:
+        _, info = common.load_model(checkpoint)
+        layers = cam.layer_choices(checkpoint)
+    except UserError as exc:
+        st.error(str(exc), icon=":material/error:")
+        controls(st.session_state.get("explain_layers", []))  # the sidebar stays as it was
+        return
+    st.session_state["explain_layers"] = layers
+    options = controls(layers)
     export = st.empty()
     cards: list[tuple[int, Card]] = []
     for index, (picked, stem) in enumerate(zip(images, unique_stems([p.name for p in images]))):

@@ -212,3 +212,49 @@ def test_an_upload_is_hashed_once_per_rerun(explain_page, monkeypatch):
     hashed.clear()
     at.slider(key="explain_opacity").set_value(0.9).run()  # a rerun served from the caches
     assert not at.exception and hashed.count(True) == 1
+
+
+def _second_checkpoint(at: AppTest):
+    """Another checkpoint next to the run's, chosen in a fresh session (which lists it); returns (page, both)."""
+    from core import paths
+
+    other = fx.make_checkpoint(paths.reslens_home() / "exported" / "other.pt")
+    at = AppTest.from_file(fx.APP, default_timeout=90).run()
+    at.switch_page("pages/explain.py").run()
+    return at, other
+
+
+def test_an_unreadable_checkpoint_keeps_the_uploads_and_the_sidebar(explain_page):
+    at, other = _second_checkpoint(explain_page)
+    at.file_uploader[0].set_value(("square.png", fx.png_bytes(80), "image/png")).run()
+    at.selectbox(key="explain_method").set_value("LayerCAM").run()
+    at.selectbox(key="explain_checkpoint").set_value(other).run()
+    other.write_bytes(b"not a checkpoint any more")  # damaged on disk while chosen
+    at.run()
+    assert [e.value for e in at.error] and "is not a readable PyTorch file" in at.error[0].value
+    assert at.selectbox(key="explain_method").value == "LayerCAM"
+    good = next(p for p in at.selectbox(key="explain_checkpoint").options if "other.pt" not in p)
+    at.selectbox(key="explain_checkpoint").set_value(good).run()
+    assert not at.exception and [s.value for s in at.subheader] == ["square.png"]  # the upload is still there
+    assert at.selectbox(key="explain_method").value == "LayerCAM" and "with LayerCAM" in _explaining(at)[0]
+
+
+def test_a_checkpoint_deleted_while_chosen_is_said_not_replaced(explain_page):
+    at, other = _second_checkpoint(explain_page)
+    at.selectbox(key="explain_checkpoint").set_value(other).run()
+    other.unlink()
+    at.run()
+    assert any(w.value.startswith(f"The checkpoint you chose, {other}, is no longer there") for w in at.warning)
+    assert not _explaining(at)  # no other model explains in its place
+    at.selectbox(key="explain_checkpoint").set_value(at.selectbox(key="explain_checkpoint").options[0]).run()
+    assert _explaining(at) and not any("no longer there" in w.value for w in at.warning)
+
+
+def test_a_class_typed_in_the_box_unticks_the_table(explain_page):
+    """A row ticked before still looked chosen after a class was typed, and clicking it again did nothing."""
+    at = explain_page
+    first, second = at.dataframe[0].proto.id, at.dataframe[1].proto.id
+    box = _class_boxes(at)[1]
+    box.set_value(box.options[2]).run()
+    assert at.dataframe[1].proto.id != second  # drawn anew, no row ticked
+    assert at.dataframe[0].proto.id == first  # the other images' tables keep their selection
