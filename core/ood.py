@@ -20,6 +20,7 @@ import numpy as np
 
 KEEP = 0.95  # share of validation images a threshold lets through
 QUANTILES = 101  # stored quantiles of each score: an image's percentile among the validation images
+WEAK_CONFIDENCE = 0.1  # an MSP threshold under this (or 10x chance) is too low to tell foreign images apart
 FEW_IMAGES = 100  # below this many validation images, the 5% threshold rests on a handful: the verdict says so
 
 
@@ -102,8 +103,18 @@ def assess(logits: np.ndarray, stats: dict[str, Any] | None) -> Assessment:
         level, sentence = "borderline", (f"Possibly out of distribution: one score is lower than {share} of "
                                          f"validation images reach, so treat the prediction with caution: {detail}.")
     else:
-        level, sentence = "in", f"Looks like the training data: {detail}."
+        level, sentence = "in", f"Looks like the training data: {detail}." + _weak(stats, len(np.asarray(logits)))
     return Assessment(msp, lse, p_msp, p_energy, level, sentence + _few_images(stats.get("val_images")))
+
+
+def _weak(stats: dict[str, Any], classes: int) -> str:
+    """A caveat for an "in" verdict when the model is unsure even of its validation images: a low threshold lets
+    through a blank or foreign image that merely does not look like any class in particular."""
+    if stats["msp_threshold"] >= min(WEAK_CONFIDENCE, 10 / classes):
+        return ""
+    return (f" This model is unsure even of its own validation images ({stats['keep']:.0%} of them above "
+            f"{stats['msp_threshold']:.1%} confidence, with {classes} classes), so this check lets through images "
+            "that are merely unlike any class.")
 
 
 def _few_images(count: Any) -> str:

@@ -55,6 +55,21 @@ def test_verdicts_in_words():
     assert "rough" not in typical.sentence  # 500 validation images: no caveat
 
 
+def test_a_model_unsure_of_its_own_validation_images_says_its_verdict_lets_foreign_ones_through():
+    """A weak 101-class model (a 40% one): its validation images' confidence is low, so a blank image passes."""
+    rng = np.random.default_rng(3)
+    unsure = rng.normal(0, 1, (500, 101)) + np.eye(101)[rng.integers(0, 101, 500)] * 2.5
+    stats = ood.calibrate(*ood.scores(unsure))
+    assert stats["msp_threshold"] < 0.0990  # under 10x chance
+    blank = ood.assess(unsure[0], stats)
+    assert blank.level == "in" and blank.sentence.endswith(
+        f"This model is unsure even of its own validation images (95% of them above {stats['msp_threshold']:.1%} "
+        "confidence, with 101 classes), so this check lets through images that are merely unlike any class.")
+    sure = np.random.default_rng(4).normal(0, 1, (500, 101)) + np.eye(101)[rng.integers(0, 101, 500)] * 12
+    confident = ood.calibrate(*ood.scores(sure))
+    assert "unsure" not in ood.assess(sure[0], confident).sentence
+
+
 def test_a_verdict_from_a_handful_of_validation_images_says_it_is_rough():
     rng = np.random.default_rng(2)
     val_logits = rng.normal(0, 1, (12, 4)) + np.eye(4)[rng.integers(0, 4, 12)] * 8
