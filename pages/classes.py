@@ -141,8 +141,8 @@ def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int |
         return
     kept = samples[0].get("epoch")
     if epoch is not None and kept is not None and kept != epoch:
-        st.caption(f"These were misclassified at epoch {kept}: a run keeps the images of each stage's best and "
-                   f"last epochs only, so epoch {epoch}'s are not shown.")
+        st.caption(f"These were misclassified at epoch {kept}; epoch {epoch}'s were not kept (ResLens keeps the "
+                   "misclassified images of each stage's best and last epochs; older runs kept the last epoch's only).")
     if checkpoint is not None and checkpoint.is_file():
         st.caption(f"Grad-CAM uses {common.checkpoint_label(checkpoint)}.")
         held = common.checkpoint_epoch(checkpoint)

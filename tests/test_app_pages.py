@@ -203,8 +203,8 @@ def test_classes_draws_everything_from_the_store():
     assert not any(c.value.startswith("That checkpoint holds epoch") for c in at.caption)
     at.selectbox[2].set_value(1).run()  # an epoch not kept: the best epoch's images, and the page says so
     assert len(at.image) == 1
-    assert any(c.value.startswith("These were misclassified at epoch 2: a run keeps the images of each stage's best "
-                                  "and last epochs only, so epoch 1's are not shown") for c in at.caption)
+    assert any(c.value.startswith("These were misclassified at epoch 2; epoch 1's were not kept (ResLens keeps the "
+                                  "misclassified images of each stage's best and last epochs") for c in at.caption)
 
 
 def test_classes_gallery_shows_grad_cam_on_demand():
