@@ -239,13 +239,21 @@ def accuracy_vs_size_figure(frame: pd.DataFrame) -> go.Figure:
 
 
 def most_confused_classes(confusion: Sequence[Sequence[float]], n: int) -> list[int]:
-    """Indices of the ``n`` classes involved in the most errors (as true or predicted class), most first."""
+    """Indices of ``n`` classes for a sub-matrix: both classes of each most-confused pair in turn (so the pairs
+    the page lists are in it), then the classes involved in the most errors (as true or predicted class)."""
     matrix = np.asarray(confusion, dtype=float)
     off = matrix.copy()
     np.fill_diagonal(off, 0)
+    chosen: dict[int, None] = {}
+    for flat in np.argsort(-off, axis=None, kind="stable"):
+        i, j = divmod(int(flat), len(off))
+        if off[i, j] == 0 or len(chosen) >= n:
+            break
+        if len(chosen) + (i not in chosen) + (j not in chosen) <= n:
+            chosen.update(dict.fromkeys((i, j)))
     involvement = off.sum(axis=0) + off.sum(axis=1)
-    order = np.argsort(-involvement, kind="stable")
-    return [int(i) for i in order[: min(n, len(order))]]
+    chosen.update(dict.fromkeys(int(i) for i in np.argsort(-involvement, kind="stable")))
+    return list(chosen)[: min(n, len(off))]
 
 
 def confusion_figure(
@@ -273,7 +281,8 @@ def confusion_figure(
         for k, i in enumerate(idx):
             z[k, k] = np.nan
     top = np.nanmax(z) if np.isfinite(z).any() and np.nanmax(z) > 0 else 1.0
-    counts = dict(text=sub.astype(int).astype(str), texttemplate="%{text}") if len(idx) <= COUNTS_UP_TO else {}
+    counts = dict(text=_cell_text(sub, share, normalize, diagonal), texttemplate="%{text}") \
+        if len(idx) <= COUNTS_UP_TO else {}
     fig = go.Figure(go.Heatmap(
         z=z, x=names, y=names, colorscale="Blues", zmin=0, zmax=top, hoverongaps=False, **counts,
         customdata=np.dstack([sub, share]),
@@ -286,6 +295,15 @@ def confusion_figure(
                       xaxis=dict(title="predicted", tickangle=-60, showticklabels=len(idx) <= 60),
                       yaxis=dict(title="true", autorange="reversed", showticklabels=len(idx) <= 60))
     return fig
+
+
+def _cell_text(counts: np.ndarray, shares: np.ndarray, normalize: bool, diagonal: bool) -> np.ndarray:
+    """What each cell prints: what its colour shows (the share, or the count); the diagonal blank when hidden."""
+    text = np.vectorize(lambda v: f"{v:.0%}")(shares) if normalize else counts.astype(int).astype(str)
+    text = text.astype(object)
+    if not diagonal:
+        np.fill_diagonal(text, "")
+    return text
 
 
 def lr_find_figure(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None) -> go.Figure:

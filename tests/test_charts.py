@@ -130,6 +130,27 @@ def test_most_confused_classes_orders_by_errors_in_and_out():
     assert charts.most_confused_classes(confusion, 2) == [1, 2]
 
 
+def test_the_sub_matrix_holds_the_most_confused_pairs():
+    """ketch -> schooner (8) is the biggest pair, though each of them is in fewer errors than the noisy classes."""
+    confusion = np.diag([20] * 6)
+    confusion[0, 1] = 8  # the pair
+    for a, b in ((2, 3), (3, 4), (4, 5), (5, 2), (2, 4), (3, 5)):
+        confusion[a, b] = 3  # many small errors among classes 2..5: more involvement each (9 or more)
+    top = charts.most_confused_classes(confusion, 2)
+    assert top == [0, 1]
+    assert set(charts.most_confused_classes(confusion, 4)) >= {0, 1}
+    assert sorted(charts.most_confused_classes(confusion, 6)) == list(range(6))
+    assert len(charts.most_confused_classes(np.diag([5, 5, 5]), 2)) == 2  # no errors: still n classes
+
+
+def test_matrix_cells_print_what_their_colour_shows():
+    result = _result()
+    shares = charts.confusion_figure(result["confusion"], result["classes"], normalize=True).data[0]
+    counts = charts.confusion_figure(result["confusion"], result["classes"], normalize=False, diagonal=True).data[0]
+    assert np.asarray(shares.text)[2].tolist() == ["0%", "100%", ""]  # eel: all to dog; its diagonal hidden
+    assert np.asarray(counts.text)[0].tolist()[0] == "8"  # the diagonal shown: its count
+
+
 def test_confusion_figure_restricts_to_indices_with_row_shares():
     result = _result()
     fig = charts.confusion_figure(result["confusion"], result["classes"], indices=[1, 2], diagonal=True)
