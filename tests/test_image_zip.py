@@ -37,7 +37,8 @@ def nothing_left() -> bool:
 
 
 def test_a_zip_of_class_folders_is_unpacked_under_the_data_root(tmp_path):
-    found = unpack_image_zip(pets_zip(tmp_path), "My Pets (1).zip")
+    data = pets_zip(tmp_path)
+    found = unpack_image_zip(data, "My Pets (1).zip")
     assert found.target == paths.uploads_dir() / "My-Pets-1" and found.folder == found.target / "pets"
     assert class_counts("imagefolder", found.folder, "train") | class_counts("imagefolder", found.folder, "val")
     counts = {c: sum(class_counts("imagefolder", found.folder, s)[c] for s in ("train", "val"))
@@ -49,7 +50,6 @@ def test_a_zip_of_class_folders_is_unpacked_under_the_data_root(tmp_path):
     kept = sorted(p.relative_to(found.target).as_posix() for p in found.target.rglob("*") if p.is_file())
     kept.remove(".reslens-upload.json")  # the archive's checksum, so the same zip dropped again is reused
     assert all(not Path(k).name.startswith(".") and k.split(".")[-1].lower() != "txt" for k in kept)
-    data = pets_zip(tmp_path / "2")
     assert unpack_image_zip(data, "pets again.zip") == found  # the same archive again: its folder is reused
     other = io.BytesIO(data)
     with zipfile.ZipFile(other, "a") as zf:
