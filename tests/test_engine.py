@@ -229,6 +229,25 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_st
     assert set(kinds) == ({"strong", "none"} if data_path == "device" else set())
 
 
+def test_a_second_trainer_of_a_run_is_refused_before_it_writes(tmp_path, monkeypatch):
+    """Two resumes started together both found the stored trainer dead and both trained; the run's lock, held by
+    the first, refuses the second before it touches the store or the checkpoints."""
+    from train.trainer_lock import trainer_lock
+
+    raw = tiny_config(tmp_path, epochs=(2,))
+    real_after = Trainer._after_step
+    monkeypatch.setattr(Trainer, "_after_step", lambda self, *a: os.kill(os.getpid(), signal.SIGTERM))
+    assert run_tiny(raw) == "stopped"
+    monkeypatch.setattr(Trainer, "_after_step", real_after)
+    last = paths.run_dir("tiny") / "stage1-s1" / "last.pt"
+    before = (RunStore().get_run("tiny")["stored_state"], last.read_bytes())
+    with trainer_lock("tiny"):  # the first resume, training
+        with pytest.raises(RunStoreError, match="'tiny' is being trained by another process right now"):
+            run_tiny(raw, resume=True)
+        assert (RunStore().get_run("tiny")["stored_state"], last.read_bytes()) == before
+    assert run_tiny(raw, resume=True) == "finished"  # the lock goes with its holder
+
+
 def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
     raw = tiny_config(tmp_path, epochs=(2,))
     real_after = Trainer._after_step

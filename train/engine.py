@@ -13,6 +13,7 @@ and deletes store rows written after it, so metrics are never lost or duplicated
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -44,6 +45,7 @@ from train.recipe import Mixer, batch_mixer, training_loss, weight_average
 from train.reproducible import SeededItems, batch_seed, resume_mismatch, rng_state, seeded, set_rng_state
 from train.signals import StopFlag, start_workers, worker_init_fn
 from train.tensorboard_log import TensorBoardLog
+from train.trainer_lock import trainer_lock
 
 HEARTBEAT_S = 2.0
 PROGRESS_LINE_S = 15.0  # without a terminal (a log file), a progress line this often
@@ -883,8 +885,15 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
     """Run (or resume) ``run_name`` and record its final state; returns that state.
 
     ``finished`` or ``stopped`` return normally; a failure is recorded as ``failed`` with its
-    message and re-raised (a ``UserError`` for problems the user can fix).
+    message and re-raised (a ``UserError`` for problems the user can fix). The main process holds the run's
+    trainer lock throughout (``train.trainer_lock``): another trainer of the run is refused before it writes.
     """
+    with trainer_lock(run_name) if ctx.is_main else contextlib.nullcontext():
+        return _train_run(config, run_name, ctx, store, resume, show_progress)
+
+
+def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunStore | None, resume: bool,
+               show_progress: bool) -> str:
     trainer = Trainer(config, run_name, ctx, store, show_progress)
     if store is not None and not ctx.enabled:  # under torchrun the other processes could not wait as long
         store.be_patient(STORE_PATIENCE_S, lambda text: print(text, file=sys.stderr, flush=True))

@@ -1,0 +1,30 @@
+"""One trainer per run: the trainer holds an exclusive ``flock`` on ``<run dir>/.trainer.lock`` while it trains.
+
+The store's recorded pid says which process trains a run, but two ``resume`` commands started together both read
+it before either writes its own; the lock is taken atomically, so the second is refused. The kernel drops it when
+the holder exits in any way (``kill -9`` too), so a dead trainer never blocks a resume.
+"""
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from typing import Iterator
+
+from core import paths
+from core.run_store import RunStoreError
+
+LOCK_NAME = ".trainer.lock"
+
+
+@contextmanager
+def trainer_lock(run_name: str) -> Iterator[None]:
+    """Hold run ``run_name``'s trainer lock; ``RunStoreError`` at once when another live process holds it."""
+    folder = paths.run_dir(run_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunStoreError(f"Run {run_name!r} is being trained by another process right now (two resumes "
+                                "at once?); this one leaves it to that one.") from None
+        yield
