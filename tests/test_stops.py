@@ -201,11 +201,16 @@ def test_a_second_ctrl_c_during_the_stop_save_lands_after_the_write(tmp_path, mo
             os.kill(os.getpid(), signal.SIGINT)
         return real_save(obj, handle, *args, **kwargs)
 
+    from train.engine import Display
+
+    said: list[str] = []
+    monkeypatch.setattr(Display, "message", lambda self, text: said.append(text))
     monkeypatch.setattr(Trainer, "_after_step", after_step)
     monkeypatch.setattr(core.checkpoints.torch, "save", save)
     with pytest.raises(KeyboardInterrupt):
         run_tiny(tiny_config(tmp_path, epochs=(2,)))
     assert RunStore().get_run("tiny")["stored_state"] == "interrupted"
+    assert said[-1] == "Run tiny interrupted; `python -m train resume tiny` continues it from its last saved checkpoint."
     folder = paths.run_dir("tiny") / "stage1-s1"
     last = load_checkpoint(folder / "last.pt")
     assert (last["epoch"], last["batches_done"]) == (0, 2)

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,6 @@ from core.errors import UserError
 from core.sizes import iec_bytes
 from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError
 
-STOPPED_RANK0_GRACE_S = 5.0  # rank 0 of a run stopped under torchrun exits this long after the others can
 EXPORT_KEYS = ("kind", "stage", "stage_name", "epoch", "step", "time")
 
 
@@ -60,12 +58,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def exit_status(state: str, ctx: Any) -> int:
-    """0 for a finished run, else 1; under torchrun the other ranks of a stopped run exit 0, because torchrun ends
-    every rank at once when one fails, and rank 0 may still be recording the stop. Rank 0 of a stopped run (its
-    stop is recorded by now) lets the others end first, or torchrun would kill them and report them failed."""
-    if state == "stopped" and ctx.enabled and ctx.is_main:
-        time.sleep(STOPPED_RANK0_GRACE_S)
-    return 0 if state == "finished" or (state == "stopped" and not ctx.is_main) else 1
+    """0 for a finished run, else 1; but under torchrun every rank of a stopped run exits 0: torchrun reports
+    any other status as a failure (a traceback and "FAILED") and ends the other ranks at once, maybe while rank 0
+    still records the stop. The stop is said in rank 0's last line and in the run store."""
+    return 0 if state == "finished" or (state == "stopped" and ctx.enabled) else 1
 
 
 def _fail_queued_row(run_name: str | None, error: str) -> None:

@@ -920,6 +920,8 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
         raise
     except KeyboardInterrupt:  # a second Ctrl-C: no save; resume starts from the last epoch's checkpoint
         main_store.set_state(run_name, "interrupted")
+        trainer.display.message(f"Run {run_name} interrupted; `python -m train resume {run_name}` continues it from "
+                                "its last saved checkpoint.")
         raise
     except BaseException as exc:
         main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
