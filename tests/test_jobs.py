@@ -141,3 +141,14 @@ def test_an_explicit_name_never_reuses_a_leftover_folder(tmp_path):
     with pytest.raises(RunStoreError, match="folder for run 'old' already exists"):
         jobs.prepare_run(config, RunStore(), "old")
     assert jobs.prepare_run(config, RunStore()) == config.name  # the config's own name is still free
+
+
+def test_a_run_whose_folder_cannot_be_made_leaves_no_row(tmp_path):
+    from train.config import parse_config
+
+    config = parse_config(tiny_config(tmp_path), check_data=False)
+    paths.runs_dir().parent.mkdir(parents=True, exist_ok=True)
+    paths.runs_dir().write_text("a file where the runs folder belongs")  # mkdir fails, as on a read-only folder
+    with pytest.raises(RunStoreError, match=r"Cannot create the folder of run 'mine' \(.*\); nothing was started"):
+        jobs.prepare_run(config, RunStore(), "mine")
+    assert not RunStore().has_run("mine")  # not left 'queued', then 'interrupted' with no reason

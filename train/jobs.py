@@ -69,8 +69,13 @@ def prepare_run(
                 raise
             continue
         folder = paths.run_dir(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(text)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / CONFIG_NAME).write_text(text)
+        except OSError as exc:  # the row goes too: no run is left that never had a folder
+            store.delete_run(name)
+            raise RunStoreError(f"Cannot create the folder of run {name!r} ({exc.filename or folder}: "
+                                f"{exc.strerror or exc}); nothing was started.") from None
         return name
     raise AssertionError("unreachable")  # _candidates never ends
 
