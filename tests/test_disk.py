@@ -70,6 +70,26 @@ def test_a_run_whose_checkpoint_fills_the_disk_fails_with_one_sentence(small_dis
     assert [p.name for p in (paths.run_dir("tiny") / "stage1-s1").iterdir()] == []
 
 
+def test_a_best_pt_written_before_last_pt_fails_is_recorded(tmp_path, monkeypatch):
+    """The disk filled while last.pt was written: best.pt of that epoch exists, and the store says so (`list`
+    showed no best accuracy)."""
+    from train.engine import Trainer
+
+    real_save = Trainer._save
+
+    def save(self, st, kind, *args):
+        if kind == "last":
+            raise CheckpointError("the disk is full (0 B free in the run folder); the previous checkpoint is intact.")
+        return real_save(self, st, kind, *args)
+
+    monkeypatch.setattr(Trainer, "_save", save)
+    with pytest.raises(CheckpointError):
+        run_tiny(tiny_config(tmp_path, epochs=(1,)))
+    run, stage = RunStore().get_run("tiny"), RunStore().stages("tiny")[0]
+    assert run["state"] == "failed" and stage["best_epoch"] == 1 and Path(stage["best_path"]).is_file()
+    assert run["best_val_acc"] == stage["best_val_acc"] is not None
+
+
 def test_a_full_disk_before_the_image_cache_build_is_one_sentence(small_disk, tmp_path):
     home = small_disk("2m")
     raw = tiny_config(tmp_path, epochs=(1,), image_size=256)  # 18 images of 3 x 292 x 292 bytes: 4.6 MB

@@ -661,13 +661,12 @@ class Trainer:
         st.stopped_early = ddp.broadcast(self.ctx, st.early_stop(score)) and epoch + 1 < st.stage.epochs
         if self.ctx.is_main:
             summary = {**metrics, "best_score": st.best}
-            fields: dict[str, Any] = {}
-            if improved:  # best first: last.pt marks progress, so a crash in between never loses the best
+            if improved:  # best first (and recorded): last.pt marks progress, so a failure after it never loses it
                 best = self._save(st, "best", epoch + 1, 0, summary)
-                fields.update(best_path=str(best), best_val_acc=metrics.get("val_acc"), best_epoch=epoch + 1)
+                self.store.update_stage(self.run_name, st.index, best_path=str(best),
+                                        best_val_acc=metrics.get("val_acc"), best_epoch=epoch + 1)
             last = self._save(st, "last", epoch + 1, 0, summary)
-            fields.update(last_path=str(last), completed_epochs=epoch + 1)
-            self.store.update_stage(self.run_name, st.index, **fields)
+            self.store.update_stage(self.run_name, st.index, last_path=str(last), completed_epochs=epoch + 1)
             self.display.message(_epoch_line(st.label, epoch + 1, st.stage.epochs, metrics))
             if st.stopped_early:
                 metric = "balanced accuracy" if st.stage.select == "balanced" else "accuracy"
