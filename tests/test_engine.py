@@ -245,7 +245,21 @@ def test_a_second_trainer_of_a_run_is_refused_before_it_writes(tmp_path, monkeyp
         with pytest.raises(RunStoreError, match="'tiny' is being trained by another process right now"):
             run_tiny(raw, resume=True)
         assert (RunStore().get_run("tiny")["stored_state"], last.read_bytes()) == before
+    said: list[str] = []
+    monkeypatch.setattr(engine.Display, "message", lambda self, text: said.append(text))
     assert run_tiny(raw, resume=True) == "finished"  # the lock goes with its holder
+    assert said[0] == "Resuming tiny in stage 1 (s1) at epoch 1, after its step 2 (pipeline step 3)."  # stop: step 2
+
+
+def test_the_resume_line_says_where_a_run_continues(tmp_path):
+    from train.engine import ResumePoint, resume_line
+
+    config = parse_config(tiny_config(tmp_path), check_data=False)
+    assert resume_line(config, "r", ResumePoint(1), 6) == "Resuming r at the start of stage 2 (s2) (pipeline step 7)."
+    assert resume_line(config, "r", ResumePoint(0, {"epoch": 1}), 3) == \
+        "Resuming r in stage 1 (s1) at the start of epoch 2 (pipeline step 4)."
+    assert resume_line(config, "r", ResumePoint(2), 12) == "Resuming r: every stage is done; only its final state " \
+                                                             "is recorded."
 
 
 def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):

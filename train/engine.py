@@ -310,6 +310,18 @@ def find_resume_point(config: PipelineConfig, run_name: str) -> ResumePoint:
     return ResumePoint(len(config.stages))
 
 
+def resume_line(config: PipelineConfig, run_name: str, point: ResumePoint, done: int) -> str:
+    """Where a resume continues, in one line: stage, epoch and step (from 1), or that nothing is left."""
+    if point.stage >= len(config.stages):
+        return f"Resuming {run_name}: every stage is done; only its final state is recorded."
+    label = stage_label(point.stage, config.stages[point.stage])
+    if point.checkpoint is None:
+        return f"Resuming {run_name} at the start of {label} (pipeline step {done + 1})."
+    epoch, batches = point.checkpoint["epoch"], point.checkpoint.get("batches_done", 0)
+    where = f"epoch {epoch + 1}, after its step {batches}" if batches else f"the start of epoch {epoch + 1}"
+    return f"Resuming {run_name} in {label} at {where} (pipeline step {done + 1})."
+
+
 class Trainer:
     """Runs the stages of ``config`` as run ``run_name`` on ``ctx``'s device."""
 
@@ -345,6 +357,8 @@ class Trainer:
             plan = self._plan()
             done = sum(w.steps for w in plan[: point.stage]) + (point.checkpoint or {}).get("step", 0)
             self.progress.set_plan(plan, done)
+            if resume:
+                self.display.message(resume_line(self.config, self.run_name, point, done))
             if self.ctx.is_main:  # a resumed run's events after its restart point are discarded (purge_step)
                 self.tb = TensorBoardLog(paths.run_dir(self.run_name) / "tensorboard",
                                          purge_step=done + 1 if resume else None)
