@@ -105,7 +105,8 @@ def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt)
     not (HAS_ONNXRUNTIME and HAS_ONNX_EXPORT), reason="onnx, onnxscript and onnxruntime are not installed"))])
 def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpoint, tmp_path, fmt):
     """Transparency over grey, the EXIF orientation, 16-bit grey values (scaled, not clipped white) and a photo
-    larger than core.images.MAX_SIDE, as core.images.load_image reads them: the same top-5 as the model."""
+    larger than core.images.MAX_SIDE, as core.images.load_image reads them: the same top-5 as the model (the
+    pixels themselves: the next test)."""
     from PIL import Image
 
     from core.images import load_image
@@ -140,6 +141,31 @@ def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpo
         top = probabilities.topk(min(5, len(probabilities)))
         shown = ", ".join(f"{fx.shapes_classes()[i]} {p:.1%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
         assert line == f"{name}: {shown}"
+
+
+def test_predict_py_reads_every_image_pixel_for_pixel_as_resLens(tmp_path):
+    """The reading predict.py carries gives exactly core.images.load_image's pixels: a large JPEG decoded at a
+    reduced scale (its full-size decode differs by up to 10 levels), 16-bit grey, transparency, EXIF, palettes."""
+    import sys as system
+
+    from PIL import Image, ImageOps
+
+    from core.images import load_image
+    from train.export_model import image_reading
+
+    reading = {"Image": Image, "ImageOps": ImageOps, "np": np, "sys": system}
+    exec(image_reading(), reading)  # noqa: S102 - the code predict.py runs, here in a namespace of its own
+    photo = Image.effect_noise((4400, 3000), 60).convert("RGB")
+    photo.save(tmp_path / "large.jpg", quality=90)
+    Image.fromarray(np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)).save(tmp_path / "grey16.png")
+    Image.new("RGBA", (40, 30), (200, 30, 30, 90)).save(tmp_path / "alpha.png")
+    Image.new("P", (30, 30), 3).save(tmp_path / "palette.gif")
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (50, 20), (9, 99, 199)).save(tmp_path / "turned.jpg", exif=exif)
+    for name in ("large.jpg", "grey16.png", "alpha.png", "palette.gif", "turned.jpg"):
+        ours, theirs = load_image(tmp_path / name), reading["open_rgb"](str(tmp_path / name))
+        assert ours.size == theirs.size and np.array_equal(np.asarray(ours), np.asarray(theirs)), name
 
 
 def test_missing_package_and_bad_folder_are_one_sentence(checkpoint, tmp_path, capsys, monkeypatch):

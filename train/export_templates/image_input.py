@@ -1,7 +1,8 @@
 def open_rgb(path: str) -> Image.Image:
-    """The image as ResLens reads it (oriented_rgb above is ResLens's own: EXIF orientation, 16-bit values scaled,
-    transparency laid over grey, the longer side at most MAX_SIDE)."""
+    """The image as ResLens reads it (_draft and oriented_rgb above are ResLens's own: a large JPEG decoded at a
+    reduced scale, EXIF orientation, 16-bit values scaled, transparency laid over grey, at most MAX_SIDE)."""
     with Image.open(path) as image:
+        _draft(image)
         image.load()
         return oriented_rgb(image)
 
