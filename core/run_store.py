@@ -485,8 +485,9 @@ class RunStore:
 
         ``epoch`` is the number of the last *completed* epoch of ``stage`` (0 when none), ``step``
         the last step whose effect is kept (a mid-epoch checkpoint); epoch rows, per-class results
-        and misclassified samples of later epochs, step rows after ``step`` (or of later epochs
-        when ``step`` is None) and every row of later stages disappear.
+        and misclassified samples of later epochs (but those of the stage's recorded best epoch, which its kept
+        best.pt holds), step rows after ``step`` (or of later epochs when ``step`` is None) and every row of later
+        stages disappear.
         """
         later = "run = ? AND (stage > ? OR (stage = ? AND epoch > ?))"
         params: tuple[Any, ...] = (name, stage, stage, epoch)
@@ -495,8 +496,9 @@ class RunStore:
         else:
             metrics = ("DELETE FROM metrics WHERE run = ? AND (stage > ? OR (stage = ? AND ("
                        "(kind = 'epoch' AND epoch > ?) OR (kind = 'step' AND step > ?))))", (*params, step))
-        self._write_many([metrics] + [(f"DELETE FROM {t} WHERE {later}", params)
-                                      for t in ("class_results", "misclassified")])
+        kept_best = " AND NOT (stage = ? AND epoch IS (SELECT best_epoch FROM stages WHERE run = ? AND idx = ?))"
+        self._write_many([metrics, (f"DELETE FROM class_results WHERE {later}", params),  # below: best.pt's images
+                          (f"DELETE FROM misclassified WHERE {later}{kept_best}", (*params, stage, name, stage))])
 
     def has_metrics(self, name: str) -> bool:
         """Whether run ``name`` has logged any metric row yet (cheap: one row at most is read)."""
@@ -591,7 +593,7 @@ class RunStore:
 
     def misclassified(self, name: str, stage: int, true_label: str | None = None,
                       epoch: int | None = None) -> list[dict[str, Any]]:
-        """Misclassified val samples of ``epoch`` (default: the stage's last evaluated epoch), most confident first."""
+        """Misclassified val samples of ``epoch`` (default: the latest epoch that has any), most confident first."""
         sql = "SELECT epoch, source, true_label AS true, predicted, confidence FROM misclassified" \
               " WHERE run = ? AND stage = ? AND epoch = COALESCE(?, (SELECT MAX(epoch) FROM misclassified" \
               " WHERE run = ? AND stage = ?))"

@@ -425,8 +425,11 @@ def uploaded_folder() -> Path | None:
 
 def unpacked_uploads() -> None:
     """The zips unpacked so far (size, runs trained on them); delete those no longer needed."""
-    if "uploads_deleted" in st.session_state:
-        st.success(st.session_state.pop("uploads_deleted"), icon=":material/delete:")
+    for said in st.session_state.pop("uploads_deleted", []):  # the last deletion's outcome, after its rerun
+        if said.startswith("Deleted "):
+            st.success(said, icon=":material/delete:")
+        else:
+            st.error(said, icon=":material/block:")
     sets = uploaded_sets(common.store())
     if not sets:
         return
@@ -443,14 +446,16 @@ def unpacked_uploads() -> None:
                                  "their misclassified images and `eval` need the images again.")
     if chosen and st.button(f"Delete {len(chosen)} folder{'s' if len(chosen) > 1 else ''}",
                             icon=":material/delete:", key="delete_uploads"):
+        deleted, refused = [], []
         for name in chosen:
             try:
                 delete_uploaded(by_name[name], common.store())
+                deleted.append(name)
             except UserError as exc:
-                st.error(str(exc), icon=":material/block:")
-                return
-        freed = sum(by_name[name].bytes for name in chosen)
-        st.session_state["uploads_deleted"] = f"Deleted {', '.join(chosen)}; freed {iec_bytes(freed)}."
+                refused.append(str(exc))
+        freed = sum(by_name[name].bytes for name in deleted)
+        st.session_state["uploads_deleted"] = (
+            [f"Deleted {', '.join(deleted)}; freed {iec_bytes(freed)}."] if deleted else []) + refused
         st.session_state.pop("uploads_to_delete", None)
         st.rerun()
 
@@ -497,7 +502,11 @@ def launch_section(config: dict[str, Any], ready: bool) -> None:
                 "the same pipeline.", icon=":material/block:")
         return
     st.session_state["last_launch"] = (launched, time.monotonic(), None)  # before launching: a second click waits
-    name = jobs.launch(config, device=None if device == "auto" else device)
+    try:
+        name = jobs.launch(config, device=None if device == "auto" else device)
+    except BaseException:
+        st.session_state.pop("last_launch", None)  # nothing started: a retry is not a double click
+        raise
     st.session_state["last_launch"] = (launched, time.monotonic(), name)
     st.session_state["selected_run"] = name
     st.session_state["monitor_runs"] = [name]

@@ -6,7 +6,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core import paths
-from core.run_store import RunStore
+from core.run_store import RunStore, RunStoreError
 from tests import app_fixtures as fx
 
 PAGES = ("app.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/compare.py", "pages/explain.py")
@@ -304,6 +304,25 @@ def test_train_launches_the_edited_pipeline(monkeypatch):
     at.session_state["last_launch"] = (at.session_state["last_launch"][0], 0.0, "my-pipeline")  # long ago
     next(b for b in at.button if b.label == "Launch").click().run()  # later: a deliberate second run
     assert len(launched) == 2
+
+
+def test_a_launch_that_failed_is_not_a_double_click(monkeypatch):
+    from train import jobs
+
+    calls = []
+
+    def launch(config, **kw):
+        calls.append(config)
+        if len(calls) == 1:
+            raise RunStoreError("Cannot create the folder of run 'demo' (denied); nothing was started.")
+        return "demo"
+
+    monkeypatch.setattr(jobs, "launch", launch)
+    at = open_page("pages/train.py")
+    next(b for b in at.button if b.label == "Launch").click().run()
+    assert any("nothing was started" in e.value for e in at.error)
+    next(b for b in at.button if b.label == "Launch").click().run()  # at once: a retry, not a double click
+    assert len(calls) == 2 and any("Run **demo** started" in s.value for s in at.success)
 
 
 def test_monitor_shows_step_curves_before_the_first_epoch_ends():

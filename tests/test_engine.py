@@ -99,8 +99,8 @@ def test_two_stage_run_records_everything(tmp_path, monkeypatch):
     wrong = store.misclassified("tiny", 1)
     assert len(wrong) == 6 - sum(result["correct"])
     assert all(Path(w["source"]).is_file() for w in wrong)
-    for index, stage in enumerate(stages):  # each stage keeps its best epoch's images besides its last's
-        assert store.misclassified_epochs("tiny", index) == sorted({stage["best_epoch"], 2})
+    for index, stage in enumerate(stages):  # each stage keeps its best epoch's images besides its last's (an
+        assert set(store.misclassified_epochs("tiny", index)) <= {stage["best_epoch"], 2}  # epoch with none: none)
 
 
 def test_nan_loss_fails_with_advice(tmp_path, monkeypatch):

@@ -161,6 +161,9 @@ def test_misclassified_of_the_last_and_the_best_epoch_are_kept(store):
     assert [r["source"] for r in store.misclassified("r1", 0, epoch=4)] == ["e1"]
     store.save_misclassified("r1", 1, 1, _wrong("f1"))  # another stage keeps its own
     assert store.misclassified_epochs("r1", 0) == [4] and store.misclassified("r1", 5) == []
+    store.save_misclassified("r1", 0, 5, _wrong("g1"))
+    store.truncate_after("r1", 0, 0)  # the stage restarts, its best.pt (epoch 4) kept: so are that epoch's images
+    assert store.misclassified_epochs("r1", 0) == [4] and store.misclassified_epochs("r1", 1) == []
 
 
 def test_misclassified_filtered_by_true_class(store):
@@ -317,7 +320,7 @@ def test_a_schema_4_store_keeps_its_misclassified_rows_under_the_new_key(tmp_pat
                                               "confidence": 0.7}]
     store.save_misclassified("old", 0, 4, _wrong("y.jpg"), best_epoch=3)  # two epochs now fit the key
     assert store.misclassified_epochs("old", 0) == [3, 4]
-    store.delete_run("old")  # the rebuilt table still follows its run
+    store._write("DELETE FROM runs WHERE name = 'old'")  # the rebuilt table still follows its run (cascade)
     assert store.misclassified_epochs("old", 0) == []
 
 
