@@ -369,6 +369,12 @@ class RunStore:
         """Record the run's trainer process (and when it started, so a reused pid is not taken for it)."""
         self._update_run(name, pid=pid, pid_started=process_started(pid), updated=time.time())
 
+    def set_spawned_pid(self, name: str, pid: int) -> None:
+        """Record the pid of a trainer just started for run ``name``, only while the run is still queued: a trainer
+        that already runs recorded its own (of two resumes at once, the refused one never replaces the winner)."""
+        self._write("UPDATE runs SET pid = ?, pid_started = ?, updated = ? WHERE name = ? AND state = 'queued'",
+                    (pid, process_started(pid), time.time(), name))
+
     def heartbeat(self, name: str, **progress: Any) -> None:
         """Record that the trainer is alive, with optional progress fields.
 

@@ -48,6 +48,15 @@ def test_running_with_dead_pid_reads_interrupted(store):
     assert store.get_run("r1")["state"] == "running"
 
 
+def test_a_spawned_trainer_pid_is_recorded_only_while_its_run_is_queued(store):
+    store.set_state("r1", "queued")
+    store.set_spawned_pid("r1", os.getpid())
+    assert store.get_run("r1")["pid"] == os.getpid()
+    store.set_state("r1", "running", pid=1)  # the winner of two resumes at once took the run over
+    store.set_spawned_pid("r1", os.getpid())  # the refused one's parent records its child late
+    assert store.get_run("r1")["pid"] == 1
+
+
 def test_stale_heartbeat_reads_interrupted(store, monkeypatch):
     store.set_state("r1", "running")
     assert [r["state"] for r in store.list_runs()] == ["running"]

@@ -160,7 +160,7 @@ def _spawn(name: str, args: list[str], store: RunStore) -> subprocess.Popen:
         except OSError as exc:
             store.set_state(name, "failed", error=f"The trainer could not be started: {exc}.")
             raise RunStoreError(f"The trainer for run {name!r} could not be started: {exc}.") from exc
-    store.set_pid(name, process.pid)
+    store.set_spawned_pid(name, process.pid)
     return process
 
 
