@@ -232,7 +232,8 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_st
 def test_a_second_trainer_of_a_run_is_refused_before_it_writes(tmp_path, monkeypatch):
     """Two resumes started together both found the stored trainer dead and both trained; the run's lock, held by
     the first, refuses the second before it touches the store or the checkpoints."""
-    from train.trainer_lock import trainer_lock
+    import subprocess
+    import sys
 
     raw = tiny_config(tmp_path, epochs=(2,))
     real_after = Trainer._after_step
@@ -241,13 +242,21 @@ def test_a_second_trainer_of_a_run_is_refused_before_it_writes(tmp_path, monkeyp
     monkeypatch.setattr(Trainer, "_after_step", real_after)
     last = paths.run_dir("tiny") / "stage1-s1" / "last.pt"
     before = (RunStore().get_run("tiny")["stored_state"], last.read_bytes())
-    with trainer_lock("tiny"):  # the first resume, training
+    holder = subprocess.Popen(  # the first resume, training (a lock of another process: record locks are per process)
+        [sys.executable, "-c", "import sys, time\nfrom train.trainer_lock import trainer_lock\n"
+         "with trainer_lock('tiny'):\n    print('held', flush=True)\n    time.sleep(120)"],
+        cwd=paths.REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunStoreError, match="'tiny' is being trained by another process right now"):
             run_tiny(raw, resume=True)
         assert (RunStore().get_run("tiny")["stored_state"], last.read_bytes()) == before
+    finally:
+        holder.kill()
+        holder.wait()
     said: list[str] = []
     monkeypatch.setattr(engine.Display, "message", lambda self, text: said.append(text))
-    assert run_tiny(raw, resume=True) == "finished"  # the lock goes with its holder
+    assert run_tiny(raw, resume=True) == "finished"  # the lock went with its holder (kill -9)
     assert said[0] == "Resuming tiny in stage 1 (s1) at epoch 1, after its step 2 (pipeline step 3)."  # stop: step 2
 
 

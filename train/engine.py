@@ -34,7 +34,7 @@ from core.checkpoints import (check_compatible, checkpoint_info, class_change, i
 from core.datasets import SPLIT_OPTIONS, class_counts, open_dataset
 from core.errors import UserError
 from core.models import Preprocessing, build_model
-from core.run_store import RunStore
+from core.run_store import RunStore, RunStoreError
 from core.tempfiles import sweep_stale
 from train import distributed as ddp
 from train.config import SELECTED_METRIC, PipelineConfig, StageConfig, compiles, stage_label
@@ -901,7 +901,16 @@ def train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunSt
     message and re-raised (a ``UserError`` for problems the user can fix). The main process holds the run's
     trainer lock throughout (``train.trainer_lock``): another trainer of the run is refused before it writes.
     """
-    with trainer_lock(run_name) if ctx.is_main else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if ctx.is_main:
+            try:
+                held.enter_context(trainer_lock(run_name))
+            except RunStoreError as exc:
+                refusal = str(exc)
+        refusal = ddp.broadcast(ctx, refusal)  # every process of a refused trainer stops here, not at a collective
+        if refusal is not None:
+            raise RunStoreError(refusal)
         return _train_run(config, run_name, ctx, store, resume, show_progress)
 
 

@@ -1,8 +1,10 @@
-"""One trainer per run: the trainer holds an exclusive ``flock`` on ``<run dir>/.trainer.lock`` while it trains.
+"""One trainer per run: the trainer holds an exclusive lock on ``<run dir>/.trainer.lock`` while it trains.
 
 The store's recorded pid says which process trains a run, but two ``resume`` commands started together both read
-it before either writes its own; the lock is taken atomically, so the second is refused. The kernel drops it when
-the holder exits in any way (``kill -9`` too), so a dead trainer never blocks a resume.
+it before either writes its own; the lock is taken atomically, so the second is refused. It is a POSIX record
+lock (``lockf``): it belongs to the process, so forked DataLoader workers do not inherit it, and the kernel drops
+it when the process exits in any way (``kill -9`` too): a dead trainer never blocks a resume. (Such a lock also
+goes when the process closes any descriptor of the file: nothing else opens it.)
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ def trainer_lock(run_name: str) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / LOCK_NAME, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
             raise RunStoreError(f"Run {run_name!r} is being trained by another process right now (two resumes "
                                 "at once?); this one leaves it to that one.") from None
         yield
