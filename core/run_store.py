@@ -226,7 +226,8 @@ class RunStore:
         self._local = threading.local()
         self._patience, self._say = 0.0, (lambda text: None)  # see be_patient
         # a store in a folder this user cannot write (a colleague's, a read-only mount) is read, never written
-        self.read_only = self.path.is_file() and not os.access(self.path.parent, os.W_OK)
+        self.read_only = self.path.is_file() and not (os.access(self.path.parent, os.W_OK)
+                                                      and os.access(self.path, os.W_OK))
         try:
             self._init_schema()
         except sqlite3.DatabaseError as exc:
@@ -251,14 +252,17 @@ class RunStore:
 
     def _connect_read_only(self) -> sqlite3.Connection:
         """A read-only connection: ``mode=ro`` while the writer's WAL index (``-shm``) is there to share, else
-        ``immutable`` (a copied or finished store: nothing else writes it, and nothing can create that index)."""
+        ``immutable``: a snapshot of a store nobody writes at the moment (a copied or finished one; no index can be
+        made there). A trainer that starts writing it later is seen by a new session of the app."""
         uri = self.path.resolve().as_uri()
         conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
             conn.execute("PRAGMA user_version")
             return conn
-        except sqlite3.OperationalError:  # "unable to open database file": no -shm, and none can be made
+        except sqlite3.OperationalError as exc:
             conn.close()
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+                raise  # only "no -shm, and none can be made" (a busy store is an error of its own)
         return sqlite3.connect(uri + "?immutable=1", uri=True, isolation_level=None)
 
     def _write(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> sqlite3.Cursor:

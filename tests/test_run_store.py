@@ -413,6 +413,18 @@ def test_a_store_in_a_folder_that_cannot_be_written_is_read_and_never_written(tm
     assert path.read_bytes() == before  # (as root, SQLite may still add an empty WAL next to it: test below)
 
 
+def test_a_store_file_that_cannot_be_written_in_a_folder_that_can_is_read_only_too(tmp_path, monkeypatch):
+    path = tmp_path / "reslens.sqlite"
+    RunStore(path).create_run("r1", {"name": "demo", "stages": []})
+    real = os.access
+    monkeypatch.setattr(run_store.os, "access", lambda p, mode: False if (Path(p) == path and mode == os.W_OK)
+                        else real(p, mode))
+    store = RunStore(path)
+    assert store.read_only and store.has_run("r1")
+    with pytest.raises(RunStoreError, match="can only be read"):
+        store.set_state("r1", "failed")
+
+
 def test_an_older_store_that_cannot_be_written_says_it_needs_one_upgrade(tmp_path, monkeypatch):
     path = tmp_path / "old.sqlite"
     _old_store(path, 2)
