@@ -177,14 +177,13 @@ def resume_note(run: dict[str, Any], stages: list[dict[str, Any]]) -> str:
             "checkpoint is written when its first epoch ends).")
 
 
-def stopped_note(run: dict[str, Any], stages: list[dict[str, Any]]) -> str | None:
-    """A sentence for a stopped or interrupted run (None for other states)."""
+def show_stopped(run: dict[str, Any], stages: list[dict[str, Any]], prefix: str = "", suffix: str = "") -> None:
+    """A stopped or interrupted run's box: how it ended and how Resume continues it (nothing for other states)."""
     if run["state"] == "interrupted":
-        return ("The trainer ended without saying so (killed, or the machine restarted). "
-                + resume_note(run, stages))
-    if run["state"] == "stopped":
-        return "Stopped on request. " + resume_note(run, stages)
-    return None
+        st.warning(f"{prefix}The trainer ended without saying so (killed, or the machine restarted). "
+                   f"{resume_note(run, stages)}{suffix}", icon=":material/pause_circle:")
+    elif run["state"] == "stopped":
+        st.info(f"{prefix}Stopped on request. {resume_note(run, stages)}{suffix}", icon=":material/pause_circle:")
 
 
 def is_live(run: dict[str, Any]) -> bool:

@@ -110,11 +110,9 @@ def live_view(names: list[str], per_step: bool, smoothing: float, was_live: bool
             progress(run, store.stages(run["name"]))
         elif run["state"] == "failed":
             common.show_run_error(run.get("error") or "failed", prefix=f"{run['name']}: ")
-        elif run["state"] in ("interrupted", "stopped"):
-            note = common.stopped_note(run, store.stages(run["name"]))
-            (st.warning if run["state"] == "interrupted" else st.info)(
-                f"**{run['name']}** · {run['state']}: {note} (Resume is on the Train page.)",
-                icon=":material/pause_circle:")
+        else:
+            common.show_stopped(run, store.stages(run["name"]), prefix=f"**{run['name']}** · {run['state']}: ",
+                                suffix=" (Resume is on the Train page.)")
     panels(runs, per_step, smoothing)
 
 

@@ -546,9 +546,8 @@ def job_controls(run: dict[str, Any]) -> None:
     name, state = run["name"], run["state"]
     if state == "failed":
         common.show_run_error(run.get("error") or "The run failed without saying why; see its log below.")
-    elif state in ("interrupted", "stopped"):
-        note = common.stopped_note(run, common.store().stages(name))
-        (st.warning if state == "interrupted" else st.info)(note, icon=":material/pause_circle:")
+    else:
+        common.show_stopped(run, common.store().stages(name))
     left, middle, third, right = st.columns([1, 1, 1, 3])
     if left.button("Stop", key=f"stop-{name}", disabled=not common.is_live(run), icon=":material/stop:"):
         jobs.stop(name)
