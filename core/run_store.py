@@ -54,6 +54,7 @@ LOCK_RETRY_S = 0.5  # a patient writer's pause between waits for another process
 # 0: a new file; 1: the first layout (its runs table grew stage_eta_s, gpu and phase later, unversioned);
 # 2: every column in the CREATE statements; 3: runs.pid_started; 4: runs.stage_steps; 5: misclassified keyed by epoch
 SCHEMA_VERSION = 5
+_BEST_EPOCH = "(SELECT best_epoch FROM stages WHERE run = ? AND idx = ?)"  # a stage's best.pt epoch, in SQL
 
 STEP_METRICS = ("train_loss", "lr")
 EPOCH_METRICS = (
@@ -506,7 +507,7 @@ class RunStore:
         else:
             metrics = ("DELETE FROM metrics WHERE run = ? AND (stage > ? OR (stage = ? AND ("
                        "(kind = 'epoch' AND epoch > ?) OR (kind = 'step' AND step > ?))))", (*params, step))
-        kept_best = " AND NOT (stage = ? AND epoch IS (SELECT best_epoch FROM stages WHERE run = ? AND idx = ?))"
+        kept_best = f" AND NOT (stage = ? AND epoch IS {_BEST_EPOCH})"
         self._write_many([metrics, (f"DELETE FROM class_results WHERE {later}", params),  # below: best.pt's images
                           (f"DELETE FROM misclassified WHERE {later}{kept_best}", (*params, stage, name, stage))])
 
@@ -585,8 +586,7 @@ class RunStore:
         """
         statements: list[tuple[str, Sequence[Any]]] = [
             ("DELETE FROM misclassified WHERE run = ? AND stage = ? AND (epoch = ? OR epoch IS NOT "
-             "COALESCE(?, (SELECT best_epoch FROM stages WHERE run = ? AND idx = ?)))",
-             (name, stage, epoch, best_epoch, name, stage))
+             f"COALESCE(?, {_BEST_EPOCH}))", (name, stage, epoch, best_epoch, name, stage))
         ]
         statements += [
             ("INSERT INTO misclassified VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

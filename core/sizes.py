@@ -1,5 +1,8 @@
-"""Byte counts as text for people: one formatter for disk, checkpoint, cache and archive sizes."""
+"""Byte counts: as text for people (one formatter for disk, checkpoint, cache and archive sizes), and of a folder."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB")
 
@@ -14,3 +17,15 @@ def iec_bytes(n: float) -> str:
         if n < 1024 or unit == _UNITS[-1]:
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def folder_bytes(folder: str | os.PathLike[str]) -> int:
+    """Bytes the files under ``folder`` take (0 when it is missing; a file that vanishes meanwhile counts 0)."""
+    total = 0
+    for here, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += (Path(here) / name).stat().st_size
+            except OSError:
+                pass
+    return total

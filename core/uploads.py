@@ -7,11 +7,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core import paths
 from core.errors import UserError
 from core.image_zip import MARKER
 from core.run_store import ACTIVE_STATES, RunStore
+from core.sizes import folder_bytes
 
 
 class UploadInUse(UserError):
@@ -33,22 +35,23 @@ class UploadedSet:
 def uploaded_sets(store: RunStore, parent: str | os.PathLike[str] | None = None) -> list[UploadedSet]:
     """Every unpacked upload under ``parent`` (default: the uploads folder), newest first."""
     parent = Path(parent) if parent is not None else paths.uploads_dir()
-    found = []
+    found, all_runs = [], store.list_runs()
     for marker in parent.glob(f"*/{MARKER}"):
         try:
             images = int(json.loads(marker.read_text())["images"])
             unpacked = marker.stat().st_mtime
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a marker someone edited or half-deleted folder: not listed, never deleted from here
-        runs = _runs_reading(store, marker.parent)
-        found.append(UploadedSet(marker.parent, images, _bytes_under(marker.parent), unpacked,
+        runs = _runs_reading(all_runs, marker.parent)
+        found.append(UploadedSet(marker.parent, images, folder_bytes(marker.parent), unpacked,
                                  tuple(runs), tuple(name for name, state in runs.items() if state in ACTIVE_STATES)))
     return sorted(found, key=lambda s: s.unpacked, reverse=True)
 
 
 def delete_uploaded(upload: UploadedSet, store: RunStore) -> None:
     """Delete an unpacked upload's folder; ``UploadInUse`` (nothing deleted) while a run still reads it."""
-    active = [name for name, state in _runs_reading(store, upload.target).items() if state in ACTIVE_STATES]
+    reading = _runs_reading(store.list_runs(), upload.target)  # read now: a run may have started since the list
+    active = [name for name, state in reading.items() if state in ACTIVE_STATES]
     if active:
         raise UploadInUse(f"{upload.target.name} is being read by run {active[0]} ({len(active)} run(s) queued or "
                           "running): stop it first, or wait until it ends.")
@@ -63,22 +66,11 @@ def delete_uploaded(upload: UploadedSet, store: RunStore) -> None:
                         f"{exc.filename or upload.target}).") from None
 
 
-def _runs_reading(store: RunStore, folder: Path) -> dict[str, str]:
-    """Run name -> state, of the runs with a stage whose root is ``folder`` or inside it."""
+def _runs_reading(runs: list[dict[str, Any]], folder: Path) -> dict[str, str]:
+    """Run name -> state, of the ``runs`` (the store's list) with a stage whose root is ``folder`` or inside it."""
     inside, folder = {}, folder.resolve()
-    for run in store.list_runs():
+    for run in runs:
         roots = [s.get("root") for s in run["config"].get("stages") or [] if isinstance(s, dict)]
         if any(isinstance(r, str) and Path(r).resolve().is_relative_to(folder) for r in roots):
             inside[run["name"]] = run["state"]
     return inside
-
-
-def _bytes_under(folder: Path) -> int:
-    total = 0
-    for here, _, names in os.walk(folder):
-        for name in names:
-            try:
-                total += (Path(here) / name).stat().st_size
-            except OSError:
-                pass
-    return total

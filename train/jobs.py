@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 from core import paths
 from core.run_store import ACTIVE_STATES, RunStore, RunStoreError, pid_alive
+from core.sizes import folder_bytes
 from train.config import PipelineConfig, apply_overrides, load_config, parse_config
 
 LOG_NAME = "log.txt"
@@ -217,8 +218,7 @@ def tail_log(name: str, lines: int = 40) -> str:
 
 def disk_usage(name: str) -> int:
     """Bytes the run's folder takes (checkpoints, log, config)."""
-    folder = paths.run_dir(name)
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    return folder_bytes(paths.run_dir(name))
 
 
 def check_deletable(run: dict[str, Any]) -> None:
