@@ -277,8 +277,9 @@ class RunStore:
     def _write_many(self, statements: Iterable[tuple[str, Sequence[Any] | dict[str, Any]]]) -> list[sqlite3.Cursor]:
         """Run statements in one short write transaction (BEGIN IMMEDIATE waits for other writers)."""
         if self.read_only:
-            raise RunStoreError(f"The run store {self.path} can only be read: its folder {self.path.parent} cannot be "
-                                "written by this user. Set RESLENS_HOME to a folder you can write to for this.")
+            what = (f"its folder {self.path.parent}" if not os.access(self.path.parent, os.W_OK) else "the file")
+            raise RunStoreError(f"The run store {self.path} can only be read: {what} cannot be written by this user. "
+                                "Set RESLENS_HOME to a folder you can write to for this.")
         statements, started, said = list(statements), time.monotonic(), False
         while True:
             try:

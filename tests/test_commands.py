@@ -127,6 +127,19 @@ def test_resume_of_finished_run_is_refused(finished, capsys):
     assert "already finished" in capsys.readouterr().err
 
 
+def test_list_shows_the_epochs_a_stopped_run_finished_and_the_one_a_running_run_is_in(capsys):
+    store = RunStore()
+    for name, state in (("stopped", "stopped"), ("live", "running")):
+        store.create_run(name, {"name": name, "stages": [{"name": "s1"}]})
+        store.upsert_stage(name, 0, "s1", "shapes", epochs=5)
+        store.update_stage(name, 0, completed_epochs=2)
+        store.heartbeat(name, stage=0, epoch=3)  # the third epoch was under way
+        store.set_state(name, state, pid=os.getpid() if state == "running" else None)
+    assert main(["list"]) == 0
+    epochs = {line.split()[0]: line.split()[4] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert epochs == {"stopped": "2/5", "live": "3/5"}
+
+
 def test_list_without_runs(capsys):
     assert main(["list"]) == 0
     assert "No runs yet" in capsys.readouterr().out

@@ -421,7 +421,7 @@ def test_a_store_file_that_cannot_be_written_in_a_folder_that_can_is_read_only_t
                         else real(p, mode))
     store = RunStore(path)
     assert store.read_only and store.has_run("r1")
-    with pytest.raises(RunStoreError, match="can only be read"):
+    with pytest.raises(RunStoreError, match="can only be read: the file cannot be written by this user"):
         store.set_state("r1", "failed")
 
 
