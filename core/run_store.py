@@ -414,7 +414,7 @@ class RunStore:
 
         Raises ``RunNotFound`` when there is no such run.
         """
-        rows = self._read("SELECT * FROM runs WHERE name = ?", (name,))
+        rows = self._read(f"SELECT {_RUN_COLUMNS} FROM runs WHERE name = ?", (name,))
         if not rows:
             raise RunNotFound(f"There is no run named {name!r}.")
         return _run_view(rows[0], self._best_by_run().get(name))
@@ -422,7 +422,8 @@ class RunStore:
     def list_runs(self) -> list[dict[str, Any]]:
         """Every run, newest first, as ``get_run`` dicts plus ``best_val_acc`` of its latest evaluated stage."""
         best = self._best_by_run()
-        return [_run_view(r, best.get(r["name"])) for r in self._read("SELECT * FROM runs ORDER BY created DESC")]
+        return [_run_view(r, best.get(r["name"]))
+                for r in self._read(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created DESC")]
 
     def _best_by_run(self) -> dict[str, float]:
         """Best validation accuracy of each run's latest stage that has one (stages use different data sets,
@@ -697,11 +698,19 @@ def _check_state(state: str) -> None:
         raise ValueError(f"state must be one of {', '.join(STATES)}, got {state!r}")
 
 
+# a run's row, and the epochs its current stage finished (for shown_epoch)
+_RUN_COLUMNS = ("runs.*, (SELECT completed_epochs FROM stages WHERE stages.run = runs.name AND stages.idx = "
+                "COALESCE(runs.stage, 0)) AS stage_epochs_done")
+
+
 def _run_view(row: dict[str, Any], best: float | None) -> dict[str, Any]:
     view = dict(row)
+    done = view.pop("stage_epochs_done")
     view["config"] = json.loads(view.pop("config_json"))
     view["gpu"] = json.loads(view["gpu"]) if view.get("gpu") else None
     view["stored_state"] = row["state"]
     view["state"] = resolve_state(row)
     view["best_val_acc"] = best
+    # a running stage shows the epoch in progress; any other the epochs it finished (a stop drops the one it was in)
+    view["shown_epoch"] = view["epoch"] if view["state"] in ACTIVE_STATES else done
     return view

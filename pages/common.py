@@ -98,7 +98,7 @@ def runs_table(runs: list[dict[str, Any]]) -> None:
         "duration": format_eta(r["updated"] - r["created"]) if r.get("updated") else "",
         "data sets": " → ".join(s.get("dataset", "?") for s in (r.get("config") or {}).get("stages") or []),
         "stage": None if r.get("stage") is None else r["stage"] + 1,
-        "epoch": r.get("epoch"),
+        "epoch": r.get("shown_epoch"),
         "best val accuracy": r.get("best_val_acc"),
         "device": r.get("device") or "",
         "error": first_line(r.get("error") or ""),

@@ -12,7 +12,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.sizes import iec_bytes
-from core.run_store import ACTIVE_STATES, METRIC_COLUMNS, RunStore, RunStoreError
+from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError
 
 EXPORT_KEYS = ("kind", "stage", "stage_name", "epoch", "step", "time")
 
@@ -151,9 +151,7 @@ def run_line(store: RunStore, run: dict[str, Any]) -> tuple[str, str, str, str, 
     stage_index = run["stage"] if run["stage"] is not None else 0
     current = next((s for s in stages if s["idx"] == stage_index), None)
     stage = f"{stage_index + 1}/{n_stages}" + (f" {current['name']}" if current else "")
-    # a running stage shows the epoch in progress; any other the epochs it finished (a stop drops the epoch it was in)
-    done = run["epoch"] if run["state"] in ACTIVE_STATES else (current or {}).get("completed_epochs")
-    epoch = f"{done}/{current['epochs']}" if current and done is not None else "-"
+    epoch = f"{run['shown_epoch']}/{current['epochs']}" if current and run["shown_epoch"] is not None else "-"
     best = f"{run['best_val_acc']:.3f}" if run["best_val_acc"] is not None else "-"
     return run["name"], run["state"], stage, epoch, best
 
