@@ -122,6 +122,14 @@ def test_bad_config_and_bad_run_name_exit_cleanly(tmp_path, capsys):
     assert not (paths.runs_dir().parent.parent / "outside").exists()
 
 
+def test_run_refuses_an_init_file_that_is_no_checkpoint_before_making_the_run(tmp_path, capsys):
+    raw = tiny_config(tmp_path, epochs=(1,))
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    raw["stages"][0]["init"] = str(tmp_path / "notes.pt")
+    assert main(["run", str(write_config(tmp_path, raw)), "--quiet"]) == 2
+    assert "stage 1 (s1): init checkpoint" in capsys.readouterr().err and RunStore().list_runs() == []
+
+
 def test_resume_of_finished_run_is_refused(finished, capsys):
     assert main(["resume", "tiny"]) == 2
     assert "already finished" in capsys.readouterr().err

@@ -62,6 +62,22 @@ def test_launch_refuses_bad_config_before_writing(tmp_path):
     assert RunStore().list_runs() == []
 
 
+def test_launch_refuses_an_init_checkpoint_of_another_architecture_before_writing(tmp_path):
+    from core.checkpoints import save_checkpoint
+    from core.models import Preprocessing, build_model
+
+    other = save_checkpoint(tmp_path / "r34.pt", {
+        "arch": "resnet34", "num_classes": 2, "class_names": ["x", "y"],
+        "preprocessing": Preprocessing.for_size(32).to_dict(), "model": build_model("resnet34", 2).state_dict()})
+    raw = tiny_config(tmp_path, epochs=(1, 1))
+    raw["stages"][1]["init"] = str(other)
+    with pytest.raises(ConfigError, match=r"^stage 2 \(s2\): init checkpoint .*r34.pt holds a resnet34, but a "
+                                          r"resnet18 is expected") as refused:
+        jobs.launch(raw)
+    assert (refused.value.stage, refused.value.field) == (1, "init")
+    assert RunStore().list_runs() == [] and not paths.runs_dir().exists()
+
+
 @pytest.mark.parametrize("bad", ["../../x", "/tmp/evil", "a b", "..", "x/../../y"])
 def test_run_names_cannot_escape_the_runs_folder(tmp_path, bad):
     with pytest.raises(RunStoreError, match="not allowed"):

@@ -19,7 +19,8 @@ from typing import Any, Iterable
 from core import paths
 from core.run_store import ACTIVE_STATES, RunStore, RunStoreError, pid_alive
 from core.sizes import folder_bytes
-from train.config import PipelineConfig, apply_overrides, load_config, parse_config
+from train.config import (NAMED_INITS, ConfigError, PipelineConfig, apply_overrides, load_config, parse_config,
+                          stage_label)
 
 LOG_NAME = "log.txt"
 CONFIG_NAME = "config.yaml"
@@ -81,6 +82,22 @@ def prepare_run(
     raise AssertionError("unreachable")  # _candidates never ends
 
 
+def check_init_checkpoints(config: PipelineConfig) -> None:
+    """Raise ``ConfigError`` for a stage whose ``init`` checkpoint cannot be read or holds another architecture:
+    found before a run is made, not when the stage starts, maybe hours into the pipeline."""
+    from core.checkpoints import CheckpointError, check_compatible, checkpoint_info
+
+    for i, stage in enumerate(config.stages):
+        if stage.init in NAMED_INITS:
+            continue
+        try:
+            check_compatible(checkpoint_info(stage.init), arch=config.arch)
+        except CheckpointError as exc:
+            text = str(exc)
+            raise ConfigError(f"{stage_label(i, stage)}: init {text[:1].lower()}{text[1:]}", stage=i,
+                              field="init") from None
+
+
 def launch(
     config: str | os.PathLike[str] | dict[str, Any],
     run_name: str | None = None,
@@ -95,6 +112,7 @@ def launch(
         pipeline = parse_config(apply_overrides(config, overrides))
     else:
         pipeline = load_config(config, overrides)
+    check_init_checkpoints(pipeline)
     store = RunStore()
     name = prepare_run(pipeline, store, run_name)
     args = ["run", str(paths.run_dir(name) / CONFIG_NAME), "--run-name", name]
