@@ -28,8 +28,10 @@ import pickle
 import shutil
 import tarfile
 import threading
+import unicodedata
 import urllib.request
 import zipfile
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.errors import UserError
-from core.images import is_image_name, load_image
+from core.images import SUPPORTED_EXTENSIONS, is_image_name, load_image
 from core.paths import data_root
 
 SPLITS = ("train", "val")
@@ -467,12 +469,19 @@ def skipped_folder(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files in ``folder`` and its sub-folders (hidden files and folders skipped), sorted."""
+_JUNK_FILES = {"thumbs.db", "desktop.ini"}  # what file managers leave in folders
+
+
+def _images_under(folder: Path, ignored: Counter[str] | None = None) -> list[Path]:
+    """Image files in ``folder`` and its sub-folders (hidden files and folders skipped), sorted; ``ignored``
+    counts the other files by extension."""
     found: list[Path] = []
     for here, dirs, names in os.walk(folder, onerror=_raise):
         dirs[:] = [d for d in dirs if not skipped_folder(d)]
         found += [Path(here) / n for n in names if is_image_name(n)]
+        if ignored is not None:
+            ignored.update(Path(n).suffix.lower() or n for n in names
+                           if not (is_image_name(n) or n.startswith(".") or n.lower() in _JUNK_FILES))
     return sorted(found)
 
 
@@ -480,11 +489,52 @@ def _raise(exc: OSError) -> None:
     raise exc
 
 
-def _class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int]]:
-    """(class -> its images, for sub-folders holding images; other sub-folder -> 0), classes sorted."""
+def _class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int], list[str]]:
+    """(class -> its images, for sub-folders holding images; other sub-folder -> 0; notes on them), classes
+    sorted."""
     folders = sorted(p for p in folder.iterdir() if p.is_dir() and not skipped_folder(p.name))
-    files = {p.name: _images_under(p) for p in folders}
-    return {c: f for c, f in files.items() if f}, {c: 0 for c, f in files.items() if not f}
+    ignored: Counter[str] = Counter()
+    files = {p.name: _images_under(p, ignored) for p in folders}
+    classes = {c: f for c, f in files.items() if f}
+    for name, images in classes.items():
+        _check_names(folder / name, images)
+    notes = [*_linked_classes(folder, classes), *_look_alike_classes(folder, classes), *_ignored_files(folder, ignored)]
+    return classes, {c: 0 for c, f in files.items() if not f}, notes
+
+
+def _look_alike_classes(folder: Path, classes: Iterable[str]) -> list[str]:
+    """A note for class folders whose names differ only in their Unicode form (copied between macOS and Linux)."""
+    by_form: dict[str, list[str]] = {}
+    for name in classes:
+        by_form.setdefault(unicodedata.normalize("NFC", name), []).append(name)
+    return [f"Class folders {' and '.join(ascii(n) for n in names)} in {folder} look alike: one name written in "
+            "two Unicode forms (copied between macOS and Linux?), so they are two classes. Merge them into one "
+            "folder." for names in by_form.values() if len(names) > 1]
+
+
+def _ignored_files(folder: Path, ignored: Counter[str]) -> list[str]:
+    """A note on the files in class folders that are not images ResLens reads (they are left out)."""
+    if not ignored:
+        return []
+    kinds = ", ".join(f"{n} {kind}" for kind, n in ignored.most_common(5)) + (", ..." if len(ignored) > 5 else "")
+    heic = " Convert HEIC/HEIF photos to JPEG to use them." if {".heic", ".heif"} & set(ignored) else ""
+    return [f"{ignored.total()} file(s) in the class folders of {folder} are not images ResLens reads "
+            f"({', '.join(SUPPORTED_EXTENSIONS)}) and are left out: {kinds}.{heic}"]
+
+
+def _check_names(class_folder: Path, images: list[Path]) -> None:
+    """Refuse names ResLens cannot store or show: not UTF-8 (from an old archive or a network share), or a class
+    name with a control character (a tab, a newline, a terminal escape)."""
+    for path in (class_folder, *images):
+        try:
+            os.fspath(path).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "replace")
+            raise DatasetError(f"{shown} has a name that is not UTF-8 text, so ResLens cannot store it; rename it "
+                               "(convmv converts a folder's names to UTF-8).") from None
+    if any(unicodedata.category(ch) == "Cc" for ch in class_folder.name):
+        raise DatasetError(f"Class folder {class_folder.name!r} in {class_folder.parent} has a control character "
+                           "(a tab, a newline or an escape) in its name; rename it.")
 
 
 def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
@@ -493,30 +543,43 @@ def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     if given:
         raise DatasetError(f"{root} has its own train/ and val/ folders, so the split option {given[0]} does not "
                            "apply; remove it (split options are for a folder of class folders).")
-    train, empty = _class_folders(root / "train")
+    train, empty, train_notes = _class_folders(root / "train")
     classes = sorted(train)
     if not classes:
         raise DatasetError(f"{root / 'train'} holds no class folders with images: expected "
                            "train/<class>/<image> and val/<class>/<image>.")
-    found, _ = _class_folders(root / split) if split == "val" else (train, empty)
+    found, _, notes = _class_folders(root / split) if split == "val" else (train, empty, train_notes)
     strays = sorted(set(found) - set(classes))
     if strays:
         raise DatasetError(f"{root / 'val' / strays[0]} is not a class: there is no {root / 'train' / strays[0]} "
                            "with images.")
     others = {p.name: len(_images_under(p)) for p in sorted(root.iterdir())
               if p.is_dir() and p.name not in ("train", "val") and not skipped_folder(p.name)}
-    shared = next((c for c in classes if c in found and os.path.samefile(root / "train" / c, root / "val" / c)), None)
+    shared = next((c for c in classes if _same_folder(root / "train" / c, root / "val" / c)), None)
     if shared is not None:
         raise DatasetError(f"{root / 'val' / shared} and {root / 'train' / shared} are the same folder (a link): "
                            "validation would score the training images. Give val/ its own images.")
     files = {c: found.get(c, []) for c in classes}
     note = f"Split: the train/ and val/ folders of {root}."
-    return Listing(classes, files, excluded={**empty, **others}, notes=[note, *_linked_classes(root / split, found)])
+    unscored = [c for c in classes if not files[c]] if split == "val" else []
+    if unscored:
+        notes.append(f"{len(unscored)} class(es) have no images in {root / 'val'}, so their accuracy cannot be "
+                     f"measured: {', '.join(unscored[:8])}{' ...' if len(unscored) > 8 else ''}.")
+    return Listing(classes, files, excluded={**empty, **others}, notes=[note, *notes])
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths are one folder (through links); a missing one is no folder (a class with no val/ folder
+    has no validation images)."""
+    try:
+        return os.path.samefile(a, b)
+    except FileNotFoundError:
+        return False
 
 
 def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     """``<root>/<class>``: split per class by the Caltech hash (``split_files``)."""
-    found, empty = _class_folders(root)
+    found, empty, notes = _class_folders(root)
     split_options = {k: default if options.get(k) is None else options[k] for k, default in SPLIT_OPTIONS.items()}
     files = {c: split_files(f, c, split, **split_options) for c, f in found.items()}
     how = (f"the last {split_options['train_per_class']} per class train" if split_options["train_per_class"]
@@ -525,7 +588,7 @@ def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     loose = _loose_images(root)
     stray = [f"{loose} image{'s lie' if loose != 1 else ' lies'} directly in {root}, outside any class folder: "
              "not used."] if loose else []
-    return Listing(sorted(files), files, excluded=empty, notes=[note, *stray, *_linked_classes(root, found)])
+    return Listing(sorted(files), files, excluded=empty, notes=[note, *stray, *notes])
 
 
 def _linked_classes(folder: Path, classes: Iterable[str]) -> list[str]:

@@ -29,7 +29,7 @@ from typing import BinaryIO, Union
 from core import paths
 from core.datasets import SPLITS, skipped_folder
 from core.errors import UserError
-from core.images import MAX_FILE_BYTES, ImageError, is_image_name, read_header
+from core.images import MAX_FILE_BYTES, ImageError, check_image, is_image_name
 from core.sizes import iec_bytes
 
 ZipSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
@@ -263,11 +263,18 @@ def _extract(archive: zipfile.ZipFile, members: list[Member], work: Path, name: 
         except OSError as exc:
             raise ArchiveError(_write_problem(exc, info, target, work, name)) from None
         try:
-            read_header(target)
-        except ImageError:
+            check_image(target, name=info.filename)
+        except ImageError as exc:
             target.unlink()
-            unreadable.append(f"{info.filename} (not a readable image)")
+            unreadable.append(f"{info.filename} ({_reason(exc, info.filename)})")
     return unreadable
+
+
+def _reason(exc: ImageError, filename: str) -> str:
+    """Why an image was skipped, short and without its name: ``"x.png is damaged or truncated and cannot be
+    decoded (...)."`` -> ``"damaged or truncated and cannot be decoded"``."""
+    text = str(exc).removeprefix(filename).split(" (")[0].strip().rstrip(".;")
+    return text.removeprefix("is ") or "not a readable image"
 
 
 def _write_problem(exc: OSError, info: zipfile.ZipInfo, target: Path, work: Path, name: str) -> str:
@@ -323,9 +330,11 @@ def _check_image_folder(folder: Path, work: Path, name: str) -> None:
     from core.datasets import DatasetError, class_counts
 
     try:
-        class_counts("imagefolder", folder, "train")
+        for split in SPLITS:  # val/ too: a class of val/ that train/ lacks refuses the folder
+            class_counts("imagefolder", folder, split)
     except DatasetError as exc:
-        raise ArchiveError(str(exc).replace(str(work), name)) from None
+        text = str(exc).replace(str(work), name)
+        raise ArchiveError(text if text.startswith(f"{name} ") else f"{name} cannot be used: {text}") from None
 
 
 def _claim(work: Path, parent: Path, stem: str) -> Path:

@@ -30,7 +30,7 @@ MAX_FILE_BYTES = MAX_UPLOAD_MB * 1024 * 1024  # Streamlit's server.maxUploadSize
 MAX_PIXELS = 100_000_000  # width * height declared in the header; more is refused before decoding
 MAX_SIDE = 2048  # longer side of a returned image; larger photos are downscaled
 BACKGROUND = (128, 128, 128)  # neutral grey under transparent areas
-SUPPORTED_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+SUPPORTED_EXTENSIONS = ("jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff")
 PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF")  # "JPEG" also opens MPO (phones)
 _READABLE = "ResLens reads JPEG, PNG, WebP, BMP, GIF and TIFF"
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
@@ -80,15 +80,32 @@ def read_header(source: ImageSource, name: str | None = None) -> ImageHeader:
         return ImageHeader(image.format or "", image.mode, image.width, image.height)
 
 
-_ENDINGS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}  # a whole file's last bytes: end-of-image, IEND chunk
+def check_image(path: str | os.PathLike[str], name: str | None = None) -> ImageHeader:
+    """The header of a file ``load_image`` decodes, else its ``ImageError``, read as cheaply as is safe: the header
+    and its pixel count; the pixels too where the header cannot vouch for the rest of the file (a BMP or TIFF, or a
+    JPEG, PNG or GIF without its end marker: cut short?). What the data report and the zip check use."""
+    label = _label(path, name)
+    with _open_pillow(_open_source(path, label), label) as image:
+        _check_pixels(image, label)
+        header = ImageHeader(image.format or "", image.mode, image.width, image.height)
+    if not _ends_whole(path, header.format):
+        load_image(path, name)
+    return header
 
 
-def ends_whole(path: str | os.PathLike[str], image_format: str) -> bool:
-    """Whether a JPEG or PNG file ends with its end marker, as a file cut short does not (other formats: True).
-    Some writers add bytes after it, so a False is only a reason to decode the file to be sure."""
+# a whole file's last bytes: JPEG's end-of-image, PNG's IEND chunk, GIF's trailer
+_ENDINGS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+_READ_WHOLE = ("WEBP",)  # Pillow reads a WebP file whole when it opens it: a cut one fails there
+
+
+def _ends_whole(path: str | os.PathLike[str], image_format: str) -> bool:
+    """Whether a file is known to end where its format ends. Some writers add bytes after the end marker, so a
+    False is only a reason to decode the file to be sure (as it is for formats without an end marker)."""
+    if image_format in _READ_WHOLE:
+        return True
     ending = _ENDINGS.get(image_format)
     if ending is None:
-        return True
+        return False
     try:
         with open(path, "rb") as fh:
             fh.seek(-len(ending), os.SEEK_END)

@@ -28,7 +28,7 @@ from train.config import (ARCHS, CHOICES, NAMED_INITS, PIPELINE_DEFAULTS, Config
                           YamlRefused, check_stage_keys, parse_config, parse_settings, parse_yaml, stage_rows,
                           stages_from_rows)
 from train import jobs
-from train.data_report import class_rows, format_report, summarize
+from train.data_report import class_rows, format_report, outdated, summarize
 
 common.setup("Train")
 
@@ -476,8 +476,14 @@ def show_folder_report(folder: Path, options: dict[str, Any]) -> bool:
 
 
 def cached_report(folder: Path, options: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """``folder_report`` of the folder as it is now (its version keys the cache)."""
-    return folder_report(str(folder), json.dumps(options, sort_keys=True), common.folder_version(folder))
+    """``folder_report`` of the folder as it is now (its version keys the cache; a file found unreadable and fixed
+    in place since clears it)."""
+    args = (str(folder), json.dumps(options, sort_keys=True), common.folder_version(folder))
+    report, error = folder_report(*args)
+    if report is not None and outdated(report):
+        folder_report.clear()
+        report, error = folder_report(*args)
+    return report, error
 
 
 @st.cache_data(show_spinner="Reading the image folder...", max_entries=16)

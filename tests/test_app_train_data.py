@@ -106,6 +106,20 @@ def test_a_folder_with_an_unreadable_image_blocks_launch_unless_the_stage_skips_
     assert launched[0]["stages"][0]["options"] == {"skip_unreadable": True}
 
 
+def test_an_unreadable_image_fixed_in_place_unblocks_launch(tmp_path):
+    """Overwriting the file changes no folder, which keys the report's cache: the files it refused key it too."""
+    folder = make_imagefolder(tmp_path / "pets")
+    broken, good = sorted((folder / "cat").glob("cat_*"))[:2]
+    broken.write_bytes(b"")
+    at = train_page(IMAGES)
+    at.text_input(key="images_folder").set_value(str(folder)).run()
+    assert launch_button(at).disabled and any("is empty (0 bytes)" in e.value for e in at.error)
+    broken.write_bytes(good.read_bytes())
+    at.run()
+    assert not at.error, [e.value for e in at.error]
+    assert not launch_button(at).disabled
+
+
 @pytest.mark.parametrize("typed, message", [
     ("a\x00b", "Path 'a\\x00b' contains a NUL byte."),
     ("~nosuchuser/x", "Path '~nosuchuser/x' starts with a ~ that names no user's home folder here."),

@@ -68,19 +68,42 @@ def test_unreadable_image_is_listed(tmp_path, capsys):
 
 
 def test_images_cut_short_are_listed_and_bytes_after_the_end_are_not(tmp_path, capsys):
-    """A truncated JPEG or PNG has a readable header: it lacks its end marker, so the report decodes it."""
+    """A truncated image has a readable header: a JPEG, PNG or GIF lacks its end marker, so the report decodes it;
+    a BMP or TIFF has no end marker to look for, so it is always decoded. So is an image over the pixel limit
+    refused, as the trainer would."""
+    from PIL import Image
+
     from tests.data_fixtures import make_imagefolder
 
     root = make_imagefolder(tmp_path / "pets")
     jpegs = sorted(p for p in root.rglob("*.jpg") if not p.name.startswith("."))  # hidden ones are not read
-    (jpeg, padded), png = jpegs[:2], sorted(root.rglob("*.PNG"))[0]
-    for path in (jpeg, png):
+    (jpeg, padded), others = jpegs[:2], [sorted(root.rglob(f"*.{ext}"))[0] for ext in ("PNG", "gif", "bmp")]
+    for path in (jpeg, *others):
         path.write_bytes(path.read_bytes()[:-40])
     padded.write_bytes(padded.read_bytes() + bytes(64))  # some cameras pad after the end marker: still whole
+    big = root / "dog" / "scan.png"
+    Image.new("1", (11_000, 10_000)).save(big)  # under Pillow's own bomb limit, over ResLens's 100 megapixels
     code, out, _ = _data(capsys, "imagefolder", "--root", str(root))
-    assert code == 0 and "unreadable images: 2" in out, out
-    assert f"{jpeg} is damaged or truncated" in out and f"{png} is damaged or truncated" in out
+    assert code == 0 and "unreadable images: 5" in out, out
+    for path in (jpeg, *others):
+        assert f"{path} is damaged or truncated" in out
+    assert f"{big} declares 11000x10000 pixels, more than the 100 megapixels" in out
     assert str(padded) not in out
+
+
+def test_a_report_knows_when_a_file_it_refused_was_fixed_in_place(tmp_path):
+    from tests.data_fixtures import make_imagefolder
+    from train.data_report import outdated, summarize
+
+    root = make_imagefolder(tmp_path / "pets")
+    broken, whole = sorted(root.rglob("*.jpg"))[-2:]
+    broken.write_bytes(b"")
+    report = summarize("imagefolder", root, {})
+    assert report["splits"]["all"]["unreadable_files"] == [str(broken)] and not outdated(report)
+    broken.write_bytes(whole.read_bytes())  # fixed in place: no folder changed
+    os.utime(broken, (0, 0))  # its old time stamps back (cp -p) do not hide that: the change time is read
+    assert outdated(report)
+    assert not outdated(summarize("imagefolder", root, {}))
 
 
 def test_download_flag_fetches_then_reports(tmp_path, capsys, monkeypatch):

@@ -111,6 +111,16 @@ def test_unreadable_images_fail_by_default_and_can_be_skipped(tmp_path, capsys):
     assert all(f"/{classes[t]}/" in skipping.source(i) for i, t in enumerate(skipping.targets))  # still aligned
     report = format_report(summarize("caltech101", root, {}))
     assert "unreadable images: 1" in report and "skip_unreadable" in report and "image_0009.jpg" in report
+    assert "Every train image" not in err
+
+
+def test_a_class_whose_every_image_was_skipped_is_said(tmp_path, capsys):
+    root = make_caltech101(tmp_path, TINY_SIZES)
+    for path in (root / "caltech101" / "101_ObjectCategories" / "bee").glob("*.jpg"):
+        path.write_bytes(b"")
+    assert len(_open(root, options={"skip_unreadable": True})) == 12  # ant and cat: 6 train images each
+    assert "Every train image of class bee was unreadable and skipped: the model cannot learn it." in \
+        capsys.readouterr().err
 
 
 def test_a_run_with_skip_unreadable_lists_and_skips_them(tmp_path, capsys):

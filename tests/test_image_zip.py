@@ -130,6 +130,9 @@ MALICIOUS = {
                       ZipLimits(), "holds a name too long for this disk's file system: LLLL"),
     "train/ without val/": (lambda img: _zip([("train/cat/a.png", img), ("train/dog/b.png", img)]), ZipLimits(),
                             "has a train/ folder of classes but no val/ folder"),  # as a typed folder is refused
+    "a val/ class train/ lacks": (lambda img: _zip([(f"{split}/{c}/a.png", img) for split in ("train", "val")
+                                                    for c in ("cat", "dog")] + [("val/emu/a.png", img)]),
+                                  ZipLimits(), r"val/emu is not a class: there is no .*train/emu with images"),
 }
 
 
@@ -186,9 +189,37 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
         unpack_image_zip(tmp_path / "gone.zip", "gone.zip")
 
 
+def test_images_the_trainer_would_refuse_are_skipped_with_their_reason(tmp_path):
+    """Every image is checked as the data report does: a BMP or TIFF cut short (no end marker to look for) and an
+    image over the pixel limit are skipped, each with why."""
+    from PIL import Image
+
+    img = image_bytes(tmp_path)
+    whole = {fmt: (tmp_path / f"w.{fmt}") for fmt in ("bmp", "tiff")}
+    for path in whole.values():
+        Image.new("RGB", (64, 64), "red").save(path)
+    big = tmp_path / "big.png"
+    Image.new("1", (11_000, 10_000)).save(big)  # 110 megapixels: under Pillow's own bomb limit, over ResLens's
+    cut = [(f"cat/cut.{fmt}", path.read_bytes()[: path.stat().st_size // 2]) for fmt, path in whole.items()]
+    found = unpack_image_zip(_zip([("cat/a.png", img), ("cat/b.png", img), ("dog/c.png", img), ("dog/d.png", img),
+                                   ("dog/big.png", big.read_bytes()), *cut]), "cut.zip")
+    assert found.images == 4 and sorted(found.skipped) == [
+        "cat/cut.bmp (damaged or truncated and cannot be decoded)",
+        "cat/cut.tiff (damaged or truncated and cannot be decoded)",
+        "dog/big.png (declares 11000x10000 pixels, more than the 100 megapixels ResLens decodes)"]
+
+
+def test_a_class_with_no_val_folder_is_kept_with_no_validation_images(tmp_path):
+    img = image_bytes(tmp_path)
+    found = unpack_image_zip(_zip([(f"train/{c}/{i}.png", img) for c in ("bird", "cat", "dog") for i in "ab"]
+                                  + [(f"val/{c}/a.png", img) for c in ("cat", "dog")]), "no-bird.zip")
+    assert class_counts("imagefolder", found.folder, "val") == {"bird": 0, "cat": 1, "dog": 1}
+
+
 def test_utf8_names_without_the_utf8_flag_keep_their_class_names(tmp_path):
     img = image_bytes(tmp_path)
-    names = {"XXX/a.png": "猫/a.png", "dXXg/b.png": "dög/b.png"}  # placeholders as long as the UTF-8 bytes
+    names = {"XXX/a.png": "猫/a.png", "XXX/b.png": "猫/b.png",  # placeholders as long as the UTF-8 bytes
+             "dXXg/c.png": "dög/c.png", "dXXg/d.png": "dög/d.png"}
     assert all(len(k.encode()) == len(v.encode()) for k, v in names.items())
     data = _zip([(k, img) for k in names])
     for placeholder, real in names.items():  # zipfile would set the flag itself: write the bytes in by hand

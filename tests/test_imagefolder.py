@@ -40,8 +40,8 @@ def test_flat_folder_is_split_per_class_by_the_caltech_hash(tmp_path):
     assert "hash" in train.notes[0]
     assert not any("outside any class folder" in n for n in train.notes)
     shutil.copy(train.files[0], root / "stray.jpg")
-    assert open_dataset("imagefolder", root, "train").notes[-1] == \
-        f"1 image lies directly in {root}, outside any class folder: not used."
+    assert f"1 image lies directly in {root}, outside any class folder: not used." in \
+        open_dataset("imagefolder", root, "train").notes
 
 
 def test_train_and_val_folders_are_the_split(tmp_path):
@@ -67,8 +67,8 @@ def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
     (root / "moggy").symlink_to(root / "cat")
     train = open_dataset("imagefolder", root, "train")
     assert train.class_labels == sorted([*CLASSES, "kitten", "moggy"])  # followed: each is a class
-    assert train.notes[-1] == (f"Class folders cat, kitten and moggy in {root} are the same folder "
-                               f"({(root / 'cat').resolve()}, through links): its images count in each of these classes.")
+    assert (f"Class folders cat, kitten and moggy in {root} are the same folder ({(root / 'cat').resolve()}, "
+            "through links): its images count in each of these classes.") in train.notes
     split = make_imagefolder(tmp_path / "split", "split")
     assert not any("same folder" in n for n in open_dataset("imagefolder", split, "val").notes)
     shutil.rmtree(split / "val" / "cat")
@@ -76,6 +76,45 @@ def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
     with pytest.raises(DatasetError, match=r"val/cat and .*train/cat are the same folder \(a link\): validation "
                                            "would score the training images"):
         open_dataset("imagefolder", split, "train")
+
+
+def test_a_class_without_a_val_folder_is_a_class_with_no_validation_images(tmp_path):
+    root = make_imagefolder(tmp_path / "pets", "split")
+    shutil.rmtree(root / "val" / "cat")
+    assert class_counts("imagefolder", root, "train") == IMAGEFOLDER_SIZES  # no longer "Cannot read val/cat"
+    val = open_dataset("imagefolder", root, "val")
+    assert class_counts("imagefolder", root, "val")["cat"] == 0 and \
+        f"1 class(es) have no images in {root / 'val'}, so their accuracy cannot be measured: cat." in val.notes
+
+
+def test_files_left_out_and_look_alike_class_names_are_said(tmp_path):
+    import unicodedata
+
+    root = make_imagefolder(tmp_path / "pets")
+    (root / "cat" / "phone.HEIC").write_bytes(b"\0")
+    (root / "dog" / "Thumbs.db").write_bytes(b"\0")  # what a file manager leaves is not mentioned
+    shutil.copy(next((root / "cat").glob("cat_0.*")), root / "dog" / "web.jfif")  # a JPEG by another name: used
+    for form in ("NFC", "NFD"):
+        shutil.copytree(root / "cat", root / unicodedata.normalize(form, "café"))
+    train, val = (open_dataset("imagefolder", root, split) for split in ("train", "val"))
+    assert root / "dog" / "web.jfif" in train.files + val.files
+    left_out = [n for n in train.notes if "are not images ResLens reads" in n]
+    assert len(left_out) == 1 and left_out[0].endswith(
+        f"and are left out: {len(IMAGEFOLDER_SIZES) + 2} .txt, 3 .heic. Convert HEIC/HEIF photos to JPEG to use them.")
+    assert f"Class folders 'cafe\\u0301' and 'caf\\xe9' in {root} look alike" in " ".join(train.notes)
+
+
+@pytest.mark.parametrize("name, message", [
+    (b"caf\xe9", "caf\ufffd has a name that is not UTF-8 text, so ResLens cannot store it; rename it"),
+    (b"red\x1b[31m", r"Class folder 'red\\x1b\[31m' in .* has a control character"),
+])
+def test_class_names_that_cannot_be_stored_or_shown_are_refused_in_one_sentence(tmp_path, name, message):
+    import os
+
+    root = make_imagefolder(tmp_path / "pets")
+    os.rename(root / "dog", os.path.join(os.fsencode(root), name))
+    with pytest.raises(DatasetError, match=message):
+        class_counts("imagefolder", root, "train")
 
 
 @pytest.mark.parametrize("case, error, message", [

@@ -222,5 +222,5 @@ def test_read_header_does_not_decode(tmp_path, monkeypatch):
 
 
 def test_supported_extensions_and_limits_are_exported():
-    assert set(images.SUPPORTED_EXTENSIONS) == {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}
+    assert set(images.SUPPORTED_EXTENSIONS) == {"jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff"}
     assert images.MAX_FILE_BYTES == images.MAX_UPLOAD_MB * 1024 * 1024

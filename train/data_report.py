@@ -1,21 +1,23 @@
 """`python -m train data NAME --root DIR [--json] [--download]`: what a data set holds on disk.
 
 Prints the classes, images per split, the smallest and largest class, the imbalance ratio
-(largest/smallest) and how many images are grayscale (read from each file's header; no pixel is decoded),
-plus notes on how the files were read (the split of an image folder, a Tiny ImageNet wnids.txt that
+(largest/smallest), how many images are grayscale and which cannot be read (``core.images.check_image``: the
+header, and the pixels only where it cannot vouch for the whole file), plus notes on how the files were read (the split of an image folder, a Tiny ImageNet wnids.txt that
 disagrees with its train folders). For ``imagefolder`` the root is the image folder itself.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from core.datasets import (DATASETS, SPLITS, LabeledImages, class_counts, dataset_path, download, get_info,
                            open_dataset)
-from core.images import ImageError, ends_whole, load_image, read_header
+from core.images import ImageError, check_image
 from core.sizes import iec_bytes
 
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "F"}
@@ -60,7 +62,7 @@ def _print_progress(done: int, total: int | None) -> None:
 
 def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> dict[str, Any]:
     """The report as a plain dict (the --json output)."""
-    info = get_info(name)
+    info, checked_at = get_info(name), time.time()
     datasets = {split: open_dataset(name, root, split, **options) for split in SPLITS}
     first = datasets["train"]
     class_labels = list(getattr(first, "class_labels", first.classes))  # human names, same order as classes
@@ -69,28 +71,38 @@ def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> di
               for split, ds in datasets.items()}
     splits["all"] = _combined(splits, labels)
     path = dataset_path(name, root)
-    return {"name": name, "title": info.title, "description": info.description,
+    return {"checked_at": checked_at, "name": name, "title": info.title, "description": info.description,
             "path": str(path) if path else None, "options": options, "classes": len(first.classes),
             "class_names": first.classes, "class_labels": class_labels, "splits": splits,
-            "not_classes": dict(getattr(first, "excluded", {})), "notes": list(getattr(first, "notes", []))}
+            "not_classes": dict(getattr(first, "excluded", {})),
+            "notes": list(dict.fromkeys(n for ds in datasets.values() for n in getattr(ds, "notes", [])))}
 
 
 def _scan_headers(ds: LabeledImages) -> dict[str, Any]:
-    """Grayscale and unreadable files of a split (None for in-memory sets), from the image headers; a JPEG or PNG
-    that does not end with its end marker (cut short?) is decoded to be sure."""
+    """Grayscale and unreadable files of a split (None for in-memory sets), as ``check_image`` finds them."""
     files = getattr(ds, "files", None)
     if files is None:
-        return {"grayscale": None, "unreadable": [], "files": False}
-    gray, unreadable = 0, []
+        return {"grayscale": None, "unreadable": [], "unreadable_files": [], "files": False}
+    gray, unreadable, paths = 0, [], []
     for path in files:
         try:
-            header = read_header(path)
-            if not ends_whole(path, header.format):
-                load_image(path)
-            gray += header.mode in GRAY_MODES
+            gray += check_image(path).mode in GRAY_MODES
         except ImageError as exc:
             unreadable.append(str(exc))
-    return {"grayscale": gray, "unreadable": unreadable, "files": True}
+            paths.append(str(path))
+    return {"grayscale": gray, "unreadable": unreadable, "unreadable_files": paths, "files": True}
+
+
+def outdated(report: dict[str, Any]) -> bool:
+    """Whether a file the report found unreadable was changed or removed since (a fix in place changes no
+    folder, so a cache keyed by folders would keep refusing it)."""
+    for path in report["splits"]["all"]["unreadable_files"]:
+        try:
+            if os.stat(path).st_ctime > report["checked_at"]:  # the change time: copying keeps no old stamp
+                return True
+        except OSError:
+            return True
+    return False
 
 
 def _split_summary(counts: dict[str, int], scan: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
@@ -101,14 +113,15 @@ def _split_summary(counts: dict[str, int], scan: dict[str, Any], labels: dict[st
             "smallest": {"class": smallest, "label": labels.get(smallest, smallest), "count": low},
             "largest": {"class": largest, "label": labels.get(largest, largest), "count": counts.get(largest, 0)},
             "imbalance_ratio": round(counts[largest] / low, 2) if low else None,
-            "grayscale": scan["grayscale"], "unreadable": scan["unreadable"], "class_counts": counts}
+            "grayscale": scan["grayscale"], "unreadable": scan["unreadable"],
+            "unreadable_files": scan["unreadable_files"], "class_counts": counts}
 
 
 def _combined(splits: dict[str, dict[str, Any]], labels: dict[str, str]) -> dict[str, Any]:
     counts = {c: sum(s["class_counts"][c] for s in splits.values()) for c in splits["train"]["class_counts"]}
     gray = [s["grayscale"] for s in splits.values()]
     scan = {"grayscale": None if None in gray else sum(gray),
-            "unreadable": [u for s in splits.values() for u in s["unreadable"]]}
+            **{key: [u for s in splits.values() for u in s[key]] for key in ("unreadable", "unreadable_files")}}
     return _split_summary(counts, scan, labels)
 
 

@@ -394,6 +394,18 @@ class Normalizer(torch.nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def _say_emptied_classes(dataset: Any, split: str, skipped: set[int], rows: list[int]) -> None:
+    """One line for classes left with no image of the split because every one of them was skipped."""
+    if not skipped:
+        return
+    emptied = sorted({dataset.targets[i] for i in skipped} - {dataset.targets[i] for i in rows})
+    if emptied:
+        names = ", ".join(dataset.classes[t] for t in emptied)
+        what = "the model cannot learn it" if split == "train" else "its accuracy cannot be measured"
+        print(f"Every {split} image of class {names} was unreadable and skipped: {what}.", file=sys.stderr,
+              flush=True)
+
+
 def open_cached_split(name: str, root: str | None, split: str, options: dict[str, Any], size: int,
                       transform: Any, workers: int = 0, build: bool = True,
                       check: Callable[[], None] | None = None, opened: Any = None) -> tuple[CachedImages, Any]:
@@ -409,4 +421,5 @@ def open_cached_split(name: str, root: str | None, split: str, options: dict[str
     cached = cached_pixels(dataset, size, description, workers, build, check)
     skipped = set(cached.skipped)
     rows = [i for i in range(len(dataset)) if i not in skipped]
+    _say_emptied_classes(dataset, split, skipped, rows)
     return CachedImages(cached.path, dataset.targets, transform, rows, dataset.source), dataset
