@@ -476,13 +476,25 @@ def _images_under(folder: Path, ignored: Counter[str] | None = None) -> list[Pat
     """Image files in ``folder`` and its sub-folders (hidden files and folders skipped), sorted; ``ignored``
     counts the other files by extension."""
     found: list[Path] = []
-    for here, dirs, names in os.walk(folder, onerror=_raise):
-        dirs[:] = [d for d in dirs if not skipped_folder(d)]
+    top = os.path.realpath(folder)
+    seen = {top}
+    for here, dirs, names in os.walk(folder, onerror=_raise, followlinks=True):  # linked sub-folders count too
+        dirs[:] = [d for d in dirs if not skipped_folder(d) and _first_visit(os.path.join(here, d), top, seen)]
         found += [Path(here) / n for n in names if is_image_name(n)]
         if ignored is not None:
             ignored.update(Path(n).suffix.lower() or n for n in names
                            if not (is_image_name(n) or n.startswith(".") or n.lower() in _JUNK_FILES))
     return sorted(found)
+
+
+def _first_visit(path: str, top: str, seen: set[str]) -> bool:
+    """Whether a folder (through links) is new to the walk of ``top``: not walked yet, and not one holding ``top``
+    (a link back up the tree would never end, or take in the other classes)."""
+    real = os.path.realpath(path)
+    if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):
+        return False
+    seen.add(real)
+    return True
 
 
 def _raise(exc: OSError) -> None:

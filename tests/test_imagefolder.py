@@ -69,6 +69,11 @@ def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
     assert train.class_labels == sorted([*CLASSES, "kitten", "moggy"])  # followed: each is a class
     assert (f"Class folders cat, kitten and moggy in {root} are the same folder ({(root / 'cat').resolve()}, "
             "through links): its images count in each of these classes.") in train.notes
+    (root / "dog" / "more").symlink_to(root / "owl")  # a linked sub-folder of a class counts in it...
+    (root / "owl" / "loop").symlink_to(root)  # ...and a link back up the tree ends the walk, not the disk
+    assert sum(class_counts("imagefolder", root, s)["owl"] for s in ("train", "val")) == IMAGEFOLDER_SIZES["owl"]
+    assert sum(class_counts("imagefolder", root, s)["dog"] for s in ("train", "val")) == \
+        IMAGEFOLDER_SIZES["dog"] + IMAGEFOLDER_SIZES["owl"]
     split = make_imagefolder(tmp_path / "split", "split")
     assert not any("same folder" in n for n in open_dataset("imagefolder", split, "val").notes)
     shutil.rmtree(split / "val" / "cat")
