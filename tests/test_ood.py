@@ -70,6 +70,16 @@ def test_a_model_unsure_of_its_own_validation_images_says_its_verdict_lets_forei
     assert "unsure" not in ood.assess(sure[0], confident).sentence
 
 
+@pytest.mark.parametrize("classes, threshold, weak", [(10, 0.15, True), (10, 0.30, False), (2, 0.53, True),
+                                                     (2, 0.70, False), (101, 0.09, True), (101, 0.20, False)])
+def test_the_unsure_model_caveat_is_measured_from_chance_so_few_classes_get_it_too(classes, threshold, weak):
+    """With 10 classes every image scores at least 10%: a 15% threshold is barely above chance, and is weak."""
+    stats = {"msp_threshold": threshold, "energy_threshold": -50.0, "keep": 0.95, "val_images": 500,
+             "msp_quantiles": [0.0, 1.0], "energy_quantiles": [-50.0, 50.0]}
+    verdict = ood.assess(np.eye(classes)[0] * 30, stats)
+    assert verdict.level == "in" and ("unsure even of its own" in verdict.sentence) == weak
+
+
 def test_a_verdict_from_a_handful_of_validation_images_says_it_is_rough():
     rng = np.random.default_rng(2)
     val_logits = rng.normal(0, 1, (12, 4)) + np.eye(4)[rng.integers(0, 4, 12)] * 8
