@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -186,12 +187,16 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
 def test_a_config_that_cannot_be_read_is_one_sentence(tmp_path):
     from train.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="cannot be read"):
-        load_config(tmp_path)  # a folder, not a file
+    with pytest.raises(ConfigError, match=r"is a folder; give a pipeline YAML file"):
+        load_config(tmp_path)
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("name: caf\xe9".encode("latin-1"))
-    with pytest.raises(ConfigError, match="cannot be read"):
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not a text file \(not UTF-8\)"):
         load_config(bad)
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    with pytest.raises(ConfigError, match=r"pipe.yaml is not a regular file"):
+        load_config(fifo)
 
 
 @pytest.mark.parametrize("value, device, expected", [("auto", "cuda", True), ("auto", "cpu", False),

@@ -269,11 +269,16 @@ def load_config(
     """Read, override and validate the YAML pipeline at ``path``; raise ``ConfigError`` on any problem."""
     path = Path(path)
     try:
+        if path.is_dir() or (path.exists() and not path.is_file()):  # a FIFO or device would block or never end
+            raise ConfigError(f"Config file {path} is {'a folder' if path.is_dir() else 'not a regular file'}; give "
+                              "a pipeline YAML file, e.g. train/configs/demo.yaml.")
         raw = parse_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Config file {path} cannot be read ({type(exc).__name__}: {exc}).") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {path} is not a text file (not UTF-8); give a pipeline YAML file.") from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {path} cannot be read ({exc.strerror or exc}).") from None
     except YamlRefused as exc:
         raise ConfigError(f"Config file {path} was refused: {exc}.") from None
     except yaml.YAMLError as exc:
