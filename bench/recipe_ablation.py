@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from core.run_store import RunStore  # noqa: E402
-from study import SCALES, Outcome, check_before_training, positive_int, summarize, train_or_reuse  # noqa: E402
+from study import (DEFAULT_HOME, SCALES, Outcome, check_before_training, positive_int, summarize,  # noqa: E402
+                   train_or_reuse)
 
 CONFIG = "train/configs/caltech101-scratch.yaml"  # its one stage is the study's final Caltech-101 stage
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -130,7 +131,8 @@ def main() -> int:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--epochs", type=positive_int, help="epochs of the Caltech-101 stage (default: the scale's)")
     parser.add_argument("--data-root", type=Path, default=REPO / "data")
-    parser.add_argument("--home", type=Path, default=REPO / "checkpoints" / "study")
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                        help="the study's ResLens home, whose runs are reused (default: %(default)s)")
     parser.add_argument("--init", help="pretrained checkpoint, or 'scratch' (default: the study's Tiny ImageNet "
                         "stage)")
     parser.add_argument("--variants", default=",".join(VARIANTS))

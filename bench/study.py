@@ -34,7 +34,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from core.paths import reslens_home  # noqa: E402
 from core.run_store import RunStore  # noqa: E402
+
+DEFAULT_HOME = reslens_home() / "study"  # its own store, next to the user's runs (RESLENS_HOME)
 
 PIPELINES = {  # key -> (config, what it needs beyond Caltech-101)
     "scratch": ("caltech101-scratch.yaml", ()),
@@ -232,8 +235,9 @@ def main() -> int:
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--data-root", type=Path, default=REPO / "data",
                         help="folder holding caltech101/ and tiny-imagenet-200/ (and cifar-100-python/)")
-    parser.add_argument("--home", type=Path, default=REPO / "checkpoints" / "study",
-                        help="ResLens home for the study's runs (kept, so an interrupted study carries on)")
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                        help="ResLens home for the study's runs (kept, so an interrupted study carries on; "
+                             "default: $RESLENS_HOME/study, %(default)s here)")
     parser.add_argument("--pipelines", default=",".join(PIPELINES), help=f"subset of {', '.join(PIPELINES)}")
     parser.add_argument("--device", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=positive_int, help="OMP_NUM_THREADS for the runs")
