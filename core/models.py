@@ -87,6 +87,13 @@ def imagenet_weights_file(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
+def fetch_imagenet_weights(arch: str) -> None:
+    """Make sure the ImageNet weights of ``arch`` are in torchvision's cache (downloaded when missing), else raise
+    ``ModelError`` saying how to get them: before a run is made, not when its stage starts."""
+    if not imagenet_weights_file(arch).is_file():
+        _imagenet_state_dict(arch)
+
+
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     cached = imagenet_weights_file(arch)
     try:  # reads the cache when the file is there, downloads it otherwise

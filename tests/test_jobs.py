@@ -78,6 +78,22 @@ def test_launch_refuses_an_init_checkpoint_of_another_architecture_before_writin
     assert RunStore().list_runs() == [] and not paths.runs_dir().exists()
 
 
+def test_launch_refuses_imagenet_weights_it_cannot_get_before_writing(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # nothing cached there
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    raw = tiny_config(tmp_path, epochs=(1,), init="imagenet")
+    with pytest.raises(ConfigError, match=r"^stage 1 \(s1\): ImageNet weights for resnet18 are not available: "
+                                          r"resnet18-f37072fd.pth is not in the torchvision cache"):
+        jobs.launch(raw)
+    assert RunStore().list_runs() == []
+
+
 @pytest.mark.parametrize("bad", ["../../x", "/tmp/evil", "a b", "..", "x/../../y"])
 def test_run_names_cannot_escape_the_runs_folder(tmp_path, bad):
     with pytest.raises(RunStoreError, match="not allowed"):

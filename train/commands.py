@@ -35,12 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from train import distributed as ddp
     from train.config import load_config
     from train.engine import train_run
-    from train.jobs import check_init_checkpoints
+    from train.jobs import check_inits
 
     overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
     try:
         config = load_config(args.config, overrides, data_root=args.data_root)
-        check_init_checkpoints(config)  # on every rank: a refusal ends them all alike, before the run is made
+        check_inits(config)  # on every rank: a refusal ends them all alike, before the run is made
     except UserError as exc:
         _fail_queued_row(args.run_name, str(exc))
         raise

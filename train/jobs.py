@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from core import paths
+from core.errors import UserError
 from core.run_store import ACTIVE_STATES, RunStore, RunStoreError, pid_alive
 from core.sizes import folder_bytes
-from train.config import (NAMED_INITS, ConfigError, PipelineConfig, apply_overrides, load_config, parse_config,
+from train.config import (ConfigError, PipelineConfig, apply_overrides, load_config, parse_config,
                           stage_label)
 
 LOG_NAME = "log.txt"
@@ -82,20 +83,25 @@ def prepare_run(
     raise AssertionError("unreachable")  # _candidates never ends
 
 
-def check_init_checkpoints(config: PipelineConfig) -> None:
-    """Raise ``ConfigError`` for a stage whose ``init`` checkpoint cannot be read or holds another architecture:
-    found before a run is made, not when the stage starts, maybe hours into the pipeline."""
-    from core.checkpoints import CheckpointError, check_compatible, checkpoint_info
+def check_inits(config: PipelineConfig) -> None:
+    """Raise ``ConfigError`` for a stage whose ``init`` cannot be had: a checkpoint that cannot be read or holds
+    another architecture, ImageNet weights neither cached nor downloadable. Found before a run is made, not when
+    the stage starts, maybe hours into the pipeline."""
+    from core.checkpoints import check_compatible, checkpoint_info
+    from core.models import fetch_imagenet_weights
 
     for i, stage in enumerate(config.stages):
-        if stage.init in NAMED_INITS:
+        if stage.init in ("scratch", "previous"):
             continue
         try:
-            check_compatible(checkpoint_info(stage.init), arch=config.arch)
-        except CheckpointError as exc:
-            text = str(exc)
-            raise ConfigError(f"{stage_label(i, stage)}: init {text[:1].lower()}{text[1:]}", stage=i,
-                              field="init") from None
+            if stage.init == "imagenet":
+                fetch_imagenet_weights(config.arch)
+            else:
+                check_compatible(checkpoint_info(stage.init), arch=config.arch)
+        except UserError as exc:
+            text = str(exc)  # "Checkpoint X holds ..." -> "init checkpoint X holds ..."
+            text = text if stage.init == "imagenet" else f"init {text[:1].lower()}{text[1:]}"
+            raise ConfigError(f"{stage_label(i, stage)}: {text}", stage=i, field="init") from None
 
 
 def launch(
@@ -112,7 +118,7 @@ def launch(
         pipeline = parse_config(apply_overrides(config, overrides))
     else:
         pipeline = load_config(config, overrides)
-    check_init_checkpoints(pipeline)
+    check_inits(pipeline)
     store = RunStore()
     name = prepare_run(pipeline, store, run_name)
     args = ["run", str(paths.run_dir(name) / CONFIG_NAME), "--run-name", name]
