@@ -148,6 +148,21 @@ def test_list_shows_the_epochs_a_stopped_run_finished_and_the_one_a_running_run_
     assert epochs == {"stopped": "2/5", "live": "3/5"}
 
 
+def test_a_usage_error_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["list", "extra"])
+    usage = capsys.readouterr().err
+    assert exited.value.code == 2 and "unrecognized arguments: extra" in usage
+    assert "{run,resume,list,export,eval,delete,data,explain,compare,lr-find,ood-thresholds,export-model,cache}" in \
+        "".join(usage.split())
+    for argv, message in ((["eval", "x.pt", "--top", "-1"], "argument --top: must be 0 or more, got -1"),
+                          (["explain", "x.pt", "a.jpg", "--top-k", "0"], "argument --top-k: must be 1 or more, got 0"),
+                          (["compare", "a", "b", "--top", "two"], "argument --top: 'two' is not a whole number")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_list_without_runs(capsys):
     assert main(["list"]) == 0
     assert "No runs yet" in capsys.readouterr().out
@@ -286,7 +301,7 @@ def test_help_names_every_command_with_a_whole_sentence():
     assert all(text and text.endswith(".") and "\n" not in text for text in helps.values()), helps
     for module, names in commands.items():  # read from the sources: the same as each imported command's
         own = next(a for a in build_parser(names[0])._actions if a.dest == "command")
-        assert {c.dest: c.help for c in own._choices_actions} == {name: helps[name] for name in names}
+        assert {c.dest: c.help for c in own._choices_actions} == helps
 
 
 def test_a_command_imports_only_its_own_module(tmp_path):

@@ -52,6 +52,19 @@ def first_sentence(doc: str | None) -> str | None:
     return text if end is None else text[: end.start() + 1]
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of ``minimum`` or more (anything else is a usage error naming the flag)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {value}")
+        return value
+    return parse
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of ``command``'s module, which alone is imported (`list` starts in a fraction of a second,
     without torch); for anything else (``--help``, a typo) every command, named from the sources."""
@@ -59,15 +72,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     listed = {module: summaries(module) for module in COMMAND_MODULES}
     owner = next((module for module, names in listed.items() if command in names), None)
-    if owner is None:
-        for names in listed.values():
+    for module, names in listed.items():  # every command is named (a usage error lists them all)...
+        if module != owner:
             for name, summary in names.items():
                 sub.add_parser(name, help=summary)
-        return parser
-    for name, (add_arguments, run) in _load(owner).items():
-        p = sub.add_parser(name, help=first_sentence(run.__doc__))
-        add_arguments(p)
-        p.set_defaults(_run=run)
+            continue
+        for name, (add_arguments, run) in _load(owner).items():  # ...and only its own module is imported
+            p = sub.add_parser(name, help=first_sentence(run.__doc__))
+            add_arguments(p)
+            p.set_defaults(_run=run)
     return parser
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from core.errors import UserError
 from core.sizes import iec_bytes
 from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError
+from train.cli import at_least
 
 EXPORT_KEYS = ("kind", "stage", "stage_name", "epoch", "step", "time")
 
@@ -247,7 +248,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=("train", "val"), default="val")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--top", type=int, default=10, help="how many confused pairs to print")
+    p.add_argument("--top", type=at_least(0), default=10, help="how many confused pairs to print (default: 10)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time flips: average each image's logits with its mirror's (default: the stage's tta)")
     p.add_argument("--image-size", type=int,

@@ -25,6 +25,7 @@ from typing import Any
 from core import charts
 from core.compare import ClassChange, ClassComparison, Comparison, CompareError, compare_runs
 from core.run_store import RunStore
+from train.cli import at_least
 
 FORMATS = ("md", "csv", "json")
 CSV_COLUMNS = ("section", "run", "against", "stage", "against_stage", "key", "value", "differs", "name", "dataset", "epochs",
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="md", help="md (default), csv or json")
     parser.add_argument("--stage", type=int, metavar="N",
                         help="compare classes on stage N (from 1) of every run (default: each run's last stage)")
-    parser.add_argument("--top", type=int, default=10, metavar="K", help="gains and losses to list (default: 10)")
+    parser.add_argument("--top", type=at_least(0), default=10, metavar="K", help="gains and losses to list (default: 10)")
     parser.add_argument("--plot", metavar="FILE",
                         help="also write the per-class scatter: .png, .svg, .pdf (matplotlib) or .html (plotly)")
     parser.add_argument("--output", "-o", metavar="FILE", help="write the report here (default: standard output)")
@@ -46,8 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compare runs: config differences, results per stage, per-class gains and losses."""
-    if args.top < 0:
-        raise CompareError(f"--top must be 0 or more, got {args.top}.")
     comparison = compare_runs(RunStore(), args.runs, args.stage)
     written = write_plots(comparison, args.plot) if args.plot else []
     text = {"md": markdown, "csv": to_csv, "json": to_json}[args.format](comparison, args.top)
