@@ -286,6 +286,9 @@ def _prepare(name: str, root: str | Path | None, split: str,
                                  f"holds your images: {IMAGEFOLDER_LAYOUT}.")
     else:
         base = _root(root)
+        if info.folder and base.exists() and not base.is_dir():
+            raise DatasetMissing(f"{base} is a file, not a folder; the root of {info.name} is the folder that holds "
+                                 f"{info.folder}.")
         if info.folder and not (base / info.folder).exists():
             raise DatasetMissing(_missing_message(info, base))
     return info, base, {**info.options, **own}

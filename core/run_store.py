@@ -222,8 +222,9 @@ class RunStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunStoreError(f"The run store's folder {self.path.parent} cannot be made "
-                                f"({exc.strerror or exc}); set RESLENS_HOME to a folder you can write to.") from exc
+            why = "it is a file" if self.path.parent.is_file() else (exc.strerror or str(exc))
+            raise RunStoreError(f"The run store's folder {self.path.parent} cannot be made ({why}); set "
+                                "RESLENS_HOME to a folder you can write to.") from exc
         self._local = threading.local()
         self._patience, self._say = 0.0, (lambda text: None)  # see be_patient
         # a store in a folder this user cannot write (a colleague's, a read-only mount) is read, never written

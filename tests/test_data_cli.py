@@ -113,6 +113,13 @@ def test_download_flag_fetches_then_reports(tmp_path, capsys, monkeypatch):
     assert code == 0 and "downloading:" in err and "classes: 3" in out
 
 
+def test_a_root_that_is_a_file_says_so_not_to_download_into_it(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    code, _, err = _data(capsys, "caltech101", "--root", str(tmp_path / "notes.txt"))
+    assert code == 2 and "notes.txt is a file, not a folder; the root of caltech101 is the folder that holds " \
+        "caltech101/101_ObjectCategories." in err and "--download" not in err
+
+
 def test_missing_root_exits_non_zero_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run([sys.executable, "-m", "train", "data", "caltech101", "--root", str(tmp_path / "none")],

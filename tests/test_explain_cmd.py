@@ -125,6 +125,8 @@ def test_a_later_call_never_overwrites_the_maps_of_another_image_with_the_same_n
         (["--layer", "layer9"], "no layer 'layer9'; valid layers: conv1, bn1, relu, maxpool, layer1"),
         (["--layer", "layer4"], "Layer 'layer4' has no single spatial map at 32 px (it is 1x1"),
         (["--target", "dog.jpg=hexagon"], "no class named 'hexagon'"),
+        (["--target", "cat.jpg=Triangle"], "--target cat.jpg=Triangle: cat.jpg is not one of the images given, and "
+                                           "the model has no class named 'cat.jpg=Triangle'."),
         pytest.param(["--device", "cuda"], "sees no CUDA GPU", marks=pytest.mark.skipif(
             torch.cuda.is_available(), reason="this machine has a GPU")),
     ],
@@ -133,6 +135,12 @@ def test_bad_requests_stop_with_one_sentence(checkpoint, inputs, tmp_path, capsy
     status = main(["explain", str(checkpoint), str(inputs["dog"]), "--out", str(tmp_path / "out"), *extra])
     err = capsys.readouterr().err
     assert status == 2 and message in err and "Traceback" not in err
+
+
+def test_an_out_folder_that_is_a_file_is_one_sentence(checkpoint, inputs, tmp_path, capsys):
+    (tmp_path / "out").write_text("x")
+    assert main(["explain", str(checkpoint), str(inputs["dog"]), "--out", str(tmp_path / "out")]) == 2
+    assert f"--out {tmp_path / 'out'} is a file; name a folder" in capsys.readouterr().err
 
 
 def test_unloadable_checkpoint_stops_with_a_clear_sentence(inputs, tmp_path, capsys):

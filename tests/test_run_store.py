@@ -385,7 +385,7 @@ def test_a_lock_held_by_another_process_is_one_sentence_or_waited_out(monkeypatc
 def test_a_home_that_is_a_file_is_one_sentence(tmp_path):
     home = tmp_path / "not-a-folder"
     home.write_text("x")
-    with pytest.raises(RunStoreError, match=rf"^The run store's folder {home} cannot be made \(File exists\); set "
+    with pytest.raises(RunStoreError, match=rf"^The run store's folder {home} cannot be made \(it is a file\); set "
                                             "RESLENS_HOME to a folder you can write to\\.$"):
         RunStore(home / "reslens.sqlite")
 

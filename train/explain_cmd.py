@@ -150,9 +150,16 @@ def assign_targets(pictures: list[Picture], targets: list[str], class_names: lis
     """``--target CLASS`` for every image, ``--target IMAGE=CLASS`` (path as given, or file name) for one."""
     for value in targets:
         image, sep, name = value.rpartition("=")
-        if not (sep and any(image in (raw, Path(raw).name) for raw in inputs)):
+        unknown = image if sep and not any(image in (raw, Path(raw).name) for raw in inputs) else None
+        if unknown is not None or not sep:
             image, name = "", value  # a class for every image (its name may hold '=')
-        index = parse_target(name, class_names)
+        try:
+            index = parse_target(name, class_names)
+        except ExplainError:
+            if unknown is None:
+                raise
+            raise ExplainError(f"--target {value}: {unknown} is not one of the images given, and the model has no "
+                               f"class named {value!r}.") from None
         for picture in pictures:
             if not image or image in (str(picture.path), picture.path.name):
                 picture.target = index
@@ -160,6 +167,8 @@ def assign_targets(pictures: list[Picture], targets: list[str], class_names: lis
 
 def _output_folder(path: str) -> Path:
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ExplainError(f"--out {out} is a file; name a folder for the overlays and predictions.")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
