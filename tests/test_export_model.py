@@ -95,6 +95,8 @@ def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt)
     ran = subprocess.run([sys.executable, str(out / "predict.py"), str(image)], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
     assert ran.returncode == 0, ran.stderr
+    bare = subprocess.run([sys.executable, str(out / "predict.py")], capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 2 and "usage: predict.py [-h] IMAGE [IMAGE ...]" in bare.stderr  # not a silent 0
     _, expected = batch
     probabilities = expected[0].softmax(0)
     best = int(probabilities.argmax())

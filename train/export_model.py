@@ -98,13 +98,15 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
 def predict_script(fmt: str) -> str:
     """The exported predict.py: the format's template with the image reading (``image_reading``) put in."""
     template = (TEMPLATES / f"predict_{'onnx' if fmt == 'onnx' else 'torch'}.py").read_text()
-    marker = "# image_input.py (open_rgb, readable) is inserted here by `python -m train export-model`\n"
+    marker = ("# image_input.py (open_rgb, readable, image_arguments) is inserted here by "
+              "`python -m train export-model`\n")
     return template.replace(marker, image_reading())
 
 
 def image_reading() -> str:
     """predict.py's image reading: ResLens's own (``core.images._draft``, ``oriented_rgb`` and what it calls, by
-    their source) and image_input.py (open_rgb, readable); it needs Image, ImageOps, numpy as np and sys."""
+    their source) and image_input.py (open_rgb, readable, image_arguments); it needs Image, ImageOps, numpy as np
+    and sys."""
     reading = [f"MAX_SIDE = {images.MAX_SIDE!r}\nBACKGROUND = {images.BACKGROUND!r}\n"]
     reading += [inspect.getsource(f) for f in (images._draft, images.oriented_rgb, images.to_rgb, images._to_8bit)]
     reading.append((TEMPLATES / "image_input.py").read_text())

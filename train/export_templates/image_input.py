@@ -17,3 +17,12 @@ def readable(paths: list[str]) -> tuple[list[tuple[str, Image.Image]], int]:
             print(f"{path}: cannot be read as an image ({exc})", file=sys.stderr)
             failed += 1
     return images, failed
+
+
+def image_arguments(argv: list[str]) -> list[str]:
+    """The image paths on the command line: ``--help`` prints the usage, and none at all is a usage error."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0] if __doc__ else None)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify (JPEG, PNG, ...)")
+    return parser.parse_args(argv).images

@@ -27,7 +27,7 @@ def prepare(image: Image.Image, pre: dict) -> np.ndarray:
     return pixels.transpose(2, 0, 1)[None].astype(np.float32)
 
 
-# image_input.py (open_rgb, readable) is inserted here by `python -m train export-model`
+# image_input.py (open_rgb, readable, image_arguments) is inserted here by `python -m train export-model`
 
 
 def main(paths: list[str]) -> int:
@@ -44,4 +44,4 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(image_arguments(sys.argv[1:])))

@@ -29,7 +29,7 @@ def load(about: dict) -> torch.nn.Module:
     return model
 
 
-# image_input.py (open_rgb, readable) is inserted here by `python -m train export-model`
+# image_input.py (open_rgb, readable, image_arguments) is inserted here by `python -m train export-model`
 
 
 def main(paths: list[str]) -> int:
@@ -52,4 +52,4 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(image_arguments(sys.argv[1:])))
