@@ -200,8 +200,11 @@ def test_delete_of_several_runs_checks_them_all_before_deleting_any(finished, ca
     store.set_state("quiet", "running", pid=os.getpid())  # a live trainer that stopped reporting
     store._write("UPDATE runs SET heartbeat = 0 WHERE name = 'quiet'")
     assert main(["delete", "tiny", "quiet", "--yes"]) == 2
-    assert "has a live trainer" in capsys.readouterr().err
+    assert f"Run 'quiet' has a live trainer that stopped reporting (pid {os.getpid()})" in capsys.readouterr().err
     assert store.has_run("tiny") and paths.run_dir("tiny").is_dir()  # nothing went
+    store.set_state("quiet", "running", pid=os.getppid())  # reporting, another process: plainly running
+    assert main(["resume", "quiet"]) == 2
+    assert f"Run 'quiet' is still running (pid {os.getppid()}); stop it before resuming." in capsys.readouterr().err
 
 
 def test_unwritable_outputs_a_closed_prompt_and_a_damaged_store_are_one_sentence(finished, tmp_path, capsys,

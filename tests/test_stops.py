@@ -230,7 +230,7 @@ def test_cli_resume_refuses_a_live_trainer_that_stopped_reporting(tmp_path, monk
         assert RunStore().get_run("paused")["state"] == "interrupted"  # what `list` shows
         assert main(["resume", "paused", "--quiet"]) == 2
         err = capsys.readouterr().err
-        assert f"has a live trainer (pid {trainer.pid})" in err and err.count("\n") == 1
+        assert f"has a live trainer that stopped reporting (pid {trainer.pid})" in err and err.count("\n") == 1
     finally:
         os.killpg(trainer.pid, signal.SIGKILL)
         trainer.communicate()

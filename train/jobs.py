@@ -162,8 +162,8 @@ def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None, doing: 
     own pid: the app records the pid of the ``resume`` process it starts).
     """
     if has_live_trainer(run, own_pid):
-        raise RunStoreError(f"Run {run['name']!r} has a live trainer (pid {run['pid']}) that may have stopped "
-                            f"reporting; stop it before {doing}.")
+        how = "is still running" if run["state"] in ACTIVE_STATES else "has a live trainer that stopped reporting"
+        raise RunStoreError(f"Run {run['name']!r} {how} (pid {run['pid']}); stop it before {doing}.")
 
 
 def has_live_trainer(run: dict[str, Any], own_pid: int | None = None) -> bool:
