@@ -28,7 +28,7 @@ GOAL_ACC = 0.90
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--home", help="ResLens home for the run (default: a new temporary folder)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (the machine has 2 cores)")
     args = parser.parse_args()

@@ -76,7 +76,7 @@ def auc_curves(model, images: torch.Tensor, maps: torch.Tensor, classes: torch.T
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--limit", type=int, default=60, help="validation images (first N)")
     parser.add_argument("--layer", help="default: the recommended layer")

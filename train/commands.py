@@ -98,8 +98,8 @@ def _claim_run(config: Any, store: RunStore, run_name: str | None) -> str | None
 # -------------------------------------------------------------------- resume
 def add_resume_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_name", metavar="RUN")
-    p.add_argument("--device", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def resume(args: argparse.Namespace) -> int:
