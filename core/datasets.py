@@ -475,44 +475,71 @@ def skipped_folder(name: str) -> bool:
 _JUNK_FILES = {"thumbs.db", "desktop.ini"}  # what file managers leave in folders
 
 
-def _images_under(folder: Path, ignored: Counter[str] | None = None) -> list[Path]:
-    """Image files in ``folder`` and its sub-folders (hidden files and folders skipped), sorted; ``ignored``
-    counts the other files by extension."""
+def _images_under(folder: Path, ignored: Counter[str] | None = None, data_set: Path | None = None) -> list[Path]:
+    """Image files in ``folder`` and its sub-folders, sorted: hidden files and folders skipped, linked sub-folders
+    followed unless they lead elsewhere into the image folder ``data_set`` (another class's or split's images
+    would count twice: validation images in training). ``ignored`` counts the other files by extension."""
     found: list[Path] = []
     top = os.path.realpath(folder)
-    seen = {top}
-    for here, dirs, names in os.walk(folder, onerror=_raise, followlinks=True):  # linked sub-folders count too
-        dirs[:] = [d for d in dirs if not skipped_folder(d) and _first_visit(os.path.join(here, d), top, seen)]
-        found += [Path(here) / n for n in names if is_image_name(n)]
-        if ignored is not None:
-            ignored.update(Path(n).suffix.lower() or n for n in names
-                           if not (is_image_name(n) or n.startswith(".") or n.lower() in _JUNK_FILES))
+    inside, seen = os.path.realpath(data_set if data_set is not None else folder), {top}
+    for here, dirs, names in os.walk(folder, onerror=_raise, followlinks=True):
+        dirs[:] = [d for d in dirs if not skipped_folder(d) and _own_folder(os.path.join(here, d), top, inside, seen)]
+        _check_utf8(here, names)
+        for name in names:
+            if is_image_name(name):
+                found.append(Path(here, name))
+            elif ignored is not None and not (name.startswith(".") or name.lower() in _JUNK_FILES):
+                ignored[Path(name).suffix.lower() or "without extension"] += 1
     return sorted(found)
 
 
-def _first_visit(path: str, top: str, seen: set[str]) -> bool:
-    """Whether a folder (through links) is new to the walk of ``top``: not walked yet, and not one holding ``top``
-    (a link back up the tree would never end, or take in the other classes)."""
+def _own_folder(path: str, top: str, inside: str, seen: set[str]) -> bool:
+    """Whether the walk of class folder ``top`` enters sub-folder ``path``: not walked yet and, where it is a link,
+    not one to elsewhere in the image folder ``inside`` or to a folder holding it (a loop)."""
     real = os.path.realpath(path)
-    if real in seen or top.startswith(real.rstrip(os.sep) + os.sep):
+    if real in seen or (not _within(real, top) and (_within(real, inside) or _within(inside, real))):
         return False
     seen.add(real)
     return True
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_utf8(here: str, names: list[str]) -> None:
+    """Refuse a name that is not UTF-8 (from an old archive or a network share): ResLens cannot store it."""
+    try:
+        "\0".join([here, *names]).encode("utf-8")
+        return
+    except UnicodeEncodeError:
+        bad = next(path for path in (here, *(os.path.join(here, n) for n in names)) if _not_utf8(path))
+    shown = os.fsencode(bad).decode("utf-8", "replace")
+    raise DatasetError(f"{shown} has a name that is not UTF-8 text, so ResLens cannot store it; rename it "
+                       "(convmv converts a folder's names to UTF-8).")
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _raise(exc: OSError) -> None:
     raise exc
 
 
-def _class_folders(folder: Path) -> tuple[dict[str, list[Path]], dict[str, int], list[str]]:
+def _class_folders(folder: Path, data_set: Path) -> tuple[dict[str, list[Path]], dict[str, int], list[str]]:
     """(class -> its images, for sub-folders holding images; other sub-folder -> 0; notes on them), classes
-    sorted."""
+    sorted; ``data_set`` is the image folder they belong to."""
     folders = sorted(p for p in folder.iterdir() if p.is_dir() and not skipped_folder(p.name))
     ignored: Counter[str] = Counter()
-    files = {p.name: _images_under(p, ignored) for p in folders}
+    files = {p.name: _images_under(p, ignored, data_set) for p in folders}
     classes = {c: f for c, f in files.items() if f}
-    for name, images in classes.items():
-        _check_names(folder / name, images)
+    for name in classes:
+        _check_class_name(folder / name)
     notes = [*_linked_classes(folder, classes), *_look_alike_classes(folder, classes), *_ignored_files(folder, ignored)]
     return classes, {c: 0 for c, f in files.items() if not f}, notes
 
@@ -537,16 +564,8 @@ def _ignored_files(folder: Path, ignored: Counter[str]) -> list[str]:
             f"({', '.join(SUPPORTED_EXTENSIONS)}) and are left out: {kinds}.{heic}"]
 
 
-def _check_names(class_folder: Path, images: list[Path]) -> None:
-    """Refuse names ResLens cannot store or show: not UTF-8 (from an old archive or a network share), or a class
-    name with a control character (a tab, a newline, a terminal escape)."""
-    for path in (class_folder, *images):
-        try:
-            os.fspath(path).encode("utf-8")
-        except UnicodeEncodeError:
-            shown = os.fsencode(path).decode("utf-8", "replace")
-            raise DatasetError(f"{shown} has a name that is not UTF-8 text, so ResLens cannot store it; rename it "
-                               "(convmv converts a folder's names to UTF-8).") from None
+def _check_class_name(class_folder: Path) -> None:
+    """Refuse a class name with a control character (a tab, a newline, a terminal escape): reports would break."""
     if any(unicodedata.category(ch) == "Cc" for ch in class_folder.name):
         raise DatasetError(f"Class folder {class_folder.name!r} in {class_folder.parent} has a control character "
                            "(a tab, a newline or an escape) in its name; rename it.")
@@ -558,12 +577,12 @@ def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     if given:
         raise DatasetError(f"{root} has its own train/ and val/ folders, so the split option {given[0]} does not "
                            "apply; remove it (split options are for a folder of class folders).")
-    train, empty, train_notes = _class_folders(root / "train")
+    train, empty, train_notes = _class_folders(root / "train", root)
     classes = sorted(train)
     if not classes:
         raise DatasetError(f"{root / 'train'} holds no class folders with images: expected "
                            "train/<class>/<image> and val/<class>/<image>.")
-    found, _, notes = _class_folders(root / split) if split == "val" else (train, empty, train_notes)
+    found, _, notes = _class_folders(root / split, root) if split == "val" else (train, empty, train_notes)
     strays = sorted(set(found) - set(classes))
     if strays:
         raise DatasetError(f"{root / 'val' / strays[0]} is not a class: there is no {root / 'train' / strays[0]} "
@@ -594,7 +613,7 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 def _flat_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     """``<root>/<class>``: split per class by the Caltech hash (``split_files``)."""
-    found, empty, notes = _class_folders(root)
+    found, empty, notes = _class_folders(root, root)
     split_options = {k: default if options.get(k) is None else options[k] for k, default in SPLIT_OPTIONS.items()}
     files = {c: split_files(f, c, split, **split_options) for c, f in found.items()}
     how = (f"the last {split_options['train_per_class']} per class train" if split_options["train_per_class"]
@@ -650,7 +669,7 @@ def _imagefolder_layout(root: Path, split: str, options: dict[str, Any]) -> List
     train, val = root / "train", root / "val"
     if train.is_dir() and val.is_dir():
         return _split_layout(root, split, options)
-    if (train.is_dir() or val.is_dir()) and _class_folders(train if train.is_dir() else val)[0]:
+    if (train.is_dir() or val.is_dir()) and _class_folders(train if train.is_dir() else val, root)[0]:
         there, absent = ("train", "val") if train.is_dir() else ("val", "train")
         raise DatasetError(f"{root} has a {there}/ folder of classes but no {absent}/ folder; give both, or "
                            "put the class folders directly in the root.")

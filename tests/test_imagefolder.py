@@ -69,12 +69,16 @@ def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
     assert train.class_labels == sorted([*CLASSES, "kitten", "moggy"])  # followed: each is a class
     assert (f"Class folders cat, kitten and moggy in {root} are the same folder ({(root / 'cat').resolve()}, "
             "through links): its images count in each of these classes.") in train.notes
-    (root / "dog" / "more").symlink_to(root / "owl")  # a linked sub-folder of a class counts in it...
-    (root / "owl" / "loop").symlink_to(root)  # ...and a link back up the tree ends the walk, not the disk
-    assert sum(class_counts("imagefolder", root, s)["owl"] for s in ("train", "val")) == IMAGEFOLDER_SIZES["owl"]
-    assert sum(class_counts("imagefolder", root, s)["dog"] for s in ("train", "val")) == \
-        IMAGEFOLDER_SIZES["dog"] + IMAGEFOLDER_SIZES["owl"]
+    elsewhere = make_imagefolder(tmp_path / "more", sizes={"dogs": 3, "x": 2})
+    (root / "dog" / "more").symlink_to(elsewhere / "dogs")  # a linked sub-folder from outside counts in its class
+    (root / "dog" / "owls").symlink_to(root / "owl")  # one into another class does not: its images would count twice
+    (root / "owl" / "loop").symlink_to(root)  # nor a link back up the tree: the walk ends
+    both = [class_counts("imagefolder", root, s) for s in ("train", "val")]
+    assert sum(c["owl"] for c in both) == IMAGEFOLDER_SIZES["owl"]
+    assert sum(c["dog"] for c in both) == IMAGEFOLDER_SIZES["dog"] + 3
     split = make_imagefolder(tmp_path / "split", "split")
+    (split / "train" / "cat" / "extra").symlink_to(split / "val" / "cat")  # validation images are never trained on
+    assert class_counts("imagefolder", split, "train") == IMAGEFOLDER_SIZES
     assert not any("same folder" in n for n in open_dataset("imagefolder", split, "val").notes)
     shutil.rmtree(split / "val" / "cat")
     (split / "val" / "cat").symlink_to(split / "train" / "cat")
