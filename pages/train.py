@@ -481,7 +481,7 @@ def cached_report(folder: Path, options: dict[str, Any]) -> tuple[dict[str, Any]
     args = (str(folder), json.dumps(options, sort_keys=True), common.folder_version(folder))
     report, error = folder_report(*args)
     if report is not None and outdated(report):
-        folder_report.clear()
+        folder_report.clear(*args)  # this folder's entry only
         report, error = folder_report(*args)
     return report, error
 
@@ -509,7 +509,8 @@ def launch_section(config: dict[str, Any], ready: bool) -> None:
         return
     st.session_state["last_launch"] = (launched, time.monotonic(), None)  # before launching: a second click waits
     try:
-        name = jobs.launch(config, device=None if device == "auto" else device)
+        with st.spinner("Checking the stages' starting weights (ImageNet ones are downloaded when missing)..."):
+            name = jobs.launch(config, device=None if device == "auto" else device)
     except BaseException:
         st.session_state.pop("last_launch", None)  # nothing started: a retry is not a double click
         raise

@@ -98,8 +98,10 @@ def test_a_report_knows_when_a_file_it_refused_was_fixed_in_place(tmp_path):
     root = make_imagefolder(tmp_path / "pets")
     broken, whole = sorted(root.rglob("*.jpg"))[-2:]
     broken.write_bytes(b"")
+    (root / "cat" / "gone.jpg").symlink_to(root / "nowhere.jpg")  # a dangling link: unreadable, and stays so
     report = summarize("imagefolder", root, {})
-    assert report["splits"]["all"]["unreadable_files"] == [str(broken)] and not outdated(report)
+    assert set(report["splits"]["all"]["unreadable_files"]) == {str(broken), str(root / "cat" / "gone.jpg")}
+    assert not outdated(report)
     broken.write_bytes(whole.read_bytes())  # fixed in place: no folder changed
     os.utime(broken, (0, 0))  # its old time stamps back (cp -p) do not hide that: the change time is read
     assert outdated(report)

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,7 @@ def _print_progress(done: int, total: int | None) -> None:
 
 def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> dict[str, Any]:
     """The report as a plain dict (the --json output)."""
-    info, checked_at = get_info(name), time.time()
+    info = get_info(name)
     datasets = {split: open_dataset(name, root, split, **options) for split in SPLITS}
     first = datasets["train"]
     class_labels = list(getattr(first, "class_labels", first.classes))  # human names, same order as classes
@@ -71,7 +70,7 @@ def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> di
               for split, ds in datasets.items()}
     splits["all"] = _combined(splits, labels)
     path = dataset_path(name, root)
-    return {"checked_at": checked_at, "name": name, "title": info.title, "description": info.description,
+    return {"name": name, "title": info.title, "description": info.description,
             "path": str(path) if path else None, "options": options, "classes": len(first.classes),
             "class_names": first.classes, "class_labels": class_labels, "splits": splits,
             "not_classes": dict(getattr(first, "excluded", {})),
@@ -82,27 +81,31 @@ def _scan_headers(ds: LabeledImages) -> dict[str, Any]:
     """Grayscale and unreadable files of a split (None for in-memory sets), as ``check_image`` finds them."""
     files = getattr(ds, "files", None)
     if files is None:
-        return {"grayscale": None, "unreadable": [], "unreadable_files": [], "files": False}
-    gray, unreadable, paths = 0, [], []
+        return {"grayscale": None, "unreadable": [], "unreadable_files": {}, "files": False}
+    gray, unreadable, stamps = 0, [], {}
     for path in files:
         try:
             gray += check_image(path).mode in GRAY_MODES
         except ImageError as exc:
             unreadable.append(str(exc))
-            paths.append(str(path))
-    return {"grayscale": gray, "unreadable": unreadable, "unreadable_files": paths, "files": True}
+            stamps[str(path)] = file_stamp(path)
+    return {"grayscale": gray, "unreadable": unreadable, "unreadable_files": stamps, "files": True}
+
+
+def file_stamp(path: str | os.PathLike[str]) -> list[int] | None:
+    """What changes when a file is written or replaced: change time (a copy with old times kept still changes
+    it), size and inode; None for a file that cannot be looked at (a dangling link stays None)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_ctime_ns, info.st_size, info.st_ino]
 
 
 def outdated(report: dict[str, Any]) -> bool:
-    """Whether a file the report found unreadable was changed or removed since (a fix in place changes no
-    folder, so a cache keyed by folders would keep refusing it)."""
-    for path in report["splits"]["all"]["unreadable_files"]:
-        try:
-            if os.stat(path).st_ctime > report["checked_at"]:  # the change time: copying keeps no old stamp
-                return True
-        except OSError:
-            return True
-    return False
+    """Whether a file the report found unreadable was changed since (a fix in place changes no folder, so a cache
+    keyed by folders would keep refusing it)."""
+    return any(file_stamp(path) != stamp for path, stamp in report["splits"]["all"]["unreadable_files"].items())
 
 
 def _split_summary(counts: dict[str, int], scan: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
@@ -120,8 +123,9 @@ def _split_summary(counts: dict[str, int], scan: dict[str, Any], labels: dict[st
 def _combined(splits: dict[str, dict[str, Any]], labels: dict[str, str]) -> dict[str, Any]:
     counts = {c: sum(s["class_counts"][c] for s in splits.values()) for c in splits["train"]["class_counts"]}
     gray = [s["grayscale"] for s in splits.values()]
-    scan = {"grayscale": None if None in gray else sum(gray),
-            **{key: [u for s in splits.values() for u in s[key]] for key in ("unreadable", "unreadable_files")}}
+    scan = {"grayscale": None if None in gray else sum(gray), "unreadable": [u for s in splits.values()
+                                                                              for u in s["unreadable"]],
+            "unreadable_files": {k: v for s in splits.values() for k, v in s["unreadable_files"].items()}}
     return _split_summary(counts, scan, labels)
 
 
