@@ -93,8 +93,8 @@ def check_image(path: str | os.PathLike[str], name: str | None = None) -> ImageH
     return header
 
 
-# a whole file's last bytes: JPEG's end-of-image, PNG's IEND chunk, GIF's trailer
-_ENDINGS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b";"}
+# a whole file's last bytes: JPEG's end-of-image, PNG's IEND chunk, GIF's block terminator and trailer
+_ENDINGS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82", "GIF": b"\x00;"}
 _READ_WHOLE = ("WEBP",)  # Pillow reads a WebP file whole when it opens it: a cut one fails there
 
 

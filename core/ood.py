@@ -20,8 +20,8 @@ import numpy as np
 
 KEEP = 0.95  # share of validation images a threshold lets through
 QUANTILES = 101  # stored quantiles of each score: an image's percentile among the validation images
-WEAK_CONFIDENCE = 0.1  # an MSP threshold under this share of the way from chance to certain is too low to tell
-# foreign images apart (about 10% confidence with 100 classes or more; 19% with 10 classes, 55% with 2)
+WEAK_CONFIDENCE = 0.1  # an MSP threshold under this share of the way from chance to certain, and under 10x chance,
+# is too low to tell foreign images apart (55% with 2 classes, 19% with 10, 9.9% with 101, 1% with 1000)
 FEW_IMAGES = 100  # below this many validation images, the 5% threshold rests on a handful: the verdict says so
 
 
@@ -112,7 +112,7 @@ def _weak(stats: dict[str, Any], classes: int) -> str:
     """A caveat for an "in" verdict when the model is unsure even of its validation images: a low threshold lets
     through a blank or foreign image that merely does not look like any class in particular."""
     chance = 1 / max(classes, 2)
-    if (stats["msp_threshold"] - chance) / (1 - chance) >= WEAK_CONFIDENCE:
+    if stats["msp_threshold"] >= min(10 * chance, chance + WEAK_CONFIDENCE * (1 - chance)):
         return ""
     return (f" This model is unsure even of its own validation images ({stats['keep']:.0%} of them above "
             f"{stats['msp_threshold']:.1%} confidence, with {classes} classes), so this check lets through images "

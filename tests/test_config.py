@@ -227,8 +227,7 @@ def test_compile_takes_auto_true_or_false(value):
      "stage 2 (b): data set shapes has no option 'nope' (its options: ", "options"),
     ({"name": "b", "dataset": "imagefolder"}, "stage 2 (b): root is required for dataset imagefolder: ", "root"),
     ({"name": "b", "dataset": "caltech101", "root": "/no/such/folder"},
-     "stage 2 (b): root /no/such/folder does not exist; download caltech101 into a folder there or set root.",
-     "root"),
+     "stage 2 (b): root /no/such/folder does not exist; download caltech101 there or set root.", "root"),
 ])
 def test_the_stage_is_named_once_for_every_kind_of_stage_error(second, message, field):
     with pytest.raises(ConfigError) as info:

@@ -119,7 +119,7 @@ def test_a_class_whose_every_image_was_skipped_is_said(tmp_path, capsys):
     for path in (root / "caltech101" / "101_ObjectCategories" / "bee").glob("*.jpg"):
         path.write_bytes(b"")
     assert len(_open(root, options={"skip_unreadable": True})) == 12  # ant and cat: 6 train images each
-    assert "Every train image of class bee was unreadable and skipped: the model cannot learn it." in \
+    assert "Every train image of class bee was unreadable and skipped: the class has no train image left." in \
         capsys.readouterr().err
 
 

@@ -71,7 +71,8 @@ def test_a_model_unsure_of_its_own_validation_images_says_its_verdict_lets_forei
 
 
 @pytest.mark.parametrize("classes, threshold, weak", [(10, 0.15, True), (10, 0.30, False), (2, 0.53, True),
-                                                     (2, 0.70, False), (101, 0.09, True), (101, 0.20, False)])
+                                                     (2, 0.70, False), (101, 0.09, True), (101, 0.20, False),
+                                                     (1000, 0.009, True), (1000, 0.05, False)])
 def test_the_unsure_model_caveat_is_measured_from_chance_so_few_classes_get_it_too(classes, threshold, weak):
     """With 10 classes every image scores at least 10%: a 15% threshold is barely above chance, and is weak."""
     stats = {"msp_threshold": threshold, "energy_threshold": -50.0, "keep": 0.95, "val_images": 500,

@@ -536,9 +536,9 @@ def _check_data_present(s: StageConfig) -> None:
     if info.folder is None:
         return
     if not info.own_folder and not Path(str(s.root)).is_dir():
-        what = "is a file, not a folder" if Path(str(s.root)).exists() else "does not exist"
-        raise ConfigError(f"root {s.root} {what}; download {s.dataset} into a folder there or set root.",
-                          field="root")
+        what = ("is a file, not a folder; set root to the folder that holds the data set"
+                if Path(str(s.root)).exists() else f"does not exist; download {s.dataset} there or set root")
+        raise ConfigError(f"root {s.root} {what}.", field="root")
     try:
         class_counts(s.dataset, s.root, "train", **s.options)
     except (DatasetMissing, DatasetError) as exc:

@@ -399,11 +399,9 @@ def _say_emptied_classes(dataset: Any, split: str, skipped: set[int], rows: list
     if not skipped:
         return
     emptied = sorted({dataset.targets[i] for i in skipped} - {dataset.targets[i] for i in rows})
-    if emptied:
-        names = ", ".join(dataset.classes[t] for t in emptied)
-        what = "the model cannot learn it" if split == "train" else "its accuracy cannot be measured"
-        print(f"Every {split} image of class {names} was unreadable and skipped: {what}.", file=sys.stderr,
-              flush=True)
+    for target in emptied:
+        print(f"Every {split} image of class {dataset.classes[target]} was unreadable and skipped: the class has no "
+              f"{split} image left.", file=sys.stderr, flush=True)
 
 
 def open_cached_split(name: str, root: str | None, split: str, options: dict[str, Any], size: int,

@@ -100,7 +100,8 @@ def check_inits(config: PipelineConfig) -> None:
                 check_compatible(checkpoint_info(stage.init), arch=config.arch)
         except UserError as exc:
             text = str(exc)  # "Checkpoint X holds ..." -> "init checkpoint X holds ..."
-            text = text if stage.init == "imagenet" else f"init {text[:1].lower()}{text[1:]}"
+            if stage.init != "imagenet":
+                text = "init " + (f"c{text[1:]}" if text.startswith("Checkpoint ") else text)
             raise ConfigError(f"{stage_label(i, stage)}: {text}", stage=i, field="init") from None
 
 

@@ -23,6 +23,6 @@ def image_arguments(argv: list[str]) -> list[str]:
     """The image paths on the command line: ``--help`` prints the usage, and none at all is a usage error."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").strip().partition("\n")[0] or None)
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify (JPEG, PNG, ...)")
     return parser.parse_args(argv).images
