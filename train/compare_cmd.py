@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=FORMATS, default="md", help="md (default), csv or json")
     parser.add_argument("--stage", type=int, metavar="N",
                         help="compare classes on stage N (from 1) of every run (default: each run's last stage)")
-    parser.add_argument("--top", type=at_least(0), default=10, metavar="K", help="gains and losses to list (default: 10)")
+    parser.add_argument("--top", type=at_least(0), default=10, metavar="K",
+                        help="gains and losses to list (default: 10)")
     parser.add_argument("--plot", metavar="FILE",
                         help="also write the per-class scatter: .png, .svg, .pdf (matplotlib) or .html (plotly)")
     parser.add_argument("--output", "-o", metavar="FILE", help="write the report here (default: standard output)")
