@@ -1,9 +1,10 @@
 """`python -m train data NAME --root DIR [--json] [--download]`: what a data set holds on disk.
 
-Prints the classes, images per split, the smallest and largest class, the imbalance ratio
-(largest/smallest), how many images are grayscale and which cannot be read (``core.images.check_image``: the
-header, and the pixels only where it cannot vouch for the whole file), plus notes on how the files were read (the split of an image folder, a Tiny ImageNet wnids.txt that
-disagrees with its train folders). For ``imagefolder`` the root is the image folder itself.
+Prints the classes, images per split, the smallest and largest class, the imbalance ratio (largest/smallest),
+how many images are grayscale and which cannot be read (``core.images.check_image``: the header, and the pixels
+only where it cannot vouch for the whole file), plus notes on how the files were read (the split of an image
+folder, a Tiny ImageNet wnids.txt that disagrees with its train folders). For ``imagefolder`` the root is the
+image folder itself.
 """
 from __future__ import annotations
 
@@ -123,8 +124,8 @@ def _split_summary(counts: dict[str, int], scan: dict[str, Any], labels: dict[st
 def _combined(splits: dict[str, dict[str, Any]], labels: dict[str, str]) -> dict[str, Any]:
     counts = {c: sum(s["class_counts"][c] for s in splits.values()) for c in splits["train"]["class_counts"]}
     gray = [s["grayscale"] for s in splits.values()]
-    scan = {"grayscale": None if None in gray else sum(gray), "unreadable": [u for s in splits.values()
-                                                                              for u in s["unreadable"]],
+    scan = {"grayscale": None if None in gray else sum(gray),
+            "unreadable": [u for s in splits.values() for u in s["unreadable"]],
             "unreadable_files": {k: v for s in splits.values() for k, v in s["unreadable_files"].items()}}
     return _split_summary(counts, scan, labels)
 
