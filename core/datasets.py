@@ -275,6 +275,9 @@ def _prepare(name: str, root: str | Path | None, split: str,
         accepted = ", ".join([*info.options, *COMMON_OPTIONS])
         raise DatasetError(f"Data set {name} has no option {unknown[0]!r} (its options: {accepted}).")
     own = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
+    if own.get("val_fraction") is not None and own.get("train_per_class") is not None:
+        raise DatasetError(f"Give {name} val_fraction or train_per_class, not both: train_per_class makes the split "
+                           "by itself (that many training images per class, the rest for validation).")
     if info.own_folder:
         base = _own_root(info, root)
         if base.is_file() and base.suffix.lower() == ".zip":

@@ -58,6 +58,8 @@ def test_split_options_reach_the_loader(tmp_path, capsys):
     assert code == 0 and json.loads(out)["splits"]["train"]["class_counts"]["Faces"] == 2
     code, _, err = _data(capsys, "caltech101", "--root", root, "--include-clutter")
     assert code == 2 and "has no option 'include_clutter'" in err
+    code, _, err = _data(capsys, "caltech101", "--root", root, "--val-fraction", "0.3", "--train-per-class", "2")
+    assert code == 2 and "Give caltech101 val_fraction or train_per_class, not both" in err
 
 
 def test_unreadable_image_is_listed(tmp_path, capsys):
@@ -113,6 +115,17 @@ def test_download_flag_fetches_then_reports(tmp_path, capsys, monkeypatch):
         monkeypatch.setitem(DATASETS, "tinyimagenet", replace(DATASETS["tinyimagenet"], url=url))
         code, out, err = _data(capsys, "tinyimagenet", "--root", str(tmp_path / "data"), "--download")
     assert code == 0 and "downloading:" in err and "classes: 3" in out
+
+
+def test_download_progress_in_a_log_is_a_line_per_tenth(capsys):
+    """Not on a terminal (a log file, the app's job log), progress is whole lines, not one line redrawn."""
+    from train.data_report import _progress_printer
+
+    show = _progress_printer(terminal=False)
+    for done in range(0, 1001, 10):
+        show(done, 1000)
+    lines = capsys.readouterr().err.split("\n")
+    assert len(lines) == 12 and lines[-2:] == ["downloading: 1000 bytes of 1000 bytes", ""]
 
 
 def test_a_root_that_is_a_file_says_so_not_to_download_into_it(tmp_path, capsys):

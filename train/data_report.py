@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core.datasets import (DATASETS, SPLITS, LabeledImages, class_counts, dataset_path, download, get_info,
                            open_dataset)
@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Describe a data set: classes, images per split, class balance, grayscale images."""
     if args.download:
-        progress = None if args.json else _print_progress
-        download(args.name, args.root, progress=progress)
-        if progress:
+        terminal = sys.stderr.isatty()
+        download(args.name, args.root, progress=None if args.json else _progress_printer(terminal))
+        if terminal and not args.json:
             print(file=sys.stderr)  # end the progress line
     report = summarize(args.name, args.root, _options(args))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -55,9 +55,21 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _print_progress(done: int, total: int | None) -> None:
-    of = f" of {iec_bytes(total)}" if total else ""
-    print(f"\rdownloading: {iec_bytes(done)}{of}", end="", file=sys.stderr, flush=True)
+def _progress_printer(terminal: bool) -> Callable[[int, int | None], None]:
+    """Download progress on stderr: one line redrawn on a terminal; in a log, a line per 10% (or per 100 MiB when
+    the size is unknown)."""
+    said = [-1]
+
+    def show(done: int, total: int | None) -> None:
+        text = f"downloading: {iec_bytes(done)}" + (f" of {iec_bytes(total)}" if total else "")
+        if terminal:
+            print(f"\r{text}", end="", file=sys.stderr, flush=True)
+            return
+        step = max(1, total // 10) if total else 100 << 20
+        if done // step != said[0]:
+            said[0] = done // step
+            print(text, file=sys.stderr, flush=True)
+    return show
 
 
 def summarize(name: str, root: str | Path | None, options: dict[str, Any]) -> dict[str, Any]:
