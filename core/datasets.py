@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 
 from core.errors import UserError
 from core.images import SUPPORTED_EXTENSIONS, is_image_name, load_image
-from core.paths import data_root
+from core.paths import data_root, not_a_folder
 
 SPLITS = ("train", "val")
 # options every data set accepts; they concern how images are read (the image cache applies them)
@@ -284,8 +284,7 @@ def _prepare(name: str, root: str | Path | None, split: str,
             raise DatasetMissing(f"{base} is a .zip file, not a folder: unpack it, or drop it on the Train page, "
                                  "which unpacks it safely.")
         if not base.is_dir():
-            what = "is a file, not a folder" if base.exists() else "does not exist"
-            raise DatasetMissing(f"{base} {what}; the root of {info.name} must be the folder that "
+            raise DatasetMissing(f"{base} {not_a_folder(base)}; the root of {info.name} must be the folder that "
                                  f"holds your images: {IMAGEFOLDER_LAYOUT}.")
     else:
         base = _root(root)

@@ -47,6 +47,11 @@ def run_dir(name: str) -> Path:
     return resolve_inside(runs_dir(), safe_name(name))
 
 
+def not_a_folder(path: Path) -> str:
+    """Why ``path`` is no folder, as the words after it in a sentence."""
+    return "is a file, not a folder" if path.exists() else "does not exist"
+
+
 def typed_path(text: str, base: str | os.PathLike[str]) -> Path:
     """A path a person typed: ``~`` expanded, a relative one taken under ``base``, resolved. ``ValueError`` (one
     sentence) for a NUL byte or a ``~user`` with no home folder here."""

@@ -252,10 +252,11 @@ def show_problems(config: dict[str, Any], error: ConfigError | None, images: Pat
             missing_box(name, root, folder)
     reports_ok = True
     for root, options in image_folders(pipeline):
-        if Path(root) != images or options:  # the chosen folder's report is shown above
+        if Path(root) == images and not options:  # the chosen folder's report is shown above
+            report, error = cached_report(Path(root), options)
+        else:
             with st.expander(f"Data report of {root}" + (f" with {options}" if options else ""), expanded=True):
-                show_folder_report(Path(root), options)
-        report, error = cached_report(Path(root), options)
+                report, error = show_folder_report(Path(root), options)
         reports_ok &= error is None and readable(root, options, report)
     return not missing and reports_ok
 
@@ -322,8 +323,8 @@ def image_folders(pipeline: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
 def missing_box(name: str, root: str, folder: Path) -> None:
     info = DATASETS[name]
     if info.own_folder:
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
-        st.error(f"{folder} {what}: set the stage's root to your image folder.", icon=":material/folder_off:")
+        st.error(f"{folder} {paths.not_a_folder(folder)}: set the stage's root to your image folder.",
+                 icon=":material/folder_off:")
         return
     st.warning(f"**{info.title}** is not on this machine (looked for {folder}).", icon=":material/cloud_off:")
     if st.button(f"Download {info.title}", key=f"download-{name}-{root}", icon=":material/download:"):
@@ -460,19 +461,20 @@ def unpacked_uploads() -> None:
         st.rerun()
 
 
-def show_folder_report(folder: Path, options: dict[str, Any]) -> bool:
-    """The data report of an image folder (as `python -m train data imagefolder` prints it); False on an error."""
+def show_folder_report(folder: Path, options: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The data report of an image folder (as `python -m train data imagefolder` prints it); returns what it drew,
+    ``cached_report``'s (report, error)."""
     report, error = cached_report(folder, options)
     if error is not None:
         st.error(error, icon=":material/error:")
-        return False
+        return report, error
     all_images = report["splits"]["all"]
     ratio = all_images["imbalance_ratio"]
     st.markdown(f"**Data report**: {report['classes']} classes, {all_images['images']} images, imbalance "
                 f"{'n/a' if ratio is None else f'{ratio:.1f}x'} (largest class / smallest).")
     st.code(format_report(report), language=None)
     st.dataframe(pd.DataFrame(class_rows(report)), hide_index=True, width="stretch", height=240)
-    return True
+    return report, error
 
 
 def cached_report(folder: Path, options: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:

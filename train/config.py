@@ -535,10 +535,11 @@ def _check_data_present(s: StageConfig) -> None:
     info = DATASETS[s.dataset]
     if info.folder is None:
         return
-    if not info.own_folder and not Path(str(s.root)).is_dir():
-        what = ("is a file, not a folder; set root to the folder that holds the data set"
-                if Path(str(s.root)).exists() else f"does not exist; download {s.dataset} there or set root")
-        raise ConfigError(f"root {s.root} {what}.", field="root")
+    root = Path(str(s.root))
+    if not info.own_folder and not root.is_dir():
+        fix = "set root to the folder that holds the data set" if root.exists() else \
+            f"download {s.dataset} there or set root"
+        raise ConfigError(f"root {root} {paths.not_a_folder(root)}; {fix}.", field="root")
     try:
         class_counts(s.dataset, s.root, "train", **s.options)
     except (DatasetMissing, DatasetError) as exc:

@@ -94,7 +94,7 @@ def _scan_headers(ds: LabeledImages) -> dict[str, Any]:
     """Grayscale and unreadable files of a split (None for in-memory sets), as ``check_image`` finds them."""
     files = getattr(ds, "files", None)
     if files is None:
-        return {"grayscale": None, "unreadable": [], "unreadable_files": {}, "files": False}
+        return {"grayscale": None, "unreadable": [], "unreadable_files": {}}
     gray, unreadable, stamps = 0, [], {}
     for path in files:
         try:
@@ -102,7 +102,7 @@ def _scan_headers(ds: LabeledImages) -> dict[str, Any]:
         except ImageError as exc:
             unreadable.append(str(exc))
             stamps[str(path)] = file_stamp(path)
-    return {"grayscale": gray, "unreadable": unreadable, "unreadable_files": stamps, "files": True}
+    return {"grayscale": gray, "unreadable": unreadable, "unreadable_files": stamps}
 
 
 def file_stamp(path: str | os.PathLike[str]) -> list[int] | None:
