@@ -229,6 +229,32 @@ def test_stopped_and_resumed_run_is_bit_identical(tmp_path, monkeypatch, stop_st
     assert set(kinds) == ({"strong", "none"} if data_path == "device" else set())
 
 
+def test_the_log_says_how_a_run_ended_before_the_store_does(tmp_path, monkeypatch, capsys):
+    """A reader who sees the stored state 'stopped' or 'finished' finds the run's last line in its log (the app
+    and CI read the log as soon as the state changes; it used to be printed after)."""
+    printed = []
+    real_set_state = RunStore.set_state
+
+    def set_state(self, name, state, **kw):
+        printed.append((state, capsys.readouterr().out))
+        return real_set_state(self, name, state, **kw)
+
+    monkeypatch.setattr(RunStore, "set_state", set_state)
+    raw = tiny_config(tmp_path, epochs=(2,))
+    config = parse_config(raw)
+    from train.jobs import prepare_run
+
+    prepare_run(config, RunStore(), "tiny")
+    cpu = ddp.Dist(0, 1, torch.device("cpu"))
+    real_after = Trainer._after_step
+    monkeypatch.setattr(Trainer, "_after_step", lambda self, *a: os.kill(os.getpid(), signal.SIGTERM))
+    assert train_run(config, "tiny", cpu, RunStore()) == "stopped"
+    assert printed[-1][0] == "stopped" and "Run tiny stopped;" in printed[-1][1]
+    monkeypatch.setattr(Trainer, "_after_step", real_after)
+    assert train_run(config, "tiny", cpu, RunStore(), resume=True) == "finished"
+    assert printed[-1][0] == "finished" and "Run tiny finished." in printed[-1][1]
+
+
 def test_a_second_trainer_of_a_run_is_refused_before_it_writes(tmp_path, monkeypatch):
     """Two resumes started together both found the stored trainer dead and both trained; the run's lock, held by
     the first, refuses the second before it touches the store or the checkpoints."""

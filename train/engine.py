@@ -928,9 +928,9 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
         beat.start()
     try:
         trainer.run(resume=resume)
-    except StopRequested:
-        main_store.set_state(run_name, "stopped")
+    except StopRequested:  # each ending is logged before the store says so: a reader of the state finds the line
         trainer.display.message(f"Run {run_name} stopped; `python -m train resume {run_name}` continues it.")
+        main_store.set_state(run_name, "stopped")
         return "stopped"
     except ResumeRefused:
         if before:
@@ -941,9 +941,9 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
         main_store.set_state(run_name, "failed", error=str(exc))
         raise
     except KeyboardInterrupt:  # a second Ctrl-C: no save; resume starts from the last epoch's checkpoint
-        main_store.set_state(run_name, "interrupted")
         trainer.display.message(f"Run {run_name} interrupted; `python -m train resume {run_name}` continues it from "
                                 "its last saved checkpoint.")
+        main_store.set_state(run_name, "interrupted")
         raise
     except BaseException as exc:
         main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -951,12 +951,12 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
     finally:
         if beat is not None:
             beat.stop()
-    main_store.set_state(run_name, "finished")
     if ctx.is_main:
         from train.retention import apply_retention
 
         apply_retention(config, run_name, main_store)
     trainer.display.message(f"Run {run_name} finished.")
+    main_store.set_state(run_name, "finished")
     return "finished"
 
 
