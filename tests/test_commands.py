@@ -163,9 +163,13 @@ def test_a_usage_error_lists_every_command(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_list_without_runs(capsys):
+def test_list_without_runs(capsys, tmp_path, monkeypatch):
     assert main(["list"]) == 0
     assert "No runs yet" in capsys.readouterr().out
+    home = tmp_path / "mistyped"  # a listing never makes the folder it looks in
+    monkeypatch.setenv("RESLENS_HOME", str(home))
+    assert main(["list"]) == 0
+    assert f"No runs yet in {home};" in capsys.readouterr().out and not home.exists()
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):

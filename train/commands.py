@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core import paths
 from core.errors import UserError
 from core.sizes import iec_bytes
 from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError
@@ -136,6 +137,10 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
 
 def list_runs(args: argparse.Namespace) -> int:
     """A line per run: name, state, stage, epoch, best accuracy."""
+    if not paths.store_path().is_file():  # a listing makes nothing: a mistyped RESLENS_HOME stays absent
+        print(f"No runs yet in {paths.reslens_home()}; start one with "
+              "`python -m train run train/configs/demo.yaml`.")
+        return 0
     store = RunStore()
     rows = [run_line(store, r) for r in store.list_runs()]
     if not rows:
