@@ -6,7 +6,9 @@ with per-class results, or stage N of both), with the biggest gains and losses.
 
 * ``md``: a readable report. ``json``: the same data nested (every config key, every class).
 * ``csv``: one tidy table; the ``section`` column says what a row is (``config``: one row per key and run;
-  ``stage``: one row per run and stage; ``class``: one row per class of a run against the first).
+  ``stage``: one row per run and stage; ``class``: one row per class of a run against the first). A class row's
+  ``against``/``acc_against`` are json's ``run_a``/``acc_a`` (the first run), ``run``/``acc_run`` its
+  ``run_b``/``acc_b``.
 * ``--plot FILE`` (``.png``, ``.svg``, ``.pdf`` or ``.html``): the per-class scatter of the second run against the
   first; with more runs, one file per later run (``FILE`` stem + ``-RUN``).
 """
