@@ -81,6 +81,21 @@ def test_writes_one_overlay_per_readable_image_and_reports_the_broken_one(checkp
         assert record["predictions"][0]["class"] in captured.out
 
 
+def test_a_closed_pipe_stops_the_printing_not_the_work(checkpoint, inputs, tmp_path, monkeypatch):
+    """`explain ... | head -1`: the reader goes after the first line; every overlay and the predictions are still
+    written (the command used to stop at its second line, leaving no predictions file)."""
+    class ClosedPipe(io.TextIOWrapper):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe(open(tmp_path / "stdout", "wb")))
+    out = tmp_path / "out"
+    assert main(["explain", str(checkpoint), str(inputs["dog"]), str(inputs["cat"]), "--out", str(out)]) == 0
+    report = json.loads((out / "predictions.json").read_text())
+    assert [Path(r["image"]).name for r in report["images"]] == ["dog.jpg", "cat.png"]
+    assert all((out / name).is_file() for r in report["images"] for name in r["overlays"].values())
+
+
 def test_all_readable_gives_status_zero_and_target_by_name_or_index_is_the_same(checkpoint, inputs, tmp_path):
     by_name, by_index = tmp_path / "a", tmp_path / "b"
     common = [str(checkpoint), str(inputs["dog"]), "--layer", "layer3.1.bn2", "--method", "gradcam++"]

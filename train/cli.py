@@ -122,6 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def say(text: str) -> None:
+    """Print a line of a command that goes on working after it: a reader gone away (`| head -1`) ends the
+    printing, not the work (what is left goes to /dev/null)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _discard_stdout()
+
+
 def _discard_stdout() -> None:
     """The reader of our output went away (`| head`): send what is left to /dev/null, so Python's flush at exit
     does not print a traceback (the recipe of the ``signal`` module's documentation)."""

@@ -30,7 +30,7 @@ from core.explain_files import map_name, npy_bytes, predictions_csv, prediction_
 from core.gradcam import ALL_METHODS, explain, recommended_layer, supported_layers
 from core.images import ImageError, load_image
 from core.overlay import COLORMAPS, overlay
-from train.cli import at_least
+from train.cli import at_least, say
 
 BATCH = 8
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         scales = shared_scales((layer, p.maps[layer]) for p in pictures for layer in layers)
         records = [_write(p, layers, scales, info.ood, info, top_k, args, out) for p in pictures]
     _merge_predictions(out, earlier, records, failures)
-    print(f"wrote {len(records) * len(layers)} overlay(s) and the predictions to {out}")
+    say(f"wrote {len(records) * len(layers)} overlay(s) and the predictions to {out}")
     if failures:
         print(f"{len(failures)} of {len(args.images)} image(s) could not be read", file=sys.stderr)
     return 1 if failures else 0
@@ -233,9 +233,9 @@ def _write(picture: Picture, layers: list[str], scales: dict[Any, float], stats:
         smoothing=[s for s, on in (("aug", args.aug_smooth), ("eigen", args.eigen_smooth)) if on],
         scale=args.scale, ood=verdict.record())
     ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in record["predictions"])
-    print(f"{record['image']}: {ranked} -> {', '.join(files.values())} (explaining {class_name})")
+    say(f"{record['image']}: {ranked} -> {', '.join(files.values())} (explaining {class_name})")
     if verdict.level in ("out", "borderline"):
-        print(f"  {verdict.sentence}")
+        say(f"  {verdict.sentence}")
     return record
 
 
