@@ -64,6 +64,21 @@ def test_eval_prints_and_stores_per_class_results(finished, capsys):
     assert sum(evaluation["data"]["val_counts"]) == 6
 
 
+def test_eval_table_lines_up_wide_and_long_class_names():
+    """CJK names (two terminal cells a character), a combining accent and a name longer than the column."""
+    import numpy as np
+    import wcwidth
+
+    from core.evaluation import class_result
+    from train.commands import class_table
+
+    classes = ["猫" * 20, "cafe\u0301", "x" * 40, "dog"]
+    r = class_result(classes, np.array([[3, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 4]]), [10, 5, 7, 9])
+    lines = class_table(r)
+    assert len(lines) == 5 and len({wcwidth.width(line) for line in lines}) == 1, "\n".join(lines)
+    assert lines[1].startswith("x" * 30 + " ") and "猫" * 15 + " " in "\n".join(lines)  # worst recall first
+
+
 def test_eval_at_another_test_resolution_feeds_images_of_that_size(finished, capsys, monkeypatch):
     from core import evaluation
 

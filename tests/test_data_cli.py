@@ -10,7 +10,8 @@ from dataclasses import replace
 from core.datasets import DATASETS
 from core.paths import REPO_ROOT
 from tests.data_fixtures import (CALTECH101_SIZES, CIFAR_TEST_LABELS, CIFAR_TRAIN_LABELS, make_caltech101,
-                                 make_cifar100, make_tinyimagenet, serve_tinyimagenet_zip)
+                                 make_cifar100, make_imagefolder, make_tinyimagenet,
+                                 serve_tinyimagenet_zip)
 from train.cli import main
 
 
@@ -30,6 +31,18 @@ def test_text_report_of_caltech101(tmp_path, capsys):
     assert rows["all"][2:4] == ["yin_yang", "(1)"] and rows["all"][4:6] == ["Faces", "(6)"]
     assert rows["all"][6:] == ["6.00", "4"]
     assert "not classes: BACKGROUND_Google (2 images); 21 images on disk in all" in out
+
+
+def test_text_report_columns_line_up_with_wide_and_combining_class_names(tmp_path, capsys):
+    """Class names in CJK (two terminal cells a character) or with a combining accent keep the columns in line."""
+    import wcwidth
+
+    root = make_imagefolder(tmp_path / "mine", sizes={"猫猫": 9, "cafe\u0301": 4, "dog": 6})
+    code, out, _ = _data(capsys, "imagefolder", "--root", str(root))
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.split()[:1] in (["split"], ["train"], ["val"], ["all"])]
+    assert len(lines) == 4 and any("猫猫" in line for line in lines) and any("cafe\u0301" in line for line in lines)
+    assert len({wcwidth.width(line) for line in lines}) == 1, out  # fixed-width columns: every row as wide
 
 
 def test_json_report_of_tinyimagenet(tmp_path, capsys):

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import wcwidth
+
 from core import paths
 from core.errors import UserError
 from core.sizes import iec_bytes
@@ -275,21 +277,27 @@ def evaluate(args: argparse.Namespace) -> int:
     size = f", at {args.image_size} px" if args.image_size else ""
     print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images{size}): "
           f"accuracy {r['accuracy']:.4f}, balanced accuracy {r['balanced_acc']:.4f}{top5} [evaluation {found.id}]")
-    print(f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'RECALL':>6} {'PRECIS':>6} {'F1':>6}")
-    order = sorted(range(len(r["classes"])), key=lambda i: (r["per_class_acc"][i] is None, r["per_class_acc"][i]))
-
-    def f(value: float | None) -> str:
-        return "-" if value is None else format(value, ".3f")
-
-    for i in order:
-        print(f"{r['classes'][i][:30]:30} {r['train_counts'][i]:>6} {r['val_counts'][i]:>5} {r['correct'][i]:>7} "
-              f"{f(r['per_class_acc'][i]):>6} {f(r['precision'][i]):>6} {f(r['f1'][i]):>6}")
+    print("\n".join(class_table(r)))
     pairs = confused_pairs(r["confusion"], r["classes"], args.top)
     if pairs:
         print("Most confused (true -> predicted):")
         for p in pairs:
             print(f"  {p['true']} -> {p['predicted']}: {p['count']} ({p['rate']:.1%} of {p['true']})")
     return 0
+
+
+def class_table(r: dict[str, Any]) -> list[str]:
+    """``eval``'s table of a class result, worst recall first; names aligned by terminal cells, not characters."""
+    def f(value: float | None) -> str:
+        return "-" if value is None else format(value, ".3f")
+
+    lines = [f"{'CLASS':30} {'TRAIN':>6} {'N':>5} {'CORRECT':>7} {'RECALL':>6} {'PRECIS':>6} {'F1':>6}"]
+    order = sorted(range(len(r["classes"])), key=lambda i: (r["per_class_acc"][i] is None, r["per_class_acc"][i]))
+    for i in order:
+        name = wcwidth.ljust(wcwidth.clip(r["classes"][i], 0, 30), 30)
+        lines.append(f"{name} {r['train_counts'][i]:>6} {r['val_counts'][i]:>5} {r['correct'][i]:>7} "
+                     f"{f(r['per_class_acc'][i]):>6} {f(r['precision'][i]):>6} {f(r['f1'][i]):>6}")
+    return lines
 
 
 COMMANDS = {

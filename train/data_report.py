@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import wcwidth
+
 from core.datasets import (DATASETS, SPLITS, LabeledImages, class_counts, dataset_path, download, get_info,
                            open_dataset)
 from core.images import ImageError, check_image
@@ -174,7 +176,8 @@ def _format_row(split: str, s: dict[str, Any]) -> str:
     small, large = (f"{c['label']} ({c['count']})" for c in (s["smallest"], s["largest"]))
     ratio = f"{s['imbalance_ratio']:.2f}" if s["imbalance_ratio"] is not None else "n/a"
     gray = "n/a" if s["grayscale"] is None else str(s["grayscale"])
-    return f"{split:<6} {s['images']:>7}  {small:<28} {large:<28} {ratio:>9} {gray:>9}"
+    small, large = (wcwidth.ljust(name, 28) for name in (small, large))  # by terminal cells: wide and combining
+    return f"{split:<6} {s['images']:>7}  {small} {large} {ratio:>9} {gray:>9}"
 
 
 COMMANDS = {"data": (add_arguments, run)}
