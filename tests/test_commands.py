@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +63,19 @@ def test_eval_prints_and_stores_per_class_results(finished, capsys):
     (evaluation,) = RunStore().evaluations()
     assert evaluation["dataset"] == "caltech101" and evaluation["run"] == "tiny"
     assert sum(evaluation["data"]["val_counts"]) == 6
+
+
+def test_eval_counts_the_train_images_a_skipping_run_learnt_from(tmp_path, capsys):
+    """A run with skip_unreadable left a broken train image out: eval's TRAIN column says what the run saw."""
+    from core.datasets import open_dataset
+
+    raw = tiny_config(tmp_path, epochs=(1,), options={"skip_unreadable": True})
+    Path(open_dataset("caltech101", tmp_path, "train").source(0)).write_bytes(b"\xff\xd8\xff not a JPEG")  # an ant
+    assert main(["run", str(write_config(tmp_path, raw)), "--quiet", "--device", "cpu"]) == 0
+    trained = RunStore().class_results("tiny", 0)["train_counts"]
+    assert trained == [5, 6, 6]  # ant lost one of its 6 train images
+    assert main(["eval", str(paths.run_dir("tiny") / "stage1-s1" / "best.pt")]) == 0
+    assert RunStore().evaluations()[0]["data"]["train_counts"] == trained
 
 
 def test_eval_table_lines_up_wide_and_long_class_names():

@@ -39,7 +39,8 @@ from core.tempfiles import sweep_stale
 from train import distributed as ddp
 from train.config import SELECTED_METRIC, PipelineConfig, StageConfig, compiles, stage_label
 from train.device_batches import DeviceBatches, use_device_path
-from train.image_cache import CachedImages, Normalizer, augmentation, open_cached_split, sweep_stale_builds
+from train.image_cache import (CachedImages, Normalizer, augmentation, counts_without_skipped, open_cached_split,
+                               sweep_stale_builds)
 from train.progress import Progress, StageWork, gpu_usage
 from train.recipe import Mixer, batch_mixer, training_loss, weight_average
 from train.reproducible import SeededItems, batch_seed, resume_mismatch, rng_state, seeded, set_rng_state
@@ -1014,9 +1015,11 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     flip = bool(trained.get("tta")) if flip is None else flip
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
                                autocast_dtype=autocast_dtype(target), flip=flip)
-    counts = class_counts(name, root, "train", **options)
-    result = evaluation.class_result(classes, preds.confusion(len(classes)), list(counts.values()),
-                                     preds.top5_accuracy)
+    if options.get("skip_unreadable"):  # the train images it learnt from: none its cache build skipped
+        train_counts = counts_without_skipped(name, root, options, info.preprocessing.resize)
+    else:
+        train_counts = list(class_counts(name, root, "train", **options).values())
+    result = evaluation.class_result(classes, preds.confusion(len(classes)), train_counts, preds.top5_accuracy)
     result.update(loss=preds.loss, image_size=pre.image_size, flip=flip)  # how it was tested, shown with it
     wrong = evaluation.misclassified(preds, classes, cached.source, MISCLASSIFIED_KEPT)
     found = Evaluation(str(Path(path).resolve()), name, split, result, wrong, predictions=preds)

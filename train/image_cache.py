@@ -129,8 +129,7 @@ def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers:
     ``options.skip_unreadable``: images that cannot be decoded are then left out (and listed) instead of
     failing the build.
     """
-    sources = [dataset.source(i) for i in range(len(dataset))]
-    path = cache_dir() / f"{cache_key({**description, 'size': size}, sources)}.npy"
+    path, sources = _cache_path(dataset, size, description)
     shape = (len(dataset), 3, size, size)
     if not build:
         _mark_used(path)
@@ -188,6 +187,31 @@ def _build(dataset: Any, size: int, path: Path, shape: tuple[int, ...], workers:
         tmp.unlink(missing_ok=True)
         os.close(fd)
     return skipped
+
+
+def counts_without_skipped(name: str, root: str | None, options: dict[str, Any], size: int) -> list[int]:
+    """Images per class of a train split as its runs saw it: without the unreadable ones its cache build (at
+    ``size``) left out; every image counts while that split is not cached."""
+    from core.datasets import open_dataset
+
+    dataset = open_dataset(name, root, "train", **options)
+    path, _ = _cache_path(dataset, size, _description(name, root, "train", options))
+    skipped = set(_read_side(path).get("skipped", [])) if path.exists() else set()
+    counts = [0] * len(dataset.classes)
+    for i, target in enumerate(dataset.targets):
+        counts[target] += i not in skipped
+    return counts
+
+
+def _description(name: str, root: str | None, split: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What a cached split is of (with its size and images, this names its file)."""
+    return {"dataset": name, "root": str(root), "split": split, "options": options}
+
+
+def _cache_path(dataset: Any, size: int, description: dict[str, Any]) -> tuple[Path, list[str]]:
+    """Where ``dataset``'s pixels at ``size`` are cached, and the image sources its name is made of."""
+    sources = [dataset.source(i) for i in range(len(dataset))]
+    return cache_dir() / f"{cache_key({**description, 'size': size}, sources)}.npy", sources
 
 
 @dataclass(frozen=True)
@@ -415,8 +439,7 @@ def open_cached_split(name: str, root: str | None, split: str, options: dict[str
     from core.datasets import open_dataset
 
     dataset = opened if opened is not None else open_dataset(name, root, split, **options)
-    description = {"dataset": name, "root": str(root), "split": split, "options": options}
-    cached = cached_pixels(dataset, size, description, workers, build, check)
+    cached = cached_pixels(dataset, size, _description(name, root, split, options), workers, build, check)
     skipped = set(cached.skipped)
     rows = [i for i in range(len(dataset)) if i not in skipped]
     _say_emptied_classes(dataset, split, skipped, rows)
