@@ -65,8 +65,7 @@ def body() -> None:
     runs_section(runs)
     st.subheader("Data sets")
     st.caption(f"Looked for under {paths.data_root()} (set RESLENS_DATA to change it).")
-    st.dataframe(data, hide_index=True, width="stretch",
-                 column_config={"present": st.column_config.CheckboxColumn()})
+    common.table(data, column_config={"present": st.column_config.CheckboxColumn()})
 
 
 common.run_page(body, "The home page")

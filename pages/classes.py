@@ -99,7 +99,7 @@ def class_table(frame: pd.DataFrame) -> None:
     query = st.text_input("Search classes", placeholder="part of a class name")
     shown = frame[frame["class"].str.contains(query, case=False, regex=False)] if query else frame
     share = {"format": "percent", "min_value": 0, "max_value": 1}
-    st.dataframe(shown.sort_values(["accuracy", "class"]), hide_index=True, width="stretch", height=320,
+    common.table(shown.sort_values(["accuracy", "class"]), height=320,
                  column_config={
                      "accuracy": st.column_config.ProgressColumn("recall (accuracy)", **share,
                                                                  help="Correct / images of the class."),
@@ -116,8 +116,8 @@ def confusion_view(result: dict[str, Any]) -> None:
         st.caption("No validation images in this result." if not any(map(any, confusion)) else
                    "No confusion at all: every validation image is classified correctly.")
     else:
-        st.dataframe(pairs, hide_index=True, width="stretch",
-                     column_config={"rate": st.column_config.NumberColumn("share of true class", format="percent")})
+        common.table(pairs, column_config={"rate": st.column_config.NumberColumn("share of true class",
+                                                                              format="percent")})
     n = len(classes)
     left, middle, right = st.columns([3, 1, 1])
     top = left.slider("Classes in the matrix (most confused first)", 2, n, min(n, 20),

@@ -85,6 +85,11 @@ def badge(state: str) -> str:
     return "FAILED" if state == "failed" else state
 
 
+def table(data: Any, **options: Any) -> None:
+    """``st.dataframe`` as every page shows it: no index, full width, an empty cell a dash (not the word None)."""
+    st.dataframe(data, **{"hide_index": True, "width": "stretch", "placeholder": "–", **options})
+
+
 def runs_table(runs: list[dict[str, Any]]) -> None:
     """Every run: state, start date, duration, data sets, stage and epoch (from 1), device, best accuracy, error.
     The config of the run chosen below is one click away (its expander)."""
@@ -92,7 +97,7 @@ def runs_table(runs: list[dict[str, Any]]) -> None:
 
     from core.charts import format_eta
 
-    st.dataframe(pd.DataFrame([{
+    table(pd.DataFrame([{
         "run": r["name"], "state": badge(r["state"]),
         "started": datetime.fromtimestamp(r["created"]),
         "duration": format_eta(r["updated"] - r["created"]) if r.get("updated") else "",
@@ -102,7 +107,7 @@ def runs_table(runs: list[dict[str, Any]]) -> None:
         "best val accuracy": r.get("best_val_acc"),
         "device": r.get("device") or "",
         "error": first_line(r.get("error") or ""),
-    } for r in runs]), hide_index=True, width="stretch",
+    } for r in runs]),
         column_config={"best val accuracy": st.column_config.NumberColumn(format="percent"),
                        "started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm")})
 

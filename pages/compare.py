@@ -46,15 +46,14 @@ def config_view(comparison: Comparison) -> None:
     if frame.empty:
         st.info("The configs are identical.")
         return
-    st.dataframe(charts.highlight_differences(frame), width="stretch", height=min(560, 38 + 35 * len(frame)))
+    common.table(charts.highlight_differences(frame), hide_index=False, height=min(560, 38 + 35 * len(frame)))
 
 
 def stages_view(comparison: Comparison) -> None:
     st.subheader("Results per stage")
     frame = charts.stage_results_frame(comparison.stages)
-    st.dataframe(frame, hide_index=True, width="stretch",
-                 column_config={c: PERCENT for c in ("final acc", "final balanced acc", "best acc",
-                                                     "best balanced acc")})
+    common.table(frame, column_config={c: PERCENT for c in ("final acc", "final balanced acc", "best acc",
+                                                         "best balanced acc")})
 
 
 def classes_view(comparison: Comparison) -> None:
@@ -85,7 +84,7 @@ def changes_table(title: str, result: ClassComparison, names: list[str], frame: 
         return
     rows = frame.set_index("class").loc[names].reset_index()
     shown = rows[["class", "train images", "accuracy A", "accuracy B", "change"]]  # headed by the run names below
-    st.dataframe(shown.assign(change=shown["change"] * 100), hide_index=True, width="stretch", column_config={
+    common.table(shown.assign(change=shown["change"] * 100), column_config={
         "accuracy A": st.column_config.NumberColumn(result.run_a, format="percent"),
         "accuracy B": st.column_config.NumberColumn(result.run_b, format="percent"),
         "change": st.column_config.NumberColumn("change (points)", format="%+.1f"),

@@ -436,10 +436,9 @@ def unpacked_uploads() -> None:
         return
     st.markdown(f"**Unpacked uploads**: {len(sets)} in {paths.uploads_dir()}, "
                 f"{iec_bytes(sum(s.bytes for s in sets))} in all.")
-    st.dataframe(pd.DataFrame([{"folder": s.target.name, "images": s.images, "size": iec_bytes(s.bytes),
+    common.table(pd.DataFrame([{"folder": s.target.name, "images": s.images, "size": iec_bytes(s.bytes),
                                 "unpacked": f"{datetime.fromtimestamp(s.unpacked):%Y-%m-%d %H:%M}",
-                                "runs trained on it": ", ".join(s.runs) or "-"} for s in sets]),
-                 hide_index=True, width="stretch")
+                                "runs trained on it": ", ".join(s.runs) or "-"} for s in sets]))
     by_name = {s.target.name: s for s in sets}
     chosen = st.multiselect("Delete unpacked uploads", list(by_name), key="uploads_to_delete",
                             placeholder="folders to delete",
@@ -473,7 +472,7 @@ def show_folder_report(folder: Path, options: dict[str, Any]) -> tuple[dict[str,
     st.markdown(f"**Data report**: {report['classes']} classes, {all_images['images']} images, imbalance "
                 f"{'n/a' if ratio is None else f'{ratio:.1f}x'} (largest class / smallest).")
     st.code(format_report(report), language=None)
-    st.dataframe(pd.DataFrame(class_rows(report)), hide_index=True, width="stretch", height=240)
+    common.table(pd.DataFrame(class_rows(report)), height=240)
     return report, error
 
 
@@ -645,9 +644,8 @@ def cache_section() -> None:
         if not entries:
             st.caption("Empty: a run decodes each split it uses once, at its size, and keeps it here.")
             return
-        st.dataframe(pd.DataFrame({"last used": [datetime.fromtimestamp(e.last_used) for e in entries],
-                                   "size": [iec_bytes(e.size) for e in entries], "holds": [e.what for e in entries]}),
-                     hide_index=True, width="stretch")
+        common.table(pd.DataFrame({"last used": [datetime.fromtimestamp(e.last_used) for e in entries],
+                                   "size": [iec_bytes(e.size) for e in entries], "holds": [e.what for e in entries]}))
         with st.popover("Clear the image cache", icon=":material/delete:"):
             st.markdown(f"Delete all {len(entries)} cached splits ({iec_bytes(total)})? Runs training now keep "
                         "theirs and finish; later runs decode their images again.")

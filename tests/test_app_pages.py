@@ -44,6 +44,8 @@ def test_pages_render_with_a_running_run():
     for page in PAGES:
         at = open_page(page)
         assert not at.error, (page, [e.value for e in at.error])
+        tables = [d.proto for d in at.dataframe if d.proto.editing_mode == d.proto.EditingMode.READ_ONLY]
+        assert all(t.placeholder == "–" for t in tables), page  # an empty cell is a dash, not the word None
 
 
 def test_home_offers_the_demo_when_nothing_is_trained(monkeypatch):
