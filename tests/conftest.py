@@ -28,3 +28,12 @@ def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RESLENS_DATA", str(tmp_path_factory.mktemp("data")))
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
     yield home
+
+
+@pytest.fixture
+def live_heartbeats(monkeypatch):
+    """Runs whose trainer is this test (``tests.app_fixtures.running_run`` beats once, a real trainer every 2 s)
+    stay live however slow a loaded machine makes the test: their heartbeat never goes stale."""
+    from core import run_store
+
+    monkeypatch.setattr(run_store, "STALE_AFTER_S", float("inf"))

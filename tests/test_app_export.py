@@ -1,8 +1,12 @@
 """The Monitor page offers each shown run's best model to take away (TorchScript, ONNX or safetensors zip)."""
 from __future__ import annotations
 
+import pytest
+
 from tests import app_fixtures as fx
 from tests.test_app_pages import open_page
+
+pytestmark = pytest.mark.usefixtures("live_heartbeats")  # the stand-in trainer beats once (conftest.py)
 
 
 def test_monitor_offers_the_best_model_for_download():

@@ -9,6 +9,8 @@ from core import paths
 from core.run_store import RunStore, RunStoreError
 from tests import app_fixtures as fx
 
+pytestmark = pytest.mark.usefixtures("live_heartbeats")  # the stand-in trainer beats once (conftest.py)
+
 PAGES = ("app.py", "pages/train.py", "pages/monitor.py", "pages/classes.py", "pages/compare.py", "pages/explain.py")
 
 

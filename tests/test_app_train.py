@@ -13,6 +13,8 @@ from tests.test_app_pages import open_page
 
 EDITOR = "stages-demo.yaml"
 
+pytestmark = pytest.mark.usefixtures("live_heartbeats")  # the stand-in trainer beats once (conftest.py)
+
 
 def edit(at, edited=None, added=None):
     at.session_state[EDITOR] = {"edited_rows": edited or {}, "added_rows": added or [], "deleted_rows": []}
