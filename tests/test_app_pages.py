@@ -2,6 +2,8 @@
 error box; and the things each page must say are there (AppTest runs the real scripts in-process)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -301,6 +303,7 @@ def test_train_launches_the_edited_pipeline(monkeypatch):
         ("shapes", 2, "scratch", "none"), ("shapes-lt", 1, "previous", "class_balanced")]
     assert pipeline.stages[0].image_size == 32 and isinstance(config["stages"][0]["epochs"], int)
     assert any("my-pipeline" in s.value for s in at.success)
+    at.session_state["last_launch"] = (at.session_state["last_launch"][0], time.monotonic(), "my-pipeline")  # just now
     next(b for b in at.button if b.label == "Launch").click().run()  # a double click: no second run
     assert len(launched) == 1
     assert any(i.value.startswith("Run **my-pipeline** was launched from this page a moment ago; this click did not "

@@ -36,6 +36,7 @@ def test_upload_an_image_and_see_predictions_and_overlay(server, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(WAIT_MS)  # clicks, uploads and page loads wait as long as the checks
             page.goto(f"{server}/explain")
             page.locator('input[type="file"]').set_input_files(str(image))
             expect(page.get_by_role("heading", name="red_square.png")).to_be_visible(timeout=WAIT_MS)
@@ -100,6 +101,7 @@ def test_train_monitor_and_classes_controls_in_a_real_browser(server, tmp_path):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(WAIT_MS)  # clicks, uploads and page loads wait as long as the checks
             page.goto(f"{server}/train")
             for text in ("Mixed precision (amp)", "channels_last", "torch.compile", "Show every column",
                          "Save as YAML", "Find a learning rate (range test)", "Config of this run"):

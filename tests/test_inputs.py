@@ -95,6 +95,7 @@ BOMB_LOADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.timeout(300, method="signal")  # deflating 256 MB takes 10 s idle, over 30 s on a loaded machine
 def test_a_compressed_record_is_refused_before_it_is_unpacked(tmp_path):
     source = _small_checkpoint(tmp_path / "small.pt")
     bomb = tmp_path / "bomb.pt"
