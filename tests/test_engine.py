@@ -255,6 +255,30 @@ def test_the_log_says_how_a_run_ended_before_the_store_does(tmp_path, monkeypatc
     assert printed[-1][0] == "finished" and "Run tiny finished." in printed[-1][1]
 
 
+def test_a_stop_that_lands_after_the_last_epoch_lets_the_run_finish(tmp_path, monkeypatch):
+    """SIGTERM while a trained run deletes its older checkpoints (retention) and stores "finished": the run
+    finishes (it used to end with 'stopped by SIGTERM', its state left 'running', its retention half done)."""
+    from train import retention
+    from train.signals import Terminated, raise_on_stop
+
+    real_retention = retention.apply_retention
+
+    def stopped_meanwhile(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_retention(*args)
+
+    monkeypatch.setattr(retention, "apply_retention", stopped_meanwhile)
+    raw = {**tiny_config(tmp_path, epochs=(1, 1)), "retention": "final"}
+    try:
+        with raise_on_stop():  # what every command but training does with a SIGTERM
+            assert run_tiny(raw) == "finished"
+    except Terminated:  # a KeyboardInterrupt: let it fail this test, not end the session
+        pytest.fail("the stop ended the finished run")
+    assert RunStore().get_run("tiny")["state"] == "finished"
+    assert not list((paths.run_dir("tiny") / "stage1-s1").glob("*.pt"))
+    assert all(s["best_path"] is None for s in RunStore().stages("tiny")[:1])
+
+
 def test_a_second_trainer_of_a_run_is_refused_before_it_writes(tmp_path, monkeypatch):
     """Two resumes started together both found the stored trainer dead and both trained; the run's lock, held by
     the first, refuses the second before it touches the store or the checkpoints."""

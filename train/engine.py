@@ -365,9 +365,8 @@ class Trainer:
                                          purge_step=done + 1 if resume else None)
             for i in range(point.stage, len(self.config.stages)):
                 self._run_stage(i, point.checkpoint if i == point.stage else None)
-        finally:
+        finally:  # the stop handling stays: train_run restores it once the run's ending is stored
             self.tb.close()
-            self.stop.restore()
             self.display.close()
 
     def _check_stop(self) -> None:
@@ -928,37 +927,41 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
     if beat is not None:
         beat.start()
     try:
-        trainer.run(resume=resume)
-    except StopRequested:  # each ending is logged before the store says so: a reader of the state finds the line
-        trainer.display.message(f"Run {run_name} stopped; `python -m train resume {run_name}` continues it.")
-        main_store.set_state(run_name, "stopped")
-        return "stopped"
-    except ResumeRefused:
-        if before:
-            state = "stopped" if before["stored_state"] in ("queued", "running") else before["stored_state"]
-            main_store.set_state(run_name, state, error=before.get("error"))
-        raise
-    except UserError as exc:
-        main_store.set_state(run_name, "failed", error=str(exc))
-        raise
-    except KeyboardInterrupt:  # a second Ctrl-C: no save; resume starts from the last epoch's checkpoint
-        trainer.display.message(f"Run {run_name} interrupted; `python -m train resume {run_name}` continues it from "
-                                "its last saved checkpoint.")
-        main_store.set_state(run_name, "interrupted")
-        raise
-    except BaseException as exc:
-        main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        if beat is not None:
-            beat.stop()
-    if ctx.is_main:
-        from train.retention import apply_retention
+        try:
+            trainer.run(resume=resume)
+        except StopRequested:  # each ending is logged before the store says so: a reader of the state finds it
+            trainer.display.message(f"Run {run_name} stopped; `python -m train resume {run_name}` continues it.")
+            main_store.set_state(run_name, "stopped")
+            return "stopped"
+        except ResumeRefused:
+            if before:
+                state = "stopped" if before["stored_state"] in ("queued", "running") else before["stored_state"]
+                main_store.set_state(run_name, state, error=before.get("error"))
+            raise
+        except UserError as exc:
+            main_store.set_state(run_name, "failed", error=str(exc))
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C: no save; resume starts from the last epoch's checkpoint
+            trainer.display.message(f"Run {run_name} interrupted; `python -m train resume {run_name}` continues it "
+                                    "from its last saved checkpoint.")
+            main_store.set_state(run_name, "interrupted")
+            raise
+        except BaseException as exc:
+            main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            if beat is not None:
+                beat.stop()
+        with trainer.stop.held():  # trained: a stop now changes nothing, and cannot cut the retention short
+            if ctx.is_main:
+                from train.retention import apply_retention
 
-        apply_retention(config, run_name, main_store)
-    trainer.display.message(f"Run {run_name} finished.")
-    main_store.set_state(run_name, "finished")
-    return "finished"
+                apply_retention(config, run_name, main_store)
+            trainer.display.message(f"Run {run_name} finished.")
+            main_store.set_state(run_name, "finished")
+        return "finished"
+    finally:
+        trainer.stop.restore()
 
 
 # ----------------------------------------------------------- checkpoint eval
