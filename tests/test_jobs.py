@@ -136,6 +136,33 @@ def test_kill_and_resume_leave_other_processes_alone():
     assert jobs.kill("quiet") is False  # finished: its old pid may be anyone's now
 
 
+def test_resume_and_delete_wait_for_a_stopped_trainer_to_exit(monkeypatch):
+    """A trainer stores "stopped", then shuts its workers down and exits, freeing the run's lock: a Resume clicked
+    in between used to start a second trainer that the lock refused, leaving the run 'interrupted'."""
+    import subprocess
+    import sys
+
+    store = RunStore()
+    store.create_run("ending", {"name": "ending", "stages": []})
+    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    try:
+        store.set_state("ending", "running", pid=exiting.pid)
+        store.set_state("ending", "stopped")  # stored; the process is still there
+        run = store.get_run("ending")
+        assert run["state"] == "stopped" and not jobs.has_live_trainer(run)
+        monkeypatch.setattr(jobs, "TRAINER_EXIT_S", 0.2)
+        with pytest.raises(RunStoreError, match=r"has ended, but its trainer \(pid \d+\) has not exited after 0 s; "
+                                                r"try deleting it again when it has"):
+            jobs.delete("ending")
+        assert store.has_run("ending")
+        monkeypatch.setattr(jobs, "TRAINER_EXIT_S", 60.0)
+        jobs.refuse_live_trainer(run)  # returns once the trainer is gone
+        assert exiting.poll() is not None
+    finally:
+        exiting.kill()
+        exiting.wait()
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")
 def test_a_pid_handed_to_another_process_is_not_the_trainer():
     from core.run_store import process_started

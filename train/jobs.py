@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,6 +26,7 @@ from train.config import (ConfigError, PipelineConfig, apply_overrides, load_con
 
 LOG_NAME = "log.txt"
 CONFIG_NAME = "config.yaml"
+TRAINER_EXIT_S = 30.0  # how long resume and delete wait for a trainer that stored its ending to exit
 
 
 def log_path(name: str) -> Path:
@@ -157,7 +159,8 @@ def trainer_alive(run: dict[str, Any]) -> bool:
 def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None, doing: str = "resuming") -> None:
     """Raise ``RunStoreError`` when a live process other than ``own_pid`` still owns the run (even one that
     stopped reporting, e.g. paused with SIGSTOP): resuming would start a second trainer on the same files,
-    deleting would pull them from under it.
+    deleting would pull them from under it. A trainer that stored its ending but has not exited yet is waited for
+    (``TRAINER_EXIT_S``): until it exits it holds the run's lock.
 
     The one liveness check of ``resume`` and ``delete`` for both the app and the command line (which passes its
     own pid: the app records the pid of the ``resume`` process it starts).
@@ -165,6 +168,21 @@ def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None, doing: 
     if has_live_trainer(run, own_pid):
         how = "is still running" if run["state"] in ACTIVE_STATES else "has a live trainer that stopped reporting"
         raise RunStoreError(f"Run {run['name']!r} {how} (pid {run['pid']}); stop it before {doing}.")
+    other = run.get("pid") not in (None, own_pid, os.getpid())  # this process: it trained the run in-process
+    if other and not _exits(run, TRAINER_EXIT_S):
+        raise RunStoreError(f"Run {run['name']!r} has ended, but its trainer (pid {run['pid']}) has not exited "
+                            f"after {TRAINER_EXIT_S:.0f} s; try {doing} again when it has.")
+
+
+def _exits(run: dict[str, Any], within: float) -> bool:
+    """Whether the run's trainer, its ending already stored, has exited or exits within ``within`` seconds
+    (after storing "stopped" it still shuts its workers down; the run's lock is free only once it is gone)."""
+    deadline = time.monotonic() + within
+    while trainer_alive(run):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def has_live_trainer(run: dict[str, Any], own_pid: int | None = None) -> bool:
