@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -137,8 +138,19 @@ def serve_app(log_path: Path) -> Iterator[str]:
 
     Only the port is given on the command line: the address, XSRF and host checks come from the config.
     """
-    port = free_port()
     with open(log_path, "wb") as log:
+        process, url = _start_streamlit(log)
+        try:
+            yield url
+        finally:
+            _end(process)
+
+
+def _start_streamlit(log: IO[bytes], attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """A healthy server and its URL; another try on a new port when one exits first (another process took the
+    port between ``free_port`` and the server's bind)."""
+    for attempt in range(attempts):
+        port = free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
              "--server.fileWatcherType", "none"],
@@ -146,14 +158,22 @@ def serve_app(log_path: Path) -> Iterator[str]:
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(url, process)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            return process, url
+        except RuntimeError:
+            exited = process.poll() is not None
+            _end(process)
+            if not exited or attempt == attempts - 1:
+                raise
+    raise AssertionError("the loop returns or raises")
+
+
+def _end(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, attempts: int = 240) -> None:
