@@ -3,6 +3,7 @@ error box; and the things each page must say are there (AppTest runs the real sc
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -365,4 +366,5 @@ def test_checkpoints_newest_run_first_and_best_before_last():
     last, best = touch("new", "last.pt"), touch("new", "best.pt")
     os.utime(best, (2, 2))  # older than last.pt, still listed first in its folder
     assert common.find_checkpoints() == [best, last, old]
-    assert common.checkpoint_label(best).startswith("new / stage1-a / best.pt · 1970-01-01")
+    day = datetime.fromtimestamp(2).strftime("%Y-%m-%d")  # 1970-01-01, or 1969-12-31 west of Greenwich
+    assert common.checkpoint_label(best).startswith(f"new / stage1-a / best.pt · {day}")

@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -12,6 +11,7 @@ from core import paths
 from core.checkpoints import CheckpointError, load_checkpoint
 from core.run_store import RunStore
 from tests.test_engine import one_thread, one_thread_env, run_tiny, tiny_config, write_config  # noqa: F401
+from tests.test_stops import start_paused, wait_paused
 from train.commands import export_rows
 
 ROWS_PER_WRITER = 150
@@ -52,32 +52,20 @@ def test_two_writers_and_a_reader_lose_nothing(tmp_path):
 
 
 # ------------------------------------------------------------- killed trainer
-def _wait_for(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_sigkill_mid_epoch_then_resume_loses_and_duplicates_nothing(tmp_path):
     raw = tiny_config(tmp_path, epochs=(4,))
     path = write_config(tmp_path, raw)
     store = RunStore()
-    trainer = subprocess.Popen([sys.executable, "-m", "train", "run", str(path), "--run-name", "k", "--quiet"],
-                               env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    trainer, paused, _ = start_paused(tmp_path, "step:4", "run", str(path), "--run-name", "k", "--quiet")
     try:
-        last_pt = paths.run_dir("k") / "stage1-s1" / "last.pt"
-        _wait_for(last_pt.exists, what="the first epoch's checkpoint")
-        time.sleep(0.3)  # into epoch 2 (the assertions below hold wherever the kill lands)
+        wait_paused(paused, trainer)  # held after step 4 of 12: in epoch 2, however slow the machine
     finally:
         trainer.send_signal(signal.SIGKILL)
-        trainer.wait()
+        trainer.communicate()
     assert store.get_run("k")["state"] == "interrupted"  # pid gone: no need to wait for the heartbeat
     assert store.get_run("k")["stored_state"] == "running"
     last = load_checkpoint(paths.run_dir("k") / "stage1-s1" / "last.pt")
-    assert last["epoch"] < 4, last["epoch"]
+    assert (last["epoch"], last["batches_done"]) == (1, 0)  # epoch 1's: the kill saved nothing
     resumed = subprocess.run([sys.executable, "-m", "train", "resume", "k", "--quiet"], env=one_thread_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr

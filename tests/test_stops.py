@@ -59,7 +59,7 @@ PAUSE = textwrap.dedent("""
 """)
 
 
-def _start(tmp_path: Path, where: str, *argv: str) -> tuple[subprocess.Popen, Path, Path]:
+def start_paused(tmp_path: Path, where: str, *argv: str) -> tuple[subprocess.Popen, Path, Path]:
     marker, go = tmp_path / "paused", tmp_path / "go"
     process = subprocess.Popen([sys.executable, "-c", PAUSE, str(marker), str(go), where, *argv], cwd=REPO,
                                env=one_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -67,7 +67,7 @@ def _start(tmp_path: Path, where: str, *argv: str) -> tuple[subprocess.Popen, Pa
     return process, marker, go
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
+def wait_paused(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
@@ -97,8 +97,8 @@ def _finish(process: subprocess.Popen) -> tuple[int, str]:
 def test_a_stop_to_the_process_group_saves_and_resume_continues_exactly(tmp_path, sig):
     raw = tiny_config(tmp_path, epochs=(2,), num_workers=2)  # 3 steps per epoch, two DataLoader workers
     path = write_config(tmp_path, raw)
-    trainer, marker, _ = _start(tmp_path, "step:1", "run", str(path), "--run-name", "pg", "--quiet")
-    _wait_for(marker, trainer)
+    trainer, marker, _ = start_paused(tmp_path, "step:1", "run", str(path), "--run-name", "pg", "--quiet")
+    wait_paused(marker, trainer)
     os.killpg(trainer.pid, sig)  # the trainer and its workers, as `kill -- -PGID` or a closed terminal
     code, err = _finish(trainer)
     assert code == 1 and "Traceback" not in err, err
@@ -154,8 +154,8 @@ def test_closing_the_terminal_stops_the_run_like_sigterm(tmp_path):
 
 def test_a_stop_during_the_image_cache_build_is_a_clean_stop(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,), num_workers=2))
-    trainer, marker, go = _start(tmp_path, "build", "run", str(path), "--run-name", "cb", "--quiet")
-    _wait_for(marker, trainer)  # a DataLoader worker is decoding the first images
+    trainer, marker, go = start_paused(tmp_path, "build", "run", str(path), "--run-name", "cb", "--quiet")
+    wait_paused(marker, trainer)  # a DataLoader worker is decoding the first images
     os.killpg(trainer.pid, signal.SIGTERM)
     time.sleep(0.2)  # not an assertion: gives the signal time to arrive before the workers go on
     go.write_text("go")
@@ -175,8 +175,8 @@ def test_eval_under_sigterm_stops_with_one_line_and_leaves_no_partial_cache(tmp_
         "arch": "resnet18", "num_classes": 3, "class_names": ["ant", "bee", "cat"],
         "preprocessing": Preprocessing.for_size(32).to_dict(), "model": build_model("resnet18", 3).state_dict(),
         "stage_config": raw["stages"][0]})
-    process, marker, _ = _start(tmp_path, "build", "eval", str(checkpoint))
-    _wait_for(marker, process)
+    process, marker, _ = start_paused(tmp_path, "build", "eval", str(checkpoint))
+    wait_paused(marker, process)
     os.killpg(process.pid, signal.SIGTERM)
     code, err = _finish(process)
     assert code == 128 + signal.SIGTERM, err
@@ -222,9 +222,9 @@ def test_cli_resume_refuses_a_live_trainer_that_stopped_reporting(tmp_path, monk
     from train.cli import main
 
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=(50,)))
-    trainer, marker, _ = _start(tmp_path, "step:1", "run", str(path), "--run-name", "paused", "--quiet")
+    trainer, marker, _ = start_paused(tmp_path, "step:1", "run", str(path), "--run-name", "paused", "--quiet")
     try:
-        _wait_for(marker, trainer)
+        wait_paused(marker, trainer)
         os.kill(trainer.pid, signal.SIGSTOP)  # alive, silent: its heartbeat goes stale
         monkeypatch.setattr(run_store, "STALE_AFTER_S", 0.0)
         assert RunStore().get_run("paused")["state"] == "interrupted"  # what `list` shows
