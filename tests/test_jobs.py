@@ -141,22 +141,27 @@ def test_resume_and_delete_wait_for_a_stopped_trainer_to_exit(monkeypatch):
     in between used to start a second trainer that the lock refused, leaving the run 'interrupted'."""
     import subprocess
     import sys
+    import threading
 
     store = RunStore()
     store.create_run("ending", {"name": "ending", "stages": []})
-    exiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    exiting = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         store.set_state("ending", "running", pid=exiting.pid)
         store.set_state("ending", "stopped")  # stored; the process is still there
         run = store.get_run("ending")
         assert run["state"] == "stopped" and not jobs.has_live_trainer(run)
         monkeypatch.setattr(jobs, "TRAINER_EXIT_S", 0.2)
-        with pytest.raises(RunStoreError, match=r"has ended, but its trainer \(pid \d+\) has not exited after 0 s; "
-                                                r"try deleting it again when it has"):
+        with pytest.raises(RunStoreError, match=r"has ended, but its trainer \(pid \d+\) is still there 0 s later; "
+                                                r"try deleting it again when it has exited"):
             jobs.delete("ending")
         assert store.has_run("ending")
+        store._write("UPDATE runs SET pid_started = NULL, updated = 0 WHERE name = 'ending'")
+        jobs.refuse_live_trainer(store.get_run("ending"))  # long ended, start time unknown: a pid handed on
+        assert exiting.poll() is None
         monkeypatch.setattr(jobs, "TRAINER_EXIT_S", 60.0)
-        jobs.refuse_live_trainer(run)  # returns once the trainer is gone
+        threading.Timer(0.5, exiting.stdin.close).start()  # the trainer exits half a second later
+        jobs.refuse_live_trainer(run)  # returns once it is gone
         assert exiting.poll() is not None
     finally:
         exiting.kill()

@@ -169,18 +169,18 @@ def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None, doing: 
         how = "is still running" if run["state"] in ACTIVE_STATES else "has a live trainer that stopped reporting"
         raise RunStoreError(f"Run {run['name']!r} {how} (pid {run['pid']}); stop it before {doing}.")
     other = run.get("pid") not in (None, own_pid, os.getpid())  # this process: it trained the run in-process
-    if other and not _exits(run, TRAINER_EXIT_S):
-        raise RunStoreError(f"Run {run['name']!r} has ended, but its trainer (pid {run['pid']}) has not exited "
-                            f"after {TRAINER_EXIT_S:.0f} s; try {doing} again when it has.")
+    if other and not _exits(run):
+        raise RunStoreError(f"Run {run['name']!r} has ended, but its trainer (pid {run['pid']}) is still there "
+                            f"{TRAINER_EXIT_S:.0f} s later; try {doing} again when it has exited.")
 
 
-def _exits(run: dict[str, Any], within: float) -> bool:
-    """Whether the run's trainer, its ending already stored, has exited or exits within ``within`` seconds
-    (after storing "stopped" it still shuts its workers down; the run's lock is free only once it is gone)."""
-    deadline = time.monotonic() + within
+def _exits(run: dict[str, Any]) -> bool:
+    """Whether the run's trainer, its ending already stored, is gone by ``TRAINER_EXIT_S`` after storing it (after
+    "stopped" it still shuts its workers down; the run's lock is free only once it is gone). Where a process's
+    start time is unknown (no /proc), a pid still alive then is taken for another process it was handed to."""
     while trainer_alive(run):
-        if time.monotonic() > deadline:
-            return False
+        if time.time() > run["updated"] + TRAINER_EXIT_S:
+            return run.get("pid_started") is None
         time.sleep(0.1)
     return True
 
