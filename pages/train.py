@@ -563,7 +563,8 @@ def job_controls(run: dict[str, Any]) -> None:
         st.rerun(scope="app")  # the job list's live refresh follows the new state
     if middle.button("Resume", key=f"resume-{name}", disabled=state not in ("stopped", "interrupted", "failed"),
                      icon=":material/replay:"):
-        jobs.resume(name)
+        with st.spinner(f"Resuming {name} (once its last trainer has let go of it)..."):
+            jobs.resume(name)
         st.toast(f"{name} resumes.")
         st.rerun(scope="app")
     delete_control(third, run)
@@ -623,7 +624,8 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
         st.markdown(f"Delete **{name}** for good: its checkpoints, log and metrics "
                     f"({iec_bytes(jobs.disk_usage(name))} on disk)?")
         if st.button("Delete for good", key=f"delete-{name}", type="primary"):
-            freed = jobs.delete(name)
+            with st.spinner(f"Deleting {name} (once its last trainer has let go of it)..."):
+                freed = jobs.delete(name)
             st.session_state["deleted"] = f"Deleted run {name}; freed {iec_bytes(freed)}."
             st.session_state.pop("selected_run", None)
             st.rerun(scope="app")

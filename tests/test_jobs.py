@@ -136,36 +136,53 @@ def test_kill_and_resume_leave_other_processes_alone():
     assert jobs.kill("quiet") is False  # finished: its old pid may be anyone's now
 
 
-def test_resume_and_delete_wait_for_a_stopped_trainer_to_exit(monkeypatch):
-    """A trainer stores "stopped", then shuts its workers down and exits, freeing the run's lock: a Resume clicked
-    in between used to start a second trainer that the lock refused, leaving the run 'interrupted'."""
+HOLD_LOCK = """import fcntl, sys
+lock = open(sys.argv[1], "a")
+fcntl.lockf(lock, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+fcntl.lockf(lock, fcntl.LOCK_UN)
+sys.stdin.read()
+"""
+
+
+def test_resume_and_delete_wait_for_a_stopped_trainer_to_let_go_of_the_run(monkeypatch):
+    """A trainer stores "stopped", then shuts its workers down and frees the run's lock: a Resume clicked in
+    between used to start a second trainer that the lock refused, leaving the run 'interrupted'. A live process
+    that has let go (a notebook that trained in-process) is not waited for."""
     import subprocess
     import sys
     import threading
 
     store = RunStore()
     store.create_run("ending", {"name": "ending", "stages": []})
-    exiting = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    paths.run_dir("ending").mkdir(parents=True)
+    trainer = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(paths.run_dir("ending") / ".trainer.lock")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        store.set_state("ending", "running", pid=exiting.pid)
-        store.set_state("ending", "stopped")  # stored; the process is still there
+        assert trainer.stdout.readline() == "locked\n"
+        store.set_state("ending", "running", pid=trainer.pid)
+        store.set_state("ending", "stopped")  # stored; the trainer still holds the run
         run = store.get_run("ending")
         assert run["state"] == "stopped" and not jobs.has_live_trainer(run)
         monkeypatch.setattr(jobs, "TRAINER_EXIT_S", 0.2)
-        with pytest.raises(RunStoreError, match=r"has ended, but its trainer \(pid \d+\) is still there 0 s later; "
+        with pytest.raises(RunStoreError, match=r"has ended, but its trainer \(pid \d+\) still holds it 0 s later; "
                                                 r"try deleting it again when it has exited"):
             jobs.delete("ending")
         assert store.has_run("ending")
-        store._write("UPDATE runs SET pid_started = NULL, updated = 0 WHERE name = 'ending'")
-        jobs.refuse_live_trainer(store.get_run("ending"))  # long ended, start time unknown: a pid handed on
-        assert exiting.poll() is None
         monkeypatch.setattr(jobs, "TRAINER_EXIT_S", 60.0)
-        threading.Timer(0.5, exiting.stdin.close).start()  # the trainer exits half a second later
-        jobs.refuse_live_trainer(run)  # returns once it is gone
-        assert exiting.poll() is not None
+
+        def let_go():
+            trainer.stdin.write("\n")
+            trainer.stdin.flush()
+
+        threading.Timer(0.5, let_go).start()
+        jobs.refuse_live_trainer(run)  # returns once the lock is free
+        assert trainer.poll() is None  # alive, and no longer waited for
+        assert jobs.delete("ending") >= 0 and not store.has_run("ending")
     finally:
-        exiting.kill()
-        exiting.wait()
+        trainer.kill()
+        trainer.communicate()
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")

@@ -23,6 +23,7 @@ from core.run_store import ACTIVE_STATES, RunStore, RunStoreError, pid_alive
 from core.sizes import folder_bytes
 from train.config import (ConfigError, PipelineConfig, apply_overrides, load_config, parse_config,
                           stage_label)
+from train.trainer_lock import trainer_lock_held
 
 LOG_NAME = "log.txt"
 CONFIG_NAME = "config.yaml"
@@ -159,8 +160,8 @@ def trainer_alive(run: dict[str, Any]) -> bool:
 def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None, doing: str = "resuming") -> None:
     """Raise ``RunStoreError`` when a live process other than ``own_pid`` still owns the run (even one that
     stopped reporting, e.g. paused with SIGSTOP): resuming would start a second trainer on the same files,
-    deleting would pull them from under it. A trainer that stored its ending but has not exited yet is waited for
-    (``TRAINER_EXIT_S``): until it exits it holds the run's lock.
+    deleting would pull them from under it. A trainer that stored its ending but still holds the run's lock (it is
+    shutting down) is waited for, up to ``TRAINER_EXIT_S``.
 
     The one liveness check of ``resume`` and ``delete`` for both the app and the command line (which passes its
     own pid: the app records the pid of the ``resume`` process it starts).
@@ -169,18 +170,18 @@ def refuse_live_trainer(run: dict[str, Any], own_pid: int | None = None, doing: 
         how = "is still running" if run["state"] in ACTIVE_STATES else "has a live trainer that stopped reporting"
         raise RunStoreError(f"Run {run['name']!r} {how} (pid {run['pid']}); stop it before {doing}.")
     other = run.get("pid") not in (None, own_pid, os.getpid())  # this process: it trained the run in-process
-    if other and not _exits(run):
-        raise RunStoreError(f"Run {run['name']!r} has ended, but its trainer (pid {run['pid']}) is still there "
+    if other and not _lock_freed(run):
+        raise RunStoreError(f"Run {run['name']!r} has ended, but its trainer (pid {run['pid']}) still holds it "
                             f"{TRAINER_EXIT_S:.0f} s later; try {doing} again when it has exited.")
 
 
-def _exits(run: dict[str, Any]) -> bool:
-    """Whether the run's trainer, its ending already stored, is gone by ``TRAINER_EXIT_S`` after storing it (after
-    "stopped" it still shuts its workers down; the run's lock is free only once it is gone). Where a process's
-    start time is unknown (no /proc), a pid still alive then is taken for another process it was handed to."""
-    while trainer_alive(run):
-        if time.time() > run["updated"] + TRAINER_EXIT_S:
-            return run.get("pid_started") is None
+def _lock_freed(run: dict[str, Any]) -> bool:
+    """Whether the run's trainer lock is free, or freed within ``TRAINER_EXIT_S``: after storing its ending a
+    trainer still shuts its workers down before it lets go of the run."""
+    deadline = time.monotonic() + TRAINER_EXIT_S
+    while trainer_alive(run) and trainer_lock_held(run["name"]):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
     return True
 

@@ -9,6 +9,7 @@ goes when the process closes any descriptor of the file: nothing else opens it.)
 from __future__ import annotations
 
 import fcntl
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -30,3 +31,19 @@ def trainer_lock(run_name: str) -> Iterator[None]:
             raise RunStoreError(f"Run {run_name!r} is being trained by another process right now (two resumes "
                                 "at once?); this one leaves it to that one.") from None
         yield
+
+
+def trainer_lock_held(run_name: str) -> bool:
+    """Whether a process holds run ``run_name``'s trainer lock now (tested by taking a shared lock for a moment;
+    never call it from a process that holds the lock: closing the file would drop it)."""
+    try:
+        fd = os.open(paths.run_dir(run_name) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # EACCES or EAGAIN: a trainer holds it
+        return True
+    finally:
+        os.close(fd)
+    return False
