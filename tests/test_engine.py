@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,54 @@ def test_a_stop_that_lands_after_the_last_epoch_lets_the_run_finish(tmp_path, mo
     assert RunStore().get_run("tiny")["state"] == "finished"
     assert not list((paths.run_dir("tiny") / "stage1-s1").glob("*.pt"))
     assert all(s["best_path"] is None for s in RunStore().stages("tiny")[:1])
+
+
+def test_ctrl_c_twice_while_a_trained_run_finishes_leaves_it_finished(tmp_path, monkeypatch):
+    """Two SIGINTs while the run finishes, handled off the main thread (OpenMP, tqdm): the second one used to
+    raise KeyboardInterrupt once "finished" was stored, and the command exited 130."""
+    import threading
+
+    from train import retention
+
+    real_retention = retention.apply_retention
+
+    def ctrl_c_twice(*args):
+        other = threading.Event()
+        waiting = threading.Thread(target=other.wait)  # a thread that does not block SIGINT: it receives them
+        waiting.start()
+        try:
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+        finally:
+            other.set()
+            waiting.join()
+        return real_retention(*args)
+
+    monkeypatch.setattr(retention, "apply_retention", ctrl_c_twice)
+    try:
+        assert run_tiny(tiny_config(tmp_path, epochs=(1,))) == "finished"
+    except KeyboardInterrupt:
+        pytest.fail("a second Ctrl-C after the last epoch interrupted a finished run")
+    assert RunStore().get_run("tiny")["state"] == "finished"
+
+
+def test_a_retention_that_fails_keeps_the_rest_and_the_run_finishes(tmp_path, monkeypatch, capsys):
+    from train import retention
+
+    def refused(*args):
+        raise PermissionError(13, "Permission denied", "stage1-s1/best.pt")
+
+    monkeypatch.setattr(retention, "apply_retention", refused)
+    config = parse_config({**tiny_config(tmp_path, epochs=(1, 1)), "retention": "final"})
+    from train.jobs import prepare_run
+
+    prepare_run(config, RunStore(), "tiny")
+    assert train_run(config, "tiny", ddp.Dist(0, 1, torch.device("cpu")), RunStore()) == "finished"
+    assert RunStore().get_run("tiny")["state"] == "finished"
+    assert "Retention stopped partway ([Errno 13] Permission denied: 'stage1-s1/best.pt'); the earlier stages' " \
+           "checkpoints it did not delete are kept." in capsys.readouterr().out
+    assert (paths.run_dir("tiny") / "stage1-s1" / "best.pt").is_file()
 
 
 def test_a_second_trainer_of_a_run_is_refused_before_it_writes(tmp_path, monkeypatch):

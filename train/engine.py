@@ -952,16 +952,26 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
         finally:
             if beat is not None:
                 beat.stop()
-        with trainer.stop.held():  # trained: a stop now changes nothing, and cannot cut the retention short
+        with trainer.stop.held(abort=False):  # trained: a stop changes nothing now, nor cuts the retention short
             if ctx.is_main:
-                from train.retention import apply_retention
-
-                apply_retention(config, run_name, main_store)
+                _apply_retention(config, run_name, main_store, trainer.display)
             trainer.display.message(f"Run {run_name} finished.")
             main_store.set_state(run_name, "finished")
         return "finished"
     finally:
         trainer.stop.restore()
+
+
+def _apply_retention(config: PipelineConfig, run_name: str, store: Any, display: Display) -> None:
+    """``retention: final`` of a trained run; a failure keeps what it did not delete and says so (the run is
+    finished all the same)."""
+    from train.retention import apply_retention
+
+    try:
+        apply_retention(config, run_name, store)
+    except (OSError, UserError) as exc:
+        display.message(f"Retention stopped partway ({exc}); the earlier stages' checkpoints it did not delete "
+                        "are kept.")
 
 
 # ----------------------------------------------------------- checkpoint eval

@@ -128,8 +128,9 @@ class StopFlag:
         self.requested = True
 
     @contextmanager
-    def held(self) -> Iterator[None]:
-        """Run the block (a checkpoint write) without any stop signal acting inside it."""
+    def held(self, abort: bool = True) -> Iterator[None]:
+        """Run the block (a checkpoint write) without any stop signal acting inside it. A second Ctrl-C that came
+        meanwhile aborts after the block, or is dropped without ``abort`` (a block that ended the run)."""
         main = threading.current_thread() is threading.main_thread()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if main else None
         self._holding = True
@@ -141,7 +142,8 @@ class StopFlag:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # pending signals are handled here
         if self._abort_pending:
             self._abort_pending = False
-            raise KeyboardInterrupt
+            if abort:
+                raise KeyboardInterrupt
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
