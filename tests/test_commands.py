@@ -65,7 +65,7 @@ def test_eval_prints_and_stores_per_class_results(finished, capsys):
     assert sum(evaluation["data"]["val_counts"]) == 6
 
 
-def test_eval_counts_the_train_images_a_skipping_run_learnt_from(tmp_path, capsys):
+def test_eval_counts_the_train_images_a_skipping_run_learnt_from(tmp_path, capsys, monkeypatch):
     """A run with skip_unreadable left a broken train image out: eval's TRAIN column says what the run saw."""
     from core.datasets import open_dataset
 
@@ -74,8 +74,11 @@ def test_eval_counts_the_train_images_a_skipping_run_learnt_from(tmp_path, capsy
     assert main(["run", str(write_config(tmp_path, raw)), "--quiet", "--device", "cpu"]) == 0
     trained = RunStore().class_results("tiny", 0)["train_counts"]
     assert trained == [5, 6, 6]  # ant lost one of its 6 train images
-    assert main(["eval", str(paths.run_dir("tiny") / "stage1-s1" / "best.pt")]) == 0
-    assert RunStore().evaluations()[0]["data"]["train_counts"] == trained
+    best = str(paths.run_dir("tiny") / "stage1-s1" / "best.pt")
+    assert main(["eval", best]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", best, "--root", "."]) == 0  # a root typed relative names the same cached split
+    assert [e["data"]["train_counts"] for e in RunStore().evaluations()] == [trained, trained]
 
 
 def test_eval_table_lines_up_wide_and_long_class_names():
@@ -199,6 +202,9 @@ def test_list_without_runs(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("RESLENS_HOME", str(home))
     assert main(["list"]) == 0
     assert f"No runs yet in {home};" in capsys.readouterr().out and not home.exists()
+    home.write_text("a file")
+    assert main(["list"]) == 2
+    assert "it is a file" in capsys.readouterr().err
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
