@@ -139,7 +139,7 @@ def add_list_arguments(p: argparse.ArgumentParser) -> None:
 
 def list_runs(args: argparse.Namespace) -> int:
     """A line per run: name, state, stage, epoch, best accuracy."""
-    if not paths.store_path().is_file():  # a listing makes nothing: a mistyped RESLENS_HOME stays absent
+    if not paths.reslens_home().exists():  # a listing makes no folder: a mistyped RESLENS_HOME stays absent
         print(f"No runs yet in {paths.reslens_home()}; start one with "
               "`python -m train run train/configs/demo.yaml`.")
         return 0
