@@ -173,10 +173,10 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _format_row(split: str, s: dict[str, Any]) -> str:
-    small, large = (f"{c['label']} ({c['count']})" for c in (s["smallest"], s["largest"]))
+    small, large = (wcwidth.ljust(f"{c['label']} ({c['count']})", 28)  # by terminal cells: wide, combining
+                    for c in (s["smallest"], s["largest"]))
     ratio = f"{s['imbalance_ratio']:.2f}" if s["imbalance_ratio"] is not None else "n/a"
     gray = "n/a" if s["grayscale"] is None else str(s["grayscale"])
-    small, large = (wcwidth.ljust(name, 28) for name in (small, large))  # by terminal cells: wide and combining
     return f"{split:<6} {s['images']:>7}  {small} {large} {ratio:>9} {gray:>9}"
 
 

@@ -1010,13 +1010,13 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
         raise UserError(f"Checkpoint {path} does not say which data set it was trained on; pass --dataset.")
     same = name == trained.get("dataset")
     options = dict(trained.get("options") or {}) if same else {}
-    if root and all((Path(root) / split_name).is_dir() for split_name in ("train", "val")):
-        options = {k: v for k, v in options.items() if k not in SPLIT_OPTIONS}  # its folders are the split
     if root:  # resolved, as the trainer stores its own: the same split names the same image cache
         try:
             root = str(paths.typed_path(root, Path.cwd()))
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        if all((Path(root) / split_name).is_dir() for split_name in ("train", "val")):
+            options = {k: v for k, v in options.items() if k not in SPLIT_OPTIONS}  # its folders are the split
     root = root or (trained.get("root") if same else None)
     pre = info.preprocessing
     if image_size is not None:
