@@ -290,16 +290,23 @@ def test_ctrl_c_twice_while_a_trained_run_finishes_leaves_it_finished(tmp_path, 
     real_retention = retention.apply_retention
 
     def ctrl_c_twice(*args):
-        other = threading.Event()
-        waiting = threading.Thread(target=other.wait)  # a thread that does not block SIGINT: it receives them
-        waiting.start()
+        ready, done = threading.Event(), threading.Event()
+
+        def receive():  # the main thread blocks SIGINT here: the kernel hands it to this thread
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            ready.set()
+            done.wait()
+
+        receiver = threading.Thread(target=receive)
+        receiver.start()
+        ready.wait()
         try:
-            for _ in range(2):
+            for _ in range(2):  # the main thread runs the Python handler between the two
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(0.2)
         finally:
-            other.set()
-            waiting.join()
+            done.set()
+            receiver.join()
         return real_retention(*args)
 
     monkeypatch.setattr(retention, "apply_retention", ctrl_c_twice)
