@@ -289,7 +289,7 @@ def _prepare(name: str, root: str | Path | None, split: str,
     else:
         base = _root(root)
         if info.folder and base.exists() and not base.is_dir():
-            raise DatasetMissing(f"{base} is a file, not a folder; the root of {info.name} is the folder that holds "
+            raise DatasetMissing(f"{base} {not_a_folder(base)}; the root of {info.name} is the folder that holds "
                                  f"{info.folder}.")
         if info.folder and not (base / info.folder).exists():
             raise DatasetMissing(_missing_message(info, base))
@@ -511,22 +511,13 @@ def _within(path: str, folder: str) -> bool:
 
 def _check_utf8(here: str, names: list[str]) -> None:
     """Refuse a name that is not UTF-8 (from an old archive or a network share): ResLens cannot store it."""
-    try:
-        "\0".join([here, *names]).encode("utf-8")
-        return
-    except UnicodeEncodeError:
-        bad = next(path for path in (here, *(os.path.join(here, n) for n in names)) if _not_utf8(path))
-    shown = os.fsencode(bad).decode("utf-8", "replace")
-    raise DatasetError(f"{shown} has a name that is not UTF-8 text, so ResLens cannot store it; rename it "
-                       "(convmv converts a folder's names to UTF-8).")
-
-
-def _not_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
+    for path in (here, *(os.path.join(here, n) for n in names)):
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "replace")
+            raise DatasetError(f"{shown} has a name that is not UTF-8 text, so ResLens cannot store it; rename it "
+                               "(convmv converts a folder's names to UTF-8).") from None
 
 
 def _raise(exc: OSError) -> None:

@@ -27,7 +27,7 @@ from train.trainer_lock import trainer_lock_held
 
 LOG_NAME = "log.txt"
 CONFIG_NAME = "config.yaml"
-TRAINER_EXIT_S = 30.0  # how long resume and delete wait for a trainer that stored its ending to exit
+TRAINER_EXIT_S = 30.0  # how long resume and delete wait for a trainer that stored its ending to free the run
 
 
 def log_path(name: str) -> Path:

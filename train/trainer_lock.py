@@ -4,7 +4,8 @@ The store's recorded pid says which process trains a run, but two ``resume`` com
 it before either writes its own; the lock is taken atomically, so the second is refused. It is a POSIX record
 lock (``lockf``): it belongs to the process, so forked DataLoader workers do not inherit it, and the kernel drops
 it when the process exits in any way (``kill -9`` too): a dead trainer never blocks a resume. (Such a lock also
-goes when the process closes any descriptor of the file: nothing else opens it.)
+goes when the process closes any descriptor of the file: nothing else in a trainer opens it; ``trainer_lock_held``
+opens it only in other processes, to see whether a trainer still holds the run.)
 """
 from __future__ import annotations
 
