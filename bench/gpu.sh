@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh --device cpu --quick   # the same code paths, shrunk to a few minutes on a small CPU
 #
 # Runs bench/train_throughput.py (memory / compiled / per-sample cached / batched device feeds, and the trainer's
-# own loop) at each size, then bench/gradcam.py. Without Caltech JPEGs at $RESLENS_BENCH_ROOT it writes synthetic
+# own loop) at each size, then its --speed-options (fused SGD, CUDA graphs, cudnn.benchmark: the GPU defaults still
+# to decide, at 96 px), then bench/gradcam.py. Without Caltech JPEGs at $RESLENS_BENCH_ROOT it writes synthetic
 # ones into a temporary folder. A sub-benchmark that fails is reported as failed; the others still run.
 set -u
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ while [ $# -gt 0 ]; do
               DEVICE="$2"; shift 2 ;;
     --device=*) DEVICE="${1#*=}"; shift ;;
     --quick) QUICK=1; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "gpu.sh: unknown option $1 (use --device cuda|cpu, --quick)" >&2; exit 2 ;;
   esac
 done
@@ -35,12 +36,18 @@ if [ "$QUICK" = 1 ]; then
   THROUGHPUT=(--arch resnet18 --sizes 32 --batch 8 --steps 3 --load-batches 5 --synthetic 96 --trainer-epochs 2
               --workers 0 --no-decode)
   GRADCAM=(--repeats 3 --size 64)
+  OPTIONS=(--arch resnet18 --sizes 32 --batch 8 --steps 3)
 else
   THROUGHPUT=(--arch resnet50 --sizes 224 96 --batch 256 --steps 8 --load-batches 8 --synthetic 6144
               --trainer-epochs 2 --workers "$WORKERS")
   GRADCAM=()
+  OPTIONS=(--arch resnet50 --sizes 96 --batch 256 --steps 8)  # 96 px: where per-step overhead shows most
 fi
-[ "$DEVICE" = cpu ] && THROUGHPUT+=(--threads "$([ "$QUICK" = 1 ] && echo 1 || python -c "import os; print(os.cpu_count() or 1)")")
+if [ "$DEVICE" = cpu ]; then
+  THREADS=(--threads "$([ "$QUICK" = 1 ] && echo 1 || python -c "import os; print(os.cpu_count() or 1)")")
+  THROUGHPUT+=("${THREADS[@]}")
+  OPTIONS+=("${THREADS[@]}")
+fi
 
 # one image cache for this run, removed at the end (the user's own cache is left alone)
 export RESLENS_HOME="$(mktemp -d "${TMPDIR:-/tmp}/reslens-gpu-bench-XXXXXX")"
@@ -55,6 +62,14 @@ echo
 if ! python bench/train_throughput.py --device "$DEVICE" --root "$ROOT" --compile --trainer "${THROUGHPUT[@]}"; then
   failed+=("train_throughput")
   echo "(bench/train_throughput.py failed; its rows above are partial)"
+fi
+
+echo
+echo "### Speed options (bench/train_throughput.py --device $DEVICE --speed-options ${OPTIONS[*]})"
+echo
+if ! python bench/train_throughput.py --device "$DEVICE" --speed-options "${OPTIONS[@]}"; then
+  failed+=("speed_options")
+  echo "(bench/train_throughput.py --speed-options failed)"
 fi
 
 echo

@@ -18,10 +18,14 @@ images/s of each feed alone (no model) and the one-off cost of building the cach
 runs the trainer itself (train/engine.py, one stage, ``--trainer-epochs`` epochs, ``data_path: auto``,
 ``compile`` as ``--compile``) on the same images and reports its last epoch's images/s against the
 reference (compiled when ``--compile``): not interleaved, but in the same run. Without Caltech JPEGs at
-``--root``, ``--synthetic N`` writes N Caltech-layout JPEGs into a temporary folder. Examples:
+``--root``, ``--synthetic N`` writes N Caltech-layout JPEGs into a temporary folder. ``--precision`` and
+``--speed-options`` instead compare variants of the step on the memory feed: fp32 / channels_last / amp, or
+the trainer's default against a fused SGD, ``torch.compile``, CUDA graphs and cuDNN autotuning off (the last
+three on CUDA). Examples:
 
     python bench/train_throughput.py --root /work/shared/data/caltech101-mini --sizes 224 64
     python bench/train_throughput.py --device cuda --batch 256 --workers 12 --synthetic 4096 --trainer
+    python bench/train_throughput.py --device cuda --batch 256 --sizes 96 --speed-options
 """
 from __future__ import annotations
 
@@ -106,19 +110,26 @@ class Step:
     """One training step of ``arch`` on ``device`` (AMP and channels_last as the trainer's defaults)."""
 
     def __init__(self, arch: str, classes: int, device: torch.device, amp: bool = True,
-                 channels_last: bool = True, compile_model: bool = False) -> None:
+                 channels_last: bool = True, compile_model: bool = False, compile_mode: str | None = None,
+                 fused: bool = False, cudnn_benchmark: bool = True) -> None:
         self.device = device
         self.channels_last = channels_last and device.type in ("cuda", "cpu")
         self.model = build_model(arch, classes, "scratch").to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
-        self.forward = torch.compile(self.model) if compile_model else self.model
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.forward = torch.compile(self.model, mode=compile_mode) if compile_model else self.model
+        self.cuda_graphs = compile_model and compile_mode == "reduce-overhead"
+        # fused: one kernel for the whole SGD update; None keeps PyTorch's default (foreach on CUDA)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, fused=fused or None)
+        self.cudnn_benchmark = cudnn_benchmark
         self.amp = autocast_dtype(device) if amp else None
         self.normalize = Normalizer(IMAGENET_MEAN, IMAGENET_STD, self.channels_last).to(device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark  # a global switch: each contender sets its own
+        if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         images = images.to(self.device, non_blocking=True)
         images = self.normalize(images)  # uint8 (or float 0..255 from strong batched augmentation)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -278,18 +289,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trainer-epochs", type=int, default=2, help="the last one is timed (the first compiles)")
     p.add_argument("--data-path", choices=("auto", "workers", "device"), default="auto", help="the trainer's")
     p.add_argument("--fresh-cache", action="store_true", help="build the image cache in a temporary folder")
-    p.add_argument("--precision", action="store_true",
-                   help="instead: compare fp32 / channels_last / mixed precision (amp) on in-memory batches")
+    variants = p.add_mutually_exclusive_group()
+    variants.add_argument("--precision", action="store_true",
+                          help="instead: compare fp32 / channels_last / mixed precision (amp) on in-memory batches")
+    variants.add_argument("--speed-options", action="store_true",
+                          help="instead: compare the fused optimizer, torch.compile, CUDA graphs and cudnn.benchmark "
+                               "(CUDA) on in-memory batches")
     return p.parse_args(argv)
 
 
-def compare_precision(args: argparse.Namespace, size: int, device: torch.device) -> dict[str, float]:
-    """Training img/s (memory feed) with and without mixed precision and channels_last, steps in turn."""
-    variants = {"fp32": (False, False), "channels_last": (False, True), "amp": (True, False),
-                "amp+channels_last": (True, True)}
-    contenders = {name: (Step(args.arch, 102, device, amp, cl), lambda: random_batches(args.batch, size, device))
-                  for name, (amp, cl) in variants.items()}
+PRECISION = {"fp32": {"amp": False, "channels_last": False}, "channels_last": {"amp": False},
+             "amp": {"channels_last": False}, "amp+channels_last": {}}
+
+
+def speed_options(device: torch.device) -> dict[str, dict[str, Any]]:
+    """The GPU defaults still to decide (issue 10), each a Step's options; the trainer's own default first."""
+    options: dict[str, dict[str, Any]] = {"eager": {}, "eager+fused": {"fused": True}}
+    if device.type == "cuda":
+        options = {"compiled": {"compile_model": True}, **options,
+                   "compiled+fused": {"compile_model": True, "fused": True},
+                   "compiled+cuda_graphs": {"compile_model": True, "compile_mode": "reduce-overhead"},
+                   "eager, cudnn.benchmark off": {"cudnn_benchmark": False}}
+    return options
+
+
+def compare_steps(args: argparse.Namespace, size: int, device: torch.device,
+                  variants: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Training img/s (memory feed) of one Step per variant (its options), steps taken in turn."""
+    contenders = {name: (Step(args.arch, 102, device, **options), lambda: random_batches(args.batch, size, device))
+                  for name, options in variants.items()}
     return {name: args.batch / s for name, s in interleaved(contenders, args.steps).items()}
+
+
+def print_variants(args: argparse.Namespace, device: torch.device, variants: dict[str, dict[str, Any]],
+                   name: str) -> None:
+    """One line per size: each variant's img/s and its ratio to the first variant's."""
+    for size in args.sizes:
+        rates = compare_steps(args, size, device, variants)
+        base = next(iter(rates))
+        print(f"{args.arch} {size} px, batch {args.batch}, {name}, amp dtype {autocast_dtype(device)}: " +
+              ", ".join(f"{k} {v:.1f} img/s ({v / rates[base]:.2f}x {base})" for k, v in rates.items()), flush=True)
 
 
 def temporary_folder(prefix: str) -> Path:
@@ -309,12 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.synthetic and not (Path(args.root) / "caltech101" / "101_ObjectCategories").is_dir():
         args.root = str(write_synthetic_caltech(temporary_folder("reslens-bench-jpegs-"), args.synthetic))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    if args.precision:
-        for size in args.sizes:
-            rates = compare_precision(args, size, device)
-            print(f"{args.arch} {size} px, batch {args.batch}, {name}, amp dtype {autocast_dtype(device)}: " +
-                  ", ".join(f"{k} {v:.1f} img/s" for k, v in rates.items()) +
-                  f" (amp+channels_last / fp32 = {rates['amp+channels_last'] / rates['fp32']:.2f})")
+    if args.precision or args.speed_options:
+        print_variants(args, device, PRECISION if args.precision else speed_options(device), name)
         return
     print(f"{args.arch}, batch {args.batch}, augment {args.augment}, {args.steps} timed steps per feed (median), "
           f"workers {args.workers}, torch {torch.__version__}, {name}; training img/s per feed; "

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from train.config import compiles
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,3 +61,25 @@ def test_gpu_script_without_a_gpu_refuses_before_measuring():
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh")], capture_output=True, text=True, check=False,
                           timeout=120)
     assert done.returncode == 2 and "PyTorch sees no CUDA GPU here" in done.stderr and not done.stdout
+
+
+def test_speed_options_rate_every_variant_against_the_trainers_default(capsys):
+    bench = load_bench()
+    before = torch.get_num_threads()
+    try:
+        bench.main(["--speed-options", "--arch", "resnet18", "--sizes", "32", "--batch", "4", "--steps", "1",
+                    "--threads", "1", "--device", "cpu"])
+    finally:
+        torch.set_num_threads(before)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("resnet18 32 px, batch 4, CPU x1 threads")
+    rates = dict(re.findall(r"(eager(?:\+fused)?) ([0-9.]+) img/s", line))
+    assert set(rates) == {"eager", "eager+fused"} and all(float(v) > 0 for v in rates.values())
+    assert f"eager {rates['eager']} img/s (1.00x eager)" in line  # the first variant is the baseline
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_speed_options_start_with_what_the_trainer_does_on_the_device(device):
+    """The ratios are to the first variant: it must be the trainer's own default there (compile: auto)."""
+    first = next(iter(load_bench().speed_options(torch.device(device)).values()))
+    assert first.get("compile_model", False) == compiles("auto", device) and not first.get("fused")
