@@ -62,7 +62,7 @@ def read_shipped(name: str) -> dict[str, Any]:
         return {"name": "my-pipeline", "arch": "resnet50", "stages": [{"name": "stage1", "dataset": "shapes"}]}
     if name == IMAGES:
         return {"name": "my-images", "arch": "resnet50", "stages": [{"name": "images", "dataset": "imagefolder"}]}
-    return parse_yaml((CONFIG_DIR / name).read_text()) or {}
+    return parse_yaml((CONFIG_DIR / name).read_text(encoding="utf-8")) or {}
 
 
 def read_uploaded(data: bytes, filename: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
+from core.run_store import RunStore
 from tests import compare_fixtures as cf
 from tests.app_fixtures import REPO
 from train.cli import main
@@ -145,3 +146,22 @@ def test_a_full_disk_is_one_sentence(runs, capsys):
     assert main(["compare", "scratch", "staged", "-o", "/dev/full"]) == 2
     err = capsys.readouterr().err
     assert err == "error: the disk is full (No space left on device); free some space and run it again.\n"
+
+
+def test_a_terminal_that_is_not_utf8_gets_escaped_names_and_the_report_file_stays_utf8(tmp_path):
+    """Under LC_ALL=C (no UTF-8 mode) a class name like café used to crash the command, after emptying -o."""
+    store = RunStore()
+    classes = ["café", "東京"]
+    for name, correct in (("here", [7, 3]), ("there", [4, 9])):
+        cf.write_run(store, name, [cf.stage_config("caltech", "caltech101")],
+                     [[cf.result_with(classes, correct, [5, 5])]])
+    report = tmp_path / "report.md"
+    report.write_text("an earlier report")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    for extra in (["-o", str(report)], []):
+        done = subprocess.run([sys.executable, "-m", "train", "compare", "here", "there", *extra], cwd=REPO, env=env,
+                              capture_output=True, timeout=120)
+        assert (done.returncode, done.stderr) == (0, b""), done.stderr.decode("ascii", "replace")
+    assert "| café |" in report.read_text(encoding="utf-8") and "| 東京 |" in report.read_text(encoding="utf-8")
+    assert b"| caf\\xe9 |" in done.stdout  # what an ASCII terminal can show

@@ -180,7 +180,7 @@ def export(args: argparse.Namespace) -> int:
     rows = export_rows(store, args.run_name)
     text = to_json(rows) if args.format == "json" else to_csv(rows)
     if args.output:
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     return 0

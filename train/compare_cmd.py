@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "md" and written:
         text += "\n" + "".join(plot_link(c, path, args.output) + "\n" for c, path in written)
     if args.output:
-        Path(args.output).write_text(text)
+        Path(args.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
     return 0

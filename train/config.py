@@ -272,7 +272,7 @@ def load_config(
         if path.is_dir() or (path.exists() and not path.is_file()):  # a FIFO or device would block or never end
             raise ConfigError(f"Config file {path} is {'a folder' if path.is_dir() else 'not a regular file'}; give "
                               "a pipeline YAML file, e.g. train/configs/demo.yaml.")
-        raw = parse_yaml(path.read_text())
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
     except UnicodeDecodeError:

@@ -246,7 +246,7 @@ def _earlier_predictions(out: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        earlier = json.loads(path.read_text())
+        earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         earlier = exc
     if not isinstance(earlier, dict) or not isinstance(earlier.get("images"), list):
@@ -273,7 +273,7 @@ def _merge_predictions(out: Path, earlier: dict[str, Any], records: list[dict[st
 
 def _replace_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -77,7 +77,7 @@ def prepare_run(
         folder = paths.run_dir(name)
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / CONFIG_NAME).write_text(text)
+            (folder / CONFIG_NAME).write_text(text, encoding="utf-8")
         except OSError as exc:  # the row goes too: no run is left that never had a folder
             store.delete_run(name)
             raise RunStoreError(f"Cannot create the folder of run {name!r} ({exc.filename or folder}: "
