@@ -353,8 +353,8 @@ def config_text(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # short where that is exact, else every digit (0.00123456789 vs 0.00123456999)
+        return f"{value:g}" if float(f"{value:g}") == value else repr(value)
     if isinstance(value, (list, dict)):
         import json
 

@@ -109,22 +109,22 @@ def _flatten_into(flat: dict[str, Any], prefix: str, value: Any) -> None:
 
 def config_rows(configs: Mapping[str, Mapping[str, Any]]) -> list[ConfigRow]:
     """The configs side by side (``configs`` maps a run name to its config): every key any run has, in the order
-    they first appear; a key that one run lacks has ``None`` there and counts as a difference."""
+    they first appear; a key that one run lacks has ``None`` there, the same as a null or an empty mapping (all
+    three mean the default)."""
     flats = {run: flatten_config(config) for run, config in configs.items()}
     keys = dict.fromkeys(k for flat in flats.values() for k in flat)
     rows = []
     for key in keys:
         values = {run: flat.get(key, MISSING) for run, flat in flats.items()}
-        present = {run: key in flat for run, flat in flats.items()}
-        differs = len(set(present.values())) > 1 or len({_canonical(v) for v in values.values()}) > 1
-        rows.append(ConfigRow(key, values, differs))
+        rows.append(ConfigRow(key, values, len({_canonical(v) for v in values.values()}) > 1))
     return rows
 
 
 def _canonical(value: Any) -> str:
-    """A comparable text for any config value (1 and 1.0 are the same learning rate)."""
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
+    """A comparable text for any config value (1 and 1.0 are the same learning rate; null, absent and ``{}`` are
+    the same default)."""
+    if isinstance(value, bool) or value is None or value == {}:
+        return json.dumps(value or None)
     if isinstance(value, (int, float)):
         return repr(float(value))
     return json.dumps(value, sort_keys=True, default=str)

@@ -34,9 +34,16 @@ def test_config_rows_flag_only_the_differences():
     assert not rows["seed"].differs  # 0 and 0.0 are the same seed
     assert not rows["stages.1.lr"].differs
     assert rows["amp"].differs  # true is not the number 1
-    assert rows["stages.1.root"].differs and rows["stages.1.root"].values == {"a": None, "b": None}  # b lacks it
+    # b lacks root: the default, as a's null is (a difference here read "(none)" against "(none)")
+    assert not rows["stages.1.root"].differs and rows["stages.1.root"].values == {"a": None, "b": None}
     assert rows["stages.2.lr"].differs and rows["stages.2.lr"].values == {"a": None, "b": 0.01}
     assert list(rows)[:3] == ["arch", "seed", "amp"]  # in the order the keys first appear
+
+
+def test_a_null_option_an_absent_one_and_no_options_are_the_same_config():
+    rows = config_rows({"a": {"stages": [{"options": {}}, {"options": {"val_fraction": 0.3}}]},
+                        "b": {"stages": [{"options": {"val_fraction": None}}, {"options": {"val_fraction": 0.2}}]}})
+    assert [r.key for r in rows if r.differs] == ["stages.2.options.val_fraction"]
 
 
 def test_the_root_of_a_generated_data_set_is_not_a_difference():

@@ -33,6 +33,12 @@ def test_config_frame_puts_runs_side_by_side_and_can_keep_only_differences(compa
     assert len(only) == sum(r.differs for r in comparison.config)
 
 
+@pytest.mark.parametrize("value, text", [(0.1, "0.1"), (3.0, "3"), (1e-5, "1e-05"), (0.00123456789, "0.00123456789"),
+                                         (0.00123456999, "0.00123456999"), (None, ""), (True, "true")])
+def test_config_text_keeps_every_digit_that_tells_two_values_apart(value, text):
+    assert charts.config_text(value) == text
+
+
 def test_highlight_differences_shades_exactly_the_differing_rows(comparison):
     frame = charts.config_frame(comparison.config)
     html = charts.highlight_differences(frame).to_html()
