@@ -578,6 +578,12 @@ def _split_layout(root: Path, split: str, options: dict[str, Any]) -> Listing:
     found, _, notes = _class_folders(root / split, root) if split == "val" else (train, empty, train_notes)
     strays = sorted(set(found) - set(classes))
     if strays:
+        twin = next((c for c in classes if unicodedata.normalize("NFC", c) == unicodedata.normalize("NFC", strays[0])),
+                    None)
+        if twin is not None:
+            raise DatasetError(f"{root / 'val' / strays[0]} and {root / 'train' / twin} look alike but are not one "
+                               f"class: {ascii(strays[0])} and {ascii(twin)} are one name written in two Unicode "
+                               "forms (copied between macOS and Linux?). Rename one of the two folders.")
         raise DatasetError(f"{root / 'val' / strays[0]} is not a class: there is no {root / 'train' / strays[0]} "
                            "with images.")
     others = {p.name: len(_images_under(p)) for p in sorted(root.iterdir())

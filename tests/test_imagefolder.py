@@ -59,6 +59,17 @@ def test_train_and_val_folders_are_the_split(tmp_path):
         class_counts("imagefolder", root, "val")
 
 
+def test_a_val_class_named_in_another_unicode_form_than_its_train_class_is_said_so(tmp_path):
+    import unicodedata
+
+    root = make_imagefolder(tmp_path / "pets", "split")
+    (root / "train" / "cat").rename(root / "train" / unicodedata.normalize("NFC", "café"))
+    (root / "val" / "cat").rename(root / "val" / unicodedata.normalize("NFD", "café"))
+    with pytest.raises(DatasetError, match=r"look alike but are not one class: 'cafe\\u0301' and 'caf\\xe9' are "
+                                           r"one name written in two Unicode forms"):
+        class_counts("imagefolder", root, "val")
+
+
 def test_class_folders_that_are_one_folder_through_links_are_said(tmp_path):
     """Links are followed (a set assembled from links is common), but two classes sharing one folder count the same
     images in both: a note says so. A val/ class linked to its train/ folder would validate on training images."""
