@@ -222,6 +222,9 @@ def test_config_needs_the_folder_itself_as_root(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="stage 1: .*needs at least two class folders"):
         parse_config(_stage(root="empty"), base_dir=tmp_path)
+    make_imagefolder(tmp_path / "single", sizes={"cat": 1, "dog": 1})
+    with pytest.raises(ConfigError, match="stage 1: .*single has no validation images: every class has a single"):
+        parse_config(_stage(root="single"), base_dir=tmp_path)  # refused before a run exists, not as a failed run
     make_imagefolder(tmp_path / "pets")
     stage = parse_config(_stage(root="pets", options={"seed": 3}), base_dir=tmp_path).stages[0]
     assert stage.root == str((tmp_path / "pets").resolve())  # relative to the config's folder, not a parent

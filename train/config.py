@@ -541,7 +541,8 @@ def _check_data_present(s: StageConfig) -> None:
             f"download {s.dataset} there or set root"
         raise ConfigError(f"root {root} {paths.not_a_folder(root)}; {fix}.", field="root")
     try:
-        class_counts(s.dataset, s.root, "train", **s.options)
+        for split in ("train", "val"):  # a val/ problem too is refused here, before a run is made for it
+            class_counts(s.dataset, s.root, split, **s.options)
     except (DatasetMissing, DatasetError) as exc:
         raise ConfigError(str(exc), field="root") from None
 
