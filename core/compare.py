@@ -239,8 +239,15 @@ class ClassComparison:
         over the shared classes)."""
         deltas = [_exact(c.delta) for c in self.classes if c.delta is not None]
         return {"classes": len(self.classes), "better": sum(d > 0 for d in deltas), "worse": sum(d < 0 for d in deltas),
-                "same": sum(d == 0 for d in deltas),
+                "same": sum(d == 0 for d in deltas), "unscored": len(self.classes) - len(deltas),
                 "mean_change": sum(deltas) / len(deltas) if deltas else None}
+
+    def counts_text(self) -> str:
+        """The summary's counts in words: '5 classes: 3 better, 1 worse, 1 the same' (and any not compared)."""
+        s = self.summary()
+        text = (f"{s['classes']} class{'es' * (s['classes'] != 1)}: {s['better']} better, {s['worse']} worse, "
+                f"{s['same']} the same")
+        return text + (f", {s['unscored']} without validation images in one of the runs" if s["unscored"] else "")
 
     def frame(self) -> pd.DataFrame:
         """One row per class: class, train images, val images, accuracy A, accuracy B, change (NaN when unknown)."""

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from core.compare import (CompareError, class_comparison, compare_classes, compare_runs, config_rows,
-                          flatten_config, stage_results)
+from core.compare import (ClassChange, ClassComparison, CompareError, class_comparison, compare_classes, compare_runs,
+                          config_rows, flatten_config, stage_results)
 from core.run_store import RunNotFound, RunStore
 from tests import compare_fixtures as cf
 
@@ -84,7 +84,15 @@ def test_last_stages_are_compared_class_by_class_with_gains_and_losses_in_order(
     assert [x.name for x in c.gains(10)] == ["dog", "cat", "bee"]  # ant did not change: neither list
     assert [x.name for x in c.gains(2)] == ["dog", "cat"]
     assert [x.name for x in c.losses(10)] == ["eel"]
-    assert c.summary() == {"classes": 5, "better": 3, "worse": 1, "same": 1, "mean_change": pytest.approx(0.12)}
+    assert c.summary() == {"classes": 5, "better": 3, "worse": 1, "same": 1, "unscored": 0,
+                           "mean_change": pytest.approx(0.12)}
+    assert c.counts_text() == "5 classes: 3 better, 1 worse, 1 the same"
+
+
+def test_a_class_without_validation_images_in_one_run_is_counted_as_not_compared():
+    c = ClassComparison("a", "b", classes=[ClassChange("ant", 4, 2, 0.5, 1.0), ClassChange("bee", 1, 0, None, 0.0)])
+    assert c.summary()["unscored"] == 1 and c.summary()["mean_change"] == pytest.approx(0.5)
+    assert c.counts_text() == "2 classes: 1 better, 0 worse, 0 the same, 1 without validation images in one of the runs"
 
 
 def test_stages_without_shared_class_names_get_a_sentence(store):

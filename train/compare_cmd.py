@@ -172,9 +172,7 @@ def _classes_md(c: ClassComparison, top: int) -> str:
     head += "\n\n"
     if not c.classes:
         return head + f"{c.message}\n"
-    s = c.summary()
-    text = head + (f"{s['classes']} class{'es' * (s['classes'] != 1)}: {s['better']} better, {s['worse']} worse, {s['same']} the same; "
-                   f"mean change {points(s['mean_change'])}.")
+    text = head + f"{c.counts_text()}; mean change {points(c.summary()['mean_change'])}."
     text += f" {c.message}\n" if c.message else "\n"
     header = ["class", "train images", c.run_a, c.run_b, "change"]
     for title, changes in (("Biggest gains", c.gains(top)), ("Biggest losses", c.losses(top))):
