@@ -112,6 +112,17 @@ def test_plot_with_several_runs_writes_one_file_per_comparable_run(runs, tmp_pat
     base = tmp_path / "scatter.svg"
     assert main(["compare", "scratch", "staged", "other", "--plot", str(base), "--format", "json"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scatter-staged.svg"]  # other shares no class
+    assert capsys.readouterr().err == (f"note: {tmp_path / 'scatter-other.svg'} was not written: stage 1 of scratch "
+                                       "(caltech101) and stage 1 of other (pq) share no class names (5 and 2 classes), "
+                                       "so they cannot be compared class by class.\n")
+
+
+def test_a_report_that_cannot_be_written_is_refused_before_any_picture(runs, tmp_path, capsys):
+    report = tmp_path / "missing" / "report.md"
+    assert main(["compare", "scratch", "staged", "--plot", str(tmp_path / "s.html"), "-o", str(report)]) == 2
+    assert capsys.readouterr().err == (f"error: Cannot write the report to {report}: the folder {report.parent} "
+                                       "does not exist.\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_static_plot_without_matplotlib_says_what_to_do(runs, tmp_path, capsys, monkeypatch):

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compare runs: config differences, results per stage, per-class gains and losses."""
     comparison = compare_runs(RunStore(), args.runs, args.stage)
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # before any picture is written
+        raise CompareError(f"Cannot write the report to {args.output}: the folder "
+                           f"{Path(args.output).resolve().parent} does not exist.")
     written = write_plots(comparison, args.plot) if args.plot else []
     text = {"md": markdown, "csv": to_csv, "json": to_json}[args.format](comparison, args.top)
     if args.format == "md" and written:
@@ -81,13 +84,14 @@ def plot_paths(base: str, comparisons: list[ClassComparison]) -> list[Path]:
 
 def write_plots(comparison: Comparison, base: str) -> list[tuple[ClassComparison, Path]]:
     """Write the per-class scatter of every later run against the first; comparisons without shared classes are
-    skipped (the report says why)."""
+    skipped, each with a note on standard error."""
     suffix = Path(base).suffix.lower()
     if suffix not in (".html", *charts.STATIC_FORMATS):
         raise CompareError(f"--plot must name a .png, .svg, .pdf or .html file, not {base!r}.")
     written = []
     for c, path in zip(comparison.classes, plot_paths(base, comparison.classes)):
         if not c.classes:
+            print(f"note: {path} was not written: {c.message}", file=sys.stderr)
             continue
         try:
             charts.write_class_scatter(c.frame(), c.run_a, c.run_b, path)
