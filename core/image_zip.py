@@ -8,7 +8,8 @@ are checked first, and the bytes really written are counted while extracting), o
 than ``max_ratio`` times. Only image files (``core.images.is_image_name`` whose header Pillow reads) are kept;
 the others are skipped and listed by name. A refused archive leaves nothing behind: members are extracted into
 a hidden temporary folder that is renamed into place only once the result is a valid image folder. The same
-archive dropped again (the same SHA-256) gets the folder it was unpacked into before, while that folder exists.
+archive dropped again (the same SHA-256) gets the folder it was unpacked into before, while that folder still holds
+the files unpacked into it (one changed since gets a fresh copy beside it, and is left as it is).
 """
 from __future__ import annotations
 
@@ -112,15 +113,22 @@ def _unpacked(target: Path, about: dict | None = None) -> Unpacked:
 
 
 def _unpacked_before(parent: Path, digest: str) -> Unpacked | None:
-    """The folder the same archive was unpacked into before, when it is still there (a zip dropped again)."""
+    """The folder the same archive was unpacked into before (a zip dropped again), when it still holds as many
+    files as were unpacked into it: one whose images were since deleted or added to is not reused."""
     for marker in sorted(parent.glob(f"*/{MARKER}")):
         try:
             about = json.loads(marker.read_text())
-            if about["sha256"] == digest and (found := _unpacked(marker.parent, about)).folder.is_dir():
+            if about["sha256"] == digest and (found := _unpacked(marker.parent, about)).folder.is_dir() \
+                    and _files_under(found.target) == found.images:
                 return found
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a marker someone edited: that folder is not reused
     return None
+
+
+def _files_under(target: Path) -> int:
+    """The files an unpacked folder holds besides its marker."""
+    return sum(1 for p in target.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def _sha256(source: ZipSource, name: str) -> str:

@@ -3,6 +3,7 @@ with one sentence and nothing left behind; then a training stage on what was unp
 from __future__ import annotations
 
 import io
+import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -51,6 +52,12 @@ def test_a_zip_of_class_folders_is_unpacked_under_the_data_root(tmp_path):
     kept.remove(".reslens-upload.json")  # the archive's checksum, so the same zip dropped again is reused
     assert all(not Path(k).name.startswith(".") and k.split(".")[-1].lower() != "txt" for k in kept)
     assert unpack_image_zip(data, "pets again.zip") == found  # the same archive again: its folder is reused
+    removed = next((found.folder / "dog").iterdir())
+    removed.unlink()  # ... while it is as it was unpacked: a changed folder gets a fresh copy, and is kept
+    fresh = unpack_image_zip(data, "pets again.zip")
+    assert fresh.target == paths.uploads_dir() / "pets-again" and (fresh.folder / "dog" / removed.name).is_file()
+    assert fresh.images == found.images and not removed.exists()
+    shutil.rmtree(fresh.target)
     other = io.BytesIO(data)
     with zipfile.ZipFile(other, "a") as zf:
         zf.writestr("dog/extra.png", image_bytes(tmp_path))
@@ -167,7 +174,6 @@ def test_plain_bmps_that_pack_well_are_not_taken_for_a_bomb(tmp_path):
 
 def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
     import errno
-    import shutil
 
     import core.image_zip
 
