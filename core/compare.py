@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any, Mapping, Sequence
@@ -59,6 +60,17 @@ class RunRows:
     def class_stages(self) -> list[int]:
         """0-based indices of the stages that have per-class results, ascending."""
         return [index for index in self.stages if self.store.class_result_epochs(self.name, index)]
+
+    def data_label(self, index: int) -> str:
+        """Stage ``index``'s data set as the reports name it: an image folder with its folder's name (two runs
+        on other folders of images read apart)."""
+        stages = self.config.get("stages") or []
+        planned = stages[index] if index < len(stages) and isinstance(stages[index], dict) else {}
+        row = self.stages.get(index)
+        dataset = row["dataset"] if row else planned.get("dataset", "")
+        root = planned.get("root")
+        own_folder = (info := DATASETS.get(dataset)) is not None and info.own_folder
+        return f"{dataset} {Path(root).name}" if own_folder and root else dataset
 
     def class_result(self, index: int) -> dict[str, Any] | None:
         """The last per-class result of stage ``index`` (``RunStore.class_results``)."""
@@ -163,7 +175,7 @@ def _stage_results(rows: RunRows) -> list[StageResult]:
         result = StageResult(
             run=run, stage=index + 1,
             name=row["name"] if row else planned.get("name") or f"stage{index + 1}",
-            dataset=row["dataset"] if row else planned.get("dataset", ""),
+            dataset=rows.data_label(index),
             epochs=int(row["epochs"] if row else planned.get("epochs") or 0),
             completed_epochs=int(row["completed_epochs"]) if row else 0,
         )
@@ -321,7 +333,7 @@ def _compare_classes(rows_a: RunRows, rows_b: RunRows, stage: int | None) -> Cla
             return ClassComparison(rows_a.name, rows_b.name, message=problem)
         picked.append(index)
     pair = (rows_a, rows_b)
-    datasets = [rows.stages[i]["dataset"] for rows, i in zip(pair, picked)]
+    datasets = [rows.data_label(i) for rows, i in zip(pair, picked)]
     labels = [f"stage {i + 1} of {rows.name} ({dataset})" for rows, i, dataset in zip(pair, picked, datasets)]
     comparison = class_comparison(rows_a.name, rows_a.class_result(picked[0]), rows_b.name,
                                   rows_b.class_result(picked[1]), *labels)
@@ -347,6 +359,9 @@ def _pick_stage(rows: RunRows, stage: int | None) -> tuple[int, str | None]:
         if not with_results:
             return -1, f"Run {rows.name} has no per-class results{_why_none(rows.state)}."
         return with_results[-1], None
+    count = max(len(rows.config.get("stages") or []), max(rows.stages, default=-1) + 1)
+    if not 1 <= stage <= count:
+        return -1, f"Run {rows.name} has no stage {stage}: it has {count} stage{'s' * (count != 1)}."
     if stage - 1 not in with_results:
         return -1, f"Run {rows.name} has no per-class results for stage {stage}."
     return stage - 1, None

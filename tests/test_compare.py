@@ -102,9 +102,22 @@ def test_stages_without_shared_class_names_get_a_sentence(store):
                          "(5 and 2 classes), so they cannot be compared class by class.")
 
 
+def test_image_folders_are_named_by_their_folder_in_stage_results_and_class_headings(store):
+    for name, root in (("cats", "/data/cats-v1"), ("cats2", "/data/cats-v2")):
+        cf.write_run(store, name, [cf.stage_config("own", "imagefolder", root=root)],
+                     [[cf.result_with(["tabby", "siamese"], [5, 6])]])
+    assert [s.dataset for s in stage_results(store, "cats")] == ["imagefolder cats-v1"]
+    c = compare_classes(store, "cats", "cats2")
+    assert (c.dataset_a, c.dataset_b) == ("imagefolder cats-v1", "imagefolder cats-v2")
+    assert [s.dataset for s in stage_results(store, "scratch")] == ["caltech101"]  # a named set keeps its name
+
+
 def test_a_chosen_stage_is_used_in_both_runs(store):
-    assert compare_classes(store, "staged", "scratch", stage=2).message == \
-        "Run scratch has no per-class results for stage 2."
+    assert compare_classes(store, "staged", "scratch", stage=2).message == "Run scratch has no stage 2: it has 1 stage."
+    cf.write_run(store, "half", [cf.stage_config("pretrain", "tinyimagenet"), cf.stage_config("tune", "caltech101")],
+                 [[cf.result_with(["x1", "x2"], [5, 6])]])  # its second stage never validated
+    assert compare_classes(store, "staged", "half", stage=2).message == \
+        "Run half has no per-class results for stage 2."
     c = compare_classes(store, "scratch", "staged", stage=1)  # caltech against tinyimagenet
     assert "share no class names" in c.message
 
