@@ -49,14 +49,14 @@ def test_a_stop_that_reaches_one_rank_stops_them_all_and_resumes(tmp_path):
     script = tmp_path / "stop_one_rank.py"
     script.write_text(STOP_ONE_RANK)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*torchrun, str(script), "run", str(path), "--run-name", "one", "--device", "cpu",
-                           "--quiet"], env={**one_thread_env(), "PYTHONPATH": str(paths.REPO_ROOT)},
+    done = subprocess.run([*torchrun, str(script), "run", str(path), "--run-name", "one", "--device", "cpu"], env={**one_thread_env(), "PYTHONPATH": str(paths.REPO_ROOT)},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Connection closed" not in done.stderr, done.stderr[-3000:]  # a stop, no failure
     for said in ("closing signal", "Traceback", "FAILED"):  # torchrun killed no rank and reported no failure
         assert said not in done.stderr, done.stderr[-3000:]
     store = RunStore()
     assert store.get_run("one")["state"] == "stopped" and [m["epoch"] for m in store.metrics("one", "epoch")] == [1]
+    assert "Run one stopped; `torchrun --nproc_per_node=2 -m train resume one` continues it." in done.stdout
     done = subprocess.run([*torchrun, "-m", "train", "resume", "one", "--device", "cpu", "--quiet"],
                           env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -280,6 +280,29 @@ def test_a_stop_that_lands_after_the_last_epoch_lets_the_run_finish(tmp_path, mo
     assert all(s["best_path"] is None for s in RunStore().stages("tiny")[:1])
 
 
+def test_a_stop_during_a_stages_last_validation_ends_that_stage_first(tmp_path, monkeypatch):
+    """SIGTERM while a stage validates its last epoch: the stage's bookkeeping (its TensorBoard hyperparameters,
+    its completed epochs) is done before the run stops between stages, and in the last stage the run finishes
+    (it used to be stored 'stopped' with the stage's hyperparameters lost for good)."""
+    from train.tensorboard_log import TensorBoardLog
+
+    ended = []
+    monkeypatch.setattr(TensorBoardLog, "hparams", lambda self, stage, *a: ended.append(stage))
+    real_validate = Trainer._validate
+
+    def validate(self, st, epoch, *args, **kwargs):
+        if epoch + 1 == st.stage.epochs:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_validate(self, st, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_validate", validate)
+    raw = tiny_config(tmp_path, epochs=(1, 2))
+    assert run_tiny(raw) == "stopped" and ended == ["stage1-s1"]
+    assert [s["completed_epochs"] for s in RunStore().stages("tiny")] == [1]
+    assert run_tiny(raw, resume=True) == "finished" and ended == ["stage1-s1", "stage2-s2"]
+    assert RunStore().get_run("tiny")["state"] == "finished"
+
+
 def test_ctrl_c_twice_while_a_trained_run_finishes_leaves_it_finished(tmp_path, monkeypatch):
     """Two SIGINTs while the run finishes, handled off the main thread (OpenMP, tqdm): the second one used to
     raise KeyboardInterrupt once "finished" was stored, and the command exited 130."""

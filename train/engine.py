@@ -434,6 +434,8 @@ class Trainer:
         if not state.stopped_early:
             self.store.update_stage(self.run_name, index, completed_epochs=stage.epochs)
         self.tb.hparams(stage_dir(self.run_name, index, stage).name, stage.to_dict(), state.best)
+        if index + 1 < len(self.config.stages) and self._stop_agreed():
+            raise StopRequested()  # between stages; after the last one a stop changes nothing: the run finishes
 
     def _kept_best(self, index: int, stage: StageConfig) -> float | None:
         """The selected metric to beat when a stage restarts but an earlier attempt's ``best.pt`` is there (its
@@ -535,8 +537,8 @@ class Trainer:
         if val_loss is not None and not math.isfinite(val_loss):
             self._diverged(st, epoch, None, val_loss)
         self._end_epoch(st, epoch, metrics)
-        if self._stop_agreed():
-            raise StopRequested()
+        if epoch + 1 < st.stage.epochs and not st.stopped_early and self._stop_agreed():
+            raise StopRequested()  # a stage's last epoch: the stage ends first (_run_stage)
 
     def _train_steps(self, st: "_StageState", model: nn.Module, epoch: int, batch_index: int) -> list[float]:
         """Train one (rest of an) epoch; returns summed [loss*n, correct, n] over all ranks."""
@@ -885,11 +887,15 @@ def other_world(config: PipelineConfig, run_name: str, point: ResumePoint, world
     then = ((point.checkpoint or {}).get("sampler") or {}).get("world", world)
     if then == world:
         return None
-    how = f"python -m train resume {run_name}" if then == 1 else \
-        f"torchrun --nproc_per_node={then} -m train resume {run_name}"
     return (f"{stage_label(point.stage, config.stages[point.stage])} was checkpointed by {then} training "
             f"process{'es' * (then != 1)} and this resume has {world}: its sample order depends on that number, so "
-            f"resume it with {then} ({how}).")
+            f"resume it with {then} ({resume_command(run_name, then)}).")
+
+
+def resume_command(run_name: str, world: int) -> str:
+    """The command that resumes a run checkpointed by ``world`` processes."""
+    return f"python -m train resume {run_name}" if world == 1 else \
+        f"torchrun --nproc_per_node={world} -m train resume {run_name}"
 
 
 # --------------------------------------------------------------- entry point
@@ -930,7 +936,7 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
         try:
             trainer.run(resume=resume)
         except StopRequested:  # each ending is logged before the store says so: a reader of the state finds it
-            trainer.display.message(f"Run {run_name} stopped; `python -m train resume {run_name}` continues it.")
+            trainer.display.message(f"Run {run_name} stopped; `{resume_command(run_name, ctx.world)}` continues it.")
             main_store.set_state(run_name, "stopped")
             return "stopped"
         except ResumeRefused:
@@ -942,7 +948,7 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
             main_store.set_state(run_name, "failed", error=str(exc))
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: no save; resume starts from the last epoch's checkpoint
-            trainer.display.message(f"Run {run_name} interrupted; `python -m train resume {run_name}` continues it "
+            trainer.display.message(f"Run {run_name} interrupted; `{resume_command(run_name, ctx.world)}` continues it "
                                     "from its last saved checkpoint.")
             main_store.set_state(run_name, "interrupted")
             raise
