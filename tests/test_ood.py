@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core import ood, paths
-from core.checkpoints import load_checkpoint, save_checkpoint
+from core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from tests.app_fixtures import REPO
 from tests.test_engine import one_thread, run_tiny, tiny_config  # noqa: F401
 
@@ -108,3 +108,24 @@ def test_trainer_stores_thresholds_and_the_command_recomputes_them_for_older_che
     assert again["val_images"] == 6
     assert again["msp_threshold"] == pytest.approx(stored["msp_threshold"], abs=1e-5)
     assert again["energy_threshold"] == pytest.approx(stored["energy_threshold"], abs=1e-4)
+
+
+def test_thresholds_of_a_checkpoint_rewritten_meanwhile_are_not_saved_over_it(tmp_path, monkeypatch):
+    """A trainer that writes a new last.pt while the command evaluates the old one: the new file is kept."""
+    from train import engine
+    from train.ood_cmd import add_ood_thresholds
+
+    assert run_tiny(tiny_config(tmp_path, epochs=(1,))) == "finished"
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    newer = {**load_checkpoint(best), "epoch": 7}
+    real_evaluate = engine.evaluate_checkpoint
+
+    def trainer_writes_meanwhile(*args, **kwargs):
+        found = real_evaluate(*args, **kwargs)
+        save_checkpoint(best, newer)
+        return found
+
+    monkeypatch.setattr(engine, "evaluate_checkpoint", trainer_writes_meanwhile)
+    with pytest.raises(CheckpointError, match="was rewritten while its thresholds were computed"):
+        add_ood_thresholds(best)
+    assert load_checkpoint(best)["epoch"] == 7

@@ -26,13 +26,24 @@ def add_ood_thresholds(path: str | os.PathLike[str], dataset: str | None = None,
     """Compute the thresholds on the validation split and store them in the checkpoint; returns them."""
     from train.engine import evaluate_checkpoint
 
+    before = _version(path)
     found = evaluate_checkpoint(path, dataset, root, "val", device, batch_size)
     preds = found.predictions
     stats = ood.calibrate(preds.view_confidence, preds.logsumexp) if preds is not None else {}
     if not stats:
         raise CheckpointError(f"The validation split of {found.dataset} has no images, so {path} gets no thresholds.")
-    save_checkpoint(path, {**load_checkpoint(path), "ood": stats})
+    checkpoint = load_checkpoint(path)
+    if _version(path) != before:  # a trainer wrote it meanwhile: these thresholds are of the weights it replaced
+        raise CheckpointError(f"{path} was rewritten while its thresholds were computed (is its run training?); it "
+                              "is left as the trainer wrote it. Run this again once the run has stopped.")
+    save_checkpoint(path, {**checkpoint, "ood": stats})
     return stats
+
+
+def _version(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """Which file ``path`` is now: a checkpoint is replaced whole (a new inode), never written in place."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def run(args: argparse.Namespace) -> int:
