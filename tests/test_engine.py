@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 
 from core import paths
 from core.checkpoints import REQUIRED_KEYS, load_checkpoint, save_checkpoint
+from core.datasets import class_counts
 from core.run_store import RunStore, RunStoreError
 from tests.data_fixtures import make_caltech101
 from train import distributed as ddp
@@ -425,11 +427,21 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
         run_tiny(raw, resume=True)
     assert RunStore().get_run("tiny")["state"] == "failed"
     payload["class_names"] = classes
-    payload["sampler"] = {**payload["sampler"], "n": payload["sampler"]["n"] + 1}  # as if an image had been added
     save_checkpoint(last, payload)
-    with pytest.raises(TrainingFailed, match=rf"its training images changed since the checkpoint "
-                                             rf"\({payload['sampler']['n']} then, {payload['sampler']['n'] - 1} now"):
+    extra = next(tmp_path.glob("caltech101/101_ObjectCategories/*/image_0001.jpg"))
+    trained = sum(class_counts("caltech101", tmp_path, "train").values())
+    for number in range(1000, 1100):  # an image added to the data set since the stop, one the split trains on
+        added = extra.with_name(f"image_{number}.jpg")
+        shutil.copy(extra, added)
+        if sum(class_counts("caltech101", tmp_path, "train").values()) > trained:
+            break
+        added.unlink()
+    with pytest.raises(TrainingFailed, match=r"its training images changed since the checkpoint \(\d+ then, \d+ "
+                                             r"now: images were added or removed\); put them back as they were and "
+                                             r"resume, or start a new run\.$"):
         run_tiny(raw, resume=True)
+    added.unlink()  # ... as the advice says: put back, the run resumes
+    assert run_tiny(raw, resume=True) == "finished"
 
 
 def test_a_resume_with_another_number_of_processes_says_how_and_keeps_the_run_resumable(tmp_path, monkeypatch):

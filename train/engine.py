@@ -408,7 +408,7 @@ class Trainer:
             expected = {**sampler.state_dict(), "epoch": start_epoch, "start": batches_done * stage.batch_size}
             problem = resume_mismatch(checkpoint, self.config.written_for(index, checkpoint), expected)
             if problem:
-                raise TrainingFailed(f"{label} cannot resume: {problem}; start a new run instead.")
+                raise TrainingFailed(f"{label} cannot resume: {problem}.")
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             kept = checkpoint["metrics"]  # best_val_acc: checkpoints before `select`, which chose by accuracy

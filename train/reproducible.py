@@ -96,20 +96,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def resume_mismatch(checkpoint: dict[str, Any], same_config: bool, sampler: dict[str, Any]) -> str | None:
-    """Why ``checkpoint`` cannot continue this run exactly (its stage config or sample order differ), or None.
+    """Why ``checkpoint`` cannot continue this run exactly (its stage config or sample order differ) and what to
+    do, or None.
 
     ``same_config``: whether it was written for this stage's config (``PipelineConfig.written_for``).
     ``sampler`` is the position this run would resume at; only the keys the checkpoint stored are compared.
     """
     if not same_config:
-        return "its checkpoint was written for a different stage configuration"
+        return "its checkpoint was written for a different stage configuration; start a new run instead"
     stored = checkpoint.get("sampler") or {}
     keys = ("seed", "n", "world", "epoch", "start") if "n" in stored else ("seed",)  # older files: seed only
     differ = [k for k in keys if k in stored and stored[k] != sampler.get(k)]
     if "n" in differ:
         return (f"its training images changed since the checkpoint ({stored['n']} then, {sampler.get('n')} now: "
-                "images were added or removed)")
+                "images were added or removed); put them back as they were and resume, or start a new run")
     if differ:
         what = ", ".join(f"{k} {stored[k]} (now {sampler.get(k)})" for k in differ)
-        return f"its checkpoint's sample order differs ({what})"
+        return f"its checkpoint's sample order differs ({what}); start a new run instead"
     return None
