@@ -358,3 +358,12 @@ def test_a_command_imports_only_its_own_module(tmp_path):
                           cwd=paths.REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "0 False False"
+
+
+@pytest.mark.parametrize("argv", [["data", "caltech101", "--root", ""], ["eval", "x.pt", "--root", " "],
+                                  ["ood-thresholds", "x.pt", "--root", ""], ["run", "x.yaml", "--data-root", ""],
+                                  ["lr-find", "x.yaml", "--data-root", ""]])
+def test_an_empty_folder_argument_is_refused_not_read_as_the_current_folder(argv, capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2 and "is empty; give a folder" in capsys.readouterr().err

@@ -65,6 +65,13 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def folder(text: str) -> str:
+    """An argparse type: a path that is not empty (an empty one would quietly mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a folder")
+    return text
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of ``command``'s module, which alone is imported (`list` starts in a fraction of a second,
     without torch); for anything else (``--help``, a typo) every command, named from the sources."""

@@ -16,7 +16,7 @@ from core import paths
 from core.errors import UserError
 from core.sizes import iec_bytes
 from core.run_store import METRIC_COLUMNS, RunStore, RunStoreError
-from train.cli import at_least
+from train.cli import at_least, folder
 
 EXPORT_KEYS = ("kind", "stage", "stage_name", "epoch", "step", "time")
 
@@ -26,7 +26,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="pipeline YAML, e.g. train/configs/demo.yaml")
     p.add_argument("--run-name", help="name of the run (default: the config's name, made unique)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"), help="default: cuda, else mps, else cpu")
-    p.add_argument("--data-root", help="folder holding the data sets (for stages whose root is null)")
+    p.add_argument("--data-root", type=folder, help="folder holding the data sets (for stages whose root is null)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value: arch=resnet18, stages.2.epochs=3, stages.finetune.lr=0.01, "
                         "batch_size=32 (every stage); repeatable")
@@ -251,7 +251,7 @@ def confirmed(question: str, action: str) -> bool:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a ResLens checkpoint (.pt)")
     p.add_argument("--dataset", help="data set name (default: the one the checkpoint was trained on)")
-    p.add_argument("--root", help="data set root (default: the training root, or the data root)")
+    p.add_argument("--root", type=folder, help="data set root (default: the training root, or the data root)")
     p.add_argument("--split", choices=("train", "val"), default="val")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
     p.add_argument("--batch-size", type=int, default=64)

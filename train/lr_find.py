@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from core.errors import UserError
+from train.cli import folder
 
 SMOOTHING = 0.9
 BLOW_UP = 4.0
@@ -119,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=float, default=1e-6, help="first learning rate")
     p.add_argument("--end", type=float, default=1.0, help="last learning rate")
     p.add_argument("--device", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--data-root", help="folder holding the data sets (for stages whose root is null)")
+    p.add_argument("--data-root", type=folder, help="folder holding the data sets (for stages whose root is null)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--csv", help="also write every (lr, loss) pair to this CSV file")
     p.add_argument("--init", help="start from this checkpoint instead of the stage's init (for a stage with init "

@@ -11,12 +11,13 @@ from typing import Any
 
 from core import ood
 from core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from train.cli import folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a ResLens checkpoint (.pt); rewritten in place")
     parser.add_argument("--dataset", help="data set name (default: the one the checkpoint was trained on)")
-    parser.add_argument("--root", help="data set root (default: the training root, or the data root)")
+    parser.add_argument("--root", type=folder, help="data set root (default: the training root, or the data root)")
     parser.add_argument("--device", choices=("cpu", "cuda", "mps"))
     parser.add_argument("--batch-size", type=int, default=64)
 
