@@ -121,8 +121,8 @@ def _flatten_into(flat: dict[str, Any], prefix: str, value: Any) -> None:
 
 def config_rows(configs: Mapping[str, Mapping[str, Any]]) -> list[ConfigRow]:
     """The configs side by side (``configs`` maps a run name to its config): every key any run has, in the order
-    they first appear; a key that one run lacks has ``None`` there, the same as a null or an empty mapping (all
-    three mean the default)."""
+    they first appear; a key that one run lacks (a config of an older ResLens, or an option left out) has ``None``
+    there, the same as a null or an empty mapping."""
     flats = {run: flatten_config(config) for run, config in configs.items()}
     keys = dict.fromkeys(k for flat in flats.values() for k in flat)
     rows = []
@@ -134,9 +134,11 @@ def config_rows(configs: Mapping[str, Mapping[str, Any]]) -> list[ConfigRow]:
 
 def _canonical(value: Any) -> str:
     """A comparable text for any config value (1 and 1.0 are the same learning rate; null, absent and ``{}`` are
-    the same default)."""
-    if isinstance(value, bool) or value is None or value == {}:
-        return json.dumps(value or None)
+    the same; false is false)."""
+    if value is None or (isinstance(value, Mapping) and not value):
+        return "null"
+    if isinstance(value, bool):
+        return json.dumps(value)
     if isinstance(value, (int, float)):
         return repr(float(value))
     return json.dumps(value, sort_keys=True, default=str)

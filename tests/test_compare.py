@@ -41,9 +41,9 @@ def test_config_rows_flag_only_the_differences():
 
 
 def test_a_null_option_an_absent_one_and_no_options_are_the_same_config():
-    rows = config_rows({"a": {"stages": [{"options": {}}, {"options": {"val_fraction": 0.3}}]},
+    rows = config_rows({"a": {"amp": False, "stages": [{"options": {}}, {"options": {"val_fraction": 0.3}}]},
                         "b": {"stages": [{"options": {"val_fraction": None}}, {"options": {"val_fraction": 0.2}}]}})
-    assert [r.key for r in rows if r.differs] == ["stages.2.options.val_fraction"]
+    assert [r.key for r in rows if r.differs] == ["amp", "stages.2.options.val_fraction"]  # false is no null
 
 
 def test_the_root_of_a_generated_data_set_is_not_a_difference():
