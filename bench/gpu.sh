@@ -5,8 +5,8 @@
 #   bash bench/gpu.sh --device cpu --quick   # the same code paths, shrunk to a few minutes on a small CPU
 #
 # Runs bench/train_throughput.py (memory / compiled / per-sample cached / batched device feeds, and the trainer's
-# own loop) at each size, then its --speed-options (fused SGD, CUDA graphs, cudnn.benchmark: the GPU defaults still
-# to decide, at 96 px), then bench/gradcam.py. Without Caltech JPEGs at $RESLENS_BENCH_ROOT it writes synthetic
+# own loop) at each size, then its --speed-options (fused SGD and CUDA graphs: the GPU defaults still to decide, at
+# 96 px), then bench/gradcam.py. Without Caltech JPEGs at $RESLENS_BENCH_ROOT it writes synthetic
 # ones into a temporary folder. A sub-benchmark that fails is reported as failed; the others still run.
 set -u
 cd "$(dirname "$0")/.."

@@ -20,8 +20,7 @@ runs the trainer itself (train/engine.py, one stage, ``--trainer-epochs`` epochs
 reference (compiled when ``--compile``): not interleaved, but in the same run. Without Caltech JPEGs at
 ``--root``, ``--synthetic N`` writes N Caltech-layout JPEGs into a temporary folder. ``--precision`` and
 ``--speed-options`` instead compare variants of the step on the memory feed: fp32 / channels_last / amp, or
-the trainer's default against a fused SGD, ``torch.compile``, CUDA graphs and cuDNN autotuning off (the last
-three on CUDA). Examples:
+the trainer's default against a fused SGD, ``torch.compile`` and CUDA graphs (the last two on CUDA). Examples:
 
     python bench/train_throughput.py --root /work/shared/data/caltech101-mini --sizes 224 64
     python bench/train_throughput.py --device cuda --batch 256 --workers 12 --synthetic 4096 --trainer
@@ -111,7 +110,7 @@ class Step:
 
     def __init__(self, arch: str, classes: int, device: torch.device, amp: bool = True,
                  channels_last: bool = True, compile_model: bool = False, compile_mode: str | None = None,
-                 fused: bool = False, cudnn_benchmark: bool = True) -> None:
+                 fused: bool = False) -> None:
         self.device = device
         self.channels_last = channels_last and device.type in ("cuda", "cpu")
         self.model = build_model(arch, classes, "scratch").to(device)
@@ -122,12 +121,10 @@ class Step:
         self.cuda_graphs = compile_model and compile_mode == "reduce-overhead"
         # fused: one kernel for the whole SGD update; None keeps PyTorch's default (foreach on CUDA)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, fused=fused or None)
-        self.cudnn_benchmark = cudnn_benchmark
         self.amp = autocast_dtype(device) if amp else None
         self.normalize = Normalizer(IMAGENET_MEAN, IMAGENET_STD, self.channels_last).to(device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        torch.backends.cudnn.benchmark = self.cudnn_benchmark  # a global switch: each contender sets its own
         if self.cuda_graphs:  # a new step: the graphs' previous outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         images = images.to(self.device, non_blocking=True)
@@ -184,6 +181,7 @@ def interleaved(contenders: dict[str, tuple[Step, Callable[[], Batches]]], steps
 
 
 def bench_size(args: argparse.Namespace, size: int, device: torch.device) -> dict[str, Any]:
+    fresh_compiles()
     cached, build_s = cached_split(args.root, size, args.augment, args.workers)
     loader = DataLoader(cached, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
                         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
@@ -293,8 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     variants.add_argument("--precision", action="store_true",
                           help="instead: compare fp32 / channels_last / mixed precision (amp) on in-memory batches")
     variants.add_argument("--speed-options", action="store_true",
-                          help="instead: compare the fused optimizer, torch.compile, CUDA graphs and cudnn.benchmark "
-                               "(CUDA) on in-memory batches")
+                          help="instead: compare the fused optimizer, torch.compile and CUDA graphs (CUDA) on "
+                               "in-memory batches")
     return p.parse_args(argv)
 
 
@@ -303,22 +301,37 @@ PRECISION = {"fp32": {"amp": False, "channels_last": False}, "channels_last": {"
 
 
 def speed_options(device: torch.device) -> dict[str, dict[str, Any]]:
-    """The GPU defaults still to decide (issue 10), each a Step's options; the trainer's own default first."""
+    """The GPU defaults still to decide (issue 10), each a Step's options; the trainer's own default first.
+    (cuDNN autotuning off cannot be timed beside it: cuDNN's plan cache, shared by the process, keeps the tuned
+    plans whatever the flag says.)"""
     options: dict[str, dict[str, Any]] = {"eager": {}, "eager+fused": {"fused": True}}
     if device.type == "cuda":
         options = {"compiled": {"compile_model": True}, **options,
                    "compiled+fused": {"compile_model": True, "fused": True},
-                   "compiled+cuda_graphs": {"compile_model": True, "compile_mode": "reduce-overhead"},
-                   "eager, cudnn.benchmark off": {"cudnn_benchmark": False}}
+                   "compiled+cuda_graphs": {"compile_model": True, "compile_mode": "reduce-overhead"}}
     return options
 
 
 def compare_steps(args: argparse.Namespace, size: int, device: torch.device,
                   variants: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Training img/s (memory feed) of one Step per variant (its options), steps taken in turn."""
+    fresh_compiles()
     contenders = {name: (Step(args.arch, 102, device, **options), lambda: random_batches(args.batch, size, device))
                   for name, options in variants.items()}
     return {name: args.batch / s for name, s in interleaved(contenders, args.steps).items()}
+
+
+def fresh_compiles() -> None:
+    """Forget earlier compilations: a second input size of the same model code would otherwise be compiled with
+    dynamic shapes (Dynamo's automatic dynamic), slower than the static ones the first size got."""
+    torch._dynamo.reset()
+
+
+def cuda_graph_skips() -> int:
+    """How often Inductor fell back from CUDA graphs to plain kernels in this process (0 when it never did)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def print_variants(args: argparse.Namespace, device: torch.device, variants: dict[str, dict[str, Any]],
@@ -329,6 +342,9 @@ def print_variants(args: argparse.Namespace, device: torch.device, variants: dic
         base = next(iter(rates))
         print(f"{args.arch} {size} px, batch {args.batch}, {name}, amp dtype {autocast_dtype(device)}: " +
               ", ".join(f"{k} {v:.1f} img/s ({v / rates[base]:.2f}x {base})" for k, v in rates.items()), flush=True)
+        if cuda_graph_skips():  # then "cuda_graphs" timed plain compiled kernels, at least in part
+            print(f"note: Inductor skipped CUDA graphs {cuda_graph_skips()} time(s); TORCH_LOGS=perf_hints says why",
+                  flush=True)
 
 
 def temporary_folder(prefix: str) -> Path:
@@ -343,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     args.compile = device.type == "cuda" if args.compile is None else args.compile
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as the trainer sets it (fixed input sizes)
     if args.fresh_cache:
         os.environ["RESLENS_HOME"] = str(temporary_folder("reslens-bench-"))
     if args.synthetic and not (Path(args.root) / "caltech101" / "101_ObjectCategories").is_dir():
