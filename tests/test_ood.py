@@ -15,6 +15,7 @@ from core import ood, paths
 from core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from tests.app_fixtures import REPO
 from tests.test_engine import one_thread, run_tiny, tiny_config  # noqa: F401
+from train.ood_cmd import add_ood_thresholds
 
 
 def test_scores_are_softmax_maximum_and_logsumexp():
@@ -113,7 +114,6 @@ def test_trainer_stores_thresholds_and_the_command_recomputes_them_for_older_che
 def test_thresholds_of_a_checkpoint_rewritten_meanwhile_are_not_saved_over_it(tmp_path, monkeypatch):
     """A trainer that writes a new last.pt while the command evaluates the old one: the new file is kept."""
     from train import engine
-    from train.ood_cmd import add_ood_thresholds
 
     assert run_tiny(tiny_config(tmp_path, epochs=(1,))) == "finished"
     best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
@@ -129,3 +129,20 @@ def test_thresholds_of_a_checkpoint_rewritten_meanwhile_are_not_saved_over_it(tm
     with pytest.raises(CheckpointError, match="was rewritten while its thresholds were computed"):
         add_ood_thresholds(best)
     assert load_checkpoint(best)["epoch"] == 7
+
+
+def test_thresholds_are_refused_for_a_checkpoint_whose_run_is_training(tmp_path):
+    assert run_tiny(tiny_config(tmp_path, epochs=(1,))) == "finished"
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom train.trainer_lock import trainer_lock\n"
+                               "with trainer_lock('tiny'):\n    print('held', flush=True)\n    time.sleep(120)"],
+                              cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"  # a trainer of the run, as far as the lock says
+        before = best.stat().st_mtime_ns
+        with pytest.raises(CheckpointError, match=f"{best} belongs to run tiny, which is training right now"):
+            add_ood_thresholds(best)
+        assert best.stat().st_mtime_ns == before
+    finally:
+        holder.kill()
+        holder.wait()

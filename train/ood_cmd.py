@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
-from core import ood
+from core import ood, paths
 from core.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from core.run_store import RunStoreError
 from train.cli import folder
+from train.trainer_lock import trainer_lock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,23 +31,48 @@ def add_ood_thresholds(path: str | os.PathLike[str], dataset: str | None = None,
     """Compute the thresholds on the validation split and store them in the checkpoint; returns them."""
     from train.engine import evaluate_checkpoint
 
-    before = _version(path)
-    found = evaluate_checkpoint(path, dataset, root, "val", device, batch_size)
-    preds = found.predictions
-    stats = ood.calibrate(preds.view_confidence, preds.logsumexp) if preds is not None else {}
-    if not stats:
-        raise CheckpointError(f"The validation split of {found.dataset} has no images, so {path} gets no thresholds.")
-    checkpoint = load_checkpoint(path)
-    if _version(path) != before:  # a trainer wrote it meanwhile: these thresholds are of the weights it replaced
-        raise CheckpointError(f"{path} was rewritten while its thresholds were computed (is its run training?); it "
-                              "is left as the trainer wrote it. Run this again once the run has stopped.")
-    save_checkpoint(path, {**checkpoint, "ood": stats})
+    with _no_trainer(path):
+        before = _version(path)
+        found = evaluate_checkpoint(path, dataset, root, "val", device, batch_size)
+        preds = found.predictions
+        stats = ood.calibrate(preds.view_confidence, preds.logsumexp) if preds is not None else {}
+        if not stats:
+            raise CheckpointError(f"The validation split of {found.dataset} has no images, so {path} gets no "
+                                  "thresholds.")
+        checkpoint = load_checkpoint(path)
+        if _version(path) != before:  # rewritten meanwhile: these thresholds are of the weights it replaced
+            raise CheckpointError(f"{path} was rewritten while its thresholds were computed (is its run "
+                                  "training?); it is left as it was written. Run this again once the run has stopped.")
+        save_checkpoint(path, {**checkpoint, "ood": stats})
     return stats
 
 
-def _version(path: str | os.PathLike[str]) -> tuple[int, int, int]:
-    """Which file ``path`` is now: a checkpoint is replaced whole (a new inode), never written in place."""
-    stat = os.stat(path)
+@contextmanager
+def _no_trainer(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the trainer lock of the run whose folder holds ``path`` (a checkpoint elsewhere has no trainer), so no
+    trainer rewrites it between the evaluation and the save; refuse one whose run is training."""
+    try:
+        run: str | None = Path(path).resolve().relative_to(paths.runs_dir().resolve()).parts[0]
+        folder = paths.run_dir(run)  # ValueError: not a run's name
+    except (ValueError, IndexError):
+        run = None
+    with ExitStack() as held:
+        if run is not None and folder.is_dir():
+            try:
+                held.enter_context(trainer_lock(run))
+            except RunStoreError:
+                raise CheckpointError(f"{path} belongs to run {run}, which is training right now; add its "
+                                      "thresholds once it has stopped.") from None
+        yield
+
+
+def _version(path: str | os.PathLike[str]) -> tuple[int, int, int] | None:
+    """Which file ``path`` is now (a checkpoint is replaced whole, a new inode); None when there is none (the
+    evaluation says so)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
