@@ -374,7 +374,7 @@ def stage_results_frame(stages: Sequence[Any]) -> pd.DataFrame:
     columns = ["run", "stage", "name", "data set", "epochs", "final acc", "final balanced acc", "best acc",
                "best balanced acc", "best epoch"]
     return pd.DataFrame([{
-        "run": s.run, "stage": s.stage, "name": s.name, "data set": s.dataset,
+        "run": s.run, "stage": s.stage, "name": s.name, "data set": s.data_set,
         "epochs": f"{s.completed_epochs}/{s.epochs}",
         "final acc": s.final_acc, "final balanced acc": s.final_balanced_acc,
         "best acc": s.best_acc, "best balanced acc": s.best_balanced_acc, "best epoch": s.best_epoch,

@@ -61,16 +61,15 @@ class RunRows:
         """0-based indices of the stages that have per-class results, ascending."""
         return [index for index in self.stages if self.store.class_result_epochs(self.name, index)]
 
-    def data_label(self, index: int) -> str:
-        """Stage ``index``'s data set as the reports name it: an image folder with its folder's name (two runs
-        on other folders of images read apart)."""
+    def data_folder(self, index: int) -> str:
+        """The folder name of stage ``index``'s image folder ('' for a named data set): two runs on other folders
+        of images both train on "imagefolder"."""
         stages = self.config.get("stages") or []
         planned = stages[index] if index < len(stages) and isinstance(stages[index], dict) else {}
         row = self.stages.get(index)
-        dataset = row["dataset"] if row else planned.get("dataset", "")
+        info = DATASETS.get(row["dataset"] if row else planned.get("dataset"))
         root = planned.get("root")
-        own_folder = (info := DATASETS.get(dataset)) is not None and info.own_folder
-        return f"{dataset} {Path(root).name}" if own_folder and root else dataset
+        return Path(root).name if info is not None and info.own_folder and root else ""
 
     def class_result(self, index: int) -> dict[str, Any] | None:
         """The last per-class result of stage ``index`` (``RunStore.class_results``)."""
@@ -160,6 +159,11 @@ class StageResult:
     best_acc: float | None = None
     best_balanced_acc: float | None = None
     best_epoch: int | None = None
+    folder: str = ""  # an image folder's folder name (RunRows.data_folder)
+
+    @property
+    def data_set(self) -> str:
+        return data_text(self.dataset, self.folder)
 
 
 def stage_results(store: RunStore, run: str) -> list[StageResult]:
@@ -177,7 +181,7 @@ def _stage_results(rows: RunRows) -> list[StageResult]:
         result = StageResult(
             run=run, stage=index + 1,
             name=row["name"] if row else planned.get("name") or f"stage{index + 1}",
-            dataset=rows.data_label(index),
+            dataset=row["dataset"] if row else planned.get("dataset", ""), folder=rows.data_folder(index),
             epochs=int(row["epochs"] if row else planned.get("epochs") or 0),
             completed_epochs=int(row["completed_epochs"]) if row else 0,
         )
@@ -200,6 +204,11 @@ def _fill_accuracies(result: StageResult, epochs: pd.DataFrame) -> None:
 
 def _number(value: Any) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def data_text(dataset: str, folder: str = "") -> str:
+    """A stage's data set as reports name it: ``caltech101``, or ``imagefolder pets`` with its folder's name."""
+    return f"{dataset} {folder}" if folder else dataset
 
 
 # ----------------------------------------------------------------------------------------------- classes
@@ -235,6 +244,16 @@ class ClassComparison:
     stage_b: int | None = None
     dataset_a: str = ""
     dataset_b: str = ""
+    folder_a: str = ""  # image folders' folder names (RunRows.data_folder)
+    folder_b: str = ""
+
+    @property
+    def data_a(self) -> str:
+        return data_text(self.dataset_a, self.folder_a)
+
+    @property
+    def data_b(self) -> str:
+        return data_text(self.dataset_b, self.folder_b)
     classes: list[ClassChange] = field(default_factory=list)
     message: str | None = None
 
@@ -335,12 +354,15 @@ def _compare_classes(rows_a: RunRows, rows_b: RunRows, stage: int | None) -> Cla
             return ClassComparison(rows_a.name, rows_b.name, message=problem)
         picked.append(index)
     pair = (rows_a, rows_b)
-    datasets = [rows.data_label(i) for rows, i in zip(pair, picked)]
-    labels = [f"stage {i + 1} of {rows.name} ({dataset})" for rows, i, dataset in zip(pair, picked, datasets)]
+    datasets = [rows.stages[i]["dataset"] for rows, i in zip(pair, picked)]
+    folders = [rows.data_folder(i) for rows, i in zip(pair, picked)]
+    labels = [f"stage {i + 1} of {rows.name} ({data_text(dataset, folder)})"
+              for rows, i, dataset, folder in zip(pair, picked, datasets, folders)]
     comparison = class_comparison(rows_a.name, rows_a.class_result(picked[0]), rows_b.name,
                                   rows_b.class_result(picked[1]), *labels)
     comparison.stage_a, comparison.stage_b = picked[0] + 1, picked[1] + 1
     comparison.dataset_a, comparison.dataset_b = datasets
+    comparison.folder_a, comparison.folder_b = folders
     return comparison
 
 

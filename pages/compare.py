@@ -64,8 +64,8 @@ def classes_view(comparison: Comparison) -> None:
     if not result.classes:
         st.info(result.message or "Nothing to compare class by class.")
         return
-    st.caption(f"{other}: stage {result.stage_b} ({result.dataset_b}) against {baseline}: stage {result.stage_a} "
-               f"({result.dataset_a}). {result.counts_text()}. " + (result.message or ""))
+    st.caption(f"{other}: stage {result.stage_b} ({result.data_b}) against {baseline}: stage {result.stage_a} "
+               f"({result.data_a}). {result.counts_text()}. " + (result.message or ""))
     frame = result.frame()
     left, right = st.columns([3, 2])
     left.plotly_chart(charts.class_scatter_figure(frame, baseline, other), width="stretch")

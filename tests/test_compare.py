@@ -106,10 +106,12 @@ def test_image_folders_are_named_by_their_folder_in_stage_results_and_class_head
     for name, root in (("cats", "/data/cats-v1"), ("cats2", "/data/cats-v2")):
         cf.write_run(store, name, [cf.stage_config("own", "imagefolder", root=root)],
                      [[cf.result_with(["tabby", "siamese"], [5, 6])]])
-    assert [s.dataset for s in stage_results(store, "cats")] == ["imagefolder cats-v1"]
+    [cats] = stage_results(store, "cats")
+    assert (cats.dataset, cats.folder, cats.data_set) == ("imagefolder", "cats-v1", "imagefolder cats-v1")
     c = compare_classes(store, "cats", "cats2")
-    assert (c.dataset_a, c.dataset_b) == ("imagefolder cats-v1", "imagefolder cats-v2")
-    assert [s.dataset for s in stage_results(store, "scratch")] == ["caltech101"]  # a named set keeps its name
+    assert (c.dataset_a, c.folder_b, c.data_a, c.data_b) == ("imagefolder", "cats-v2", "imagefolder cats-v1",
+                                                             "imagefolder cats-v2")
+    assert [s.data_set for s in stage_results(store, "scratch")] == ["caltech101"]  # a named set keeps its name
 
 
 def test_a_chosen_stage_is_used_in_both_runs(store):

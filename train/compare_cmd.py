@@ -161,7 +161,7 @@ def _stage_summary(comparison: Comparison, run: str, stage: int) -> str:
 
 
 def _stages_md(comparison: Comparison) -> str:
-    rows = [[s.run, f"{s.stage} {s.name}", s.dataset, f"{s.completed_epochs}/{s.epochs}", percent(s.final_acc),
+    rows = [[s.run, f"{s.stage} {s.name}", s.data_set, f"{s.completed_epochs}/{s.epochs}", percent(s.final_acc),
              percent(s.final_balanced_acc), percent(s.best_acc), percent(s.best_balanced_acc)]
             for s in comparison.stages]
     return "## Results per stage\n\n" + table(
@@ -172,7 +172,7 @@ def _stages_md(comparison: Comparison) -> str:
 def _classes_md(c: ClassComparison, top: int) -> str:
     head = f"## Per class: {c.run_b} against {c.run_a}"
     if c.stage_a is not None:
-        head += f" ({c.run_a}: stage {c.stage_a}, {c.dataset_a}; {c.run_b}: stage {c.stage_b}, {c.dataset_b})"
+        head += f" ({c.run_a}: stage {c.stage_a}, {c.data_a}; {c.run_b}: stage {c.stage_b}, {c.data_b})"
     head += "\n\n"
     if not c.classes:
         return head + f"{c.message}\n"
