@@ -9,7 +9,8 @@ than ``max_ratio`` times. Only image files (``core.images.is_image_name`` whose 
 the others are skipped and listed by name. A refused archive leaves nothing behind: members are extracted into
 a hidden temporary folder that is renamed into place only once the result is a valid image folder. The same
 archive dropped again (the same SHA-256) gets the folder it was unpacked into before, while that folder still holds
-the files unpacked into it (one changed since gets a fresh copy beside it, and is left as it is).
+exactly the images unpacked into it, by name and size (one changed since gets a fresh copy beside it, and is left as
+it is; hidden files and what file managers leave there do not count).
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def unpack_image_zip(source: ZipSource, name: str, parent: str | os.PathLike[str
         _check_image_folder(inner, work, name)
         (work / MARKER).write_text(json.dumps({"sha256": digest, "folder": inner.relative_to(work).as_posix(),
                                                "images": len(members) - len(unreadable),
-                                               "skipped": skipped + unreadable}))
+                                               "skipped": skipped + unreadable, "files": _image_files(work)}))
         target = _claim(work, parent, upload_name(name))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -113,22 +114,27 @@ def _unpacked(target: Path, about: dict | None = None) -> Unpacked:
 
 
 def _unpacked_before(parent: Path, digest: str) -> Unpacked | None:
-    """The folder the same archive was unpacked into before (a zip dropped again), when it still holds as many
-    files as were unpacked into it: one whose images were since deleted or added to is not reused."""
+    """The folder the same archive was unpacked into before (a zip dropped again), when it still holds the images
+    unpacked into it and no others: one whose images were since deleted, added to or replaced is not reused."""
     for marker in sorted(parent.glob(f"*/{MARKER}")):
         try:
             about = json.loads(marker.read_text())
             if about["sha256"] == digest and (found := _unpacked(marker.parent, about)).folder.is_dir() \
-                    and _files_under(found.target) == found.images:
+                    and about.get("files") == _image_files(found.target):
                 return found
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a marker someone edited: that folder is not reused
     return None
 
 
-def _files_under(target: Path) -> int:
-    """The files an unpacked folder holds besides its marker."""
-    return sum(1 for p in target.rglob("*") if p.is_file() and p.name != MARKER)
+def _image_files(target: Path) -> dict[str, int]:
+    """The images an unpacked folder holds (relative path: size), hidden ones left out."""
+    found = {}
+    for path in target.rglob("*"):
+        relative = path.relative_to(target).as_posix()
+        if is_image_name(path.name) and not _hidden(relative) and path.is_file():
+            found[relative] = path.stat().st_size
+    return found
 
 
 def _sha256(source: ZipSource, name: str) -> str:

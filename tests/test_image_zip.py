@@ -51,8 +51,10 @@ def test_a_zip_of_class_folders_is_unpacked_under_the_data_root(tmp_path):
     kept = sorted(p.relative_to(found.target).as_posix() for p in found.target.rglob("*") if p.is_file())
     kept.remove(".reslens-upload.json")  # the archive's checksum, so the same zip dropped again is reused
     assert all(not Path(k).name.startswith(".") and k.split(".")[-1].lower() != "txt" for k in kept)
+    (found.folder / "dog" / "Thumbs.db").write_bytes(b"\0")  # what a file manager leaves changes nothing
     assert unpack_image_zip(data, "pets again.zip") == found  # the same archive again: its folder is reused
-    removed = next((found.folder / "dog").iterdir())
+    removed = sorted((found.folder / "dog").glob("*.*g"))[0]
+    shutil.copy(removed, removed.with_name("new.png"))
     removed.unlink()  # ... while it is as it was unpacked: a changed folder gets a fresh copy, and is kept
     fresh = unpack_image_zip(data, "pets again.zip")
     assert fresh.target == paths.uploads_dir() / "pets-again" and (fresh.folder / "dog" / removed.name).is_file()
