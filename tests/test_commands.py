@@ -362,7 +362,8 @@ def test_a_command_imports_only_its_own_module(tmp_path):
 
 @pytest.mark.parametrize("argv", [["data", "caltech101", "--root", ""], ["eval", "x.pt", "--root", " "],
                                   ["ood-thresholds", "x.pt", "--root", ""], ["run", "x.yaml", "--data-root", ""],
-                                  ["lr-find", "x.yaml", "--data-root", ""]])
+                                  ["lr-find", "x.yaml", "--data-root", ""], ["explain", "x.pt", "a.jpg", "--out", ""],
+                                  ["export-model", "x.pt", "--out", ""]])
 def test_an_empty_folder_argument_is_refused_not_read_as_the_current_folder(argv, capsys):
     with pytest.raises(SystemExit) as ended:
         main(argv)

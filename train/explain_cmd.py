@@ -30,7 +30,7 @@ from core.explain_files import map_name, npy_bytes, predictions_csv, prediction_
 from core.gradcam import ALL_METHODS, explain, recommended_layer, supported_layers
 from core.images import ImageError, load_image
 from core.overlay import COLORMAPS, overlay
-from train.cli import at_least, say
+from train.cli import at_least, folder, say
 
 BATCH = 8
 
@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", choices=tuple(SCALES), default="own",
                         help="own: each map stretched to 0-1; shared: one scale per layer over all images")
     parser.add_argument("--npy", action="store_true", help="also save each map as .npy (float32, input size)")
-    parser.add_argument("--out", required=True, help="folder to write the overlays and predictions into")
+    parser.add_argument("--out", required=True, type=folder,
+                        help="folder to write the overlays and predictions into")
     parser.add_argument("--top-k", type=at_least(1), default=5, help="predictions to print per image (default: 5)")
     parser.add_argument("--colormap", default="jet", choices=list(COLORMAPS), help="colormap (default: jet)")
     parser.add_argument("--opacity", type=float, default=0.5, help="overlay opacity in [0, 1] (default: 0.5)")

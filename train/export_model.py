@@ -23,6 +23,7 @@ import torch
 
 from core import images
 from core.errors import UserError
+from train.cli import folder
 
 FORMATS = {"torchscript": "model.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
 TEMPLATES = Path(__file__).resolve().parent / "export_templates"
@@ -36,7 +37,8 @@ class ExportError(UserError, ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a ResLens checkpoint (.pt)")
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="what to export to")
-    parser.add_argument("--out", required=True, help="folder to write the model, model.json and predict.py into")
+    parser.add_argument("--out", required=True, type=folder,
+                        help="folder to write the model, model.json and predict.py into")
 
 
 def _check_packages(fmt: str) -> None:
