@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -246,6 +246,8 @@ class ClassComparison:
     dataset_b: str = ""
     folder_a: str = ""  # image folders' folder names (RunRows.data_folder)
     folder_b: str = ""
+    classes: list[ClassChange] = field(default_factory=list)
+    message: str | None = None
 
     @property
     def data_a(self) -> str:
@@ -254,8 +256,6 @@ class ClassComparison:
     @property
     def data_b(self) -> str:
         return data_text(self.dataset_b, self.folder_b)
-    classes: list[ClassChange] = field(default_factory=list)
-    message: str | None = None
 
     def gains(self, k: int) -> list[ClassChange]:
         """The ``k`` classes B improved most (largest positive change first; ties by class name)."""

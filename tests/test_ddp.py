@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from core import paths
 from core.checkpoints import load_checkpoint
 from core.run_store import RunStore
@@ -43,21 +45,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_stop_that_reaches_one_rank_stops_them_all_and_resumes(tmp_path):
-    """The app's Stop signals rank 0's pid only; a signal may also land on one rank between steps."""
-    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(2,)))
+@pytest.mark.parametrize("epochs, resumed", [((2,), [(0, 1), (0, 2)]), ((1, 1), [(0, 1), (1, 1)])],
+                         ids=["within-a-stage", "at-a-stage-end"])
+def test_a_stop_that_reaches_one_rank_stops_them_all_and_resumes(tmp_path, epochs, resumed):
+    """The app's Stop signals rank 0's pid only; a signal may also land on one rank between steps (after a stage's
+    last epoch the ranks agree on it once the stage has ended, and stop between stages)."""
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=epochs))
     script = tmp_path / "stop_one_rank.py"
     script.write_text(STOP_ONE_RANK)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*torchrun, str(script), "run", str(path), "--run-name", "one", "--device", "cpu"], env={**one_thread_env(), "PYTHONPATH": str(paths.REPO_ROOT)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*torchrun, str(script), "run", str(path), "--run-name", "one", "--device", "cpu"],
+                          env={**one_thread_env(), "PYTHONPATH": str(paths.REPO_ROOT)}, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and "Connection closed" not in done.stderr, done.stderr[-3000:]  # a stop, no failure
     for said in ("closing signal", "Traceback", "FAILED"):  # torchrun killed no rank and reported no failure
         assert said not in done.stderr, done.stderr[-3000:]
     store = RunStore()
-    assert store.get_run("one")["state"] == "stopped" and [m["epoch"] for m in store.metrics("one", "epoch")] == [1]
+    stored = lambda: [(m["stage"], m["epoch"]) for m in store.metrics("one", "epoch")]  # noqa: E731
+    assert store.get_run("one")["state"] == "stopped" and stored() == resumed[:1]
     assert "Run one stopped; `torchrun --nproc_per_node=2 -m train resume one` continues it." in done.stdout
     done = subprocess.run([*torchrun, "-m", "train", "resume", "one", "--device", "cpu", "--quiet"],
                           env=one_thread_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert store.get_run("one")["state"] == "finished" and [m["epoch"] for m in store.metrics("one", "epoch")] == [1, 2]
+    assert store.get_run("one")["state"] == "finished" and stored() == resumed

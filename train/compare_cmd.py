@@ -51,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compare runs: config differences, results per stage, per-class gains and losses."""
     comparison = compare_runs(RunStore(), args.runs, args.stage)
-    if args.output and not Path(args.output).resolve().parent.is_dir():  # before any picture is written
-        raise CompareError(f"Cannot write the report to {args.output}: the folder "
-                           f"{Path(args.output).resolve().parent} does not exist.")
+    where = Path(args.output).resolve().parent if args.output else None
+    if where is not None and not where.is_dir():  # before any picture is written
+        raise CompareError(f"Cannot write the report to {args.output}: the folder {where} does not exist.")
     written = write_plots(comparison, args.plot) if args.plot else []
     text = {"md": markdown, "csv": to_csv, "json": to_json}[args.format](comparison, args.top)
     if args.format == "md" and written:

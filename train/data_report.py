@@ -28,8 +28,9 @@ GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "F"}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=list(DATASETS), help="data set to describe")
-    parser.add_argument("--root", default=None, type=folder, help="folder holding the data set (default: $RESLENS_DATA); "
-                                                      "for imagefolder, the image folder itself (required)")
+    parser.add_argument("--root", default=None, type=folder,
+                        help="folder holding the data set (default: $RESLENS_DATA); for imagefolder, the image folder "
+                             "itself (required)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--download", action="store_true", help="download the data set first if it is missing")
     parser.add_argument("--val-fraction", type=float, default=None,
