@@ -368,3 +368,14 @@ def test_an_empty_folder_argument_is_refused_not_read_as_the_current_folder(argv
     with pytest.raises(SystemExit) as ended:
         main(argv)
     assert ended.value.code == 2 and "is empty; give a folder" in capsys.readouterr().err
+
+
+def test_a_command_started_with_its_output_closed_does_its_work_quietly(tmp_path):
+    """`python -m train list >&-`: Python then has no sys.stdout at all (it used to end in a traceback)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(["bash", "-c", f"{sys.executable} -m train list >&-"], cwd=paths.REPO_ROOT,
+                          env={**os.environ, "RESLENS_HOME": str(tmp_path / "home")}, capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")

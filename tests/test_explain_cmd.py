@@ -137,6 +137,7 @@ def test_a_later_call_never_overwrites_the_maps_of_another_image_with_the_same_n
     [
         (["--target", "hexagon"], "no class named 'hexagon'"),
         (["--target", "7"], "out of range"),
+        (["--target", "²"], "no class named '²'"),  # a digit to str.isdigit, no number to int
         (["--layer", "layer9"], "no layer 'layer9'; valid layers: conv1, bn1, relu, maxpool, layer1"),
         (["--layer", "layer4"], "Layer 'layer4' has no single spatial map at 32 px (it is 1x1"),
         (["--target", "dog.jpg=hexagon"], "no class named 'hexagon'"),

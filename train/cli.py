@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.signals import Terminated, raise_on_stop
 
     argv = sys.argv[1:] if argv is None else argv
+    if sys.stdout is None:  # started with stdout closed (`>&-`): what is printed goes nowhere, the work is done
+        sys.stdout = open(os.devnull, "w")
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a class name gets it escaped, not a crash
         sys.stdout.reconfigure(errors="backslashreplace")
     command = argv[0] if argv and not argv[0].startswith("-") else None  # `-h run` is the top-level help

@@ -137,7 +137,7 @@ def parse_target(target: str | None, class_names: list[str]) -> int | None:
     folded = [name.casefold() for name in class_names]
     if target.casefold() in folded:
         return folded.index(target.casefold())
-    if target.lstrip("-").isdigit():
+    if target.lstrip("-").isdecimal():  # not isdigit(): '²' is a digit to it, and no number to int()
         index = int(target)
         if 0 <= index < len(class_names):
             return index
