@@ -62,10 +62,10 @@ def unique_stems(names: Sequence[str], earlier: dict[str, str] | None = None) ->
 
 
 def stems_in(records: Iterable[dict[str, Any]]) -> dict[str, str]:
-    """Stem -> image of the maps that prediction records name (a map's name starts with its stem and '_', which
-    no part of a name contains)."""
-    return {name.split("_")[0]: record["image"] for record in records if isinstance(record, dict)
-            for name in (record.get("overlays") or {}).values() if isinstance(name, str)}
+    """Stem -> image (its resolved ``path``, else the name it was given) of the maps that prediction records name
+    (a map's name starts with its stem and '_', which no part of a name contains)."""
+    return {name.split("_")[0]: record.get("path") or record["image"] for record in records
+            if isinstance(record, dict) for name in (record.get("overlays") or {}).values() if isinstance(name, str)}
 
 
 def prediction_record(image: str, probabilities: np.ndarray, class_names: Sequence[str], explained: int,

@@ -132,6 +132,22 @@ def test_a_later_call_never_overwrites_the_maps_of_another_image_with_the_same_n
         [(str(inputs["dog"]), names[1]), (str(twin), names[0])])
 
 
+def test_the_same_relative_path_typed_in_two_folders_is_two_images(checkpoint, tmp_path, monkeypatch):
+    """`cd a; explain dog.png` then `cd b; explain dog.png`: two images, so two maps and two records (the second
+    used to overwrite the first's, both being 'dog.png')."""
+    for folder, seed in (("a", 1), ("b", 3), ("a", 1)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        _write_image(tmp_path / folder / "dog.png", 20, 20, seed)
+        monkeypatch.chdir(tmp_path / folder)
+        assert main(["explain", str(checkpoint), "dog.png", "--target", "0", "--out", str(tmp_path / "out")]) == 0
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())["images"]
+    assert sorted((r["path"], *r["overlays"].values()) for r in records) == [
+        (str(tmp_path / "a" / "dog.png"), "dog_layer1_gradcam_circle.png"),
+        (str(tmp_path / "b" / "dog.png"), "dog-2_layer1_gradcam_circle.png")]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["dog-2_layer1_gradcam_circle.png",
+                                                                      "dog_layer1_gradcam_circle.png"]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     out = _output_folder(args.out)
     earlier = _earlier_predictions(out)  # before anything is written: a folder holding someone else's file is refused
     taken = stems_in(earlier.get("images", []))
-    for picture, stem in zip(pictures, unique_stems([str(p.path) for p in pictures], taken)):
+    for picture, stem in zip(pictures, unique_stems([str(p.path.resolve()) for p in pictures], taken)):
         picture.stem = stem
     top_k = min(max(1, args.top_k), len(info.class_names))
     records = []
@@ -230,7 +230,8 @@ def _write(picture: Picture, layers: list[str], scales: dict[Any, float], stats:
     probabilities = np.exp(picture.logits - picture.logits.max())
     record = prediction_record(
         str(picture.path), probabilities / probabilities.sum(), info.class_names, picture.explained, top_k,
-        size=list(picture.image.size), method=args.method, layers=layers, overlays=files,
+        path=str(picture.path.resolve()), size=list(picture.image.size), method=args.method, layers=layers,
+        overlays=files,
         smoothing=[s for s, on in (("aug", args.aug_smooth), ("eigen", args.eigen_smooth)) if on],
         scale=args.scale, ood=verdict.record())
     ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in record["predictions"])
@@ -260,7 +261,8 @@ def _merge_predictions(out: Path, earlier: dict[str, Any], records: list[dict[st
                        failures: list[dict[str, str]]) -> None:
     """Add this call's records to ``predictions.json`` (same image, layers, method and class replaced) and
     rewrite ``predictions.csv`` from them; each file replaced whole (a killed call leaves the previous one)."""
-    key = lambda r: (r.get("image"), tuple(r.get("layers") or ()), r.get("method"), r.get("explained_class"))  # noqa: E731
+    key = lambda r: (r.get("path") or r.get("image"), tuple(r.get("layers") or ()), r.get("method"),  # noqa: E731
+                     r.get("explained_class"))
     merged = {key(r): r for r in earlier.get("images", []) if isinstance(r, dict)}
     merged.update({key(r): r for r in records})
     failed = {f["image"]: f for f in earlier.get("failed", []) if isinstance(f, dict)}
