@@ -42,6 +42,15 @@ def map_name(image: str, layer: str, method: str, class_name: str, ext: str = "p
     return "_".join(file_part(p) for p in (image, layer, method, class_name)) + f".{ext}"
 
 
+def class_parts(class_names: Sequence[str]) -> dict[str, str]:
+    """Each class's part of a file name (``file_part``), with a short hash of the name added where two classes of
+    the model would share one ('a b' and 'a_b', 'C++' and 'Cpp'), so their maps never overwrite each other."""
+    parts = [file_part(name) for name in class_names]
+    shared = {part for part in parts if parts.count(part) > 1}
+    return {name: f"{part}-{hashlib.sha256(name.encode()).hexdigest()[:6]}" if part in shared else part
+            for name, part in zip(class_names, parts)}
+
+
 def unique_stems(names: Sequence[str], earlier: dict[str, str] | None = None) -> list[str]:
     """Each name's stem made safe for a file name (``file_part``), with ``-2``, ``-3``... added when two inputs
     share one (a/dog.jpg and b/dog.png; 'my dog.jpg' and 'my_dog.jpg'). ``earlier``: stems that earlier calls

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.checkpoints import save_checkpoint
+from core.checkpoints import load_checkpoint, save_checkpoint
 from core.models import Preprocessing, build_model
 from train.cli import main
 
@@ -240,6 +240,22 @@ def test_images_whose_names_differ_after_a_dot_get_their_own_files():
     stems = unique_stems(["a/my dog.jpg", "b/my_dog.jpg", "c/my-dog.png"])  # one name once made safe
     assert stems == ["my-dog", "my-dog-2", "my-dog-3"]
     assert len({map_name(s, "layer4", "gradcam", "cat") for s in stems}) == 3
+
+
+def test_classes_whose_names_are_one_once_made_safe_get_their_own_files(checkpoint, inputs, tmp_path):
+    from core.explain_files import class_parts
+
+    renamed = tmp_path / "renamed.pt"
+    save_checkpoint(renamed, {**load_checkpoint(checkpoint), "class_names": ["a b", "a_b", *CLASSES[2:]]})
+    for target in ("a b", "a_b"):
+        assert main(["explain", str(renamed), str(inputs["dog"]), "--target", target, "--out", str(tmp_path / "o")]) == 0
+    records = json.loads((tmp_path / "o" / "predictions.json").read_text())["images"]
+    files = {r["explained_class"]: r["overlays"]["layer1"] for r in records}
+    assert len(set(files.values())) == 2 and all((tmp_path / "o" / f).is_file() for f in files.values())
+    parts = class_parts(["a b", "a_b", "C++", "Cpp", "wild_cat", "dog"])
+    assert len(set(parts.values())) == 6  # 'a b' and 'a_b' were both 'a-b'; 'C++' and 'Cpp' both 'Cpp'
+    assert (parts["wild_cat"], parts["dog"]) == ("wild-cat", "dog")  # a name no other class shares stays short
+    assert parts["a b"].startswith("a-b-") and parts["C++"].startswith("Cpp-")
 
 
 @pytest.mark.parametrize("foreign", [b"[1, 2, 3]", b'{"model": "someone else\'s"}', b"not json"])

@@ -26,7 +26,8 @@ import torch
 from core import ood
 from core.cam_scale import SCALES, on_scale, scale_label, shared_scales
 from core.errors import UserError
-from core.explain_files import map_name, npy_bytes, predictions_csv, prediction_record, stems_in, unique_stems
+from core.explain_files import (class_parts, map_name, npy_bytes, predictions_csv, prediction_record, stems_in,
+                                unique_stems)
 from core.gradcam import ALL_METHODS, explain, recommended_layer, supported_layers
 from core.images import ImageError, load_image
 from core.overlay import COLORMAPS, overlay
@@ -215,6 +216,7 @@ def _write(picture: Picture, layers: list[str], scales: dict[Any, float], stats:
            top_k: int, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """The overlays (and .npy maps) of one image, and its prediction record."""
     class_name = info.class_names[picture.explained]
+    part = class_parts(info.class_names)[class_name]
     signed = args.method == "raw"
     files = {}
     for layer in layers:
@@ -222,10 +224,10 @@ def _write(picture: Picture, layers: list[str], scales: dict[Any, float], stats:
         shown = values if signed else on_scale(values, scale)
         png = overlay(picture.image, shown, info.preprocessing, colormap=args.colormap, opacity=args.opacity,
                       signed=signed, scale=scale, label=f"{args.method} ({scale_label(scale)})")
-        files[layer] = map_name(picture.stem, layer, args.method, class_name)
+        files[layer] = map_name(picture.stem, layer, args.method, part)
         (out / files[layer]).write_bytes(png)
         if args.npy:
-            (out / map_name(picture.stem, layer, args.method, class_name, "npy")).write_bytes(npy_bytes(values))
+            (out / map_name(picture.stem, layer, args.method, part, "npy")).write_bytes(npy_bytes(values))
     verdict = ood.assess(picture.logits, stats)
     probabilities = np.exp(picture.logits - picture.logits.max())
     record = prediction_record(
