@@ -411,6 +411,8 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "_after_step", stop_after_first)
     assert run_tiny(raw) == "stopped"
+    last = paths.run_dir("tiny") / "stage1-s1" / "last.pt"
+    assert RunStore().stages("tiny")[0]["last_path"] == str(last)  # the app reads "Resume continues" from it
     monkeypatch.setattr(Trainer, "_after_step", real_after)
     changed = {**raw, "stages": [{**raw["stages"][0], "lr": 0.02}]}
     with pytest.raises(TrainingFailed, match=r"^stage 1 \(s1\) cannot resume: its checkpoint was written for a "
@@ -418,7 +420,6 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
         run_tiny(changed, resume=True)
     with pytest.raises(TrainingFailed, match=r"sample order differs \(seed 0 \(now 7\)\)"):
         run_tiny({**raw, "seed": 7}, resume=True)
-    last = paths.run_dir("tiny") / "stage1-s1" / "last.pt"
     payload = load_checkpoint(last)
     classes, payload["class_names"] = payload["class_names"], payload["class_names"][:-1] + ["emu"]
     save_checkpoint(last, payload)  # as if a class folder had been swapped since the stop

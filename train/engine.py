@@ -623,8 +623,9 @@ class Trainer:
 
     def _save_stop(self, st: "_StageState", epoch: int, batch_index: int) -> None:
         self._flush_steps(st, epoch + 1, force=True)
-        if self.ctx.is_main:
-            self._save(st, "last", epoch, batch_index, {"best_score": st.best})
+        if self.ctx.is_main:  # recorded too: the app then says Resume continues from this step
+            last = self._save(st, "last", epoch, batch_index, {"best_score": st.best})
+            self.store.update_stage(self.run_name, st.index, last_path=str(last))
         ddp.barrier(self.ctx)
         raise StopRequested()
 
