@@ -130,20 +130,30 @@ def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
     top["seed"] = int(right.number_input("Seed", value=int(seed) if isinstance(seed, int) else 0, step=1,
                                          key=f"seed-{source}"))
     top.update(speed_settings(raw, source))
-    every = st.toggle("Show every column", key="all_columns",
+    every = st.toggle("Show every column", key="all_columns", on_change=keep_edited_rows, args=(source,),
                       help="The table also holds " + ", ".join(column_label(k) for k in hidden_columns()) + ".")
     if not every:
         st.caption("More settings per stage (optimizer, schedule, augmentation, freeze epochs, options, ...) are in "
                    "hidden columns: **Show every column** reveals them.")
-    frame = stages_frame(raw)
+    frame = st.session_state.get(f"kept-rows-{source}")
+    frame = stages_frame(raw) if frame is None else frame
     edited = st.data_editor(frame, key=f"stages-{source}", num_rows="dynamic", hide_index=False, width="stretch",
                             column_order=list(frame.columns) if every else EDITED,
                             column_config=column_config(frame))
+    st.session_state[f"edited-rows-{source}"] = edited
     try:
         config = rows_to_config(top, edited)
     except ConfigError as exc:
         return {**top, "stages": []}, exc
     return config, None
+
+
+def keep_edited_rows(source: str) -> None:
+    """Before the table shows other columns: Streamlit takes it for a new table and drops its edits, so the rows
+    as edited become the table's data."""
+    edited = st.session_state.get(f"edited-rows-{source}")
+    if edited is not None:
+        st.session_state[f"kept-rows-{source}"] = edited
 
 
 def speed_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:

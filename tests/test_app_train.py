@@ -87,6 +87,18 @@ def test_hidden_columns_are_findable():
     assert {"optimizer", "schedule", "augment", "freeze_epochs", "root"} <= set(shown)
 
 
+def test_showing_every_column_keeps_the_edits_made_before():
+    """The toggle gives the table other columns, which Streamlit takes for a new table: the edits were dropped."""
+    at = open_page("pages/train.py")
+    edit(at, edited={0: {"epochs": 1, "batch_size": 8}})
+    at.run()
+    assert (shown_yaml(at)["stages"][0]["epochs"], shown_yaml(at)["stages"][0]["batch_size"]) == (1, 8)
+    at.toggle(key="all_columns").set_value(True).run()
+    assert (shown_yaml(at)["stages"][0]["epochs"], shown_yaml(at)["stages"][0]["batch_size"]) == (1, 8)
+    at.toggle(key="all_columns").set_value(False).run()
+    assert (shown_yaml(at)["stages"][0]["epochs"], shown_yaml(at)["stages"][0]["batch_size"]) == (1, 8)
+
+
 def test_speed_switches_go_into_the_pipeline():
     at = open_page("pages/train.py")
     assert shown_yaml(at)["compile"] == "auto"
