@@ -113,8 +113,9 @@ def runs_table(runs: list[dict[str, Any]]) -> None:
 
 
 def find_checkpoints() -> list[Path]:
-    """Every ``*.pt`` under the ResLens home (runs' ``best``/``last`` and exported ones): the newest folder
-    first, and in a folder ``best.pt`` before the others."""
+    """Every ``*.pt`` under the ResLens home (runs' ``best``/``last`` and exported ones): folders with a
+    ``best.pt`` (a validated epoch) first, the newest folder first, and in a folder ``best.pt`` before the others (a
+    stage stopped before its first epoch ended has only a half-trained ``last.pt``: not the first choice)."""
     home = paths.reslens_home()
     if not home.is_dir():
         return []
@@ -122,7 +123,9 @@ def find_checkpoints() -> list[Path]:
     newest: dict[Path, float] = {}
     for p in found:
         newest[p.parent] = max(newest.get(p.parent, 0.0), p.stat().st_mtime)
-    return sorted(found, key=lambda p: (-newest[p.parent], str(p.parent), p.name != "best.pt", p.name))
+    validated = {p.parent for p in found if p.name == "best.pt"}
+    return sorted(found, key=lambda p: (p.parent not in validated, -newest[p.parent], str(p.parent),
+                                        p.name != "best.pt", p.name))
 
 
 def checkpoint_label(path: Path) -> str:

@@ -368,5 +368,7 @@ def test_checkpoints_newest_run_first_and_best_before_last():
     last, best = touch("new", "last.pt"), touch("new", "best.pt")
     os.utime(best, (2, 2))  # older than last.pt, still listed first in its folder
     assert common.find_checkpoints() == [best, last, old]
+    stopped = touch("stopped", "last.pt")  # the newest, but stopped before its first epoch ended: not first
+    assert common.find_checkpoints() == [best, last, old, stopped]
     day = datetime.fromtimestamp(2).strftime("%Y-%m-%d")  # 1970-01-01, or 1969-12-31 west of Greenwich
     assert common.checkpoint_label(best).startswith(f"new / stage1-a / best.pt · {day}")
