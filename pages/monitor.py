@@ -29,7 +29,9 @@ def pick_runs(runs: list[dict[str, Any]]) -> list[str]:
     store = common.store()
     with_metrics = (n for n in names if store.has_metrics(n))
     default = wanted or live[:1] or [next(with_metrics, names[0])]
-    return st.multiselect("Runs (several overlay for comparison)", names, default=default, key="monitor_pick")
+    picked = st.multiselect("Runs (several overlay for comparison)", names, default=default, key="monitor_pick")
+    st.session_state["monitor_runs"] = picked  # Streamlit forgets a widget's value on another page; this stays
+    return picked
 
 
 def eta_text(seconds: float | None) -> str:

@@ -176,6 +176,16 @@ def test_monitor_overlays_several_runs():
     assert {"demo-done · train loss", "demo-live · train loss"} <= names
 
 
+def test_monitor_keeps_the_runs_picked_when_the_user_comes_back_from_another_page():
+    fx.finished_run()
+    fx.running_run()
+    at = open_page("pages/monitor.py")
+    at.multiselect[0].set_value(["demo-done", "demo-live"]).run()
+    at.switch_page("pages/classes.py").run()
+    at.switch_page("pages/monitor.py").run()
+    assert at.multiselect[0].value == ["demo-done", "demo-live"]
+
+
 def test_monitor_says_which_overlaid_run_has_no_epoch_yet_and_survives_a_deleted_run():
     fx.finished_run()
     fx.running_run()
