@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-PREDICTION_COLUMNS = ("image", "rank", "class", "index", "probability", "explained_class", "ood")
+PREDICTION_COLUMNS = ("image", "rank", "class", "index", "probability", "explained_class", "method", "layers", "ood")
 
 
 MAX_PART_BYTES = 60  # four parts, their separators and the suffix stay under file systems' 255-byte names
@@ -93,7 +93,8 @@ def prediction_record(image: str, probabilities: np.ndarray, class_names: Sequen
 
 
 def predictions_csv(records: Iterable[dict[str, Any]]) -> str:
-    """One row per image and rank: image, rank, class, index, probability, explained class, OOD verdict."""
+    """One row per image and rank: image, rank, class, index, probability, explained class, the method and layers
+    that explained it (space-separated), OOD verdict."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -102,7 +103,8 @@ def predictions_csv(records: Iterable[dict[str, Any]]) -> str:
         for rank, p in enumerate(record["predictions"], start=1):
             writer.writerow({"image": _cell(record["image"]), "rank": rank, "class": _cell(p["class"]),
                              "index": p["index"], "probability": p["probability"],
-                             "explained_class": _cell(record["explained_class"]), "ood": verdict})
+                             "explained_class": _cell(record["explained_class"]), "method": record.get("method", ""),
+                             "layers": " ".join(record.get("layers") or []), "ood": verdict})
     return out.getvalue()
 
 

@@ -226,6 +226,22 @@ def test_cli_per_image_classes_layers_and_methods_accumulate(checkpoint, inputs,
     assert "(explaining triangle)" in first.stdout
 
 
+def test_a_later_call_that_rewrites_a_map_takes_it_from_the_earlier_record(checkpoint, inputs, tmp_path):
+    """layer1 and layer2 explained, then layer2 again with other options: the file is the second call's, so the
+    first record keeps layer1 only (it went on naming the rewritten file), and the CSV says which rows are which."""
+    out = tmp_path / "out"
+    assert main(["explain", str(checkpoint), str(inputs["dog"]), "--layer", "layer1", "--layer", "layer2",
+                 "--target", "0", "--out", str(out)]) == 0
+    assert main(["explain", str(checkpoint), str(inputs["dog"]), "--layer", "layer2", "--aug-smooth",
+                 "--target", "0", "--out", str(out)]) == 0
+    records = json.loads((out / "predictions.json").read_text())["images"]
+    assert [(r["layers"], r["overlays"], r["smoothing"]) for r in records] == [
+        (["layer1"], {"layer1": "dog_layer1_gradcam_circle.png"}, []),
+        (["layer2"], {"layer2": "dog_layer2_gradcam_circle.png"}, ["aug"])]
+    rows = list(csv.DictReader(io.StringIO((out / "predictions.csv").read_text())))
+    assert sorted({(r["method"], r["layers"]) for r in rows}) == [("gradcam", "layer1"), ("gradcam", "layer2")]
+
+
 def test_cli_unknown_layer_lists_the_valid_ones(checkpoint, inputs, tmp_path):
     done = _cli(str(checkpoint), str(inputs["dog"]), "--layer", "layer5", "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "Traceback" not in done.stderr
