@@ -242,6 +242,32 @@ def test_a_later_call_that_rewrites_a_map_takes_it_from_the_earlier_record(check
     assert sorted({(r["method"], r["layers"]) for r in rows}) == [("gradcam", "layer1"), ("gradcam", "layer2")]
 
 
+def test_a_call_waits_for_another_writing_into_the_same_folder(checkpoint, inputs, tmp_path, capsys):
+    """Calls side by side (`xargs -P`) into one --out: each merges its records after the other's (they used to
+    read the same predictions.json and keep only the last writer's records)."""
+    import fcntl
+    import threading
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = os.open(out, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another call, busy writing there
+    ended = []
+    call = threading.Thread(target=lambda: ended.append(main(["explain", str(checkpoint), str(inputs["dog"]),
+                                                                "--out", str(out)])))
+    call.start()
+    said = ""
+    deadline = time.monotonic() + 60
+    while "waiting for another explain" not in said and time.monotonic() < deadline:
+        time.sleep(0.05)
+        said += capsys.readouterr().err
+    assert f"waiting for another explain that writes into {out}" in said and not (out / "predictions.json").exists()
+    os.close(other)
+    call.join(timeout=60)
+    assert ended == [0] and (out / "predictions.json").is_file()
+
+
 def test_cli_unknown_layer_lists_the_valid_ones(checkpoint, inputs, tmp_path):
     done = _cli(str(checkpoint), str(inputs["dog"]), "--layer", "layer5", "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "Traceback" not in done.stderr

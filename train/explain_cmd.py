@@ -13,12 +13,14 @@ status 1 at the end if any failed); a checkpoint that cannot be loaded or a bad 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -91,6 +93,33 @@ def run(args: argparse.Namespace) -> int:
     pictures, failures = _read_images(args.images)
     assign_targets(pictures, args.target, info.class_names, args.images)
     out = _output_folder(args.out)
+    with _only_writer(out):
+        records = _explain_into(out, model, info, pictures, layers, failures, args)
+    say(f"wrote {len(records) * len(layers)} overlay(s) and the predictions to {out}")
+    if failures:
+        print(f"{len(failures)} of {len(args.images)} image(s) could not be read", file=sys.stderr)
+    return 1 if failures else 0
+
+
+@contextmanager
+def _only_writer(out: Path) -> Iterator[None]:
+    """One call at a time writes into ``out`` (its map names and the predictions files it merges into); another
+    waits for it, and says so."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another explain that writes into {out}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _explain_into(out: Path, model: torch.nn.Module, info: Any, pictures: list[Picture], layers: list[str],
+                  failures: list[dict[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every picture's maps and overlays into ``out``, merged into its predictions files; returns the records."""
     earlier = _earlier_predictions(out)  # before anything is written: a folder holding someone else's file is refused
     taken = stems_in(earlier.get("images", []))
     for picture, stem in zip(pictures, unique_stems([str(p.path.resolve()) for p in pictures], taken)):
@@ -108,10 +137,7 @@ def run(args: argparse.Namespace) -> int:
         scales = shared_scales((layer, p.maps[layer]) for p in pictures for layer in layers)
         records = [_write(p, layers, scales, info.ood, info, top_k, args, out) for p in pictures]
     _merge_predictions(out, earlier, records, failures)
-    say(f"wrote {len(records) * len(layers)} overlay(s) and the predictions to {out}")
-    if failures:
-        print(f"{len(failures)} of {len(args.images)} image(s) could not be read", file=sys.stderr)
-    return 1 if failures else 0
+    return records
 
 
 def check_layers(model: torch.nn.Module, image_size: int, asked: list[str] | None) -> list[str]:
