@@ -85,8 +85,9 @@ def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
     cols[5].metric("Top-5 accuracy", "n/a" if top5 is None else f"{top5:.1%}",
                    help="Images whose true class is among the model's 5 most likely classes (n/a with 5 "
                    "classes or fewer: every class is then among them).")
-    cols[1].metric("Balanced accuracy", f"{result['balanced_acc']:.1%}",
-                   delta=f"{result['balanced_acc'] - result['accuracy']:+.1%} vs accuracy", delta_color="off",
+    gap = f"{result['balanced_acc'] - result['accuracy']:+.1%}"
+    cols[1].metric("Balanced accuracy", f"{result['balanced_acc']:.1%}", delta_color="off",  # no arrow for no gap
+                   delta=None if gap in ("+0.0%", "-0.0%") else f"{gap} vs accuracy",
                    help="Mean of the per-class accuracies: every class counts the same, however small.")
     cols[2].metric("Classes", len(frame))
     for col, column, split in ((cols[3], "train images", "train"), (cols[4], "val images", "validation")):

@@ -382,3 +382,12 @@ def test_checkpoints_newest_run_first_and_best_before_last():
     assert common.find_checkpoints() == [best, last, old, stopped]
     day = datetime.fromtimestamp(2).strftime("%Y-%m-%d")  # 1970-01-01, or 1969-12-31 west of Greenwich
     assert common.checkpoint_label(best).startswith(f"new / stage1-a / best.pt · {day}")
+
+
+def test_classes_shows_no_gap_arrow_when_balanced_and_overall_accuracy_agree():
+    from tests import compare_fixtures as cf
+
+    cf.scratch_run()  # every class has 10 validation images: balanced accuracy is the accuracy
+    at = open_page("pages/classes.py")
+    balanced = next(m for m in at.metric if m.label == "Balanced accuracy")
+    assert balanced.value == next(m for m in at.metric if m.label == "Accuracy").value and not balanced.delta
