@@ -256,6 +256,9 @@ def most_confused_classes(confusion: Sequence[Sequence[float]], n: int) -> list[
     return list(chosen)[: min(n, len(off))]
 
 
+LABEL_CHARS = 24  # class names on a confusion matrix's axes
+
+
 def confusion_figure(
     confusion: Sequence[Sequence[float]],
     classes: Sequence[str],
@@ -290,11 +293,19 @@ def confusion_figure(
                       "<br>share of true class: %{customdata[1]:.1%}<extra></extra>",
         colorbar=dict(title="share" if normalize else "count"),
     ))
-    side = max(360, min(900, 18 * len(idx) + 160))
+    ticks = dict(tickmode="array", tickvals=names, ticktext=[short_label(n) for n in names],
+                 showticklabels=len(idx) <= 60)  # a long class name is cut on the axes (hover shows it whole)
+    label_px = 6 * max((len(t) for t in ticks["ticktext"]), default=0)  # the rotated labels' height, roughly
+    side = max(360, min(900, 18 * len(idx) + 160)) + (label_px if len(idx) <= 60 else 0)
     fig.update_layout(height=side, margin=dict(l=10, r=10, t=20, b=10),
-                      xaxis=dict(title="predicted", tickangle=-60, showticklabels=len(idx) <= 60),
-                      yaxis=dict(title="true", autorange="reversed", showticklabels=len(idx) <= 60))
+                      xaxis=dict(title="predicted", tickangle=-60, **ticks),
+                      yaxis=dict(title="true", autorange="reversed", **ticks))
     return fig
+
+
+def short_label(name: str, length: int = LABEL_CHARS) -> str:
+    """A class name cut to ``length`` characters for an axis, with an ellipsis where it was cut."""
+    return name if len(name) <= length else name[: length - 1] + "…"
 
 
 def _cell_text(counts: np.ndarray, shares: np.ndarray, normalize: bool, diagonal: bool) -> np.ndarray:

@@ -162,6 +162,19 @@ def test_confusion_figure_restricts_to_indices_with_row_shares():
     assert np.asarray(heat.z)[0].tolist() == [0.75, 0.0]
 
 
+def test_confusion_figure_cuts_long_class_names_on_its_axes_and_makes_room_for_them():
+    long = "class_007_an_extremely_long_descriptive_category_name"
+    classes = [f"{long}_{i}" for i in range(20)]
+    confusion = np.eye(20) * 3 + 1
+    fig = charts.confusion_figure(confusion, classes)
+    assert list(fig.data[0].x) == classes  # the cells and the hover keep the whole names
+    assert list(fig.layout.xaxis.ticktext) == list(fig.layout.yaxis.ticktext) == [charts.short_label(c) for c in classes]
+    assert all(len(t) == charts.LABEL_CHARS and t.endswith("…") for t in fig.layout.xaxis.ticktext)
+    short = charts.confusion_figure(confusion, [f"c{i}" for i in range(20)])
+    assert fig.layout.height - short.layout.height == 6 * (charts.LABEL_CHARS - 3)  # room for the longer labels
+    assert charts.short_label("dog") == "dog"
+
+
 def test_confusion_figure_without_diagonal_scales_colours_to_the_errors():
     result = _result()
     heat = charts.confusion_figure(result["confusion"], result["classes"]).data[0]
