@@ -292,7 +292,10 @@ def validated(config: dict[str, Any], error: ConfigError | None, images_refused:
         return parse_config(config, base_dir=CONFIG_DIR, check_data=False)
     except ConfigError as exc:
         waiting = exc.field == "root" and exc.stage is not None and not config["stages"][exc.stage].get("root")
-        if not (images_refused and waiting):
+        if waiting and not images_chosen():  # nothing to complain of yet: the user has not chosen the images
+            st.info(f"Stage {exc.stage + 1} trains on your own images: type their folder or drop a .zip of class "
+                    "folders under **Your own images** above.", icon=":material/photo_library:")
+        elif not (images_refused and waiting):
             st.error(f"{cell_ref(exc.stage, exc.field)}{exc}", icon=":material/error:")
         return None
 

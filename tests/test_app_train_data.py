@@ -61,8 +61,9 @@ def test_a_stage_root_is_where_the_page_looks_for_its_data(tmp_path):
 
 def test_a_folder_of_images_gets_its_data_report_and_launches(tmp_path, launched):
     folder = make_imagefolder(tmp_path / "pets", "split")
-    at = train_page(IMAGES)
-    assert any("root is required for dataset imagefolder" in e.value for e in at.error)
+    at = train_page(IMAGES)  # nothing chosen yet: where to choose the images, not an error
+    assert not at.error and any("Stage 1 trains on your own images: type their folder or drop a .zip" in i.value
+                                for i in at.info), [e.value for e in at.error]
     assert launch_button(at).disabled
     at.text_input(key="images_folder").set_value(str(folder)).run()
     assert not at.error, [e.value for e in at.error]
