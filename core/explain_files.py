@@ -13,6 +13,7 @@ import io
 import json
 import re
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,8 @@ def class_parts(class_names: Sequence[str]) -> dict[str, str]:
     """Each class's part of a file name (``file_part``), with a short hash of the name added where two classes of
     the model would share one ('a b' and 'a_b', 'C++' and 'Cpp'), so their maps never overwrite each other."""
     parts = [file_part(name) for name in class_names]
-    shared = {part for part in parts if parts.count(part) > 1}
-    return {name: f"{part}-{hashlib.sha256(name.encode()).hexdigest()[:6]}" if part in shared else part
+    counts = Counter(parts)
+    return {name: f"{part}-{hashlib.sha256(name.encode()).hexdigest()[:6]}" if counts[part] > 1 else part
             for name, part in zip(class_names, parts)}
 
 

@@ -294,10 +294,14 @@ def _merge_predictions(out: Path, earlier: dict[str, Any], records: list[dict[st
     merged = {key(r): r for r in earlier.get("images", []) if isinstance(r, dict)}
     claimed = {name for r in records for name in r["overlays"].values()}
     for k, old in list(merged.items()):  # a map this call rewrote is this call's now, not an earlier record's
-        kept = {layer: name for layer, name in (old.get("overlays") or {}).items() if name not in claimed}
-        if kept != old.get("overlays"):
-            merged[k] = {**old, "overlays": kept, "layers": [layer for layer in old.get("layers") or [] if layer in kept]}
-        if not kept:
+        overlays = old.get("overlays") or {}
+        kept = {layer: name for layer, name in overlays.items() if name not in claimed}
+        if kept == overlays:
+            continue
+        if kept:
+            layers = [layer for layer in old.get("layers") or [] if layer in kept]
+            merged[k] = {**old, "overlays": kept, "layers": layers}
+        else:
             del merged[k]
     merged.update({key(r): r for r in records})
     failed = {f["image"]: f for f in earlier.get("failed", []) if isinstance(f, dict)}
