@@ -342,9 +342,9 @@ def print_variants(args: argparse.Namespace, device: torch.device, variants: dic
         base = next(iter(rates))
         print(f"{args.arch} {size} px, batch {args.batch}, {name}, amp dtype {autocast_dtype(device)}: " +
               ", ".join(f"{k} {v:.1f} img/s ({v / rates[base]:.2f}x {base})" for k, v in rates.items()), flush=True)
-        if cuda_graph_skips():  # then "cuda_graphs" timed plain compiled kernels, at least in part
-            print(f"note: Inductor skipped CUDA graphs {cuda_graph_skips()} time(s); TORCH_LOGS=perf_hints says why",
-                  flush=True)
+        skips = cuda_graph_skips()
+        if skips:  # then "cuda_graphs" timed plain compiled kernels, at least in part
+            print(f"note: Inductor skipped CUDA graphs {skips} time(s); TORCH_LOGS=perf_hints says why", flush=True)
 
 
 def temporary_folder(prefix: str) -> Path:

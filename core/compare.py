@@ -61,12 +61,20 @@ class RunRows:
         """0-based indices of the stages that have per-class results, ascending."""
         return [index for index in self.stages if self.store.class_result_epochs(self.name, index)]
 
+    @property
+    def stage_count(self) -> int:
+        """Stages of the run: its config's, or more where the store has rows beyond them."""
+        return max(len(self.config.get("stages") or []), max(self.stages, default=-1) + 1)
+
+    def planned(self, index: int) -> dict[str, Any]:
+        """Stage ``index`` as the run's config has it ({} beyond its stages)."""
+        stages = self.config.get("stages") or []
+        return stages[index] if index < len(stages) and isinstance(stages[index], dict) else {}
+
     def data_folder(self, index: int) -> str:
         """The folder name of stage ``index``'s image folder ('' for a named data set): two runs on other folders
         of images both train on "imagefolder"."""
-        stages = self.config.get("stages") or []
-        planned = stages[index] if index < len(stages) and isinstance(stages[index], dict) else {}
-        row = self.stages.get(index)
+        planned, row = self.planned(index), self.stages.get(index)
         info = DATASETS.get(row["dataset"] if row else planned.get("dataset"))
         root = planned.get("root")
         return Path(root).name if info is not None and info.own_folder and root else ""
@@ -173,11 +181,10 @@ def stage_results(store: RunStore, run: str) -> list[StageResult]:
 
 
 def _stage_results(rows: RunRows) -> list[StageResult]:
-    run, config_stages, stored, frame = rows.name, rows.config.get("stages") or [], rows.stages, rows.epochs
+    run, stored, frame = rows.name, rows.stages, rows.epochs
     results = []
-    for index in range(max(len(config_stages), max(stored, default=-1) + 1)):
-        row = stored.get(index)
-        planned = config_stages[index] if index < len(config_stages) else {}
+    for index in range(rows.stage_count):
+        row, planned = stored.get(index), rows.planned(index)
         result = StageResult(
             run=run, stage=index + 1,
             name=row["name"] if row else planned.get("name") or f"stage{index + 1}",
@@ -383,7 +390,7 @@ def _pick_stage(rows: RunRows, stage: int | None) -> tuple[int, str | None]:
         if not with_results:
             return -1, f"Run {rows.name} has no per-class results{_why_none(rows.state)}."
         return with_results[-1], None
-    count = max(len(rows.config.get("stages") or []), max(rows.stages, default=-1) + 1)
+    count = rows.stage_count
     if not 1 <= stage <= count:
         return -1, f"Run {rows.name} has no stage {stage}: it has {count} stage{'s' * (count != 1)}."
     if stage - 1 not in with_results:
