@@ -14,7 +14,7 @@ import yaml
 
 from core import paths
 from core.checkpoints import REQUIRED_KEYS, load_checkpoint, save_checkpoint
-from core.datasets import class_counts
+from core.datasets import class_counts, open_dataset
 from core.run_store import RunStore, RunStoreError
 from tests.data_fixtures import make_caltech101
 from train import distributed as ddp
@@ -402,6 +402,17 @@ def test_the_resume_line_says_where_a_run_continues(tmp_path):
                                                              "is recorded."
 
 
+def rename_a_training_image(root: Path) -> tuple[Path, Path]:
+    """Rename one training image so that it stays one (the split hashes file names): (old path, new path)."""
+    old = open_dataset("caltech101", root, "train").files[0]
+    for number in range(2000, 2100):
+        new = old.rename(old.with_name(f"image_{number}.jpg"))
+        if new in open_dataset("caltech101", root, "train").files:
+            return old, new
+        new.rename(old)
+    raise AssertionError("no new name kept the image in the training split")
+
+
 def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
     raw = tiny_config(tmp_path, epochs=(2,))
     real_after = Trainer._after_step
@@ -441,7 +452,13 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
                                              r"now: images were added or removed\); put them back as they were and "
                                              r"resume, or start a new run\.$"):
         run_tiny(raw, resume=True)
-    added.unlink()  # ... as the advice says: put back, the run resumes
+    added.unlink()
+    original, renamed = rename_a_training_image(tmp_path)
+    with pytest.raises(TrainingFailed, match=r"its training images changed since the checkpoint \(as many as then, "
+                                             r"but images were renamed, replaced or moved to another class\); put "
+                                             r"them back as they were and resume, or start a new run\.$"):
+        run_tiny(raw, resume=True)
+    renamed.rename(original)  # ... as the advice says: put back, the run resumes
     assert run_tiny(raw, resume=True) == "finished"
 
 

@@ -158,6 +158,11 @@ class StageData:
     classes: list[str]
     train_counts: list[int]
     preprocessing: Preprocessing
+    train_images: str = ""  # CachedImages.digest of the training split: a resume refuses other images
+
+    def position(self, sampler: ddp.ShardedSampler, epoch: int, start: int) -> dict[str, Any]:
+        """Where an epoch stands, as a checkpoint stores it and a resume compares it (``resume_mismatch``)."""
+        return {**sampler.state_dict(), "images": self.train_images, "epoch": epoch, "start": start}
 
 
 def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None] | None = None) -> StageData:
@@ -182,7 +187,7 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None]
     counts = [0] * len(classes)
     for t in train.targets:
         counts[t] += 1
-    return StageData(train, val, classes, counts, pre)
+    return StageData(train, val, classes, counts, pre, train.digest(stage.root))
 
 
 # ------------------------------------------------------------------- progress
@@ -405,7 +410,7 @@ class Trainer:
         start_epoch, batches_done, best = 0, 0, None
         if checkpoint is not None:
             start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
-            expected = {**sampler.state_dict(), "epoch": start_epoch, "start": batches_done * stage.batch_size}
+            expected = data.position(sampler, start_epoch, batches_done * stage.batch_size)
             problem = resume_mismatch(checkpoint, self.config.written_for(index, checkpoint), expected)
             if problem:
                 raise TrainingFailed(f"{label} cannot resume: {problem}.")
@@ -709,7 +714,7 @@ class Trainer:
         if kind == "last" and not stage_done:  # a finished stage never resumes: its last.pt keeps the weights only
             payload.update(
                 optimizer=st.optimizer.state_dict(), scheduler=st.scheduler.state_dict(),
-                sampler={**st.sampler.state_dict(), "epoch": epoch, "start": batches_done * st.stage.batch_size},
+                sampler=st.data.position(st.sampler, epoch, batches_done * st.stage.batch_size),
                 trainer_state=st.trainer_state(),
             )
         with self.stop.held():  # a stop signal is acted on after the write, never inside torch.save

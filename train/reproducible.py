@@ -105,11 +105,13 @@ def resume_mismatch(checkpoint: dict[str, Any], same_config: bool, sampler: dict
     if not same_config:
         return "its checkpoint was written for a different stage configuration; start a new run instead"
     stored = checkpoint.get("sampler") or {}
-    keys = ("seed", "n", "world", "epoch", "start") if "n" in stored else ("seed",)  # older files: seed only
+    keys = ("seed", "n", "world", "epoch", "start", "images") if "n" in stored else ("seed",)  # older: seed only
     differ = [k for k in keys if k in stored and stored[k] != sampler.get(k)]
-    if "n" in differ:
-        return (f"its training images changed since the checkpoint ({stored['n']} then, {sampler.get('n')} now: "
-                "images were added or removed); put them back as they were and resume, or start a new run")
+    if "n" in differ or "images" in differ:
+        what = (f"{stored['n']} then, {sampler.get('n')} now: images were added or removed" if "n" in differ
+                else "as many as then, but images were renamed, replaced or moved to another class")
+        return (f"its training images changed since the checkpoint ({what}); put them back as they were and resume, "
+                "or start a new run")
     if differ:
         what = ", ".join(f"{k} {stored[k]} (now {sampler.get(k)})" for k in differ)
         return f"its checkpoint's sample order differs ({what}); start a new run instead"
