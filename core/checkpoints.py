@@ -137,9 +137,7 @@ def _check_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise CheckpointError(
-            f"Checkpoint {path} is not a readable PyTorch file (truncated or corrupt, or another kind of file)."
-        ) from exc
+        raise CheckpointError(f"Checkpoint {path} {_not_a_zip(path)}") from exc
     packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
     if packed:
         raise CheckpointError(f"Checkpoint {path} was refused: its record {packed[0]} is compressed, which PyTorch "
@@ -150,6 +148,22 @@ def _check_archive(path: Path) -> None:
     if damaged:
         raise CheckpointError(f"Checkpoint {path} is damaged: its record {damaged} does not match its checksum "
                               "(the file was changed on disk since it was written).")
+
+
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickled torch.save magic number
+
+
+def _not_a_zip(path: Path) -> str:
+    """Why a file that is no zip archive is not read, from its first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(LEGACY_MAGIC):
+        return ("is in PyTorch's legacy format (torch.save before PyTorch 1.6, or with "
+                "_use_new_zipfile_serialization=False), which ResLens does not read: load it with torch.load and save "
+                "it again with torch.save to convert it.")
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "is a safetensors file, not a PyTorch checkpoint: give the .pt file ResLens wrote."
+    return "is not a readable PyTorch file (truncated or corrupt, or another kind of file)."
 
 
 def first_damaged_record(path: Path, records: list[zipfile.ZipInfo]) -> str | None:

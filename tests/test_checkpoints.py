@@ -50,6 +50,18 @@ def test_garbage_files_are_refused(tmp_path, content, match):
         load_checkpoint(path)
 
 
+def test_a_legacy_or_safetensors_file_is_named_not_called_corrupt(tmp_path):
+    from safetensors.torch import save_file
+
+    legacy, tensors = tmp_path / "old.pt", tmp_path / "w.safetensors"
+    torch.save(_payload(), legacy, _use_new_zipfile_serialization=False)
+    save_file({"w": torch.zeros(3)}, tensors)
+    with pytest.raises(CheckpointError, match=r"is in PyTorch's legacy format .* save it again with torch\.save"):
+        load_checkpoint(legacy)
+    with pytest.raises(CheckpointError, match=r"is a safetensors file, not a PyTorch checkpoint"):
+        load_checkpoint(tensors)
+
+
 def test_truncated_checkpoint_is_refused(tmp_path):
     path = save_checkpoint(tmp_path / "x.pt", _payload())
     data = path.read_bytes()
