@@ -103,17 +103,34 @@ def choose_source() -> tuple[str, dict[str, Any]]:
     """(a key for the chosen pipeline, its dict): a shipped one, an empty one, or a YAML file opened here."""
     options = shipped_configs() + [EMPTY, IMAGES, UPLOADED]
     default = options.index("demo.yaml") if "demo.yaml" in options else 0
-    source = st.selectbox("Start from", options, index=default, key="pipeline_source",
+    source = st.selectbox("Start from", options, index=default, key="pipeline_source", on_change=keep_edits,
                           help="A shipped pipeline from train/configs/, an empty one, one stage on your own images, "
                                "or any pipeline YAML file.")
     if source != UPLOADED:
-        return source, read_shipped(source)
+        return shown(source, read_shipped(source))
     upload = st.file_uploader("Open a pipeline YAML", type=["yaml", "yml"], key="pipeline_file")
     if upload is None:
         st.info("Choose a pipeline YAML file to edit it here.")
         st.stop()
     data = upload.getvalue()
-    return f"file-{hashlib.sha256(data).hexdigest()[:12]}", read_uploaded(data, upload.name)
+    return shown(f"file-{hashlib.sha256(data).hexdigest()[:12]}", read_uploaded(data, upload.name))
+
+
+def shown(source: str, raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(source, its pipeline with the settings it was left with, if another one was chosen since)."""
+    st.session_state["shown-source"] = source
+    return source, {**raw, **st.session_state.get(f"kept-top-{source}", {})}
+
+
+def keep_edits() -> None:
+    """Before another pipeline is shown: Streamlit forgets the widgets a run does not draw, so the settings and rows
+    of the one shown until now, as edited, become its defaults for when it is chosen again."""
+    source = st.session_state.get("shown-source")
+    if source is None:
+        return
+    keep_edited_rows(source)
+    if f"edited-top-{source}" in st.session_state:
+        st.session_state[f"kept-top-{source}"] = st.session_state[f"edited-top-{source}"]
 
 
 def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
@@ -141,6 +158,9 @@ def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
                             column_order=list(frame.columns) if every else EDITED,
                             column_config=column_config(frame))
     st.session_state[f"edited-rows-{source}"] = edited
+    st.session_state[f"edited-top-{source}"] = top
+    st.button("Undo my edits", key="undo-edits", on_click=forget_edits, args=(source,),
+              help="Back to this pipeline's own settings and stages, as its file has them.")
     try:
         config = rows_to_config(top, edited)
     except ConfigError as exc:
@@ -154,6 +174,13 @@ def keep_edited_rows(source: str) -> None:
     edited = st.session_state.get(f"edited-rows-{source}")
     if edited is not None:
         st.session_state[f"kept-rows-{source}"] = edited
+
+
+def forget_edits(source: str) -> None:
+    """Every widget and kept value of ``source``'s pipeline (their keys end with ``-{source}``), so that it is drawn
+    afresh from its file."""
+    for key in [k for k in st.session_state if str(k).endswith(f"-{source}")]:
+        del st.session_state[key]
 
 
 def speed_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:

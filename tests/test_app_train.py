@@ -99,6 +99,25 @@ def test_showing_every_column_keeps_the_edits_made_before():
     assert (shown_yaml(at)["stages"][0]["epochs"], shown_yaml(at)["stages"][0]["batch_size"]) == (1, 8)
 
 
+def test_another_pipeline_and_back_keeps_the_edits():
+    """Streamlit forgets a widget that one run does not draw: the first pipeline's settings and rows were reset."""
+    at = open_page("pages/train.py")
+    edit(at, edited={0: {"epochs": 1}})
+    at.text_input(key="name-demo.yaml").set_value("mine").run()
+    at.selectbox(key="compile-demo.yaml").set_value(True).run()
+    at.selectbox(key="pipeline_source").set_value("caltech101.yaml").run()
+    assert shown_yaml(at)["name"] != "mine"
+    at.selectbox(key="pipeline_source").set_value("demo.yaml").run()
+    config = shown_yaml(at)
+    assert (config["name"], config["compile"], config["stages"][0]["epochs"]) == ("mine", True, 1)
+    at.toggle(key="all_columns").set_value(True).run()  # and the table's own keeping still holds
+    assert shown_yaml(at)["stages"][0]["epochs"] == 1
+    at.button(key="undo-edits").click().run()
+    config, shipped = shown_yaml(at), yaml.safe_load(Path("train/configs/demo.yaml").read_text())
+    assert (config["name"], config["compile"], config["stages"][0]["epochs"]) == (
+        shipped["name"], shipped.get("compile", "auto"), shipped["stages"][0]["epochs"])
+
+
 def test_speed_switches_go_into_the_pipeline():
     at = open_page("pages/train.py")
     assert shown_yaml(at)["compile"] == "auto"
