@@ -63,6 +63,16 @@ def setup(requested_device: str | None = None) -> Dist:
     return Dist(rank, world, device)
 
 
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")  # what gloo says of a process that ended
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the group is gone (killed, out of
+    memory, crashed): gloo raises a plain RuntimeError saying so, NCCL a ``DistNetworkError``."""
+    network = getattr(dist, "DistNetworkError", ())
+    return isinstance(exc, network) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_GONE))
+
+
 def teardown(ctx: Dist) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -959,6 +959,12 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
             main_store.set_state(run_name, "interrupted")
             raise
         except BaseException as exc:
+            if ctx.enabled and ddp.peer_gone(exc):
+                gone = UserError(f"Another training process of run {run_name} ended while this one waited for it "
+                                 "(killed, out of memory or crashed: torchrun's report names it); "
+                                 f"`{resume_command(run_name, ctx.world)}` continues from the last saved checkpoint.")
+                main_store.set_state(run_name, "failed", error=str(gone))
+                raise gone from exc
             main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
