@@ -101,7 +101,7 @@ def decode_loader(root: str, size: int, batch: int, workers: int) -> DataLoader:
 def cached_split(root: str, size: int, augment: str, workers: int) -> tuple[CachedImages, float]:
     started = time.perf_counter()
     cached, _ = open_cached_split("caltech101", root, "train", {}, Preprocessing.for_size(size).resize,
-                                  augmentation(augment, size), workers)
+                                  augmentation(augment, size), workers, crop=size)
     return cached, time.perf_counter() - started
 
 

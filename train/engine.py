@@ -175,7 +175,7 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None]
     def open_split(split: str, augment: str, build: bool) -> tuple[CachedImages, Any]:
         return open_cached_split(stage.dataset, stage.root, split, stage.options, pre.resize,
                                  augmentation(augment, stage.image_size), stage.num_workers, build=build,
-                                 check=check)
+                                 check=check, crop=stage.image_size)
 
     if not ctx.is_main:
         ddp.barrier(ctx)  # rank 0 is building the cache
@@ -1043,7 +1043,7 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     classes = list(labeled.class_labels)
     check_compatible(info, class_names=classes)  # before the split is decoded into the image cache
     cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size),
-                                        opened=labeled)
+                                        opened=labeled, crop=pre.image_size)
     target = ddp.pick_device(device)
     model = build_model(info.arch, info.num_classes, "scratch")
     load_weights(model, inference_weights(raw), path)
@@ -1052,7 +1052,8 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
                                autocast_dtype=autocast_dtype(target), flip=flip)
     if options.get("skip_unreadable"):  # the train images it learnt from: none its cache build skipped
-        train_counts = counts_without_skipped(name, root, options, info.preprocessing.resize)
+        train_counts = counts_without_skipped(name, root, options, info.preprocessing.resize,
+                                              info.preprocessing.image_size)
     else:
         train_counts = list(class_counts(name, root, "train", **options).values())
     result = evaluation.class_result(classes, preds.confusion(len(classes)), train_counts, preds.top5_accuracy)

@@ -2,13 +2,14 @@
 
 Decoding JPEGs (or rendering synthetic images) every epoch can cost more than the training step
 itself on a CPU. ``cached_pixels`` decodes a split once, resizes the short side to ``size`` and
-centre-crops a ``size x size`` square (exactly what the evaluation transform does before its final
-crop), and stores the result as ``<RESLENS_HOME>/cache/images/<key>.npy`` (N x 3 x size x size,
+crops a ``size x size`` square placed so that its centre crop of the model's input size is exactly the
+evaluation transform's (``Resize`` then ``CenterCrop``: cropping twice, each offset rounded, would shift it a pixel),
+and stores the result as ``<RESLENS_HOME>/cache/images/<key>.npy`` (N x 3 x size x size,
 uint8). Later epochs and later runs memory-map that file. ``CachedImages`` then crops and flips
 uint8 tensors per sample (``data_path: workers``; ``train/device_batches.py`` does the same batch-wise on the
 device); normalisation happens on the device, batch-wise (``Normalizer``).
 
-The cache key covers the data set name, root, split, options, size and the list of image sources with each
+The cache key covers the data set name, root, split, options, size, crop and the list of image sources with each
 file's size and modification time, so an image replaced or edited in place gets a new cache (runs that are
 training keep their memory maps and finish). A side file ``<key>.json`` records the shape, size
 and a fingerprint of the pixels; a cache file that is truncated, damaged, swapped or overwritten is rebuilt
@@ -42,7 +43,7 @@ from core.images import ImageError
 from core.tempfiles import locked_temp, sweep_stale
 from train.signals import start_workers, worker_init_fn
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the square is placed for the final centre crop
 FINGERPRINT_BYTES = 64 << 20  # rows hashed by the fingerprint: every row of caches up to 64 MB, else a spread
 SPACE_MARGIN = 4 << 20  # left free after a build, so the run store can still record what happened
 
@@ -73,15 +74,27 @@ def _file_stamp(source: str) -> bytes:
     return f"{stat.st_size}:{stat.st_mtime_ns}\0".encode()
 
 
-class _Decoded(Dataset):
-    """``dataset`` items as ``(uint8 (3, size, size) tensor, readable)``: short side resized to ``size``,
-    centre-cropped; with ``skip_unreadable`` an image that cannot be decoded is a blank row, not an error."""
+def square_start(length: int, side: int, crop: int | None) -> int:
+    """Where a ``side``-long square starts on a resized image's axis of ``length`` so that the square's centre crop
+    of ``crop`` is the image's own (torchvision's ``CenterCrop`` offset, ``round((length - crop) / 2)``)."""
+    crop = side if crop is None else crop
+    start = int(round((length - crop) / 2.0)) - int(round((side - crop) / 2.0))
+    return min(max(start, 0), length - side)
 
-    def __init__(self, dataset: Any, size: int, skip_unreadable: bool = False) -> None:
-        self.dataset, self.size, self.skip_unreadable = dataset, size, skip_unreadable
-        self.prepare = transforms.Compose([
-            transforms.Resize(size, antialias=True), transforms.CenterCrop(size), transforms.PILToTensor(),
-        ])
+
+class _Decoded(Dataset):
+    """``dataset`` items as ``(uint8 (3, size, size) tensor, readable)``: short side resized to ``size``, a square
+    cut whose centre ``crop`` is the image's (``square_start``); with ``skip_unreadable`` an image that cannot be
+    decoded is a blank row, not an error."""
+
+    def __init__(self, dataset: Any, size: int, skip_unreadable: bool = False, crop: int | None = None) -> None:
+        self.dataset, self.size, self.skip_unreadable, self.crop = dataset, size, skip_unreadable, crop
+        self.resize = transforms.Resize(size, antialias=True)
+
+    def prepare(self, image: Any) -> torch.Tensor:
+        image = self.resize(image)
+        left, top = (square_start(n, self.size, self.crop) for n in image.size)
+        return transforms.functional.pil_to_tensor(image.crop((left, top, left + self.size, top + self.size)))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -97,11 +110,11 @@ class _Decoded(Dataset):
 
 
 def decode_all(dataset: Any, size: int, out: np.ndarray, workers: int = 0, skip_unreadable: bool = False,
-               check: Callable[[], None] | None = None) -> list[int]:
-    """Fill ``out`` (N x 3 x size x size uint8) with every image of ``dataset``, in order; return the indices
-    of the unreadable images skipped (``skip_unreadable``). ``check`` runs after every batch (it may raise
-    to stop the build)."""
-    loader = DataLoader(_Decoded(dataset, size, skip_unreadable), batch_size=32, num_workers=workers,
+               check: Callable[[], None] | None = None, crop: int | None = None) -> list[int]:
+    """Fill ``out`` (N x 3 x size x size uint8) with every image of ``dataset``, in order (squares placed for a
+    centre ``crop``); return the indices of the unreadable images skipped (``skip_unreadable``). ``check`` runs after
+    every batch (it may raise to stop the build)."""
+    loader = DataLoader(_Decoded(dataset, size, skip_unreadable, crop), batch_size=32, num_workers=workers,
                         worker_init_fn=worker_init_fn())
     start, skipped = 0, []
     for batch, readable in start_workers(loader):
@@ -127,7 +140,7 @@ def cached_pixels(dataset: Any, size: int, description: dict[str, Any], workers:
 
     With ``build=False`` the file must already exist (another DDP rank built it). ``description`` may hold
     ``options.skip_unreadable``: images that cannot be decoded are then left out (and listed) instead of
-    failing the build.
+    failing the build; and ``crop``, the model's input size the squares are placed for (``square_start``).
     """
     path, sources = _cache_path(dataset, size, description)
     shape = (len(dataset), 3, size, size)
@@ -176,7 +189,7 @@ def _build(dataset: Any, size: int, path: Path, shape: tuple[int, ...], workers:
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # sparse until written
         _reserve(fd, needed, path.parent, description)
-        skipped = decode_all(dataset, size, out, workers, skip, check)
+        skipped = decode_all(dataset, size, out, workers, skip, check, description.get("crop"))
         out.flush()
         side = {"shape": list(shape), "dtype": "uint8", "bytes": needed, "fingerprint": _fingerprint(out),
                 "skipped": skipped, "description": {**description, "size": size}}
@@ -189,13 +202,14 @@ def _build(dataset: Any, size: int, path: Path, shape: tuple[int, ...], workers:
     return skipped
 
 
-def counts_without_skipped(name: str, root: str | None, options: dict[str, Any], size: int) -> list[int]:
+def counts_without_skipped(name: str, root: str | None, options: dict[str, Any], size: int,
+                           crop: int | None = None) -> list[int]:
     """Images per class of a train split as its runs saw it: without the unreadable ones its cache build (at
-    ``size``) left out; every image counts while that split is not cached."""
+    ``size``, for ``crop``) left out; every image counts while that split is not cached."""
     from core.datasets import open_dataset
 
     dataset = open_dataset(name, root, "train", **options)
-    path, _ = _cache_path(dataset, size, _description(name, root, "train", options))
+    path, _ = _cache_path(dataset, size, _description(name, root, "train", options, crop))
     skipped = set(_read_side(path).get("skipped", [])) if path.exists() else set()
     counts = [0] * len(dataset.classes)
     for i, target in enumerate(dataset.targets):
@@ -203,9 +217,10 @@ def counts_without_skipped(name: str, root: str | None, options: dict[str, Any],
     return counts
 
 
-def _description(name: str, root: str | None, split: str, options: dict[str, Any]) -> dict[str, Any]:
+def _description(name: str, root: str | None, split: str, options: dict[str, Any],
+                 crop: int | None = None) -> dict[str, Any]:
     """What a cached split is of (with its size and images, this names its file)."""
-    return {"dataset": name, "root": str(root), "split": split, "options": options}
+    return {"dataset": name, "root": str(root), "split": split, "options": options, "crop": crop}
 
 
 def _cache_path(dataset: Any, size: int, description: dict[str, Any]) -> tuple[Path, list[str]]:
@@ -442,16 +457,18 @@ def _say_emptied_classes(dataset: Any, split: str, skipped: set[int], rows: list
 
 def open_cached_split(name: str, root: str | None, split: str, options: dict[str, Any], size: int,
                       transform: Any, workers: int = 0, build: bool = True,
-                      check: Callable[[], None] | None = None, opened: Any = None) -> tuple[CachedImages, Any]:
+                      check: Callable[[], None] | None = None, opened: Any = None,
+                      crop: int | None = None) -> tuple[CachedImages, Any]:
     """``(CachedImages, the underlying LabeledImages)`` for one split of a registered data set.
 
     ``check`` runs after every decoded batch of a build (it may raise to stop it); ``opened`` is the split already
-    opened with ``core.datasets.open_dataset`` (its classes checked before anything is decoded).
+    opened with ``core.datasets.open_dataset`` (its classes checked before anything is decoded); ``crop``: the
+    model's input size, whose centre crop of a cached square is then exactly the evaluation transform's.
     """
     from core.datasets import open_dataset
 
     dataset = opened if opened is not None else open_dataset(name, root, split, **options)
-    cached = cached_pixels(dataset, size, _description(name, root, split, options), workers, build, check)
+    cached = cached_pixels(dataset, size, _description(name, root, split, options, crop), workers, build, check)
     skipped = set(cached.skipped)
     rows = [i for i in range(len(dataset)) if i not in skipped]
     _say_emptied_classes(dataset, split, skipped, rows)
