@@ -42,6 +42,22 @@ def batch(checkpoint) -> tuple[torch.Tensor, torch.Tensor]:
         return images, model(images)
 
 
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """export-model's folder for a format, exported once per module (ONNX's export alone takes seconds); tests read
+    it and write their inputs elsewhere."""
+    folders: dict[str, Path] = {}
+
+    def folder(fmt: str) -> Path:
+        if fmt not in folders:
+            out = tmp_path_factory.mktemp(f"export-{fmt}") / "export"
+            assert main(["export-model", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+            folders[fmt] = out
+        return folders[fmt]
+
+    return folder
+
+
 def _logits(fmt: str, folder: Path, images: torch.Tensor) -> torch.Tensor:
     about = json.loads((folder / "model.json").read_text())
     if fmt == "torchscript":
@@ -68,10 +84,9 @@ def _logits(fmt: str, folder: Path, images: torch.Tensor) -> torch.Tensor:
     pytest.param("safetensors", marks=pytest.mark.skipif(not HAS_SAFETENSORS, reason=(
         "pip install safetensors (requirements-dev.txt)"))),
 ])
-def test_exported_logits_match_the_checkpoint(checkpoint, batch, tmp_path, fmt):
+def test_exported_logits_match_the_checkpoint(exported, batch, fmt):
     images, expected = batch
-    out = tmp_path / fmt
-    assert main(["export-model", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    out = exported(fmt)
     about = json.loads((out / "model.json").read_text())
     assert about["class_names"] == fx.shapes_classes() and about["arch"] == "resnet18"
     assert about["preprocessing"]["image_size"] == fx.IMAGE_SIZE and len(about["preprocessing"]["mean"]) == 3
@@ -87,9 +102,8 @@ def test_exported_logits_match_the_checkpoint(checkpoint, batch, tmp_path, fmt):
                                                   reason="onnx, onnxscript and onnxruntime are not installed")),
     pytest.param("safetensors", marks=pytest.mark.skipif(not HAS_SAFETENSORS, reason="safetensors is not installed")),
 ])
-def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt):
-    out = tmp_path / "export"
-    assert main(["export-model", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+def test_predict_py_runs_on_its_own_and_agrees(exported, batch, tmp_path, fmt):
+    out = exported(fmt)
     image = tmp_path / "red.png"
     image.write_bytes(fx.png_bytes(80))
     ran = subprocess.run([sys.executable, str(out / "predict.py"), str(image)], cwd=tmp_path, capture_output=True,
@@ -105,7 +119,7 @@ def test_predict_py_runs_on_its_own_and_agrees(checkpoint, batch, tmp_path, fmt)
 
 @pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.skipif(
     not (HAS_ONNXRUNTIME and HAS_ONNX_EXPORT), reason="onnx, onnxscript and onnxruntime are not installed"))])
-def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpoint, tmp_path, fmt):
+def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpoint, exported, tmp_path, fmt):
     """Transparency over grey, the EXIF orientation, 16-bit grey values (scaled, not clipped white) and a photo
     larger than core.images.MAX_SIDE, as core.images.load_image reads them: the same top-5 as the model (the
     pixels themselves: the next test)."""
@@ -113,8 +127,7 @@ def test_predict_py_reads_transparent_and_rotated_images_as_resLens_does(checkpo
 
     from core.images import load_image
 
-    out = tmp_path / "export"
-    assert main(["export-model", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    out = exported(fmt)
     clear = Image.new("RGBA", (60, 40), (0, 0, 0, 0))
     clear.paste((200, 30, 30, 255), (15, 5, 45, 35))
     clear.save(tmp_path / "alpha.png")
