@@ -92,6 +92,18 @@ class LabeledImages(Dataset):
         image = self.load_raw(index)
         return (self.transform(image) if self.transform is not None else image), self.targets[index]
 
+    def digest(self, root: str | os.PathLike[str] | None = None) -> str:
+        """A short hash of which images this holds, in order, with their classes (file names taken relative to
+        ``root``): an image added, removed, renamed, replaced by another name or moved to another class changes it."""
+        base = os.path.abspath(os.path.expanduser(root)) if root else None
+        h = hashlib.blake2b(digest_size=8)
+        for index, target in enumerate(self.targets):
+            name = self.source(index)
+            if base and os.path.isabs(name):
+                name = os.path.relpath(name, base)
+            h.update(f"{target}\0{name}\0".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
     def class_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(self.classes, 0)
         for target in self.targets:

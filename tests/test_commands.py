@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,33 @@ def test_eval_at_another_test_resolution_feeds_images_of_that_size(finished, cap
     for command in ("eval", "ood-thresholds"):  # both evaluate the checkpoint
         assert main([command, str(best), "--batch-size", "0"]) == 2
         assert "--batch-size must be at least 1, got 0." in capsys.readouterr().err
+
+
+def test_eval_warns_when_the_split_it_draws_is_not_the_one_the_checkpoint_trained_on(finished, tmp_path, capsys):
+    """Caltech's split is drawn from the files: with a validation image removed, a training image takes its place."""
+    from core.datasets import open_dataset
+
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    assert main(["eval", str(best)]) == 0
+    assert "warning" not in capsys.readouterr().err  # the same images: nothing to say
+    first = open_dataset("caltech101", tmp_path, "train").files[0]
+    added = [first.with_name(f"image_{n}.jpg") for n in range(100, 106)]  # the class's split is drawn again
+    for path in added:
+        shutil.copy(first, path)
+    assert main(["eval", str(best)]) == 0
+    assert capsys.readouterr().err == (
+        "warning: The images of caltech101 changed since this checkpoint was trained (added, removed, renamed or "
+        "moved): the val split is no longer the one it was validated on and may hold images it trained on, so its "
+        "figures may read high.\n")
+    assert RunStore().evaluations()[0]["data"]["note"].startswith("The images of caltech101 changed")
+    for path in added:
+        path.unlink()
+    for folder in (tmp_path / "caltech101" / "101_ObjectCategories").iterdir():  # one image a class: none to validate
+        for extra in sorted(folder.iterdir())[1:]:
+            extra.unlink()
+    assert main(["eval", str(best)]) == 2
+    assert capsys.readouterr().err == (f"error: The val split of caltech101 at {tmp_path} has no images: there is "
+                                       "nothing to evaluate.\n")
 
 
 def test_eval_refuses_a_data_set_with_other_classes(finished, tmp_path, capsys):

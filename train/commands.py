@@ -273,6 +273,8 @@ def evaluate(args: argparse.Namespace) -> int:
     found = evaluate_checkpoint(args.checkpoint, args.dataset, args.root, args.split, args.device,
                                 args.batch_size, store=RunStore(), flip=args.tta, image_size=args.image_size)
     r = found.result
+    if r.get("note"):
+        print(f"warning: {r['note']}", file=sys.stderr)
     top5 = f", top-5 accuracy {r['top5_acc']:.4f}" if r.get("top5_acc") is not None else ""
     size = f", at {args.image_size} px" if args.image_size else ""
     print(f"{found.checkpoint} on {found.dataset} ({found.split}, {sum(r['val_counts'])} images{size}): "

@@ -158,11 +158,12 @@ class StageData:
     classes: list[str]
     train_counts: list[int]
     preprocessing: Preprocessing
-    train_images: str = ""  # CachedImages.digest of the training split: a resume refuses other images
+    images: dict[str, str]  # LabeledImages.digest of each split: a resume refuses other images, eval warns
 
-    def position(self, sampler: ddp.ShardedSampler, epoch: int, start: int) -> dict[str, Any]:
-        """Where an epoch stands, as a checkpoint stores it and a resume compares it (``resume_mismatch``)."""
-        return {**sampler.state_dict(), "images": self.train_images, "epoch": epoch, "start": start}
+
+def position(sampler: ddp.ShardedSampler, epoch: int, start: int) -> dict[str, Any]:
+    """Where an epoch stands, as a checkpoint stores it and a resume compares it (``resume_mismatch``)."""
+    return {**sampler.state_dict(), "epoch": epoch, "start": start}
 
 
 def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None] | None = None) -> StageData:
@@ -180,14 +181,15 @@ def load_stage_data(stage: StageConfig, ctx: ddp.Dist, check: Callable[[], None]
     if not ctx.is_main:
         ddp.barrier(ctx)  # rank 0 is building the cache
     train, raw_train = open_split("train", stage.augment, ctx.is_main)
-    val, _ = open_split("val", "none", ctx.is_main)
+    val, raw_val = open_split("val", "none", ctx.is_main)
     if ctx.is_main:
         ddp.barrier(ctx)
     classes = list(raw_train.class_labels)
     counts = [0] * len(classes)
     for t in train.targets:
         counts[t] += 1
-    return StageData(train, val, classes, counts, pre, train.digest(stage.root))
+    images = {"train": raw_train.digest(stage.root), "val": raw_val.digest(stage.root)}
+    return StageData(train, val, classes, counts, pre, images)
 
 
 # ------------------------------------------------------------------- progress
@@ -410,8 +412,9 @@ class Trainer:
         start_epoch, batches_done, best = 0, 0, None
         if checkpoint is not None:
             start_epoch, batches_done = checkpoint["epoch"], checkpoint.get("batches_done", 0)
-            expected = data.position(sampler, start_epoch, batches_done * stage.batch_size)
-            problem = resume_mismatch(checkpoint, self.config.written_for(index, checkpoint), expected)
+            expected = position(sampler, start_epoch, batches_done * stage.batch_size)
+            problem = resume_mismatch(checkpoint, self.config.written_for(index, checkpoint), expected,
+                                      data.images["train"])
             if problem:
                 raise TrainingFailed(f"{label} cannot resume: {problem}.")
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -706,7 +709,7 @@ class Trainer:
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
             "run_name": self.run_name, "dataset": st.stage.dataset, "stopped_early": st.stopped_early,
-            "ood": st.ood,
+            "ood": st.ood, "images": st.data.images,
         }
         stage_done = batches_done == 0 and (epoch >= st.stage.epochs or st.stopped_early)
         # the weights its metrics were measured with (the EMA when on), except where a resume needs the raw ones
@@ -714,7 +717,7 @@ class Trainer:
         if kind == "last" and not stage_done:  # a finished stage never resumes: its last.pt keeps the weights only
             payload.update(
                 optimizer=st.optimizer.state_dict(), scheduler=st.scheduler.state_dict(),
-                sampler=st.data.position(st.sampler, epoch, batches_done * st.stage.batch_size),
+                sampler=position(st.sampler, epoch, batches_done * st.stage.batch_size),
                 trainer_state=st.trainer_state(),
             )
         with self.stop.held():  # a stop signal is acted on after the write, never inside torch.save
@@ -1006,6 +1009,26 @@ class Evaluation:
     predictions: evaluation.Predictions | None = None
 
 
+def split_changed(stored: dict[str, str], name: str, root: str | None, options: dict[str, Any], split: str,
+                  labeled: Any) -> str | None:
+    """What to know before trusting an evaluation on the data a checkpoint trained on, when its images changed since
+    (``stored``: the checkpoint's ``LabeledImages.digest`` per split): a split drawn from the files again can move
+    training images into validation."""
+    if "train" not in stored:
+        return None
+    train = labeled if split == "train" else open_dataset(name, root, "train", **options)
+    if train.digest(root) == stored["train"]:
+        return None
+    if split == "train":
+        return ("The training images changed since this checkpoint was trained: these are not exactly the ones it "
+                "learnt from.")
+    if labeled.digest(root) == stored.get(split):
+        return None
+    return (f"The images of {name} changed since this checkpoint was trained (added, removed, renamed or moved): the "
+            f"{split} split is no longer the one it was validated on and may hold images it trained on, so its "
+            "figures may read high.")
+
+
 def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None, root: str | None = None,
                         split: str = "val", device: str | None = None, batch_size: int = 64,
                         store: RunStore | None = None, flip: bool | None = None,
@@ -1040,8 +1063,12 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     if image_size is not None:
         pre = pre.at_size(image_size)
     labeled = open_dataset(name, root, split, **options)
+    if len(labeled) == 0:
+        raise UserError(f"The {split} split of {name} at {root} has no images: there is nothing to evaluate.")
     classes = list(labeled.class_labels)
     check_compatible(info, class_names=classes)  # before the split is decoded into the image cache
+    trained_on = same and root == trained.get("root") and options == (trained.get("options") or {})
+    note = split_changed(raw.get("images") or {}, name, root, options, split, labeled) if trained_on else None
     cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size),
                                         opened=labeled, crop=pre.image_size)
     target = ddp.pick_device(device)
@@ -1059,6 +1086,8 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     result = evaluation.class_result(classes, preds.confusion(len(classes)), train_counts, preds.top5_accuracy)
     result.update(loss=preds.loss, image_size=pre.image_size, flip=flip)  # how it was tested, shown with it
     wrong = evaluation.misclassified(preds, classes, cached.source, MISCLASSIFIED_KEPT)
+    if note:
+        result["note"] = note
     found = Evaluation(str(Path(path).resolve()), name, split, result, wrong, predictions=preds)
     if store is not None:
         found.id = store.add_evaluation(found.checkpoint, name, split, result, wrong, run=info.run_name)

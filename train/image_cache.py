@@ -411,18 +411,6 @@ class CachedImages(Dataset):
     def source(self, index: int) -> str:
         return self._source(self.rows[index]) if self._source is not None else f"{self.path}:{self.rows[index]}"
 
-    def digest(self, root: str | None = None) -> str:
-        """A short hash of which images this holds, in order, with their classes (file names taken relative to
-        ``root``): a renamed, replaced or relabelled image changes it, a moved cache folder does not."""
-        base = os.path.abspath(os.path.expanduser(root)) if root else None
-        h = hashlib.blake2b(digest_size=8)
-        for row, target in zip(self.rows, self.targets):
-            name = self._source(row) if self._source is not None else str(row)
-            if base and os.path.isabs(name):
-                name = os.path.relpath(name, base)
-            h.update(f"{target}\0{name}\0".encode("utf-8", "surrogateescape"))
-        return h.hexdigest()
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(np.array(self.pixels()[self.rows[index]]))
         return self.transform(image), self.targets[index]

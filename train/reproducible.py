@@ -95,18 +95,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_mismatch(checkpoint: dict[str, Any], same_config: bool, sampler: dict[str, Any]) -> str | None:
-    """Why ``checkpoint`` cannot continue this run exactly (its stage config or sample order differ) and what to
-    do, or None.
+def resume_mismatch(checkpoint: dict[str, Any], same_config: bool, sampler: dict[str, Any],
+                    train_images: str) -> str | None:
+    """Why ``checkpoint`` cannot continue this run exactly (its stage config, sample order or training images
+    differ) and what to do, or None.
 
     ``same_config``: whether it was written for this stage's config (``PipelineConfig.written_for``).
     ``sampler`` is the position this run would resume at; only the keys the checkpoint stored are compared.
+    ``train_images``: the training split's ``LabeledImages.digest`` now (older checkpoints store none).
     """
     if not same_config:
         return "its checkpoint was written for a different stage configuration; start a new run instead"
     stored = checkpoint.get("sampler") or {}
-    keys = ("seed", "n", "world", "epoch", "start", "images") if "n" in stored else ("seed",)  # older: seed only
+    keys = ("seed", "n", "world", "epoch", "start") if "n" in stored else ("seed",)  # older files: seed only
     differ = [k for k in keys if k in stored and stored[k] != sampler.get(k)]
+    if (checkpoint.get("images") or {}).get("train", train_images) != train_images:
+        differ.append("images")
     if "n" in differ or "images" in differ:
         what = (f"{stored['n']} then, {sampler.get('n')} now: images were added or removed" if "n" in differ
                 else "as many as then, but images were renamed, replaced or moved to another class")
