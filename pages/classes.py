@@ -31,7 +31,9 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
     a, b, c = st.columns(3)
     with_stages = next((i for i, name in enumerate(runs)
                         if any(store.class_result_epochs(name, s["idx"]) for s in store.stages(name))), 0)
-    run = a.selectbox("Run", runs, index=with_stages, key="classes_run")
+    kept = st.session_state.get("classes-run-kept")  # the widget's own state is gone after the evaluations view
+    run = a.selectbox("Run", runs, index=runs.index(kept) if kept in runs else with_stages, key="classes_run")
+    st.session_state["classes-run-kept"] = run
     stages = store.stages(run)
     if not stages:
         row = store.get_run(run)
@@ -44,12 +46,20 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
                         format_func=lambda i: f"{i + 1}: {stages[i]['name']} ({stages[i]['dataset']})")
     epochs = store.class_result_epochs(run, stage)
     if not epochs:
-        st.info("No per-class results for this stage yet: they are stored at the end of every epoch.")
+        state = store.get_run(run)["state"]
+        st.info("No per-class results for this stage yet: they are stored at the end of every epoch."
+                if state in ("queued", "running") else
+                f"No per-class results for this stage: the run ended ({state}) before the stage's first epoch did.")
         return None, [], None
     epoch = c.selectbox("Epoch", epochs[::-1], format_func=lambda e: f"epoch {e}")
-    best = stages[stage].get("best_path") or stages[stage].get("last_path")
-    return (store.class_results(run, stage, epoch), kept_misclassified(store, run, stage, epoch),
-            Path(best) if best else None)
+    return store.class_results(run, stage, epoch), kept_misclassified(store, run, stage, epoch), model_file(stages[stage])
+
+
+def model_file(stage: dict[str, Any]) -> Path | None:
+    """The stage's best.pt, else its last.pt, whichever is still on disk; the stored one (to say it is gone) when
+    neither is."""
+    stored = [Path(p) for p in (stage.get("best_path"), stage.get("last_path")) if p]
+    return next((p for p in stored if p.is_file()), stored[0] if stored else None)
 
 
 def kept_misclassified(store: RunStore, run: str, stage: int, epoch: int) -> list[dict[str, Any]]:
@@ -66,10 +76,19 @@ def pick_evaluation() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
     if not evaluations:
         st.info("No evaluations yet: run `python -m train eval CHECKPOINT` to add one.")
         return None, [], None
-    chosen = st.selectbox("Evaluation", evaluations, format_func=lambda e: (
+    ids = [e["id"] for e in evaluations]
+    kept = st.session_state.get("classes-evaluation-kept")  # as for the run: kept across the runs view
+    chosen = st.selectbox("Evaluation", evaluations, index=ids.index(kept) if kept in ids else 0, format_func=lambda e: (
         f"{Path(e['checkpoint']).name} on {e['dataset']} {e['split']}{tested(e['data'])} · "
         f"{datetime.fromtimestamp(e['time']):%Y-%m-%d %H:%M} · {common.checkpoint_label(Path(e['checkpoint']))}"))
-    return chosen["data"], chosen["misclassified"], Path(chosen["checkpoint"])
+    st.session_state["classes-evaluation-kept"] = chosen["id"]
+    return {**chosen["data"], "split": chosen["split"]}, chosen["misclassified"], Path(chosen["checkpoint"])
+
+
+def split_word(result: dict[str, Any]) -> str:
+    """What the evaluated images are: validation (a run's, or `eval`'s default), or the split `eval` was given."""
+    split = result.get("split", "val")
+    return {"val": "validation", "train": "training"}.get(split, split)
 
 
 def tested(result: dict[str, Any]) -> str:
@@ -80,7 +99,7 @@ def tested(result: dict[str, Any]) -> str:
 
 def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
     cols = st.columns(6)
-    cols[0].metric("Accuracy", f"{result['accuracy']:.1%}", help="Correct images / all validation images.")
+    cols[0].metric("Accuracy", f"{result['accuracy']:.1%}", help=f"Correct images / all {split_word(result)} images.")
     top5 = result.get("top5_acc")
     cols[5].metric("Top-5 accuracy", "n/a" if top5 is None else f"{top5:.1%}",
                    help="Images whose true class is among the model's 5 most likely classes (n/a with 5 "
@@ -90,7 +109,7 @@ def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
                    delta=None if gap in ("+0.0%", "-0.0%") else f"{gap} vs accuracy",
                    help="Mean of the per-class accuracies: every class counts the same, however small.")
     cols[2].metric("Classes", len(frame))
-    for col, column, split in ((cols[3], "train images", "train"), (cols[4], "val images", "validation")):
+    for col, column, split in ((cols[3], "train images", "train"), (cols[4], "val images", split_word(result))):
         ratio = charts.imbalance_ratio(frame[column].tolist())
         col.metric(f"Imbalance ({split})", "n/a" if math.isnan(ratio) else f"{ratio:.1f}x",
                    help="Largest class / smallest class.")
@@ -132,11 +151,12 @@ def confusion_view(result: dict[str, Any]) -> None:
                     width="stretch")
 
 
-def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int | None = None) -> None:
+def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int | None = None,
+            split: str = "validation") -> None:
     """The stored misclassified images (a run keeps its best and last epochs'), and Grad-CAM with ``checkpoint``."""
     from core.samples import missing_files
 
-    st.subheader("Misclassified validation images")
+    st.subheader(f"Misclassified {split} images")
     if not samples:
         st.caption("None stored for this choice.")
         return
@@ -144,6 +164,9 @@ def gallery(samples: list[dict[str, Any]], checkpoint: Path | None, epoch: int |
     if epoch is not None and kept is not None and kept != epoch:
         st.caption(f"These were misclassified at epoch {kept}; epoch {epoch}'s were not kept (ResLens keeps the "
                    "misclassified images of each stage's best and last epochs; older runs kept the last epoch's only).")
+    if checkpoint is not None and not checkpoint.is_file():
+        st.caption(f"Grad-CAM needs the model, and {checkpoint} is no longer there (deleted, or moved with its run "
+                   "folder).")
     if checkpoint is not None and checkpoint.is_file():
         st.caption(f"Grad-CAM uses {common.checkpoint_label(checkpoint)}.")
         held = common.checkpoint_epoch(checkpoint)
@@ -190,6 +213,8 @@ def body() -> None:
     result, samples, checkpoint = pick_evaluation() if source == "an evaluation" else pick_run_result()
     if result is None:
         return
+    if result.get("note"):
+        st.warning(result["note"], icon=":material/warning:")
     frame = charts.per_class_frame(result)
     summary(result, frame)
     left, right = st.columns(2)
@@ -200,7 +225,7 @@ def body() -> None:
         st.markdown("**Accuracy against class size**: does the long tail hurt?")
         st.plotly_chart(charts.accuracy_vs_size_figure(frame), width="stretch")
     confusion_view(result)
-    gallery(samples, checkpoint, result.get("epoch") if source == "a training run" else None)
+    gallery(samples, checkpoint, result.get("epoch") if source == "a training run" else None, split_word(result))
 
 
 common.run_page(body, "The Classes page")

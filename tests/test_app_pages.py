@@ -266,6 +266,62 @@ def test_classes_shows_a_train_eval_result():
     assert [c for c in at.image[0].captions] == ["heart → star (90%)"]
 
 
+def test_classes_keeps_the_chosen_run_and_evaluation_across_the_other_view():
+    """The run picker is not drawn while an evaluation is shown: Streamlit forgot it and showed the default run."""
+    from core.run_store import RunStore
+
+    fx.finished_run()
+    checkpoint = fx.finished_run("other")
+    result = RunStore().class_results("demo-done", 1)
+    for split in ("val", "train"):
+        RunStore().add_evaluation(str(checkpoint), "shapes-lt", split, result, [])
+    at = open_page("pages/classes.py")
+    at.selectbox(key="classes_run").set_value("other").run()
+    at.segmented_control[0].set_value("an evaluation").run()
+    at.selectbox[0].set_value(at.selectbox[0].options[1]).run()  # the older one: the val evaluation
+    at.segmented_control[0].set_value("a training run").run()
+    assert at.selectbox(key="classes_run").value == "other"
+    at.segmented_control[0].set_value("an evaluation").run()
+    assert at.selectbox[0].index == 1 and at.subheader[-1].value == "Misclassified validation images"
+    at.selectbox[0].set_value(at.selectbox[0].options[0]).run()  # `eval --split train`: said so, not "validation"
+    assert at.subheader[-1].value == "Misclassified training images"
+    assert "Imbalance (training)" in [m.label for m in at.metric]
+
+
+def test_classes_grad_cam_falls_back_to_last_pt_or_says_the_model_is_gone():
+    checkpoint = fx.finished_run()
+    last = checkpoint.with_name("last.pt")
+    last.write_bytes(checkpoint.read_bytes())
+    from core.run_store import RunStore
+
+    RunStore().update_stage("demo-done", 1, last_path=str(last))
+    checkpoint.unlink()
+    at = open_page("pages/classes.py")
+    assert any(c.value.startswith("Grad-CAM uses demo-done / stage2-finetune / last.pt") for c in at.caption)
+    last.unlink()
+    at.run()
+    assert f"Grad-CAM needs the model, and {checkpoint} is no longer there (deleted, or moved with its run folder)." \
+        in [c.value for c in at.caption]
+    assert not [t for t in at.toggle if t.label == "Grad-CAM"] and not at.exception
+
+
+def test_classes_says_why_a_stopped_stage_has_no_results_and_shows_an_evaluations_warning():
+    from core.run_store import RunStore
+
+    store = RunStore()
+    store.create_run("early", {"name": "early", "stages": [{"dataset": "shapes"}]})
+    store.upsert_stage("early", 0, "pretrain", "shapes", epochs=3, class_names=fx.shapes_classes())
+    store.set_state("early", "stopped")
+    at = open_page("pages/classes.py")
+    assert [i.value for i in at.info] == [
+        "No per-class results for this stage: the run ended (stopped) before the stage's first epoch did."]
+    checkpoint = fx.finished_run()
+    result = {**store.class_results("demo-done", 1), "note": "The images of shapes-lt changed since ..."}
+    store.add_evaluation(str(checkpoint), "shapes-lt", "val", result, [])
+    at.segmented_control[0].set_value("an evaluation").run()
+    assert [w.value for w in at.warning] == ["The images of shapes-lt changed since ..."]
+
+
 def test_train_downloads_a_missing_data_set_with_progress(monkeypatch):
     """The download button runs core.datasets.download (here a stand-in that writes the folder and reports
     progress) and the warning is gone afterwards."""
