@@ -1,7 +1,9 @@
 """ResNet models for ResLens and the preprocessing that travels with them."""
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -88,16 +90,37 @@ def imagenet_weights_file(arch: str) -> Path:
 
 
 def fetch_imagenet_weights(arch: str) -> None:
-    """Make sure the ImageNet weights of ``arch`` are in torchvision's cache (downloaded when missing), else raise
-    ``ModelError`` saying how to get them: before a run is made, not when its stage starts."""
-    if not imagenet_weights_file(arch).is_file():
+    """Make sure the ImageNet weights of ``arch`` are in torchvision's cache (downloaded when missing) and are the
+    published file, else raise ``ModelError`` saying how to get them: before a run is made, not when its stage
+    starts."""
+    if imagenet_weights_file(arch).is_file():
+        _check_cached_weights(arch)
+    else:
         _imagenet_state_dict(arch)
+
+
+def _check_cached_weights(arch: str) -> None:
+    """Refuse a cached weights file whose SHA-256 does not start with the prefix in its name (torch.hub's check,
+    which it makes only when it downloads): a download cut short, or another file copied under that name."""
+    cached = imagenet_weights_file(arch)
+    prefix = re.search(r"-([a-f0-9]+)\.", cached.name)
+    digest = hashlib.sha256()
+    with open(cached, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if prefix and not digest.hexdigest().startswith(prefix.group(1)):
+        raise ModelError(
+            f"The cached ImageNet weights {cached} are damaged or are not {arch}'s (their checksum does not match "
+            f"the one in the file name): delete the file and it is downloaded again, or copy the right one there "
+            f"from a machine that is online ({_weights(arch).url}).")
 
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     cached = imagenet_weights_file(arch)
-    try:  # reads the cache when the file is there, downloads it otherwise
-        return _weights(arch).get_state_dict(progress=False, check_hash=True)
+    if cached.is_file():
+        _check_cached_weights(arch)
+    try:  # reads the cache when the file is there, downloads it otherwise; weights only, never pickled code
+        return _weights(arch).get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - offline, refused, or a broken file: one sentence for the user
         raise ModelError(
             f"ImageNet weights for {arch} are not available: {cached.name} is not in the torchvision cache "

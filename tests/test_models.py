@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -45,7 +47,10 @@ def test_checkpoint_init_of_other_arch_is_refused(tmp_path):
 
 
 def test_imagenet_weights_read_from_torchvision_cache(tmp_path, monkeypatch):
+    from core import models
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "_check_cached_weights", lambda arch: None)  # stand-in weights: not the published file
     reference = build_model("resnet18", 1000)
     cached = imagenet_weights_file("resnet18")
     assert cached.is_relative_to(tmp_path)
@@ -54,6 +59,32 @@ def test_imagenet_weights_read_from_torchvision_cache(tmp_path, monkeypatch):
     model = build_model("resnet18", 5, "imagenet")
     assert model.fc.out_features == 5
     assert torch.equal(model.conv1.weight, reference.conv1.weight)
+
+
+def test_cached_imagenet_weights_that_are_not_the_published_file_are_refused_in_one_sentence(tmp_path, monkeypatch):
+    """A download cut short, or other weights copied under the name: torch.hub checks the hash only when it
+    downloads, so the stage failed with load_state_dict's traceback (or a pickled model was unpickled)."""
+    import hashlib
+
+    from core import models
+    from train import jobs
+    from train.config import ConfigError, parse_config
+    from tests.test_engine import tiny_config
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = imagenet_weights_file("resnet18")
+    cached.parent.mkdir(parents=True)
+    torch.save(build_model("resnet50", 1000).state_dict(), cached)
+    said = (f"The cached ImageNet weights {cached} are damaged or are not resnet18's (their checksum does not match "
+            "the one in the file name): delete the file and it is downloaded again, or copy the right one there")
+    with pytest.raises(ModelError, match=re.escape(said)):
+        build_model("resnet18", 5, "imagenet")
+    with pytest.raises(ConfigError, match=re.escape(f"stage 1 (s1): {said}")):  # before a run is made
+        jobs.check_inits(parse_config(tiny_config(tmp_path, epochs=(1,), init="imagenet")))
+    named = cached.with_name(f"resnet18-{hashlib.sha256(cached.read_bytes()).hexdigest()[:8]}.pth")
+    monkeypatch.setattr(models, "imagenet_weights_file", lambda arch: named)
+    cached.rename(named)
+    models._check_cached_weights("resnet18")  # a file whose checksum starts as its name says passes
 
 
 def test_imagenet_weights_missing_offline_names_file_and_folder(tmp_path, monkeypatch):
