@@ -196,14 +196,28 @@ def test_missing_package_and_bad_folder_are_one_sentence(checkpoint, tmp_path, c
     assert "Cannot create the output folder" in capsys.readouterr().err
     assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(blocker)]) == 2
     assert f"The output folder {blocker} is a file" in capsys.readouterr().err
-    (tmp_path / "taken" / "model.pt").mkdir(parents=True)
+    (tmp_path / "taken" / "model.json").mkdir(parents=True)
     assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "taken")]) == 2
-    assert capsys.readouterr().err == f"error: Cannot write the model to {tmp_path / 'taken' / 'model.pt'}: it is " \
-                                      "a folder.\n"
+    assert capsys.readouterr().err == f"error: Cannot write {tmp_path / 'taken' / 'model.json'}: it is a folder.\n"
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["model.json"]  # nothing written before the refusal
     if Path("/sys/kernel").is_dir():  # sysfs: not even root may create a file there
         code = main(["export-model", str(checkpoint), "--format", "torchscript", "--out", "/sys/kernel"])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: Cannot write in the output folder /sys/kernel: "), err
+
+
+def test_files_already_in_the_folder_are_replaced_only_when_asked(checkpoint, tmp_path, capsys):
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "predict.py").write_text("# my own script\n")
+    assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(mine)]) == 2
+    assert capsys.readouterr().err == (f"error: The output folder {mine} already holds predict.py: choose another "
+                                       "folder, or pass --overwrite to replace them (an earlier export).\n")
+    assert [p.name for p in mine.iterdir()] == ["predict.py"]
+    assert (mine / "predict.py").read_text() == "# my own script\n"
+    assert main(["export-model", str(checkpoint), "--format", "torchscript", "--out", str(mine), "--overwrite"]) == 0
+    assert sorted(p.name for p in mine.iterdir()) == ["model.json", "model.pt", "predict.py"]  # no staging left
+    assert (mine / "predict.py").read_text().startswith('"""Classify images with the exported model')
 
 
 def test_a_mid_epoch_last_pt_is_exported_with_a_note(checkpoint, tmp_path, capsys):

@@ -13,11 +13,13 @@ import inspect
 import io
 import json
 import os
+import shutil
 import tempfile
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -39,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="what to export to")
     parser.add_argument("--out", required=True, type=folder,
                         help="folder to write the model, model.json and predict.py into")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace those files when the folder already holds them (an earlier export)")
 
 
 def _check_packages(fmt: str) -> None:
@@ -69,8 +73,10 @@ def model_description(info: Any, fmt: str) -> dict[str, Any]:
     }
 
 
-def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str]) -> dict[str, Any]:
-    """Export the checkpoint's model as ``fmt`` into ``out``; returns what model.json says of it."""
+def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.PathLike[str],
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Export the checkpoint's model as ``fmt`` into ``out``, all three files or none (files already there are
+    replaced only with ``overwrite``); returns what model.json says of it."""
     from core.checkpoints import load_model
 
     if fmt not in FORMATS:
@@ -84,16 +90,19 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"Cannot create the output folder {folder}: {exc.strerror or exc}.") from exc
-    target = folder / FORMATS[fmt]
-    _check_writable(folder, target)
+    names = (FORMATS[fmt], "model.json", "predict.py")
+    _check_targets(folder, names, overwrite)
     example = torch.zeros(1, 3, info.preprocessing.image_size, info.preprocessing.image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notice, the ONNX exporter's chatter
-        _write(model.eval(), example, fmt, target)
     description = model_description(info, fmt)
-    (folder / "model.json").write_text(json.dumps(description, indent=2))
-    target.chmod((folder / "model.json").stat().st_mode & 0o777)  # safetensors writes 0600: as its neighbours
-    (folder / "predict.py").write_text(predict_script(fmt))
+    with _staging(folder) as staged:  # written beside, then moved in: a failure leaves the folder as it was
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notice, the ONNX exporter's chatter
+            _write(model.eval(), example, fmt, staged / names[0])
+        (staged / "model.json").write_text(json.dumps(description, indent=2), encoding="utf-8")
+        (staged / names[0]).chmod((staged / "model.json").stat().st_mode & 0o777)  # safetensors writes 0600
+        (staged / "predict.py").write_text(predict_script(fmt), encoding="utf-8")
+        for name in names:
+            os.replace(staged / name, folder / name)
     return description
 
 
@@ -115,16 +124,29 @@ def image_reading() -> str:
     return "\n\n".join(reading)
 
 
-def _check_writable(folder: Path, target: Path) -> None:
-    """Refuse, in one sentence, a model file that is a folder or a folder that cannot be written (the exporters
-    would fail with their own tracebacks)."""
-    if target.is_dir():
-        raise ExportError(f"Cannot write the model to {target}: it is a folder.")
+def _check_targets(folder: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse, in one sentence and before anything is written, a file to write that is a folder, or files already
+    there without ``overwrite`` (a user's own model.json or predict.py is not replaced unasked)."""
+    for name in names:
+        if (folder / name).is_dir():
+            raise ExportError(f"Cannot write {folder / name}: it is a folder.")
+    there = [name for name in names if os.path.lexists(folder / name)]
+    if there and not overwrite:
+        raise ExportError(f"The output folder {folder} already holds {', '.join(there)}: choose another folder, "
+                          "or pass --overwrite to replace them (an earlier export).")
+
+
+@contextmanager
+def _staging(folder: Path) -> Iterator[Path]:
+    """A temporary folder inside ``folder`` (so files move in with a rename), removed afterwards."""
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".reslens-write-test-"):
-            pass
+        staged = tempfile.mkdtemp(dir=folder, prefix=".reslens-export-")
     except OSError as exc:
         raise ExportError(f"Cannot write in the output folder {folder}: {exc.strerror or exc}.") from exc
+    try:
+        yield Path(staged)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _write(model: torch.nn.Module, example: torch.Tensor, fmt: str, target: Path) -> None:
@@ -154,7 +176,7 @@ def export_zip(checkpoint: str | os.PathLike[str], fmt: str) -> bytes:
 
 def run(args: argparse.Namespace) -> int:
     """Export a checkpoint's model (TorchScript, ONNX or safetensors) with model.json and predict.py."""
-    about = export_model(args.checkpoint, args.format, args.out)
+    about = export_model(args.checkpoint, args.format, args.out, args.overwrite)
     folder = Path(args.out)
     print(f"wrote {folder / about['file']}, model.json and predict.py to {folder} "
           f"(try: python {folder / 'predict.py'} IMAGE)")
