@@ -32,7 +32,7 @@ import unicodedata
 import urllib.request
 import zipfile
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -226,13 +226,26 @@ def download(name: str, root: str | Path | None = None, progress: DownloadProgre
     try:
         with _watch_download(base / str(info.archive), info.url, progress):
             info.fetcher(base, info.url)
-    except (OSError, RuntimeError, zipfile.BadZipFile, tarfile.TarError) as exc:
-        (base / str(info.archive)).unlink(missing_ok=True)  # a partial archive would be "found" next time
-        shutil.rmtree(target, ignore_errors=True)  # and so would a half-extracted folder
-        raise DatasetError(f"Downloading {info.title} from {info.url} failed: {exc}.") from exc
+    except BaseException as exc:  # a failure, or Ctrl-C / a stop: nothing partial may pass for the data set
+        _remove_partial(base, info)
+        if isinstance(exc, (OSError, RuntimeError, zipfile.BadZipFile, tarfile.TarError)):
+            raise DatasetError(f"Downloading {info.title} from {info.url} failed: {exc}. Or fetch {info.url} "
+                               f"yourself and unpack it so that {target} exists.") from exc
+        raise
     if not target.exists():
         raise DatasetError(f"Downloading {info.title} finished but {target} is still missing.")
     return target
+
+
+def _remove_partial(base: Path, info: DatasetInfo) -> None:
+    """What a download cut short leaves: the archive (it would be "found" next time), the half-unpacked folder (it
+    would pass for the data set), and the folders above it that it made (when nothing else is in them)."""
+    (base / str(info.archive)).unlink(missing_ok=True)
+    target = base / str(info.folder)
+    shutil.rmtree(target, ignore_errors=True)
+    for parent in target.relative_to(base).parents[:-1]:  # e.g. caltech101/ of caltech101/101_ObjectCategories
+        with suppress(OSError):
+            (base / parent).rmdir()
 
 
 @contextmanager
@@ -373,13 +386,19 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _caltech_listing(categories: Path, skip: set[str], split: str, label: Callable[[str], str],
                      **split_options: Any) -> Listing:
-    folders = sorted(p.name for p in categories.iterdir() if p.is_dir())
-    classes = [f for f in folders if f not in skip]
+    images = {p.name: _image_files(p) for p in sorted(categories.iterdir()) if p.is_dir()}
+    classes = [f for f, found in images.items() if f not in skip and found]
+    empty = [f for f, found in images.items() if f not in skip and not found]
     if not classes:
-        raise DatasetError(f"{categories} holds no class folders.")
-    excluded = {f: len(_image_files(categories / f)) for f in folders if f in skip}
-    files = {c: split_files(_image_files(categories / c), c, split, **split_options) for c in classes}
-    return Listing(classes, files, [label(c) for c in classes], excluded)
+        why = (f" (only {', '.join(sorted(skip & set(images)))}, which is not a class by default)." if skip & set(images)
+               else f": it may be partly unpacked; delete {categories.parent} and download it again.")
+        raise DatasetError(f"{categories} holds no class folders with images{why}")
+    notes = [f"{len(empty)} class folder(s) hold no images and are left out ({', '.join(empty[:5])}"
+             f"{', ...' if len(empty) > 5 else ''}): the data set may be partly unpacked; delete {categories.parent} "
+             "and download it again."] if empty else []
+    excluded = {f: len(found) for f, found in images.items() if f in skip or not found}
+    files = {c: split_files(images[c], c, split, **split_options) for c in classes}
+    return Listing(classes, files, [label(c) for c in classes], excluded, notes)
 
 
 def _caltech101_listing(root: Path, split: str, **split_options: Any) -> Listing:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -280,3 +281,44 @@ def test_a_download_that_dies_mid_extraction_leaves_no_half_folder(tmp_path, mon
     with pytest.raises(DatasetError, match="No space left"):
         datasets.download("tinyimagenet", root)
     assert not (root / "tiny-imagenet-200").exists()  # the next download starts afresh instead of "finding" it
+
+
+def test_a_download_stopped_by_ctrl_c_leaves_nothing_that_passes_for_the_data_set(tmp_path, monkeypatch):
+    """Only errors were cleaned up: a Ctrl-C (or the app's stop) left a class folder that counted as the download."""
+    root = tmp_path / "data"
+
+    def interrupted(base, url):
+        (base / "caltech101" / "101_ObjectCategories" / "accordion").mkdir(parents=True)
+        (base / "caltech101" / "caltech-101.zip").write_bytes(b"PK")  # where torchvision downloads it
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(DATASETS, "caltech101", replace(DATASETS["caltech101"], fetcher=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        datasets.download("caltech101", root)
+    assert list(root.iterdir()) == []  # no archive, no half folder, not even an empty caltech101/
+
+
+def test_a_failed_download_says_how_to_fetch_it_by_hand(tmp_path, monkeypatch):
+    def offline(base, url):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setitem(DATASETS, "caltech101", replace(DATASETS["caltech101"], fetcher=offline))
+    with pytest.raises(DatasetError, match=r"failed: .*Name or service not known>\. Or fetch https://\S+ yourself and "
+                                           rf"unpack it so that {re.escape(str(tmp_path / 'caltech101'))}\S* exists\."):
+        datasets.download("caltech101", tmp_path)
+
+
+def test_caltech_class_folders_without_images_are_left_out_and_said(tmp_path):
+    make_caltech101(tmp_path)
+    categories = tmp_path / "caltech101" / "101_ObjectCategories"
+    (categories / "zebra").mkdir()  # an unpack cut short: the folder made, no image yet
+    listed = open_dataset("caltech101", tmp_path, "train")
+    assert "zebra" not in listed.classes and listed.excluded["zebra"] == 0
+    assert listed.notes == [f"1 class folder(s) hold no images and are left out (zebra): the data set may be partly "
+                            f"unpacked; delete {categories.parent} and download it again."]
+    only_clutter = tmp_path / "c256" / "caltech256" / "256_ObjectCategories" / "257.clutter"
+    only_clutter.mkdir(parents=True)
+    shutil.copy(next(categories.glob("*/*.jpg")), only_clutter / "257_0001.jpg")
+    with pytest.raises(DatasetError, match=r"256_ObjectCategories holds no class folders with images \(only "
+                                           r"257\.clutter, which is not a class by default\)\."):
+        open_dataset("caltech256", tmp_path / "c256", "train")
