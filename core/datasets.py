@@ -390,7 +390,8 @@ def _caltech_listing(categories: Path, skip: set[str], split: str, label: Callab
     classes = [f for f, found in images.items() if f not in skip and found]
     empty = [f for f, found in images.items() if f not in skip and not found]
     if not classes:
-        why = (f" (only {', '.join(sorted(skip & set(images)))}, which is not a class by default)." if skip & set(images)
+        skipped = sorted(skip & set(images))
+        why = (f" (only {', '.join(skipped)}, which is not a class by default)." if skipped
                else f": it may be partly unpacked; delete {categories.parent} and download it again.")
         raise DatasetError(f"{categories} holds no class folders with images{why}")
     notes = [f"{len(empty)} class folder(s) hold no images and are left out ({', '.join(empty[:5])}"
