@@ -11,6 +11,7 @@ import mmap
 import os
 import pickle
 import shutil
+import stat
 import struct
 import unicodedata
 import zipfile
@@ -60,10 +61,14 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     """Write ``payload`` to ``path`` atomically: a locked temporary file in the same folder, fsync, then rename.
 
     A crash or a full disk during the write leaves the previous file at ``path`` untouched; temporary
-    files that a dead writer left in the folder are removed first (``core.tempfiles``).
+    files that a dead writer left in the folder are removed first (``core.tempfiles``). A file rewritten keeps its
+    permissions, and a symbolic link stays one: the file it points to is rewritten.
     """
-    path = Path(path)
+    given = path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else None
     payload = {**payload, "format_version": FORMAT_VERSION}
     sweep_stale(path.parent, f".{glob.escape(path.name)}.*.tmp")  # only our own kind: the folder may be anyone's
     fd, tmp = locked_temp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -72,6 +77,8 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+            if mode is not None:
+                os.chmod(tmp, mode)
             os.replace(tmp, path)  # while the lock is held: a sweeper never sees an unowned temporary file
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -79,7 +86,7 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
         if why is not None:
             raise CheckpointError(f"Could not save checkpoint {path}: {why}; the previous checkpoint is intact.") from exc
         raise
-    return path
+    return given
 
 
 def _write_failure(exc: BaseException, folder: Path) -> str | None:

@@ -1,6 +1,8 @@
 import errno
 import os
 
+import re
+
 import pytest
 import torch
 
@@ -198,3 +200,24 @@ def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch, e
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     monkeypatch.undo()
     assert load_checkpoint(path)["class_names"] == ["a", "b", "c"]
+
+
+def test_a_rewritten_checkpoint_keeps_its_permissions_and_a_link_stays_a_link(tmp_path):
+    """ood-thresholds rewrites a user's checkpoint: it became a 0600 copy in place of the link."""
+    real = save_checkpoint(tmp_path / "model.pt", _payload())
+    real.chmod(0o644)
+    link = tmp_path / "link.pt"
+    link.symlink_to(real)
+    save_checkpoint(link, {**_payload(), "epoch": 5})
+    assert link.is_symlink() and load_checkpoint(real)["epoch"] == 5
+    assert real.stat().st_mode & 0o777 == 0o644
+
+
+def test_ood_thresholds_refuse_a_read_only_checkpoint_before_evaluating(tmp_path):
+    from train.ood_cmd import add_ood_thresholds
+
+    path = save_checkpoint(tmp_path / "model.pt", _payload())
+    path.chmod(0o444)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))} is read-only, so its thresholds cannot be "
+                                              r"stored in it; copy it, or make it writable \(chmod u\+w\)"):
+        add_ood_thresholds(path)
