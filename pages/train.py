@@ -24,8 +24,8 @@ from core.images import MAX_UPLOAD_MB
 from core.sizes import iec_bytes
 from core.uploads import delete_uploaded, uploaded_sets
 from pages import common
-from train.config import (ARCHS, CHOICES, NAMED_INITS, PIPELINE_DEFAULTS, ConfigError, PipelineConfig,
-                          YamlRefused, check_stage_keys, parse_config, parse_settings, parse_yaml, stage_rows,
+from train.config import (ARCHS, CHOICES, ConfigError, NAMED_INITS, PIPELINE_DEFAULTS, PipelineConfig, YamlRefused,
+                          check_stage_keys, missing_init, parse_config, parse_settings, parse_yaml, stage_rows,
                           stages_from_rows)
 from train import jobs
 from train.data_report import class_rows, format_report, outdated, summarize
@@ -280,8 +280,8 @@ def show_problems(config: dict[str, Any], error: ConfigError | None, images: Pat
     if pipeline is None:
         return False
     for i, stage in enumerate(pipeline.stages):
-        if stage.init not in NAMED_INITS and not Path(stage.init).is_file():
-            st.error(f"{cell_ref(i, 'init')}checkpoint {stage.init} does not exist.", icon=":material/error:")
+        if stage.init not in NAMED_INITS and missing_init(stage.init):
+            st.error(f"{cell_ref(i, 'init')}checkpoint {missing_init(stage.init)}.", icon=":material/error:")
             return False
     missing = missing_data(pipeline)
     for name, root, folder in missing:

@@ -118,6 +118,12 @@ def test_another_pipeline_and_back_keeps_the_edits():
         shipped["name"], shipped.get("compile", "auto"), shipped["stages"][0]["epochs"])
 
 
+def test_an_init_checkpoint_that_is_a_folder_is_said_at_its_cell(tmp_path):
+    at = edit(open_page("pages/train.py"), edited={1: {"init": str(tmp_path)}})
+    assert f"Row 2, column **init**: checkpoint {tmp_path} is a folder." in [e.value for e in at.error]
+    assert launch_disabled(at)
+
+
 def test_speed_switches_go_into_the_pipeline():
     at = open_page("pages/train.py")
     assert shown_yaml(at)["compile"] == "auto"

@@ -56,6 +56,12 @@ def test_bad_stage_values_get_one_sentence(finetune, message):
     assert "\n" not in str(info.value)
 
 
+def test_an_init_that_is_a_folder_is_called_a_folder_not_missing(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(two_stages(init=str(tmp_path)))
+    assert str(info.value) == f"stage 2 (finetune): init checkpoint {tmp_path} is a folder."
+
+
 @pytest.mark.parametrize("finetune, field", [
     ({"lr": -0.1}, "lr"), ({"dataset": "imagenet22k"}, "dataset"), ({"lerning_rate": 0.1}, "lerning_rate"),
     ({"name": "pretrain"}, "name"), ({"init": "missing.pt"}, "init"), ({"warmup_epochs": 9}, "warmup_epochs"),

@@ -561,9 +561,20 @@ def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, che
         _check_data_present(s)
     if s.init not in NAMED_INITS:
         init = _typed(s.init, base, "init")
-        if check_data and not init.is_file():
-            raise ConfigError(f"init checkpoint {init} does not exist.", field="init")
+        if check_data and missing_init(init):
+            raise ConfigError(f"init checkpoint {missing_init(init)}.", field="init")
         s.init = str(init)
+
+
+def missing_init(path: str | Path) -> str | None:
+    """Why an init checkpoint cannot be read where the pipeline names it ("X does not exist", "X is a folder"), or
+    None when a file is there."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if not path.exists():
+        return f"{path} does not exist"
+    return f"{path} is {'a folder' if path.is_dir() else 'not a regular file (a pipe or device)'}"
 
 
 def _typed(text: str, base: Path, key: str) -> Path:
