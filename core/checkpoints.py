@@ -294,7 +294,9 @@ def class_change(before: list[str], now: list[str]) -> str | None:
 
 
 def _few(names: list[str]) -> str:
-    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    """Up to five names, quoted when one holds a comma (``grand piano, upright`` is one class, not two)."""
+    shown = [repr(n) for n in names[:5]] if any("," in n for n in names) else names[:5]
+    return ", ".join(shown) + (" ..." if len(names) > 5 else "")
 
 
 def check_compatible(info: CheckpointInfo, arch: str | None = None, class_names: list[str] | None = None) -> None:

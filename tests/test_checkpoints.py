@@ -120,6 +120,13 @@ def test_a_class_renamed_to_another_unicode_form_says_so():
                                                         "macOS and Linux?")
 
 
+def test_class_names_with_commas_are_quoted_in_a_class_change():
+    from core.checkpoints import class_change
+
+    assert class_change(["a"], ["a", "grand piano, upright", "cat"]) == (
+        "1 -> 3 classes; added 'grand piano, upright', 'cat'")
+
+
 def test_weights_that_do_not_fit_the_architecture(tmp_path):
     payload = _payload()
     payload["model"] = build_model("resnet34", 3).state_dict()
