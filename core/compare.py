@@ -287,7 +287,7 @@ class ClassComparison:
         s = self.summary()
         text = (f"{s['classes']} class{'es' * (s['classes'] != 1)}: {s['better']} better, {s['worse']} worse, "
                 f"{s['same']} the same")
-        return text + (f", {s['unscored']} without validation images in one of the runs" if s["unscored"] else "")
+        return text + (f", {s['unscored']} without validation images in one run or both" if s["unscored"] else "")
 
     def frame(self) -> pd.DataFrame:
         """One row per class: class, train images, val images, accuracy A, accuracy B, change (NaN when unknown)."""

@@ -92,7 +92,7 @@ def test_last_stages_are_compared_class_by_class_with_gains_and_losses_in_order(
 def test_a_class_without_validation_images_in_one_run_is_counted_as_not_compared():
     c = ClassComparison("a", "b", classes=[ClassChange("ant", 4, 2, 0.5, 1.0), ClassChange("bee", 1, 0, None, 0.0)])
     assert c.summary()["unscored"] == 1 and c.summary()["mean_change"] == pytest.approx(0.5)
-    assert c.counts_text() == "2 classes: 1 better, 0 worse, 0 the same, 1 without validation images in one of the runs"
+    assert c.counts_text() == "2 classes: 1 better, 0 worse, 0 the same, 1 without validation images in one run or both"
 
 
 def test_stages_without_shared_class_names_get_a_sentence(store):
