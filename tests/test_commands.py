@@ -150,6 +150,25 @@ def test_eval_warns_when_the_split_it_draws_is_not_the_one_the_checkpoint_traine
                                        "nothing to evaluate.\n")
 
 
+def test_eval_on_other_images_counts_the_train_images_the_model_learnt_from(finished, tmp_path):
+    """The TRAIN column (and the Classes page's class sizes) came from the evaluated folder's train split."""
+    from core.checkpoints import load_checkpoint
+
+    other = make_caltech101(tmp_path / "other", {"ant": 20, "bee": 4, "cat": 8})
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    assert main(["eval", str(best), "--root", str(other)]) == 0
+    assert RunStore().evaluations()[0]["data"]["train_counts"] == load_checkpoint(best)["train_counts"] == [6, 6, 6]
+
+
+def test_eval_of_a_checkpoint_whose_data_is_not_here_says_the_root_came_from_it(finished, tmp_path, capsys):
+    best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"
+    shutil.rmtree(tmp_path / "caltech101")  # as on another machine: the recorded root holds nothing
+    assert main(["eval", str(best)]) == 2
+    err = capsys.readouterr().err
+    assert f"({tmp_path} is where the checkpoint was trained, as it records; pass --root to evaluate on the data " \
+           "set elsewhere.)" in err and err.startswith("error: The Caltech-101 data set was not found")
+
+
 def test_eval_refuses_a_data_set_with_other_classes(finished, tmp_path, capsys):
     other = make_caltech101(tmp_path / "other", {"x": 3, "y": 3})
     best = paths.run_dir("tiny") / "stage1-s1" / "best.pt"

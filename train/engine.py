@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from core import evaluation, ood, paths
 from core.checkpoints import (check_compatible, checkpoint_info, class_change, inference_weights, load_checkpoint,
                               load_weights, save_checkpoint)
-from core.datasets import SPLIT_OPTIONS, class_counts, open_dataset
+from core.datasets import SPLIT_OPTIONS, DatasetMissing, class_counts, open_dataset
 from core.errors import UserError
 from core.models import Preprocessing, build_model
 from core.run_store import RunStore, RunStoreError
@@ -709,7 +709,7 @@ class Trainer:
             "stage_index": st.index, "stage_name": st.stage.name, "stage_config": st.stage.to_dict(),
             "config_hash": self.config.stage_hash(st.index), "metrics": _plain(metrics),
             "run_name": self.run_name, "dataset": st.stage.dataset, "stopped_early": st.stopped_early,
-            "ood": st.ood, "images": st.data.images,
+            "ood": st.ood, "images": st.data.images, "train_counts": st.data.train_counts,
         }
         stage_done = batches_done == 0 and (epoch >= st.stage.epochs or st.stopped_early)
         # the weights its metrics were measured with (the EMA when on), except where a resume needs the raw ones
@@ -1058,11 +1058,18 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
             raise UserError(str(exc)) from None
         if all((Path(root) / split_name).is_dir() for split_name in ("train", "val")):
             options = {k: v for k, v in options.items() if k not in SPLIT_OPTIONS}  # its folders are the split
+    stored_root = not root and same and trained.get("root")
     root = root or (trained.get("root") if same else None)
     pre = info.preprocessing
     if image_size is not None:
         pre = pre.at_size(image_size)
-    labeled = open_dataset(name, root, split, **options)
+    try:
+        labeled = open_dataset(name, root, split, **options)
+    except DatasetMissing as exc:
+        if not stored_root:
+            raise
+        raise DatasetMissing(f"{exc} ({root} is where the checkpoint was trained, as it records; pass --root to "
+                             "evaluate on the data set elsewhere.)") from None
     if len(labeled) == 0:
         raise UserError(f"The {split} split of {name} at {root} has no images: there is nothing to evaluate.")
     classes = list(labeled.class_labels)
@@ -1078,7 +1085,9 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
     flip = bool(trained.get("tta")) if flip is None else flip
     preds = evaluation.predict(model.to(target), DataLoader(cached, batch_size=batch_size), target, prepare=normalize,
                                autocast_dtype=autocast_dtype(target), flip=flip)
-    if options.get("skip_unreadable"):  # the train images it learnt from: none its cache build skipped
+    if isinstance(raw.get("train_counts"), list) and len(raw["train_counts"]) == len(classes):
+        train_counts = list(raw["train_counts"])  # the images it learnt from, whichever data it is tested on now
+    elif options.get("skip_unreadable"):  # older checkpoints: the train split now, less what its cache skipped
         train_counts = counts_without_skipped(name, root, options, info.preprocessing.resize,
                                               info.preprocessing.image_size)
     else:
