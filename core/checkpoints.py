@@ -191,6 +191,12 @@ def first_damaged_record(path: Path, records: list[zipfile.ZipInfo]) -> str | No
 
 def _validated(path: Path, data: Any) -> dict[str, Any]:
     if not isinstance(data, dict) or not all(k in data for k in REQUIRED_KEYS):
+        inner = data.get("state_dict", data) if isinstance(data, dict) else None
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            raise CheckpointError(
+                f"{path} holds bare weights (a state_dict), not a ResLens checkpoint, which also records the "
+                "architecture, classes and preprocessing: start from a checkpoint ResLens wrote, or from "
+                "torchvision's ImageNet weights with init: imagenet.")
         missing = [k for k in REQUIRED_KEYS if not isinstance(data, dict) or k not in data]
         raise CheckpointError(f"{path} is not a ResLens checkpoint (missing: {', '.join(missing)}).")
     version = data["format_version"]

@@ -88,8 +88,14 @@ def test_bytes_changed_on_disk_are_caught_by_the_checksums_as_zipfile_finds_them
 
 def test_plain_state_dict_is_not_a_reslens_checkpoint(tmp_path):
     path = tmp_path / "sd.pt"
-    torch.save(build_model("resnet18", 2).state_dict(), path)
-    with pytest.raises(CheckpointError, match="not a ResLens checkpoint"):
+    weights = build_model("resnet18", 2).state_dict()
+    for saved in (weights, {"state_dict": weights}):  # bare, and as training scripts often wrap it
+        torch.save(saved, path)
+        with pytest.raises(CheckpointError, match=r"holds bare weights \(a state_dict\), not a ResLens checkpoint, "
+                                                  r".* or from torchvision's ImageNet weights with init: imagenet\."):
+            load_checkpoint(path)
+    torch.save({"epoch": 3}, path)
+    with pytest.raises(CheckpointError, match=r"is not a ResLens checkpoint \(missing: format_version, arch"):
         load_checkpoint(path)
 
 
