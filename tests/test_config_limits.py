@@ -32,6 +32,7 @@ SHAPES = {"dataset": "shapes"}
 def test_bad_values_are_one_sentence(raw, message, tmp_path):
     if raw["stages"][0]["dataset"] == "caltech101":
         (tmp_path / "caltech101" / "101_ObjectCategories" / "a").mkdir(parents=True)
+        (tmp_path / "caltech101" / "101_ObjectCategories" / "a" / "image_0001.jpg").write_bytes(b"")
         raw["stages"][0]["root"] = str(tmp_path)
     with pytest.raises(ConfigError) as info:
         parse_config(raw)
