@@ -902,9 +902,15 @@ def other_world(config: PipelineConfig, run_name: str, point: ResumePoint, world
 
 
 def resume_command(run_name: str, world: int) -> str:
-    """The command that resumes a run checkpointed by ``world`` processes."""
-    return f"python -m train resume {run_name}" if world == 1 else \
-        f"torchrun --nproc_per_node={world} -m train resume {run_name}"
+    """The command that resumes a run checkpointed by ``world`` processes (on several nodes when this torchrun
+    process runs beside fewer than ``world``: its ``LOCAL_WORLD_SIZE``)."""
+    if world == 1:
+        return f"python -m train resume {run_name}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    if 0 < local < world and world % local == 0:
+        return (f"torchrun --nnodes={world // local} --nproc_per_node={local} --rdzv-endpoint=HOST:PORT -m train "
+                f"resume {run_name}")  # on each node, with the run's own rendezvous options
+    return f"torchrun --nproc_per_node={world} -m train resume {run_name}"
 
 
 # --------------------------------------------------------------- entry point
