@@ -22,6 +22,7 @@ METRIC_LABELS = {
     "lr": "learning rate",
     "images_per_s": "images/s",
 }
+SHARES = {"train_acc", "val_acc", "val_balanced_acc"}  # metrics between 0 and 1
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
@@ -135,7 +136,24 @@ def curves_figure(
                       legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, x=0))
     if log_y:
         fig.update_yaxes(type="log")
+    elif set(metrics) <= SHARES:
+        fig.update_yaxes(range=share_range([y for t in fig.data for y in t.y if y is not None and np.isfinite(y)]))
     return fig
+
+
+def share_range(values: Sequence[float], least: float = 0.1) -> list[float] | None:
+    """A y range for accuracies: the values with a margin, at least ``least`` wide and within [0, 1] (plotly pads a
+    flat line by its own units, so an accuracy of 1.0 throughout drew an axis up to 200%); None leaves it to plotly."""
+    if not len(values):
+        return None
+    low, high = float(min(values)), float(max(values))
+    pad = max(0.02, (high - low) * 0.05, (least - (high - low)) / 2)
+    low, high = low - pad, high + pad
+    if low < 0:
+        low, high = 0.0, min(1.0, high - low)
+    if high > 1:
+        low, high = max(0.0, low - (high - 1)), 1.0
+    return [low - 0.01, high + 0.01]  # room for a marker on the edge
 
 
 LEGEND_ROW_PX = 22

@@ -100,6 +100,16 @@ def test_curves_figure_overlays_runs_and_marks_stage_starts():
     assert smoothed_a == pytest.approx([.1, charts.ema([.1, .2], 0.5)[1], .3])
 
 
+def test_accuracy_curves_keep_their_axis_between_0_and_1_even_for_a_flat_line():
+    flat = _frame([(0, 0, 0, 1.0), (0, 1, 0, 1.0), (0, 2, 0, 1.0)])
+    low, high = charts.curves_figure({"a": flat}, ["val_acc"]).layout.yaxis.range
+    assert 0.88 <= low < 1.0 < high <= 1.011
+    low, high = charts.share_range([0.0, 0.0])
+    assert -0.011 <= low < 0.0 < 0.1 <= high < 0.15
+    assert charts.share_range([0.2, 0.8]) == pytest.approx([0.17 - 0.01, 0.83 + 0.01])
+    assert charts.curves_figure({"a": flat}, ["val_loss"]).layout.yaxis.range is None  # not a share: plotly's
+
+
 def test_format_eta_and_progress():
     assert charts.format_eta(None) == "unknown"
     assert charts.format_eta(12.4) == "12 s"
