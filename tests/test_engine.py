@@ -463,12 +463,13 @@ def test_resume_refuses_a_changed_config_or_order(tmp_path, monkeypatch):
 
 
 def test_the_resume_command_names_the_nodes_of_a_multi_node_run(monkeypatch):
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert engine.resume_command("r", 1) == "python -m train resume r"
-    assert engine.resume_command("r", 4) == "torchrun --nproc_per_node=4 -m train resume r"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 processes on this node of 8 in all
-    assert engine.resume_command("r", 8) == ("torchrun --nnodes=2 --nproc_per_node=4 --rdzv-endpoint=HOST:PORT -m "
-                                             "train resume r")
+    assert engine.this_resume_command("r", ddp.Dist(0, 8, torch.device("cpu"))) == (
+        "torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m train resume r")
+    assert engine.this_resume_command("r", ddp.Dist(0, 4, torch.device("cpu"))) == (
+        "torchrun --nproc_per_node=4 -m train resume r")  # one node
+    assert engine.resume_command("r", 6) == "torchrun --nproc_per_node=6 -m train resume r"  # another run's count
 
 
 def test_a_resume_with_another_number_of_processes_says_how_and_keeps_the_run_resumable(tmp_path, monkeypatch):

@@ -901,16 +901,20 @@ def other_world(config: PipelineConfig, run_name: str, point: ResumePoint, world
             f"resume it with {then} ({resume_command(run_name, then)}).")
 
 
-def resume_command(run_name: str, world: int) -> str:
-    """The command that resumes a run checkpointed by ``world`` processes (on several nodes when this torchrun
-    process runs beside fewer than ``world``: its ``LOCAL_WORLD_SIZE``)."""
+def resume_command(run_name: str, world: int, local: int | None = None) -> str:
+    """The command that resumes a run checkpointed by ``world`` processes, ``local`` of them per node (this
+    process's ``LOCAL_WORLD_SIZE`` when it is one of them; None: one node)."""
     if world == 1:
         return f"python -m train resume {run_name}"
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
-    if 0 < local < world and world % local == 0:
-        return (f"torchrun --nnodes={world // local} --nproc_per_node={local} --rdzv-endpoint=HOST:PORT -m train "
-                f"resume {run_name}")  # on each node, with the run's own rendezvous options
+    if local and 0 < local < world and world % local == 0:  # on each node, with the run's rendezvous options
+        return (f"torchrun --nnodes={world // local} --nproc_per_node={local} --rdzv-backend=c10d "
+                f"--rdzv-endpoint=HOST:PORT -m train resume {run_name}")
     return f"torchrun --nproc_per_node={world} -m train resume {run_name}"
+
+
+def this_resume_command(run_name: str, ctx: ddp.Dist) -> str:
+    """``resume_command`` for the processes of this run, as torchrun placed them."""
+    return resume_command(run_name, ctx.world, int(os.environ.get("LOCAL_WORLD_SIZE") or ctx.world))
 
 
 # --------------------------------------------------------------- entry point
@@ -951,7 +955,7 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
         try:
             trainer.run(resume=resume)
         except StopRequested:  # each ending is logged before the store says so: a reader of the state finds it
-            trainer.display.message(f"Run {run_name} stopped; `{resume_command(run_name, ctx.world)}` continues it.")
+            trainer.display.message(f"Run {run_name} stopped; `{this_resume_command(run_name, ctx)}` continues it.")
             main_store.set_state(run_name, "stopped")
             return "stopped"
         except ResumeRefused:
@@ -963,7 +967,7 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
             main_store.set_state(run_name, "failed", error=str(exc))
             raise
         except KeyboardInterrupt:  # a second Ctrl-C: no save; resume starts from the last epoch's checkpoint
-            trainer.display.message(f"Run {run_name} interrupted; `{resume_command(run_name, ctx.world)}` continues it "
+            trainer.display.message(f"Run {run_name} interrupted; `{this_resume_command(run_name, ctx)}` continues it "
                                     "from its last saved checkpoint.")
             main_store.set_state(run_name, "interrupted")
             raise
@@ -971,7 +975,7 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
             if ctx.enabled and ddp.peer_gone(exc):
                 gone = UserError(f"Another training process of run {run_name} ended while this one waited for it "
                                  "(killed, out of memory or crashed: torchrun's report names it); "
-                                 f"`{resume_command(run_name, ctx.world)}` continues from the last saved checkpoint.")
+                                 f"`{this_resume_command(run_name, ctx)}` continues from the last saved checkpoint.")
                 main_store.set_state(run_name, "failed", error=str(gone))
                 raise gone from exc
             main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
