@@ -162,8 +162,11 @@ LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pi
 
 def _not_a_zip(path: Path) -> str:
     """Why a file that is no zip archive is not read, from its first bytes."""
-    with open(path, "rb") as handle:
-        head = handle.read(16)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}."
     if head.startswith(LEGACY_MAGIC):
         return ("is in PyTorch's legacy format (torch.save before PyTorch 1.6, or with "
                 "_use_new_zipfile_serialization=False), which ResLens does not read: load it with torch.load and save "
