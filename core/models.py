@@ -1,6 +1,7 @@
 """ResNet models for ResLens and the preprocessing that travels with them."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -104,15 +105,28 @@ def _check_cached_weights(arch: str) -> None:
     which it makes only when it downloads): a download cut short, or another file copied under that name."""
     cached = imagenet_weights_file(arch)
     prefix = re.search(r"-([a-f0-9]+)\.", cached.name)
-    digest = hashlib.sha256()
-    with open(cached, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    if prefix and not digest.hexdigest().startswith(prefix.group(1)):
+    if not prefix:
+        return
+    try:
+        stat = cached.stat()
+        digest = _sha256(str(cached), stat.st_size, stat.st_mtime_ns)
+    except OSError as exc:
+        raise ModelError(f"The cached ImageNet weights {cached} cannot be read: {exc.strerror or exc}.") from exc
+    if not digest.startswith(prefix.group(1)):
         raise ModelError(
             f"The cached ImageNet weights {cached} are damaged or are not {arch}'s (their checksum does not match "
             f"the one in the file name): delete the file and it is downloaded again, or copy the right one there "
             f"from a machine that is online ({_weights(arch).url}).")
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """The SHA-256 of a file, once per (path, size, modification time): a launch checks it three times."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
