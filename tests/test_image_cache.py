@@ -183,8 +183,13 @@ def test_a_cache_built_before_descriptions_is_listed_as_such(tmp_path):
 
     from train.image_cache import cache_entries
 
-    path = _open(make_caltech101(tmp_path, TINY_SIZES)).path
+    root = make_caltech101(tmp_path, TINY_SIZES)
+    path = _open(root).path
     side = json.loads(path.with_suffix(".json").read_text())
+    del side["description"]["crop"]  # as cache version 2 wrote it: squares in the middle, for no crop in particular
+    path.with_suffix(".json").write_text(json.dumps(side))
+    assert cache_entries()[0].what == f"caltech101 (train), 18 images cached at 37 px, root {root} (built by an older " \
+                                      "ResLens: no run uses it now)"
     del side["description"]
     path.with_suffix(".json").write_text(json.dumps(side))
     assert cache_entries()[0].what == "18 images cached at 37 px (built by an older ResLens, which did not record " \

@@ -278,7 +278,8 @@ def _label(side: dict[str, Any]) -> str:
     if not isinstance(about, dict):
         return f"{images} (built by an older ResLens, which did not record the data set)"
     options = ", ".join(f"{k}={v}" for k, v in sorted((about.get("options") or {}).items()))
-    return f"{_what(about)}, {images}, root {about.get('root')}" + (f", {options}" if options else "")
+    older = "" if "crop" in about else " (built by an older ResLens: no run uses it now)"  # before CACHE_VERSION 3
+    return f"{_what(about)}, {images}, root {about.get('root')}" + (f", {options}" if options else "") + older
 
 
 def _mark_used(path: Path) -> None:
