@@ -65,7 +65,7 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> Pa
     permissions, and a symbolic link stays one: the file it points to is rewritten.
     """
     given = path = Path(path)
-    if path.is_symlink():
+    if path.is_symlink() and path.exists():  # a dangling link is replaced, not followed into a missing folder
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else None

@@ -32,7 +32,7 @@ import unicodedata
 import urllib.request
 import zipfile
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -95,7 +95,7 @@ class LabeledImages(Dataset):
     def digest(self, root: str | os.PathLike[str] | None = None) -> str:
         """A short hash of which images this holds, in order, with their classes (file names taken relative to
         ``root``): an image added, removed, renamed, replaced by another name or moved to another class changes it."""
-        base = os.path.abspath(os.path.expanduser(root)) if root else None
+        base = os.path.realpath(os.path.expanduser(root)) if root else None
         h = hashlib.blake2b(digest_size=8)
         for index, target in enumerate(self.targets):
             name = self.source(index)
@@ -223,11 +223,12 @@ def download(name: str, root: str | Path | None = None, progress: DownloadProgre
     if target.exists():
         return target
     base.mkdir(parents=True, exist_ok=True)
+    before = {p for p in (base / str(info.archive), _top_folder(base, info)) if p.exists()}  # the user's: kept
     try:
         with _watch_download(base / str(info.archive), info.url, progress):
             info.fetcher(base, info.url)
     except BaseException as exc:  # a failure, or Ctrl-C / a stop: nothing partial may pass for the data set
-        _remove_partial(base, info)
+        _remove_partial(base, info, before)
         if isinstance(exc, (OSError, RuntimeError, zipfile.BadZipFile, tarfile.TarError)):
             raise DatasetError(f"Downloading {info.title} from {info.url} failed: {exc}. Or fetch {info.url} "
                                f"yourself and unpack it so that {target} exists.") from exc
@@ -237,15 +238,20 @@ def download(name: str, root: str | Path | None = None, progress: DownloadProgre
     return target
 
 
-def _remove_partial(base: Path, info: DatasetInfo) -> None:
-    """What a download cut short leaves: the archive (it would be "found" next time), the half-unpacked folder (it
-    would pass for the data set), and the folders above it that it made (when nothing else is in them)."""
-    (base / str(info.archive)).unlink(missing_ok=True)
-    target = base / str(info.folder)
-    shutil.rmtree(target, ignore_errors=True)
-    for parent in target.relative_to(base).parents[:-1]:  # e.g. caltech101/ of caltech101/101_ObjectCategories
-        with suppress(OSError):
-            (base / parent).rmdir()
+def _top_folder(base: Path, info: DatasetInfo) -> Path:
+    """The folder under the root that a data set's files go into (``caltech101`` of
+    ``caltech101/101_ObjectCategories``)."""
+    return base / Path(str(info.folder)).parts[0]
+
+
+def _remove_partial(base: Path, info: DatasetInfo, before: set[Path]) -> None:
+    """What a download cut short made: the archive (it would be "found" next time) and the half-unpacked folder (it
+    would pass for the data set), or the whole top folder when the download made it (torchvision unpacks inner
+    archives beside the data set); nothing that was there ``before``."""
+    archive, top = base / str(info.archive), _top_folder(base, info)
+    if archive not in before:
+        archive.unlink(missing_ok=True)
+    shutil.rmtree(top if top not in before else base / str(info.folder), ignore_errors=True)
 
 
 @contextmanager
@@ -391,7 +397,7 @@ def _caltech_listing(categories: Path, skip: set[str], split: str, label: Callab
     empty = [f for f, found in images.items() if f not in skip and not found]
     if not classes:
         skipped = sorted(skip & set(images))
-        why = (f" (only {', '.join(skipped)}, which is not a class by default)." if skipped
+        why = (f" (only {', '.join(skipped)}, which is not a class by default)." if skipped and not empty
                else f": it may be partly unpacked; delete {categories.parent} and download it again.")
         raise DatasetError(f"{categories} holds no class folders with images{why}")
     notes = [f"{len(empty)} class folder(s) hold no images and are left out ({', '.join(empty[:5])}"

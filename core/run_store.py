@@ -626,7 +626,8 @@ class RunStore:
         misclassified: Sequence[dict[str, Any]] = (),
         run: str | None = None,
     ) -> int:
-        """Store a ``train eval`` result (a ``core.evaluation`` dict); returns its id."""
+        """Store a ``train eval`` result (a ``core.evaluation`` dict, with ``note`` when its data changed since
+        training: ``engine.split_changed``); returns its id."""
         cur = self._write(
             "INSERT INTO evaluations (time, checkpoint, run, dataset, split, accuracy, balanced_acc, data,"
             " misclassified) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

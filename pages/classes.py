@@ -13,7 +13,7 @@ import streamlit as st
 
 from core import charts
 from core.evaluation import confused_pairs
-from core.run_store import RunStore
+from core.run_store import ACTIVE_STATES, RunStore
 from pages import cam, common
 
 common.setup("Classes")
@@ -48,11 +48,12 @@ def pick_run_result() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
     if not epochs:
         state = store.get_run(run)["state"]
         st.info("No per-class results for this stage yet: they are stored at the end of every epoch."
-                if state in ("queued", "running") else
+                if state in ACTIVE_STATES else
                 f"No per-class results for this stage: the run ended ({state}) before the stage's first epoch did.")
         return None, [], None
     epoch = c.selectbox("Epoch", epochs[::-1], format_func=lambda e: f"epoch {e}")
-    return store.class_results(run, stage, epoch), kept_misclassified(store, run, stage, epoch), model_file(stages[stage])
+    samples = kept_misclassified(store, run, stage, epoch)
+    return store.class_results(run, stage, epoch), samples, model_file(stages[stage])
 
 
 def model_file(stage: dict[str, Any]) -> Path | None:
@@ -78,7 +79,8 @@ def pick_evaluation() -> tuple[dict[str, Any] | None, list[dict[str, Any]], Path
         return None, [], None
     ids = [e["id"] for e in evaluations]
     kept = st.session_state.get("classes-evaluation-kept")  # as for the run: kept across the runs view
-    chosen = st.selectbox("Evaluation", evaluations, index=ids.index(kept) if kept in ids else 0, format_func=lambda e: (
+    index = ids.index(kept) if kept in ids else 0
+    chosen = st.selectbox("Evaluation", evaluations, index=index, format_func=lambda e: (
         f"{Path(e['checkpoint']).name} on {e['dataset']} {e['split']}{tested(e['data'])} · "
         f"{datetime.fromtimestamp(e['time']):%Y-%m-%d %H:%M} · {common.checkpoint_label(Path(e['checkpoint']))}"))
     st.session_state["classes-evaluation-kept"] = chosen["id"]
@@ -109,7 +111,8 @@ def summary(result: dict[str, Any], frame: pd.DataFrame) -> None:
                    delta=None if gap in ("+0.0%", "-0.0%") else f"{gap} vs accuracy",
                    help="Mean of the per-class accuracies: every class counts the same, however small.")
     cols[2].metric("Classes", len(frame))
-    for col, column, split in ((cols[3], "train images", "train"), (cols[4], "val images", split_word(result))):
+    evaluated = "validation" if split_word(result) == "validation" else "evaluated"  # not "training" beside "train"
+    for col, column, split in ((cols[3], "train images", "train"), (cols[4], "val images", evaluated)):
         ratio = charts.imbalance_ratio(frame[column].tolist())
         col.metric(f"Imbalance ({split})", "n/a" if math.isnan(ratio) else f"{ratio:.1f}x",
                    help="Largest class / smallest class.")

@@ -46,6 +46,9 @@ SWITCHES = (("amp", "Mixed precision (amp)", "bf16/fp16 autocast where the devic
 COMPILE_CHOICES = {"auto": "auto (on CUDA)", True: "on", False: "off"}
 DATA_PATH_LABELS = {"auto": "auto (device on CUDA)", "workers": "DataLoader workers", "device": "the device"}
 RETENTION_LABELS = {"all": "every stage", "final": "the final stage"}
+# what the page keeps of each pipeline source, as session keys "<prefix>-<source>": its widgets and edits
+PER_SOURCE = ("name", "arch", "seed", *(key for key, _, _ in SWITCHES), "compile", "data_path", "retention", "stages",
+              "edited-top", "edited-rows", "kept-top", "kept-rows")
 
 
 def column_label(key: str) -> str:
@@ -103,7 +106,7 @@ def choose_source() -> tuple[str, dict[str, Any]]:
     """(a key for the chosen pipeline, its dict): a shipped one, an empty one, or a YAML file opened here."""
     options = shipped_configs() + [EMPTY, IMAGES, UPLOADED]
     default = options.index("demo.yaml") if "demo.yaml" in options else 0
-    source = st.selectbox("Start from", options, index=default, key="pipeline_source", on_change=keep_edits,
+    source = st.selectbox("Start from", options, index=default, key="pipeline_source",
                           help="A shipped pipeline from train/configs/, an empty one, one stage on your own images, "
                                "or any pipeline YAML file.")
     if source != UPLOADED:
@@ -117,20 +120,14 @@ def choose_source() -> tuple[str, dict[str, Any]]:
 
 
 def shown(source: str, raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(source, its pipeline with the settings it was left with, if another one was chosen since)."""
-    st.session_state["shown-source"] = source
-    return source, {**raw, **st.session_state.get(f"kept-top-{source}", {})}
-
-
-def keep_edits() -> None:
-    """Before another pipeline is shown: Streamlit forgets the widgets a run does not draw, so the settings and rows
-    of the one shown until now, as edited, become its defaults for when it is chosen again."""
-    source = st.session_state.get("shown-source")
-    if source is None:
-        return
-    keep_edited_rows(source)
-    if f"edited-top-{source}" in st.session_state:
-        st.session_state[f"kept-top-{source}"] = st.session_state[f"edited-top-{source}"]
+    """(source, its pipeline as last edited here): Streamlit forgets the widgets a run does not draw, so when they
+    are drawn afresh (after another pipeline or page was shown), the settings and rows as last edited become their
+    defaults."""
+    state = st.session_state
+    if f"name-{source}" not in state and f"edited-top-{source}" in state:
+        state[f"kept-top-{source}"], state[f"kept-rows-{source}"] = state[f"edited-top-{source}"], \
+            state[f"edited-rows-{source}"]
+    return source, {**raw, **state.get(f"kept-top-{source}", {})}
 
 
 def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
@@ -177,10 +174,9 @@ def keep_edited_rows(source: str) -> None:
 
 
 def forget_edits(source: str) -> None:
-    """Every widget and kept value of ``source``'s pipeline (their keys end with ``-{source}``), so that it is drawn
-    afresh from its file."""
-    for key in [k for k in st.session_state if str(k).endswith(f"-{source}")]:
-        del st.session_state[key]
+    """Every widget and kept value of ``source``'s pipeline, so that it is drawn afresh from its file."""
+    for prefix in PER_SOURCE:
+        st.session_state.pop(f"{prefix}-{source}", None)
 
 
 def speed_settings(raw: dict[str, Any], source: str) -> dict[str, Any]:
@@ -280,8 +276,8 @@ def show_problems(config: dict[str, Any], error: ConfigError | None, images: Pat
     if pipeline is None:
         return False
     for i, stage in enumerate(pipeline.stages):
-        if stage.init not in NAMED_INITS and missing_init(stage.init):
-            st.error(f"{cell_ref(i, 'init')}checkpoint {missing_init(stage.init)}.", icon=":material/error:")
+        if stage.init not in NAMED_INITS and (problem := missing_init(stage.init)):
+            st.error(f"{cell_ref(i, 'init')}checkpoint {problem}.", icon=":material/error:")
             return False
     missing = missing_data(pipeline)
     for name, root, folder in missing:

@@ -285,7 +285,7 @@ def test_classes_keeps_the_chosen_run_and_evaluation_across_the_other_view():
     assert at.selectbox[0].index == 1 and at.subheader[-1].value == "Misclassified validation images"
     at.selectbox[0].set_value(at.selectbox[0].options[0]).run()  # `eval --split train`: said so, not "validation"
     assert at.subheader[-1].value == "Misclassified training images"
-    assert "Imbalance (training)" in [m.label for m in at.metric]
+    assert "Imbalance (evaluated)" in [m.label for m in at.metric]
 
 
 def test_classes_grad_cam_falls_back_to_last_pt_or_says_the_model_is_gone():

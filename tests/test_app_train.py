@@ -112,6 +112,11 @@ def test_another_pipeline_and_back_keeps_the_edits():
     assert (config["name"], config["compile"], config["stages"][0]["epochs"]) == ("mine", True, 1)
     at.toggle(key="all_columns").set_value(True).run()  # and the table's own keeping still holds
     assert shown_yaml(at)["stages"][0]["epochs"] == 1
+    at.text_input(key="name-demo.yaml").set_value("mine-2").run()
+    at.switch_page("pages/monitor.py").run()  # another page, and back: the latest edits, not the older ones
+    at.switch_page("pages/train.py").run()
+    config = shown_yaml(at)
+    assert (config["name"], config["compile"], config["stages"][0]["epochs"]) == ("mine-2", True, 1)
     at.button(key="undo-edits").click().run()
     config, shipped = shown_yaml(at), yaml.safe_load(Path("train/configs/demo.yaml").read_text())
     assert (config["name"], config["compile"], config["stages"][0]["epochs"]) == (

@@ -223,6 +223,10 @@ def test_a_rewritten_checkpoint_keeps_its_permissions_and_a_link_stays_a_link(tm
     save_checkpoint(link, {**_payload(), "epoch": 5})
     assert link.is_symlink() and load_checkpoint(real)["epoch"] == 5
     assert real.stat().st_mode & 0o777 == 0o644
+    dangling = tmp_path / "dangling.pt"
+    dangling.symlink_to(tmp_path / "unmounted" / "drive" / "model.pt")
+    save_checkpoint(dangling, _payload())  # replaced, not followed into folders made on the wrong disk
+    assert not dangling.is_symlink() and not (tmp_path / "unmounted").exists()
 
 
 def test_ood_thresholds_refuse_a_read_only_checkpoint_before_evaluating(tmp_path):

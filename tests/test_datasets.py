@@ -296,6 +296,12 @@ def test_a_download_stopped_by_ctrl_c_leaves_nothing_that_passes_for_the_data_se
     with pytest.raises(KeyboardInterrupt):
         datasets.download("caltech101", root)
     assert list(root.iterdir()) == []  # no archive, no half folder, not even an empty caltech101/
+    mine = root / "caltech101" / "caltech-101.zip"  # an archive the user put there: used, and kept
+    mine.parent.mkdir()
+    mine.write_bytes(b"PK")
+    with pytest.raises(KeyboardInterrupt):
+        datasets.download("caltech101", root)
+    assert [p.relative_to(root).as_posix() for p in root.rglob("*")] == ["caltech101", "caltech101/caltech-101.zip"]
 
 
 def test_a_failed_download_says_how_to_fetch_it_by_hand(tmp_path, monkeypatch):
@@ -321,4 +327,7 @@ def test_caltech_class_folders_without_images_are_left_out_and_said(tmp_path):
     shutil.copy(next(categories.glob("*/*.jpg")), only_clutter / "257_0001.jpg")
     with pytest.raises(DatasetError, match=r"256_ObjectCategories holds no class folders with images \(only "
                                            r"257\.clutter, which is not a class by default\)\."):
+        open_dataset("caltech256", tmp_path / "c256", "train")
+    (only_clutter.parent / "001.ak47").mkdir()  # and a class folder an unpack cut short: that is the cause
+    with pytest.raises(DatasetError, match=r"holds no class folders with images: it may be partly unpacked"):
         open_dataset("caltech256", tmp_path / "c256", "train")

@@ -561,8 +561,8 @@ def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, che
         _check_data_present(s)
     if s.init not in NAMED_INITS:
         init = _typed(s.init, base, "init")
-        if check_data and missing_init(init):
-            raise ConfigError(f"init checkpoint {missing_init(init)}.", field="init")
+        if check_data and (problem := missing_init(init)):
+            raise ConfigError(f"init checkpoint {problem}.", field="init")
         s.init = str(init)
 
 

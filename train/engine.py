@@ -1084,10 +1084,14 @@ def evaluate_checkpoint(path: str | os.PathLike[str], dataset: str | None = None
         raise UserError(f"The {split} split of {name} at {root} has no images: there is nothing to evaluate.")
     classes = list(labeled.class_labels)
     check_compatible(info, class_names=classes)  # before the split is decoded into the image cache
-    trained_on = same and root == trained.get("root") and options == (trained.get("options") or {})
+    trained_on = (same and bool(root) and bool(trained.get("root")) and options == (trained.get("options") or {})
+                  and os.path.realpath(str(root)) == os.path.realpath(str(trained["root"])))
     note = split_changed(raw.get("images") or {}, name, root, options, split, labeled) if trained_on else None
     cached, labeled = open_cached_split(name, root, split, options, pre.resize, augmentation("none", pre.image_size),
                                         opened=labeled, crop=pre.image_size)
+    if len(cached) == 0:
+        raise UserError(f"Every image of the {split} split of {name} at {root} was unreadable and skipped: there is "
+                        "nothing to evaluate.")
     target = ddp.pick_device(device)
     model = build_model(info.arch, info.num_classes, "scratch")
     load_weights(model, inference_weights(raw), path)
