@@ -102,8 +102,9 @@ def rows_to_config(top: dict[str, Any], frame: pd.DataFrame) -> dict[str, Any]:
     return {**top, "stages": stages_from_rows(frame.to_dict("records"))}
 
 
-def choose_source() -> tuple[str, dict[str, Any]]:
-    """(a key for the chosen pipeline, its dict): a shipped one, an empty one, or a YAML file opened here."""
+def choose_source() -> tuple[str, dict[str, Any]] | None:
+    """(a key for the chosen pipeline, its dict): a shipped one, an empty one, or a YAML file opened here (None
+    until that file is chosen)."""
     options = shipped_configs() + [EMPTY, IMAGES, UPLOADED]
     default = options.index("demo.yaml") if "demo.yaml" in options else 0
     source = st.selectbox("Start from", options, index=default, key="pipeline_source",
@@ -114,7 +115,7 @@ def choose_source() -> tuple[str, dict[str, Any]]:
     upload = st.file_uploader("Open a pipeline YAML", type=["yaml", "yml"], key="pipeline_file")
     if upload is None:
         st.info("Choose a pipeline YAML file to edit it here.")
-        st.stop()
+        return None
     data = upload.getvalue()
     return shown(f"file-{hashlib.sha256(data).hexdigest()[:12]}", read_uploaded(data, upload.name))
 
@@ -130,9 +131,13 @@ def shown(source: str, raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return source, {**raw, **state.get(f"kept-top-{source}", {})}
 
 
-def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None]:
-    """The pipeline chooser, switches and stage table; returns (the config dict, a row the table cannot read)."""
-    source, raw = choose_source()
+def pipeline_editor() -> tuple[dict[str, Any], ConfigError | None] | None:
+    """The pipeline chooser, switches and stage table; returns (the config dict, a row the table cannot read), or
+    None while there is no pipeline to edit."""
+    chosen = choose_source()
+    if chosen is None:
+        return None
+    source, raw = chosen
     left, middle, right = st.columns([2, 2, 1])
     top = {k: v for k, v in raw.items() if k != "stages"}
     top["name"] = left.text_input("Run name", value=str(raw.get("name", "run")), key=f"name-{source}",
@@ -552,7 +557,7 @@ def launch_section(config: dict[str, Any], ready: bool) -> None:
         st.session_state.pop("last_launch", None)  # nothing started: a retry is not a double click
         raise
     st.session_state["last_launch"] = (launched, time.monotonic(), name)
-    st.session_state["selected_run"] = name
+    st.session_state["job_pick"] = name  # the job list is drawn after this: it shows the new run's controls
     st.session_state["monitor_runs"] = [name]
     st.success(f"Run **{name}** started in its own process; closing this tab does not stop it.")
 
@@ -581,8 +586,9 @@ def _jobs(was_live: bool) -> None:
         return
     common.runs_table(runs)
     names = [r["name"] for r in runs]
-    chosen = st.session_state.get("selected_run")
-    name = st.selectbox("Run", names, index=names.index(chosen) if chosen in names else 0, key="job_pick")
+    if st.session_state.get("job_pick") not in names:  # deleted meanwhile: the newest run
+        st.session_state.pop("job_pick", None)
+    name = st.selectbox("Run", names, key="job_pick")
     job_controls(next(r for r in runs if r["name"] == name))
 
 
@@ -663,7 +669,6 @@ def delete_control(column: Any, run: dict[str, Any]) -> None:
             with st.spinner(f"Deleting {name} (once its last trainer has let go of it)..."):
                 freed = jobs.delete(name)
             st.session_state["deleted"] = f"Deleted run {name}; freed {iec_bytes(freed)}."
-            st.session_state.pop("selected_run", None)
             st.rerun(scope="app")
 
 
@@ -697,7 +702,16 @@ def body() -> None:
     st.title("Train")
     st.caption("A pipeline trains in stages; each stage starts from the previous stage's best model "
                "(init = previous) with a new head. Edit the rows, then Launch.")
-    config, error = pipeline_editor()
+    edited = pipeline_editor()
+    if edited is not None:  # the Jobs below are there whatever is (or is not yet) chosen above
+        pipeline_sections(*edited)
+    st.header("Jobs")
+    job_list()
+    cache_section()
+
+
+def pipeline_sections(config: dict[str, Any], error: ConfigError | None) -> None:
+    """Everything about the pipeline being edited: its images, problems, YAML, learning-rate test and Launch."""
     images = images_section(config)
     config = with_roots(config, images)
     ready = show_problems(config, error, images, images_refused=images is None and images_chosen())
@@ -708,9 +722,6 @@ def body() -> None:
     save_button(config)
     lr_find_section(config, ready)
     launch_section(config, ready)
-    st.header("Jobs")
-    job_list()
-    cache_section()
 
 
 common.run_page(body, "The Train page")

@@ -288,6 +288,29 @@ def test_delete_asks_then_frees_the_space():
     assert any(s.value.startswith("Deleted run demo-done; freed ") for s in at.success)
 
 
+def test_the_jobs_stay_while_a_pipeline_file_is_still_to_be_chosen():
+    fx.finished_run()
+    at = open_page("pages/train.py")
+    at.selectbox(key="pipeline_source").set_value("(the file opened below)").run()
+    assert "Choose a pipeline YAML file to edit it here." in [i.value for i in at.info]
+    assert "Jobs" in [h.value for h in at.header] and at.selectbox(key="job_pick").value == "demo-done"
+    assert not any(b.label == "Launch" for b in at.button) and not at.exception
+
+
+def test_after_launch_the_job_list_shows_the_new_run_not_the_one_picked_before(monkeypatch):
+    """The picker kept its own value: Stop under "Run web-2 started" would have stopped another run."""
+    from train import jobs
+
+    fx.finished_run("older")
+    fx.finished_run()
+    monkeypatch.setattr(jobs, "launch", lambda config, **kw: fx.failed_run("fresh") or "fresh")
+    at = open_page("pages/train.py")
+    at.selectbox(key="job_pick").set_value("older").run()
+    next(b for b in at.button if b.label == "Launch").click().run()
+    assert "Run **fresh** started in its own process; closing this tab does not stop it." in [s.value for s in at.success]
+    assert at.selectbox(key="job_pick").value == "fresh" and not at.exception
+
+
 def test_a_live_run_cannot_be_deleted():
     from core.run_store import RunStoreError
     from train import jobs
