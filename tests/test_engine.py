@@ -15,6 +15,7 @@ import yaml
 from core import paths
 from core.checkpoints import REQUIRED_KEYS, load_checkpoint, save_checkpoint
 from core.datasets import class_counts, open_dataset
+from core.errors import UserError
 from core.run_store import RunStore, RunStoreError
 from tests.data_fixtures import make_caltech101
 from train import distributed as ddp
@@ -616,6 +617,23 @@ def test_config_file_round_trip_into_a_run(tmp_path):
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,)))
     config = load_config(path)
     assert math.isclose(config.stages[0].lr, 0.01) and config.stages[0].root == str(tmp_path.resolve())
+
+
+class _FailsToCompile(torch.nn.Module):
+    def forward(self, x):
+        from torch._inductor.exc import InductorError
+
+        raise InductorError(RuntimeError("CppCompileError: C++ compile error\nsee the log"), None)
+
+
+def test_a_model_torch_compile_cannot_build_fails_the_run_in_one_sentence(tmp_path, monkeypatch):
+    """A C++ toolchain that cannot build Inductor's kernels ended the run with Inductor's traceback."""
+    monkeypatch.setattr(engine.torch, "compile", lambda module: _FailsToCompile())
+    with pytest.raises(UserError, match=r"^torch\.compile could not compile the model \(InductorError: .*CppCompileError: "
+                                        r"C\+\+ compile error\); run it again with compile: false \(--set compile=false\)"):
+        run_tiny({**tiny_config(tmp_path, epochs=(1,)), "compile": True})
+    run = RunStore().get_run("tiny")
+    assert run["state"] == "failed" and run["error"].startswith("torch.compile could not compile the model")
 
 
 def test_a_compiled_model_is_announced_until_its_first_step_ends(tmp_path, monkeypatch):

@@ -972,6 +972,13 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
             main_store.set_state(run_name, "interrupted")
             raise
         except BaseException as exc:
+            if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):  # torch.compile's own failure
+                detail = (str(exc).strip() or "no detail").splitlines()[0][:200]
+                failed = UserError(f"torch.compile could not compile the model ({type(exc).__name__}: {detail}); run "
+                                   "it again with compile: false (--set compile=false), or auto, which compiles on "
+                                   "CUDA only.")
+                main_store.set_state(run_name, "failed", error=str(failed))
+                raise failed from exc
             if ctx.enabled and ddp.peer_gone(exc):
                 gone = UserError(f"Another training process of run {run_name} ended while this one waited for it "
                                  "(killed, out of memory or crashed: torchrun's report names it); "
