@@ -629,8 +629,9 @@ class _FailsToCompile(torch.nn.Module):
 def test_a_model_torch_compile_cannot_build_fails_the_run_in_one_sentence(tmp_path, monkeypatch):
     """A C++ toolchain that cannot build Inductor's kernels ended the run with Inductor's traceback."""
     monkeypatch.setattr(engine.torch, "compile", lambda module: _FailsToCompile())
-    with pytest.raises(UserError, match=r"^torch\.compile could not compile the model \(InductorError: .*CppCompileError: "
-                                        r"C\+\+ compile error\); run it again with compile: false \(--set compile=false\)"):
+    said = (r"^torch\.compile could not compile the model \(InductorError: .*CppCompileError: C\+\+ compile error\); "
+            r"run it again with compile: false \(--set compile=false\)")
+    with pytest.raises(UserError, match=said):
         run_tiny({**tiny_config(tmp_path, epochs=(1,)), "compile": True})
     run = RunStore().get_run("tiny")
     assert run["state"] == "failed" and run["error"].startswith("torch.compile could not compile the model")
