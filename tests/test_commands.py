@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from core import paths
 from core.run_store import RunStore
@@ -344,6 +345,34 @@ def test_lr_find_tests_the_stage_as_it_trains_or_says_why_not(tmp_path, capsys, 
     assert lr_range_test(load_config(path), 1, steps=4, start=1e-4, end=1.0, device="cpu", init=str(best)).caveat \
         is None
     assert built == [str(best)]
+
+
+def test_lr_find_trains_only_the_layers_the_stage_trains_and_reads_only_its_own_data(tmp_path, capsys, monkeypatch):
+    """A head-only stage's range test tuned every layer (BatchNorm statistics too); a missing data set of another
+    stage refused it."""
+    from core.models import build_model
+    from train.config import load_config
+    from train.lr_find import lr_range_test
+
+    built = []  # (the model, its weights as built)
+
+    def build(*args):
+        model = build_model(*args)
+        built.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr("core.models.build_model", build)
+    path = write_config(tmp_path, tiny_config(tmp_path, epochs=(1,), train_layers="from:layer4"))
+    lr_range_test(load_config(path), steps=4, start=1e-4, end=1e-1, device="cpu")
+    (model, before), = built
+    changed = {name.split(".")[0] for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed == {"layer4", "fc"}
+    raw = tiny_config(tmp_path, epochs=(1, 1))
+    raw["stages"][1] = {**raw["stages"][1], "dataset": "cifar100", "init": "scratch"}  # no CIFAR-100 here
+    other = write_config(tmp_path, raw)
+    assert main(["lr-find", str(other), "--stage", "1", "--steps", "3"]) in (0, 1)
+    assert main(["lr-find", str(other), "--stage", "2", "--steps", "3"]) == 2
+    assert capsys.readouterr().err.startswith("error: stage 2 (s2): The CIFAR-100 data set was not found")
 
 
 def test_lr_find_sweeps_and_suggests(tmp_path, capsys):

@@ -557,13 +557,25 @@ def _resolve_paths(s: StageConfig, base: Path, data_root: str | Path | None, che
         s.root = str(Path(data_root).resolve() if data_root is not None else paths.data_root())
     else:
         s.root = str(_typed(s.root, base, "root"))
-    if check_data:
-        _check_data_present(s)
     if s.init not in NAMED_INITS:
-        init = _typed(s.init, base, "init")
-        if check_data and (problem := missing_init(init)):
-            raise ConfigError(f"init checkpoint {problem}.", field="init")
-        s.init = str(init)
+        s.init = str(_typed(s.init, base, "init"))
+    if check_data:
+        _check_files(s)
+
+
+def check_stage_files(config: PipelineConfig, index: int) -> None:
+    """What ``check_data`` checks, for stage ``index`` alone (a command that reads one stage, such as lr-find):
+    its data set where it will read it, and its init checkpoint."""
+    try:
+        _check_files(config.stages[index])
+    except ConfigError as exc:
+        raise exc.in_stage(index, stage_label(index, config.stages[index])) from None
+
+
+def _check_files(s: StageConfig) -> None:
+    _check_data_present(s)
+    if s.init not in NAMED_INITS and (problem := missing_init(s.init)):
+        raise ConfigError(f"init checkpoint {problem}.", field="init")
 
 
 def missing_init(path: str | Path) -> str | None:

@@ -58,7 +58,8 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
     init; a stage that starts from the previous stage, given none, starts from scratch and says so (``caveat``)."""
     from core.models import build_model
     from train import distributed as ddp
-    from train.engine import autocast_dtype, class_weights, load_stage_data, make_optimizer
+    from train.engine import autocast_dtype, class_weights, load_stage_data, make_optimizer, set_trainable, \
+        trainable_prefixes
     from train.image_cache import Normalizer
     from train.recipe import training_loss
 
@@ -84,7 +85,8 @@ def lr_range_test(config: Any, stage_index: int = 0, steps: int = 100, start: fl
     weights = class_weights(data.train_counts, stage.imbalance, stage.cb_beta)
     criterion = training_loss(weights.to(ctx.device) if weights is not None else None, stage.label_smoothing)
     lrs, losses, average, best = [], [], 0.0, math.inf
-    model.train()
+    set_trainable(model, trainable_prefixes(stage.train_layers, head_only=False))  # what the stage trains after
+    # any head-only freeze_epochs (frozen layers, BatchNorm statistics included, stay as they are)
     batches = iter(loader)
     for i in range(steps):
         try:
@@ -131,15 +133,16 @@ def run(args: argparse.Namespace) -> int:
     """Learning-rate range test on one stage: loss against learning rate, and a suggested rate."""
     from pathlib import Path
 
-    from train.config import load_config
+    from train.config import check_stage_files, load_config
 
     csv_path = Path(args.csv).expanduser() if args.csv else None
     if csv_path is not None and (csv_path.is_dir() or not csv_path.parent.is_dir()):
         raise UserError(f"--csv: {csv_path} is a folder." if csv_path.is_dir() else
                         f"--csv: folder {csv_path.parent} does not exist.")
-    config = load_config(args.config, args.overrides, data_root=args.data_root)
+    config = load_config(args.config, args.overrides, data_root=args.data_root, check_data=False)
     if not 1 <= args.stage <= len(config.stages):
         raise UserError(f"--stage must be between 1 and {len(config.stages)}, got {args.stage}.")
+    check_stage_files(config, args.stage - 1)  # only the stage it reads: another stage's data may be absent
     result = lr_range_test(config, args.stage - 1, args.steps, args.start, args.end, args.device, init=args.init)
     if result.caveat:
         print(f"Note: {result.caveat}.", file=sys.stderr)
