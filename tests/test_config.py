@@ -41,7 +41,8 @@ def test_defaults_filled_in():
         ({"epochs": "many"}, "stage 2 (finetune): epochs must be an integer, got 'many'"),
         ({"name": "pretrain"}, "stage 2 (pretrain): name 'pretrain' is used by an earlier stage"),
         ({"init": "missing.pt"}, "stage 2 (finetune): init checkpoint"),
-        ({"freeze_epochs": 9}, "stage 2 (finetune): freeze_epochs (9) cannot exceed epochs (4)"),
+        ({"freeze_epochs": 9}, "stage 2 (finetune): freeze_epochs (9) cannot exceed epochs (4); for a short trial, "
+                               "lower it as well (--set freeze_epochs=0)."),
         ({"batch_size": 1, "image_size": 32}, "stage 2 (finetune): batch_size 1 cannot train at 32 px"),
         ({"root": 5}, "stage 2 (finetune): root must be a folder path (text), got 5"),
         ({"root": ""}, "stage 2 (finetune): root is empty"),

@@ -447,7 +447,8 @@ def _validate_stage(s: StageConfig, first: bool) -> None:
         _check_resolution_schedule(s)
     for key in ("warmup_epochs", "freeze_epochs"):
         if getattr(s, key) > s.epochs:
-            raise fail(key, f"{key} ({getattr(s, key)}) cannot exceed epochs ({s.epochs}).")
+            raise fail(key, f"{key} ({getattr(s, key)}) cannot exceed epochs ({s.epochs}); for a short trial, lower "
+                            f"it as well (--set {key}=0).")
     smallest = s.train_size_start or s.image_size
     if s.batch_size == 1 and smallest <= 32:
         raise fail("batch_size", f"batch_size 1 cannot train at {smallest} px: the last feature map is then 1x1, one "
