@@ -94,18 +94,18 @@ def fetch_imagenet_weights(arch: str) -> None:
     """Make sure the ImageNet weights of ``arch`` are in torchvision's cache (downloaded when missing) and are the
     published file, else raise ``ModelError`` saying how to get them: before a run is made, not when its stage
     starts."""
-    if imagenet_weights_file(arch).is_file():
-        _check_cached_weights(arch)
-    else:
+    _check_cached_weights(arch)
+    if not imagenet_weights_file(arch).is_file():
         _imagenet_state_dict(arch)
 
 
 def _check_cached_weights(arch: str) -> None:
     """Refuse a cached weights file whose SHA-256 does not start with the prefix in its name (torch.hub's check,
-    which it makes only when it downloads): a download cut short, or another file copied under that name."""
+    which it makes only when it downloads): a download cut short, or another file copied under that name. Nothing
+    to check while the file is not there."""
     cached = imagenet_weights_file(arch)
     prefix = re.search(r"-([a-f0-9]+)\.", cached.name)
-    if not prefix:
+    if not prefix or not cached.is_file():
         return
     try:
         stat = cached.stat()
@@ -131,8 +131,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def _imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
     cached = imagenet_weights_file(arch)
-    if cached.is_file():
-        _check_cached_weights(arch)
+    _check_cached_weights(arch)
     try:  # reads the cache when the file is there, downloads it otherwise; weights only, never pickled code
         return _weights(arch).get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - offline, refused, or a broken file: one sentence for the user

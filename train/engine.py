@@ -972,20 +972,10 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
             main_store.set_state(run_name, "interrupted")
             raise
         except BaseException as exc:
-            if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):  # torch.compile's own failure
-                detail = (str(exc).strip() or "no detail").splitlines()[0][:200]
-                failed = UserError(f"torch.compile could not compile the model ({type(exc).__name__}: {detail}); run "
-                                   "it again with compile: false (--set compile=false), or auto, which compiles on "
-                                   "CUDA only.")
-                main_store.set_state(run_name, "failed", error=str(failed))
-                raise failed from exc
-            if ctx.enabled and ddp.peer_gone(exc):
-                gone = UserError(f"Another training process of run {run_name} ended while this one waited for it "
-                                 "(killed, out of memory or crashed: torchrun's report names it); "
-                                 f"`{this_resume_command(run_name, ctx)}` continues from the last saved checkpoint.")
-                main_store.set_state(run_name, "failed", error=str(gone))
-                raise gone from exc
-            main_store.set_state(run_name, "failed", error=f"{type(exc).__name__}: {exc}")
+            sentence = failure_sentence(exc, run_name, ctx)
+            main_store.set_state(run_name, "failed", error=sentence or f"{type(exc).__name__}: {exc}")
+            if sentence:
+                raise UserError(sentence) from exc
             raise
         finally:
             if beat is not None:
@@ -998,6 +988,20 @@ def _train_run(config: PipelineConfig, run_name: str, ctx: ddp.Dist, store: RunS
         return "finished"
     finally:
         trainer.stop.restore()
+
+
+def failure_sentence(exc: BaseException, run_name: str, ctx: ddp.Dist) -> str | None:
+    """What happened and what to do, for the failures outside ResLens that a user can act on (None for others, which
+    keep their traceback): torch.compile that cannot build the model, a DDP peer process that is gone."""
+    if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        detail = (str(exc).strip() or "no detail").splitlines()[0][:200]
+        return (f"torch.compile could not compile the model ({type(exc).__name__}: {detail}); run it again with "
+                "compile: false (--set compile=false), or auto, which compiles on CUDA only.")
+    if ctx.enabled and ddp.peer_gone(exc):
+        return (f"Another training process of run {run_name} ended while this one waited for it (killed, out of "
+                f"memory or crashed: torchrun's report names it); `{this_resume_command(run_name, ctx)}` continues "
+                "from the last saved checkpoint.")
+    return None
 
 
 def _apply_retention(config: PipelineConfig, run_name: str, store: Any, display: Display) -> None:
