@@ -126,8 +126,8 @@ def shown(source: str, raw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     defaults."""
     state = st.session_state
     if f"name-{source}" not in state and f"edited-top-{source}" in state:
-        state[f"kept-top-{source}"], state[f"kept-rows-{source}"] = state[f"edited-top-{source}"], \
-            state[f"edited-rows-{source}"]
+        state[f"kept-top-{source}"] = state[f"edited-top-{source}"]
+        state[f"kept-rows-{source}"] = state[f"edited-rows-{source}"]
     return source, {**raw, **state.get(f"kept-top-{source}", {})}
 
 
