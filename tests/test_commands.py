@@ -46,6 +46,25 @@ def test_run_list_and_export(finished, capsys):
     assert len(table) == len(rows) and table[0]["stage_name"] == "s1"
 
 
+def test_run_names_every_stage_that_cannot_start_at_once(tmp_path, capsys, monkeypatch):
+    """One refusal per attempt: a user downloaded CIFAR-100, then learnt that Caltech-256 was missing too."""
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    raw = tiny_config(tmp_path, epochs=(1, 1, 1), init="previous")
+    raw["stages"][0]["init"] = "imagenet"
+    raw["stages"][1]["dataset"], raw["stages"][2]["dataset"] = "cifar100", "caltech256"
+    assert main(["run", str(write_config(tmp_path, raw)), "--quiet"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: 3 stages cannot start:"
+    assert [line.split(":")[0] for line in lines[1:]] == ["  stage 1 (s1)", "  stage 2 (s2)", "  stage 3 (s3)"]
+    assert "ImageNet weights for resnet18 are not available" in lines[1] and "CIFAR-100" in lines[2] \
+        and "Caltech-256" in lines[3]
+    assert RunStore().list_runs() == []
+
+
 def test_overrides_reach_the_run(tmp_path, capsys):
     path = write_config(tmp_path, tiny_config(tmp_path, epochs=(3,)))
     assert main(["run", str(path), "--set", "stages.1.epochs=1", "--set", "batch_size=9", "--run-name", "o",

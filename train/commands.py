@@ -39,12 +39,15 @@ def run(args: argparse.Namespace) -> int:
     from train import distributed as ddp
     from train.config import load_config
     from train.engine import train_run
-    from train.jobs import check_inits
+    from train.jobs import what_is_missing
 
     overrides = list(args.overrides) + ([f"epochs={args.epochs}"] if args.epochs is not None else [])
     try:
-        config = load_config(args.config, overrides, data_root=args.data_root)
-        check_inits(config)  # on every rank: a refusal ends them all alike, before the run is made
+        config = load_config(args.config, overrides, data_root=args.data_root, check_data=False)
+        missing = what_is_missing(config)  # on every rank: a refusal ends them all alike, before the run is made
+        if missing:
+            raise UserError(missing[0] if len(missing) == 1 else
+                            f"{len(missing)} stages cannot start:\n" + "\n".join(f"  {m}" for m in missing))
     except UserError as exc:
         _fail_queued_row(args.run_name, str(exc))
         raise

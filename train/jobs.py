@@ -90,22 +90,43 @@ def check_inits(config: PipelineConfig) -> None:
     """Raise ``ConfigError`` for a stage whose ``init`` cannot be had: a checkpoint that cannot be read or holds
     another architecture, ImageNet weights neither cached nor downloadable. Found before a run is made, not when
     the stage starts, maybe hours into the pipeline."""
+    for i in range(len(config.stages)):
+        check_init(config, i)
+
+
+def check_init(config: PipelineConfig, i: int) -> None:
+    """``check_inits`` for stage ``i`` alone."""
     from core.checkpoints import check_compatible, checkpoint_info
     from core.models import fetch_imagenet_weights
 
-    for i, stage in enumerate(config.stages):
-        if stage.init in ("scratch", "previous"):
-            continue
+    stage = config.stages[i]
+    if stage.init in ("scratch", "previous"):
+        return
+    try:
+        if stage.init == "imagenet":
+            fetch_imagenet_weights(config.arch)
+        else:
+            check_compatible(checkpoint_info(stage.init), arch=config.arch)
+    except UserError as exc:
+        text = str(exc)  # "Checkpoint X holds ..." -> "init checkpoint X holds ..."
+        if stage.init != "imagenet":
+            text = "init " + (f"c{text[1:]}" if text.startswith("Checkpoint ") else text)
+        raise ConfigError(f"{stage_label(i, stage)}: {text}", stage=i, field="init") from None
+
+
+def what_is_missing(config: PipelineConfig) -> list[str]:
+    """Every stage's missing data set or starting weights, one sentence each, for a pipeline whose settings were
+    checked without its files (``load_config(check_data=False)``): all of them at once, not one per attempt."""
+    from train.config import check_stage_files
+
+    missing = []
+    for i in range(len(config.stages)):
         try:
-            if stage.init == "imagenet":
-                fetch_imagenet_weights(config.arch)
-            else:
-                check_compatible(checkpoint_info(stage.init), arch=config.arch)
+            check_stage_files(config, i)
+            check_init(config, i)
         except UserError as exc:
-            text = str(exc)  # "Checkpoint X holds ..." -> "init checkpoint X holds ..."
-            if stage.init != "imagenet":
-                text = "init " + (f"c{text[1:]}" if text.startswith("Checkpoint ") else text)
-            raise ConfigError(f"{stage_label(i, stage)}: {text}", stage=i, field="init") from None
+            missing.append(str(exc))
+    return missing
 
 
 def launch(
