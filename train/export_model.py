@@ -13,13 +13,11 @@ import inspect
 import io
 import json
 import os
-import shutil
 import tempfile
 import warnings
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -94,7 +92,12 @@ def export_model(checkpoint: str | os.PathLike[str], fmt: str, out: str | os.Pat
     _check_targets(folder, names, overwrite)
     example = torch.zeros(1, 3, info.preprocessing.image_size, info.preprocessing.image_size)
     description = model_description(info, fmt)
-    with _staging(folder) as staged:  # written beside, then moved in: a failure leaves the folder as it was
+    try:  # written beside, then moved in: a failure leaves the folder as it was
+        staging = tempfile.TemporaryDirectory(dir=folder, prefix=".reslens-export-")
+    except OSError as exc:
+        raise ExportError(f"Cannot write in the output folder {folder}: {exc.strerror or exc}.") from exc
+    with staging as tmp:
+        staged = Path(tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notice, the ONNX exporter's chatter
             _write(model.eval(), example, fmt, staged / names[0])
@@ -134,19 +137,6 @@ def _check_targets(folder: Path, names: tuple[str, ...], overwrite: bool) -> Non
     if there and not overwrite:
         raise ExportError(f"The output folder {folder} already holds {', '.join(there)}: choose another folder, "
                           "or pass --overwrite to replace them (an earlier export).")
-
-
-@contextmanager
-def _staging(folder: Path) -> Iterator[Path]:
-    """A temporary folder inside ``folder`` (so files move in with a rename), removed afterwards."""
-    try:
-        staged = tempfile.mkdtemp(dir=folder, prefix=".reslens-export-")
-    except OSError as exc:
-        raise ExportError(f"Cannot write in the output folder {folder}: {exc.strerror or exc}.") from exc
-    try:
-        yield Path(staged)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _write(model: torch.nn.Module, example: torch.Tensor, fmt: str, target: Path) -> None:

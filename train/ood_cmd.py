@@ -32,7 +32,7 @@ def add_ood_thresholds(path: str | os.PathLike[str], dataset: str | None = None,
     """Compute the thresholds on the validation split and store them in the checkpoint; returns them."""
     from train.engine import evaluate_checkpoint
 
-    if Path(path).is_file() and not stat.S_IMODE(Path(path).stat().st_mode) & stat.S_IWUSR:
+    if Path(path).is_file() and not Path(path).stat().st_mode & stat.S_IWUSR:
         raise CheckpointError(f"{path} is read-only, so its thresholds cannot be stored in it; copy it, or make it "
                               "writable (chmod u+w) if it may be changed.")
     with _no_trainer(path):
